@@ -1,0 +1,1783 @@
+"""Eventuali API Server: an append-only event log for AI-agent workflows.
+
+One module, two dependencies (starlette, uvicorn). Agents and hooks POST
+lifecycle events; dashboards and scripts query them over REST and watch them
+live over Server-Sent Events. Events are stored in SQLite (WAL mode) by one
+writer thread that commits every waiting request in one transaction.
+
+Sections, in dependency order:
+    1. Configuration
+    2. Validation (field specs)
+    3. Storage (schema, writer, readers)
+    4. Live broadcasting
+    5. HTTP handlers
+    6. OpenAPI and docs HTML
+    7. CLI
+
+Vendoring: copy this file into your project; `pip install starlette uvicorn`.
+"""
+
+from __future__ import annotations
+
+import argparse
+import asyncio
+import dataclasses
+import hashlib
+import hmac
+import json
+import logging
+import os
+import queue
+import re
+import signal
+import sqlite3
+import sys
+import threading
+import time
+import uuid
+from collections import deque
+from concurrent.futures import ThreadPoolExecutor
+from contextlib import asynccontextmanager
+from datetime import datetime, timedelta, timezone
+from typing import Any, AsyncIterator, Callable, Iterable, Sequence
+
+from starlette.applications import Starlette
+from starlette.exceptions import HTTPException
+from starlette.middleware import Middleware
+from starlette.middleware.cors import CORSMiddleware
+from starlette.requests import Request
+from starlette.responses import HTMLResponse, JSONResponse, Response
+from starlette.routing import Route
+
+__version__ = "1.0.0"
+__all__ = ["APIServerConfig", "get_config", "set_config", "create_app", "app", "main"]
+
+logger = logging.getLogger("eventuali_api_server")
+
+
+# =============================================================================
+# 1. Configuration
+# =============================================================================
+
+DEFAULT_CORS_ORIGINS = [
+    "http://localhost:3210",
+    "http://127.0.0.1:3210",
+    "http://localhost:3000",
+    "http://127.0.0.1:3000",
+]
+LOG_LEVELS = ("debug", "info", "warning", "error", "critical")
+DOCS_ASSETS_URL = "https://cdn.jsdelivr.net/npm/swagger-ui-dist@5"
+
+
+@dataclasses.dataclass
+class APIServerConfig:
+    """Every setting of the server; see SETTINGS for the matching flags and env vars."""
+
+    host: str = "127.0.0.1"
+    port: int = 8765
+    reload: bool = False
+    log_level: str = "info"
+    data_dir: str = ".events"
+    database_timeout: float = 10.0
+    cors_origins: list = dataclasses.field(default_factory=lambda: list(DEFAULT_CORS_ORIGINS))
+    cors_allow_credentials: bool = True
+    title: str = "Eventuali API Server"
+    description: str = "Append-only event log for AI-agent workflows, over REST and Server-Sent Events"
+    version: str = __version__
+    durability: str = "full"
+    api_key: str = ""
+    sse_ping: float = 15.0
+    max_streams: int = 1000
+    max_batch: int = 1000
+    max_body: int = 1024 * 1024
+    max_depth: int = 32
+    max_id_length: int = 256
+    docs_assets_url: str = DOCS_ASSETS_URL
+
+    @property
+    def database_path(self) -> str:
+        return os.path.join(self.data_dir, "events.db")
+
+
+class ConfigError(ValueError):
+    """A setting has a value it cannot take; the message names the setting."""
+
+
+def _parse_bool(text: str) -> bool:
+    value = text.strip().lower()
+    if value in ("1", "true", "yes", "on"):
+        return True
+    if value in ("0", "false", "no", "off", ""):
+        return False
+    raise ValueError("expected true or false")
+
+
+def _parse_int(low: int, high: int = 2**31 - 1) -> Callable[[str], int]:
+    def parse(text: str) -> int:
+        value = int(text.strip())
+        if not low <= value <= high:
+            raise ValueError(f"expected an integer from {low} to {high}")
+        return value
+    return parse
+
+
+def _parse_seconds(text: str) -> float:
+    value = float(text.strip())
+    if not 0 < value < 86400:  # also rejects nan and inf
+        raise ValueError("expected a number of seconds above 0")
+    return value
+
+
+def _parse_choice(*choices: str) -> Callable[[str], str]:
+    def parse(text: str) -> str:
+        value = text.strip().lower()
+        if value not in choices:
+            raise ValueError("expected one of " + ", ".join(choices))
+        return value
+    return parse
+
+
+def _parse_origins(text: str) -> list:
+    return [origin.strip() for origin in text.split(",") if origin.strip()]
+
+
+# (field, environment variable, flag, parser, help). Drives from_env and argparse alike.
+SETTINGS = [
+    ("host", "HOST", "--host", str, "address to bind (default 127.0.0.1)"),
+    ("port", "PORT", "--port", _parse_int(0, 65535), "port to bind (default 8765)"),
+    ("reload", "RELOAD", "--reload", _parse_bool, "restart when the code changes"),
+    ("log_level", "LOG_LEVEL", "--log-level", _parse_choice(*LOG_LEVELS), "debug|info|warning|error|critical"),
+    ("data_dir", "DATA_DIR", "--data-dir", str, "folder of the SQLite database (default .events)"),
+    ("cors_origins", "CORS_ORIGINS", "--cors-origins", _parse_origins, "comma-separated allowed origins, or *"),
+    ("cors_allow_credentials", "CORS_ALLOW_CREDENTIALS", "--cors-allow-credentials", _parse_bool,
+     "allow credentials in CORS requests (never with *)"),
+    ("database_timeout", "DATABASE_TIMEOUT", "--database-timeout", _parse_seconds,
+     "seconds to wait for a database lock before answering 503 (default 10)"),
+    ("durability", "DURABILITY", "--durability", _parse_choice("full", "normal"),
+     "full: an acknowledged event survives power loss; normal: it survives a process crash"),
+    ("api_key", "API_KEY", "--api-key", str, "require 'Authorization: Bearer KEY' on event routes"),
+    ("sse_ping", "SSE_PING", "--sse-ping", _parse_seconds, "seconds between stream heartbeats (default 15)"),
+    ("max_streams", "MAX_STREAMS", "--max-streams", _parse_int(1), "open streams at most (default 1000)"),
+    ("max_batch", "MAX_BATCH", "--max-batch", _parse_int(1, 100000), "events per batch at most (default 1000)"),
+    ("max_body", "MAX_BODY", "--max-body", _parse_int(1024), "request body bytes at most (default 1 MiB)"),
+    ("max_depth", "MAX_DEPTH", "--max-depth", _parse_int(1, 1000), "attributes nesting depth at most (default 32)"),
+    ("max_id_length", "MAX_ID_LENGTH", "--max-id-length", _parse_int(1, 65536),
+     "characters in a name or id at most (default 256)"),
+    ("docs_assets_url", "DOCS_ASSETS_URL", "--docs-assets-url", str,
+     "where /docs loads swagger-ui-dist from (default: a CDN)"),
+]
+
+
+def config_from_env(environ: dict | None = None, **overrides: Any) -> APIServerConfig:
+    """Settings from environment variables, then `overrides` (already parsed) on top."""
+    environ = os.environ if environ is None else environ
+    values: dict = {}
+    for field, env, _flag, parse, _help in SETTINGS:
+        if env in environ:
+            try:
+                values[field] = parse(environ[env])
+            except ValueError as exc:
+                raise ConfigError(f"{env}={environ[env]!r}: {exc}") from None
+    values.update({k: v for k, v in overrides.items() if v is not None})
+    for name in ("title", "description", "version"):
+        env = "API_" + name.upper()
+        if env in environ and name not in values:
+            values[name] = environ[env]
+    config = APIServerConfig(**values)
+    if "*" in config.cors_origins:
+        config.cors_allow_credentials = False  # browsers refuse credentials with a wildcard origin
+    return config
+
+
+# Kept for clients of the original, which called APIServerConfig.from_env().
+APIServerConfig.from_env = staticmethod(config_from_env)  # type: ignore[attr-defined]
+
+_config: APIServerConfig | None = None
+
+
+def get_config() -> APIServerConfig:
+    """The process-wide configuration, read from the environment on first use."""
+    global _config
+    if _config is None:
+        _config = config_from_env()
+    return _config
+
+
+def set_config(config: APIServerConfig) -> None:
+    """Replace the process-wide configuration (before the server starts)."""
+    global _config
+    _config = config
+
+
+def config_to_env(config: APIServerConfig) -> dict:
+    """The environment that recreates `config` in a child process (reload, workers)."""
+    env = {}
+    for field, name, _flag, _parse, _help in SETTINGS:
+        value = getattr(config, field)
+        if isinstance(value, bool):
+            value = "true" if value else "false"
+        elif isinstance(value, list):
+            value = ",".join(value)
+        env[name] = str(value)
+    return env
+
+
+# =============================================================================
+# 2. Validation (field specs)
+# =============================================================================
+# Each field is a JSON Schema fragment. The same dicts validate requests here
+# and become the OpenAPI schemas in section 6, so docs and behaviour agree.
+
+KINDS = {
+    # kind: (aggregate_type, event_type, message label)
+    "agent": ("agent_aggregate", "AgentEvent", "Agent"),
+    "workflow": ("workflow_aggregate", "WorkflowEvent", "Workflow"),
+    "system": ("system_aggregate", "SystemEvent", "System"),
+}
+AGGREGATE_KINDS = {aggregate_type: kind for kind, (aggregate_type, _, _) in KINDS.items()}
+TIMESTAMP_FORMS = (
+    "ISO 8601: `YYYY-MM-DD`, optionally followed by `T` (or a space) and `HH:MM`, `HH:MM:SS` or "
+    "`HH:MM:SS.fraction` (up to 9 digits, kept to the microsecond), optionally followed by `Z` or an "
+    "offset `+HH:MM`, `-HH:MM`, `+HHMM`. Without an offset the time is UTC. "
+    "Example: `2026-11-27T06:08:19.123Z`."
+)
+MAX_INT = 2**63 - 1
+
+
+class Problem(Exception):
+    """An error reply: HTTP status, a `detail` clients can show, and extra fields."""
+
+    def __init__(self, status: int, detail: Any, **extra: Any) -> None:
+        super().__init__(detail)
+        self.status, self.detail, self.extra = status, detail, extra
+
+
+def invalid(loc: Sequence, msg: str, kind: str) -> dict:
+    return {"loc": list(loc), "msg": msg, "type": kind}
+
+
+def id_field(description: str, limit: int, example: str | None = None) -> dict:
+    spec = {"type": "string", "minLength": 1, "maxLength": limit, "description": description}
+    if example:
+        spec["examples"] = [example]
+    return spec
+
+
+def event_fields(config: APIServerConfig) -> dict:
+    """The fields of an emitted event, as JSON Schema, in documentation order."""
+    n = config.max_id_length
+    return {
+        "name": id_field("Event name, e.g. `agent.started`.", n, "agent.started"),
+        "attributes": {
+            "type": "object",
+            "description": f"Any JSON object (nesting depth at most {config.max_depth}). "
+                           "`attributes.agent_name` (agents) and `attributes.user_prompt` (workflows) "
+                           "are also shown as item fields.",
+            "x-max-depth": config.max_depth,
+            "default": {},
+        },
+        "timestamp": {"type": "string", "format": "date-time", "description": "When it happened; default: "
+                      "when the server stores it. Accepted forms: " + TIMESTAMP_FORMS},
+        "aggregate_id": id_field("The agent, workflow or session this event belongs to. Default: a new "
+                                 "UUID for agents and workflows, `system` for system events.", n),
+        "causation_id": id_field("What caused it; for agents, the parent agent's id.", n),
+        "correlation_id": id_field("What it belongs to; for agents and system events, the workflow id.", n),
+        "event_id": {"type": "string", "format": "uuid", "description": "A client-chosen UUID that makes "
+                     "retries idempotent: the same id with the same content returns the original reply "
+                     "and stores nothing; with other content it is a 409. Default: a new UUID."},
+        "expected_version": {"type": "integer", "minimum": 0, "maximum": MAX_INT, "description":
+                             "Optimistic concurrency: the aggregate's current version must be this "
+                             "(0: the aggregate must not exist yet), else 409 and nothing is stored."},
+    }
+
+
+REQUIRED_FIELDS = ("name",)
+_TIMESTAMP = re.compile(
+    r"(\d{4})-(\d{2})-(\d{2})"
+    r"(?:[Tt ](\d{2}):(\d{2})(?::(\d{2})(?:[.,](\d{1,9}))?)?)?"
+    r"(?:([Zz])|([+-])(\d{2}):?(\d{2}))?"
+)
+
+
+def parse_timestamp(text: str) -> datetime:
+    """An aware UTC datetime from the forms in TIMESTAMP_FORMS; ValueError otherwise."""
+    match = _TIMESTAMP.fullmatch(text.strip()) if isinstance(text, str) else None
+    if not match:
+        raise ValueError("not an ISO 8601 date-time")
+    y, mo, d, h, mi, s, frac, _z, sign, oh, om = match.groups()
+    micro = int((frac or "0").ljust(6, "0")[:6])
+    moment = datetime(int(y), int(mo), int(d), int(h or 0), int(mi or 0), int(s or 0), micro, timezone.utc)
+    if sign:
+        offset = timedelta(hours=int(oh), minutes=int(om))
+        if offset >= timedelta(hours=24):
+            raise ValueError("offset out of range")
+        moment = moment - offset if sign == "+" else moment + offset
+    return moment
+
+
+def format_timestamp(moment: datetime) -> str:
+    """Fixed-width UTC form, so that comparing stored strings compares instants."""
+    return moment.astimezone(timezone.utc).isoformat(timespec="microseconds")
+
+
+def utc_now() -> str:
+    return format_timestamp(datetime.now(timezone.utc))
+
+
+def _depth_exceeds(value: Any, limit: int) -> bool:
+    stack = [(value, 1)]
+    while stack:
+        node, depth = stack.pop()
+        if depth > limit:
+            return True
+        children = node.values() if isinstance(node, dict) else node if isinstance(node, list) else ()
+        stack.extend((child, depth + 1) for child in children if isinstance(child, (dict, list)))
+    return False
+
+
+def check_value(spec: dict, value: Any, loc: Sequence, errors: list) -> Any:
+    """Validate one value against its field spec; returns the cleaned value."""
+    kind = spec["type"]
+    if kind == "string":
+        if not isinstance(value, str):
+            errors.append(invalid(loc, "must be a string", "type_error.str"))
+            return None
+        if "enum" in spec and value not in spec["enum"]:
+            errors.append(invalid(loc, "must be one of: " + ", ".join(spec["enum"]), "value_error.enum"))
+        elif spec.get("format") == "date-time":
+            try:
+                return format_timestamp(parse_timestamp(value))
+            except (ValueError, OverflowError) as exc:
+                errors.append(invalid(loc, f"invalid timestamp ({exc}); accepted: {TIMESTAMP_FORMS}",
+                                      "value_error.datetime"))
+        elif spec.get("format") == "uuid":
+            try:
+                return str(uuid.UUID(value))
+            except ValueError:
+                errors.append(invalid(loc, "must be a UUID", "value_error.uuid"))
+        elif len(value) < spec.get("minLength", 0):
+            errors.append(invalid(loc, "must not be empty", "value_error.any_str.min_length"))
+        elif len(value) > spec.get("maxLength", len(value)):
+            errors.append(invalid(loc, f"must be at most {spec['maxLength']} characters",
+                                  "value_error.any_str.max_length"))
+        return value
+    if kind == "integer":
+        if not isinstance(value, int) or isinstance(value, bool):
+            errors.append(invalid(loc, "must be an integer", "type_error.integer"))
+        elif not spec.get("minimum", value) <= value <= spec.get("maximum", value):
+            errors.append(invalid(loc, f"must be from {spec.get('minimum')} to {spec.get('maximum')}",
+                                  "value_error.number.not_in_range"))
+        return value
+    if kind == "object":
+        if not isinstance(value, dict):
+            errors.append(invalid(loc, "must be a JSON object", "type_error.dict"))
+        elif "x-max-depth" in spec and _depth_exceeds(value, spec["x-max-depth"]):
+            errors.append(invalid(loc, f"nested deeper than {spec['x-max-depth']} levels",
+                                  "value_error.depth"))
+        return value
+    raise AssertionError(f"field spec type {kind!r} has no validator")
+
+
+def check_object(body: Any, fields: dict, required: Iterable[str], loc: Sequence, errors: list) -> dict:
+    """Validate a JSON object: unknown fields, missing fields, then each value."""
+    if not isinstance(body, dict):
+        errors.append(invalid(loc, "must be a JSON object", "type_error.dict"))
+        return {}
+    clean = {}
+    for key, value in body.items():
+        spec = fields.get(key)
+        if spec is None:
+            errors.append(invalid([*loc, key], "unknown field; allowed: " + ", ".join(fields),
+                                  "value_error.extra"))
+        elif value is not None:  # an explicit null means the same as leaving it out
+            clean[key] = check_value(spec, value, [*loc, key], errors)
+    for key in required:
+        if body.get(key) is None:
+            errors.append(invalid([*loc, key], "field required", "value_error.missing"))
+    return clean
+
+
+def _reject_constant(name: str) -> Any:
+    raise ValueError(f"{name} is not valid JSON")
+
+
+def _parse_float(text: str) -> float:
+    value = float(text)
+    if value in (float("inf"), float("-inf")):
+        raise ValueError(f"number {text[:40]} is out of range")
+    return value
+
+
+_SURROGATE = re.compile(r"\\u[dD][89a-fA-F]")
+
+
+def parse_json(body: bytes, max_depth: int) -> Any:
+    """Strict JSON: UTF-8 only, no NaN or Infinity, no lone surrogates, bounded nesting."""
+    try:
+        text = body.decode("utf-8")
+        value = json.loads(text, parse_constant=_reject_constant, parse_float=_parse_float)
+        if "\\u" in text and _SURROGATE.search(text):
+            json.dumps(value, ensure_ascii=False).encode("utf-8")  # raises on a lone surrogate
+    except UnicodeError:
+        raise Problem(422, [invalid(["body"], "not valid UTF-8 or has a lone surrogate", "value_error.unicode")])
+    except RecursionError:
+        raise Problem(422, [invalid(["body"], f"nested deeper than {max_depth} levels", "value_error.depth")])
+    except ValueError as exc:
+        raise Problem(422, [invalid(["body"], f"invalid JSON: {exc}", "value_error.jsondecode")])
+    return value
+
+
+def prepare_event(kind: str, body: Any, config: APIServerConfig, loc: Sequence, errors: list,
+                  fields: dict) -> dict | None:
+    """Validate one emitted event and map it to a row-to-be, as the original mapped it."""
+    clean = check_object(body, fields, REQUIRED_FIELDS, loc, errors)
+    if errors:
+        return None
+    aggregate_type, event_type, _label = KINDS[kind]
+    attributes = clean.get("attributes", {})
+    given_id = clean.get("aggregate_id")
+    aggregate_id = given_id or ("system" if kind == "system" else str(uuid.uuid4()))
+    event = {
+        "kind": kind,
+        "event_id": clean.get("event_id") or str(uuid.uuid4()),
+        "client_event_id": "event_id" in clean,
+        "aggregate_type": aggregate_type,
+        "aggregate_id": aggregate_id,
+        "fresh": given_id is None and kind != "system",  # a new UUID has no history to look up
+        "event_type": event_type,
+        "name": clean["name"],
+        "timestamp": clean.get("timestamp"),
+        "attributes": json.dumps(attributes, ensure_ascii=False, separators=(",", ":")),
+        "correlation_id": clean.get("correlation_id"),
+        "causation_id": clean.get("causation_id"),
+        "agent_name": _string_attr(attributes, "agent_name") if kind == "agent" else None,
+        "user_prompt": _string_attr(attributes, "user_prompt") if kind == "workflow" else None,
+        "session_id": given_id if kind == "system" else None,
+        "expected_version": clean.get("expected_version"),
+        "hash": None,
+    }
+    if event["client_event_id"]:
+        content = [kind, clean["name"], event["attributes"], event["timestamp"], given_id,
+                   event["correlation_id"], event["causation_id"]]
+        event["hash"] = hashlib.sha256(json.dumps(content).encode()).hexdigest()
+    return event
+
+
+def _string_attr(attributes: dict, key: str) -> str | None:
+    value = attributes.get(key)
+    return value if isinstance(value, str) else None
+
+
+# Query parameters of the list routes: name -> JSON Schema (also the OpenAPI parameters).
+def list_params(config: APIServerConfig) -> dict:
+    n = config.max_id_length
+    return {
+        "limit": {"type": "integer", "minimum": 1, "maximum": 1000, "default": 100,
+                  "description": "Events per page."},
+        "offset": {"type": "integer", "minimum": 0, "maximum": MAX_INT, "default": 0,
+                   "description": "Events to skip. Deep offsets get slow: prefer the `after`/`before` cursor."},
+        "order": {"type": "string", "enum": ["desc", "asc"], "default": "desc",
+                  "description": "By position: `desc` newest first, `asc` oldest first."},
+        "after": {"type": "integer", "minimum": 0, "maximum": MAX_INT,
+                  "description": "Cursor: only events with a position above this (use with order=asc)."},
+        "before": {"type": "integer", "minimum": 0, "maximum": MAX_INT,
+                   "description": "Cursor: only events with a position below this (use with order=desc)."},
+        "event_type": id_field("`AgentEvent`, `WorkflowEvent` or `SystemEvent`.", n),
+        "aggregate_type": id_field("`agent_aggregate`, `workflow_aggregate` or `system_aggregate`.", n),
+        "aggregate_id": id_field("Only this aggregate's events.", n),
+        "correlation_id": id_field("Only events with this correlation id.", n),
+        "event_name": id_field("Only events with this name, e.g. `agent.started`.", n),
+        "since": {"type": "string", "format": "date-time",
+                  "description": "Only events whose timestamp is after this instant. " + TIMESTAMP_FORMS},
+        "until": {"type": "string", "format": "date-time",
+                  "description": "Only events whose timestamp is at or before this instant."},
+    }
+
+
+STREAM_FILTERS = ("event_type", "aggregate_type", "aggregate_id", "correlation_id", "event_name")
+
+
+def stream_params(config: APIServerConfig) -> dict:
+    params = {name: spec for name, spec in list_params(config).items() if name in STREAM_FILTERS}
+    params["after"] = {"type": "integer", "minimum": 0, "maximum": MAX_INT,
+                       "description": "Resume: first send the stored events after this position "
+                                      "(the `Last-Event-ID` header does the same)."}
+    params["access_token"] = {"type": "string", "description": "The API key, for browsers' EventSource, "
+                              "which cannot send an Authorization header."}
+    return params
+
+
+def check_query(request: Request, specs: dict) -> dict:
+    """Validate query parameters against their specs; unknown ones are an error too."""
+    errors: list = []
+    clean = {}
+    for key in set(request.query_params.keys()):
+        values = request.query_params.getlist(key)
+        spec = specs.get(key)
+        loc = ["query", key]
+        if spec is None:
+            errors.append(invalid(loc, "unknown parameter; allowed: " + ", ".join(specs), "value_error.extra"))
+        elif len(values) > 1:
+            errors.append(invalid(loc, "given more than once", "value_error.duplicate"))
+        elif spec["type"] == "integer":
+            text = values[0].strip()
+            if not re.fullmatch(r"[+-]?\d{1,19}", text):
+                errors.append(invalid(loc, "must be an integer", "type_error.integer"))
+            else:
+                clean[key] = check_value(spec, int(text), loc, errors)
+        else:
+            clean[key] = check_value(spec, values[0], loc, errors)
+    if errors:
+        raise Problem(422, errors)
+    for key, spec in specs.items():
+        if key not in clean and "default" in spec:
+            clean[key] = spec["default"]
+    return clean
+
+
+# =============================================================================
+# 3. Storage (schema, writer, readers)
+# =============================================================================
+
+SCHEMA_VERSION = 1
+MIGRATIONS = {
+    # user_version before -> statements that bring the schema one version up
+    0: """
+    CREATE TABLE events (
+        position          INTEGER PRIMARY KEY,
+        event_id          TEXT NOT NULL,
+        aggregate_type    TEXT NOT NULL,
+        aggregate_id      TEXT NOT NULL,
+        aggregate_version INTEGER NOT NULL,
+        event_type        TEXT NOT NULL,
+        event_name        TEXT NOT NULL,
+        timestamp         TEXT NOT NULL,
+        attributes        TEXT NOT NULL,
+        correlation_id    TEXT,
+        causation_id      TEXT,
+        agent_name        TEXT,
+        user_prompt       TEXT,
+        session_id        TEXT,
+        content_hash      TEXT
+    );
+    CREATE UNIQUE INDEX events_event_id ON events (event_id);
+    CREATE UNIQUE INDEX events_stream ON events (aggregate_type, aggregate_id, aggregate_version);
+    CREATE INDEX events_aggregate ON events (aggregate_type, aggregate_id, position);
+    CREATE INDEX events_aggregate_id ON events (aggregate_id, position);
+    CREATE INDEX events_event_type ON events (event_type, position);
+    CREATE INDEX events_aggregate_type ON events (aggregate_type, position);
+    CREATE INDEX events_event_name ON events (event_name, position);
+    CREATE INDEX events_correlation ON events (correlation_id, position);
+    CREATE INDEX events_correlation_agents ON events (correlation_id, aggregate_type, aggregate_id);
+    CREATE INDEX events_timestamp ON events (timestamp);
+    CREATE TABLE meta (key TEXT PRIMARY KEY, value TEXT) WITHOUT ROWID;
+    """,
+}
+COLUMNS = ("position, event_id, aggregate_type, aggregate_id, aggregate_version, event_type, event_name, "
+           "timestamp, attributes, correlation_id, causation_id, agent_name, user_prompt, session_id")
+INSERT = ("INSERT INTO events (" + COLUMNS + ", content_hash) VALUES (" + ", ".join("?" * 15) + ")")
+PAGE = 500  # rows per read when a stream catches up
+
+
+class StoreError(Exception):
+    """The database cannot serve the request now (locked, read-only, full, unreadable)."""
+
+
+def describe_sqlite_error(exc: BaseException) -> str:
+    text = str(exc)
+    lowered = text.lower()
+    if "locked" in lowered or "busy" in lowered:
+        return f"database is locked by another process ({text})"
+    if "readonly" in lowered or "read-only" in lowered:
+        return f"database is read-only ({text})"
+    if "full" in lowered:
+        return f"disk is full ({text})"
+    return f"database error ({text})"
+
+
+def connect(path: str, timeout: float, durability: str = "full", readonly: bool = False) -> sqlite3.Connection:
+    conn = sqlite3.connect(path, timeout=timeout, isolation_level=None, check_same_thread=False)
+    conn.execute(f"PRAGMA busy_timeout = {int(timeout * 1000)}")
+    if readonly:
+        conn.execute("PRAGMA query_only = ON")
+    else:
+        conn.execute("PRAGMA journal_mode = WAL")
+        conn.execute("PRAGMA synchronous = " + ("FULL" if durability == "full" else "NORMAL"))
+    return conn
+
+
+def open_database(path: str, timeout: float, durability: str) -> sqlite3.Connection:
+    """Create or migrate the database and return the writer's connection."""
+    folder = os.path.dirname(path) or "."
+    os.makedirs(folder, mode=0o700, exist_ok=True)
+    if not os.path.exists(path):
+        os.close(os.open(path, os.O_CREAT | os.O_WRONLY, 0o600))
+    conn = connect(path, timeout, durability)
+    version = conn.execute("PRAGMA user_version").fetchone()[0]
+    if version > SCHEMA_VERSION:
+        conn.close()
+        raise StoreError(f"{path} has schema version {version}; this server ({__version__}) "
+                         f"knows versions up to {SCHEMA_VERSION}: upgrade the server")
+    while version < SCHEMA_VERSION:
+        conn.execute("BEGIN IMMEDIATE")
+        if conn.execute("PRAGMA user_version").fetchone()[0] == version:  # another process may have migrated
+            for statement in MIGRATIONS[version].split(";"):
+                if statement.strip():
+                    conn.execute(statement)
+            conn.execute(f"PRAGMA user_version = {version + 1}")
+        conn.execute("COMMIT")
+        version = conn.execute("PRAGMA user_version").fetchone()[0]
+    return conn
+
+
+class Conflict(Problem):
+    def __init__(self, detail: str, current_version: int) -> None:
+        super().__init__(409, detail, current_version=current_version)
+
+
+class Store:
+    """The event log. append() goes through one writer thread that commits each waiting
+    group of requests in one transaction; read() runs a function on a reader thread with
+    its own connection. Another backend only has to offer the same three methods."""
+
+    def __init__(self, config: APIServerConfig) -> None:
+        self.path = config.database_path
+        self.timeout = config.database_timeout
+        self.durability = config.durability
+        self.on_commit: Callable[[], None] = lambda: None
+        self._queue: queue.SimpleQueue = queue.SimpleQueue()
+        self._readers = ThreadPoolExecutor(4, thread_name_prefix="eventuali-read")
+        self._local = threading.local()
+        self._read_conns: list = []
+        self._loop: asyncio.AbstractEventLoop | None = None
+        self._writer: threading.Thread | None = None
+
+    # -- lifecycle ----------------------------------------------------------
+    def open(self) -> None:
+        """Create the database if needed and start the writer (blocking: call off the loop)."""
+        try:
+            conn = open_database(self.path, self.timeout, self.durability)
+        except sqlite3.Error as exc:
+            raise StoreError(f"cannot open {self.path}: {describe_sqlite_error(exc)}") from None
+        self._writer = threading.Thread(target=self._write_loop, args=(conn,), name="eventuali-write",
+                                        daemon=True)
+        self._writer.start()
+
+    async def start(self) -> None:
+        self._loop = asyncio.get_running_loop()
+        await self._loop.run_in_executor(self._readers, self.open)
+
+    async def stop(self) -> None:
+        if self._writer is not None:
+            self._queue.put(None)
+            await asyncio.get_running_loop().run_in_executor(None, self._writer.join)
+            self._writer = None
+        self._readers.shutdown(wait=True)
+        for conn in self._read_conns:
+            conn.close()
+
+    # -- reading ------------------------------------------------------------
+    def _read_conn(self) -> sqlite3.Connection:
+        conn = getattr(self._local, "conn", None)
+        if conn is None:
+            conn = self._local.conn = connect(self.path, self.timeout, readonly=True)
+            self._read_conns.append(conn)
+        return conn
+
+    def _run_read(self, fn: Callable, args: tuple) -> Any:
+        try:
+            return fn(self._read_conn(), *args)
+        except sqlite3.Error as exc:
+            raise StoreError(describe_sqlite_error(exc)) from None
+
+    async def read(self, fn: Callable, *args: Any) -> Any:
+        """Run fn(connection, *args) on a reader thread."""
+        loop = asyncio.get_running_loop()
+        return await loop.run_in_executor(self._readers, self._run_read, fn, args)
+
+    # -- writing ------------------------------------------------------------
+    def append(self, events: list) -> asyncio.Future:
+        """Queue events to be stored atomically; the future gives one result per event
+        (event_id, position, version, timestamp, aggregate_id) once they are committed."""
+        future = self._loop.create_future()
+        self._queue.put((events, future))
+        return future
+
+    def probe(self) -> asyncio.Future:
+        """Queue a tiny committed write, to tell whether the database takes writes."""
+        future = self._loop.create_future()
+        self._queue.put(("probe", future))
+        return future
+
+    def _write_loop(self, conn: sqlite3.Connection) -> None:
+        running = True
+        while running:
+            group = [self._queue.get()]
+            while True:  # take everything waiting now: one transaction for all of it
+                try:
+                    group.append(self._queue.get_nowait())
+                except queue.Empty:
+                    break
+            if None in group:
+                running = False
+                group = [entry for entry in group if entry is not None]
+            if group:
+                outcomes = self._commit(conn, group)
+                self._loop.call_soon_threadsafe(_settle, outcomes)
+                self.on_commit()
+        conn.close()
+
+    def _commit(self, conn: sqlite3.Connection, group: list) -> list:
+        try:
+            conn.execute("BEGIN IMMEDIATE")
+            try:
+                outcomes, rows = self._plan(conn, group)
+                if rows:
+                    conn.executemany(INSERT, rows)
+                conn.execute("COMMIT")
+                return outcomes
+            except BaseException:
+                conn.execute("ROLLBACK")
+                raise
+        except sqlite3.IntegrityError:
+            if len(group) > 1:  # fail only the request that broke a constraint
+                return [outcome for entry in group for outcome in self._commit(conn, [entry])]
+            return [(group[0][1], Problem(409, "event conflicts with a stored event"))]
+        except sqlite3.Error as exc:
+            error = StoreError(describe_sqlite_error(exc))
+            logger.warning("write failed: %s", error)
+            return [(future, error) for _events, future in group]
+
+    def _plan(self, conn: sqlite3.Connection, group: list) -> tuple:
+        """Decide every request's outcome inside the write transaction; rows to insert."""
+        position = conn.execute("SELECT max(position) FROM events").fetchone()[0] or 0
+        now = utc_now()
+        versions: dict = {}  # (aggregate_type, aggregate_id) -> version, valid inside this transaction
+        stored: dict = {}  # client event_id -> (hash, result) for ids stored by this group
+        rows: list = []
+        outcomes: list = []
+        for events, future in group:
+            if events == "probe":
+                conn.execute("INSERT OR REPLACE INTO meta VALUES ('health_probe', ?)", (now,))
+                outcomes.append((future, True))
+                continue
+            staged_versions: dict = {}
+            staged_rows: list = []
+            staged_ids: dict = {}
+            results: list = []
+            try:
+                for event in events:
+                    if event["client_event_id"]:
+                        earlier = staged_ids.get(event["event_id"]) or stored.get(event["event_id"]) \
+                            or _stored_event(conn, event["event_id"])
+                        if earlier:
+                            if earlier[0] != event["hash"]:
+                                raise Problem(409, f"event_id {event['event_id']} was already used "
+                                                   "for an event with other content")
+                            results.append(earlier[1])
+                            continue
+                    key = (event["aggregate_type"], event["aggregate_id"])
+                    current = staged_versions.get(key, versions.get(key))
+                    if current is None:
+                        current = 0 if event["fresh"] else conn.execute(
+                            "SELECT max(aggregate_version) FROM events WHERE aggregate_type = ? "
+                            "AND aggregate_id = ?", key).fetchone()[0] or 0
+                    expected = event["expected_version"]
+                    if expected is not None and expected != current:
+                        raise Conflict(f"{key[0]} {key[1]!r} is at version {current}, "
+                                       f"not the expected {expected}", current)
+                    version = staged_versions[key] = current + 1
+                    pos = position + len(rows) + len(staged_rows) + 1
+                    timestamp = event["timestamp"] or now
+                    result = (event["event_id"], pos, version, timestamp, event["aggregate_id"])
+                    staged_rows.append((
+                        pos, event["event_id"], key[0], key[1], version, event["event_type"], event["name"],
+                        timestamp, event["attributes"], event["correlation_id"], event["causation_id"],
+                        event["agent_name"], event["user_prompt"], event["session_id"], event["hash"]))
+                    if event["client_event_id"]:
+                        staged_ids[event["event_id"]] = (event["hash"], result)
+                    results.append(result)
+            except Problem as problem:
+                outcomes.append((future, problem))
+                continue
+            versions.update(staged_versions)
+            stored.update(staged_ids)
+            rows.extend(staged_rows)
+            outcomes.append((future, results))
+        return outcomes, rows
+
+
+def _stored_event(conn: sqlite3.Connection, event_id: str) -> tuple | None:
+    row = conn.execute("SELECT content_hash, event_id, position, aggregate_version, timestamp, aggregate_id "
+                       "FROM events WHERE event_id = ?", (event_id,)).fetchone()
+    return (row[0], tuple(row[1:])) if row else None
+
+
+def _settle(outcomes: list) -> None:
+    for future, outcome in outcomes:
+        if future.cancelled():
+            continue  # the client went away; the event is stored all the same
+        if isinstance(outcome, BaseException):
+            future.set_exception(outcome)
+        else:
+            future.set_result(outcome)
+
+
+# -- read queries (each runs on a reader thread: fn(conn, ...)) ----------------
+
+_item_head = json.JSONEncoder(ensure_ascii=False, separators=(",", ":")).encode
+
+
+def item_json(row: tuple) -> str:
+    """One event item as JSON; the stored attributes text is spliced in, not re-parsed."""
+    (position, event_id, aggregate_type, aggregate_id, version, event_type, name, timestamp, attributes,
+     correlation_id, causation_id, agent_name, user_prompt, session_id) = row
+    kind = AGGREGATE_KINDS.get(aggregate_type)
+    head = _item_head({
+        "event_id": event_id, "position": position, "aggregate_id": aggregate_id,
+        "aggregate_type": aggregate_type, "aggregate_version": version, "event_type": event_type,
+        "event_name": name, "timestamp": timestamp})
+    tail = _item_head({
+        "correlation_id": correlation_id, "causation_id": causation_id, "agent_name": agent_name,
+        "agent_id": aggregate_id if kind == "agent" else None,
+        "parent_agent_id": causation_id if kind == "agent" else None,
+        "workflow_id": aggregate_id if kind == "workflow" else correlation_id,
+        "user_prompt": user_prompt, "session_id": session_id})
+    return head[:-1] + ',"attributes":' + attributes + "," + tail[1:]
+
+
+def build_where(filters: dict, scope: tuple = ("", ())) -> tuple:
+    """SQL conditions for the list filters, ANDed with a route's own scope condition."""
+    clauses, args = ([scope[0]], list(scope[1])) if scope[0] else ([], [])
+    for name in STREAM_FILTERS:
+        if filters.get(name) is not None:
+            clauses.append(f"{name} = ?")
+            args.append(filters[name])
+    if filters.get("since") is not None:
+        clauses.append("timestamp > ?")
+        args.append(filters["since"])
+    if filters.get("until") is not None:
+        clauses.append("timestamp <= ?")
+        args.append(filters["until"])
+    return " AND ".join(clauses), args
+
+
+def query_events(conn: sqlite3.Connection, params: dict, scope: tuple = ("", ())) -> dict:
+    where, args = build_where(params, scope)
+    page_where, page_args = [where] if where else [], list(args)
+    if params.get("after") is not None:
+        page_where.append("position > ?")
+        page_args.append(params["after"])
+    if params.get("before") is not None:
+        page_where.append("position < ?")
+        page_args.append(params["before"])
+    order = "ASC" if params["order"] == "asc" else "DESC"
+    sql = (f"SELECT {COLUMNS} FROM events" + (" WHERE " + " AND ".join(page_where) if page_where else "")
+           + f" ORDER BY position {order} LIMIT ? OFFSET ?")
+    rows = conn.execute(sql, [*page_args, params["limit"], params["offset"]]).fetchall()
+    if where:
+        total = conn.execute("SELECT count(*) FROM events WHERE " + where, args).fetchone()[0]
+    else:  # positions are 1..n without gaps, so the last one is the count
+        total = conn.execute("SELECT max(position) FROM events").fetchone()[0] or 0
+    return {"items": [item_json(row) for row in rows], "total": total,
+            "next": rows[-1][0] if len(rows) == params["limit"] else None}
+
+
+def read_after(conn: sqlite3.Connection, position: int, filters: dict, limit: int = PAGE) -> list:
+    """Stored events after `position` matching the stream filters, oldest first."""
+    where, args = build_where(filters, ("position > ?", (position,)))
+    return conn.execute(f"SELECT {COLUMNS} FROM events WHERE {where} ORDER BY position LIMIT ?",
+                        [*args, limit]).fetchall()
+
+
+def last_position(conn: sqlite3.Connection) -> int:
+    return conn.execute("SELECT max(position) FROM events").fetchone()[0] or 0
+
+
+WORKFLOW_AGENTS = """
+WITH agents AS (
+    SELECT DISTINCT aggregate_id FROM events
+    WHERE correlation_id = ?1 AND aggregate_type = 'agent_aggregate'
+), stats AS (
+    SELECT e.aggregate_id, count(*) AS n, min(e.timestamp) AS first, max(e.timestamp) AS last,
+           min(e.position) AS seen
+    FROM events e JOIN agents a ON e.aggregate_type = 'agent_aggregate' AND e.aggregate_id = a.aggregate_id
+    GROUP BY e.aggregate_id
+)
+SELECT s.aggregate_id,
+    (SELECT agent_name FROM events WHERE aggregate_type = 'agent_aggregate' AND aggregate_id = s.aggregate_id
+        AND agent_name IS NOT NULL ORDER BY position DESC LIMIT 1),
+    (SELECT causation_id FROM events WHERE aggregate_type = 'agent_aggregate' AND aggregate_id = s.aggregate_id
+        AND causation_id IS NOT NULL ORDER BY position DESC LIMIT 1),
+    s.first, s.last, s.n,
+    (SELECT event_name FROM events WHERE aggregate_type = 'agent_aggregate' AND aggregate_id = s.aggregate_id
+        ORDER BY position DESC LIMIT 1)
+FROM stats s ORDER BY s.seen
+"""
+
+
+def workflow_agents(conn: sqlite3.Connection, workflow_id: str) -> list:
+    """Agents with an event correlated to the workflow; their stats cover all their events."""
+    return [
+        {"agent_id": agent_id, "agent_name": name, "workflow_id": workflow_id, "parent_agent_id": parent,
+         "first_event_time": first, "last_event_time": last, "event_count": count, "status": status}
+        for agent_id, name, parent, first, last, count, status in conn.execute(WORKFLOW_AGENTS, (workflow_id,))
+    ]
+
+
+def database_stats(conn: sqlite3.Connection) -> int:
+    return last_position(conn)
+
+
+# =============================================================================
+# 4. Live broadcasting
+# =============================================================================
+# One thread follows the log: woken at once by this process's commits and every
+# POLL seconds for other processes' commits, it reads the new rows once,
+# serializes each once, and hands the bytes to the event loop, which appends
+# them to each matching subscriber's bounded buffer. A subscriber whose buffer
+# overflows is marked `behind` and catches up from the store by position, so a
+# slow reader neither blocks anyone nor loses events.
+
+POLL = 0.05  # seconds between checks for commits made by other processes
+BUFFER = 1024  # messages a subscriber may have waiting before it catches up from the store
+FILTER_INDEX = {"event_type": 1, "aggregate_type": 2, "aggregate_id": 3, "correlation_id": 4, "event_name": 5}
+
+
+def sse_message(row: tuple) -> tuple:
+    """(position, event_type, aggregate_type, aggregate_id, correlation_id, event_name, bytes)."""
+    data = f"id: {row[0]}\nevent: event\ndata: {item_json(row)}\n\n".encode()
+    return (row[0], row[5], row[2], row[3], row[9], row[6], data)
+
+
+class Subscriber:
+    __slots__ = ("filters", "buffer", "wake", "behind", "closed")
+
+    def __init__(self, filters: dict) -> None:
+        self.filters = [(FILTER_INDEX[k], v) for k, v in filters.items() if v is not None]
+        self.buffer: deque = deque()
+        self.wake = asyncio.Event()
+        self.behind = False
+        self.closed = False
+
+
+class Hub:
+    """Subscribers of this process and the thread that feeds them."""
+
+    def __init__(self, store: Store) -> None:
+        self.store = store
+        self.subscribers: set = set()
+        self._signal = threading.Event()
+        self._stopping = False
+        self._thread: threading.Thread | None = None
+        self._loop: asyncio.AbstractEventLoop | None = None
+        store.on_commit = self._signal.set
+
+    def start(self) -> None:
+        self._loop = asyncio.get_running_loop()
+        self._thread = threading.Thread(target=self._follow, name="eventuali-follow", daemon=True)
+        self._thread.start()
+
+    def stop(self) -> None:
+        self.close_all()
+        self._stopping = True
+        self._signal.set()
+
+    def close_all(self) -> None:
+        for sub in self.subscribers:
+            sub.closed = True
+            sub.wake.set()
+
+    def subscribe(self, filters: dict) -> Subscriber:
+        sub = Subscriber(filters)
+        self.subscribers.add(sub)
+        self._signal.set()  # bring the follower's position up to date
+        return sub
+
+    def unsubscribe(self, sub: Subscriber) -> None:
+        self.subscribers.discard(sub)
+
+    def _follow(self) -> None:
+        conn = None
+        cursor = None
+        while not self._stopping:
+            self._signal.wait(POLL if self.subscribers else 1.0)
+            self._signal.clear()
+            if self._stopping:
+                break
+            try:
+                conn = conn or connect(self.store.path, self.store.timeout, readonly=True)
+                top = last_position(conn)
+                if cursor is None or not self.subscribers:
+                    cursor = top
+                    continue
+                while cursor < top:
+                    rows = conn.execute(f"SELECT {COLUMNS} FROM events WHERE position > ? ORDER BY position "
+                                        "LIMIT ?", (cursor, PAGE)).fetchall()
+                    if not rows:
+                        break
+                    cursor = rows[-1][0]
+                    self._loop.call_soon_threadsafe(self._fan_out, [sse_message(row) for row in rows])
+            except sqlite3.Error as exc:  # the store is failing: streams wait, then go on from the cursor
+                logger.warning("stream follower: %s", describe_sqlite_error(exc))
+                time.sleep(POLL)
+            except RuntimeError:  # the loop has closed under us during shutdown
+                break
+        if conn is not None:
+            conn.close()
+
+    def _fan_out(self, messages: list) -> None:
+        for sub in self.subscribers:
+            if sub.behind:
+                continue
+            buffer = sub.buffer
+            for message in messages:
+                for index, value in sub.filters:
+                    if message[index] != value:
+                        break
+                else:
+                    buffer.append(message)
+            if len(buffer) > BUFFER:
+                sub.behind = True
+                buffer.clear()
+            if buffer or sub.behind:
+                sub.wake.set()
+
+
+# =============================================================================
+# 5. HTTP handlers
+# =============================================================================
+
+JSON_TYPE = "application/json"
+
+
+def json_response(content: Any, status: int = 200, headers: dict | None = None) -> Response:
+    body = json.dumps(content, ensure_ascii=False, separators=(",", ":"))
+    return Response(body, status_code=status, media_type=JSON_TYPE, headers=headers)
+
+
+async def read_body(request: Request, limit: int) -> bytes:
+    """The request body, refused with 413 as soon as it passes `limit` bytes."""
+    length = request.headers.get("content-length")
+    if length is not None and length.isdigit() and int(length) > limit:
+        raise Problem(413, f"request body is larger than {limit} bytes")
+    chunks, size = [], 0
+    async for chunk in request.stream():
+        size += len(chunk)
+        if size > limit:
+            raise Problem(413, f"request body is larger than {limit} bytes")
+        chunks.append(chunk)
+    return b"".join(chunks)
+
+
+async def read_json(request: Request, config: APIServerConfig) -> Any:
+    content_type = request.headers.get("content-type", JSON_TYPE).split(";")[0].strip().lower()
+    if content_type != JSON_TYPE and not content_type.endswith("+json"):
+        raise Problem(415, f"content type must be {JSON_TYPE}, not {content_type!r}")
+    body = await read_body(request, config.max_body)
+    return parse_json(body, config.max_depth)
+
+
+def emit_reply(kind: str, name: str, result: tuple) -> dict:
+    event_id, position, version, timestamp, aggregate_id = result
+    return {"success": True, "event_id": event_id,
+            "message": f"{KINDS[kind][2]} event '{name}' emitted successfully",
+            "timestamp": timestamp, "position": position, "aggregate_id": aggregate_id,
+            "aggregate_version": version}
+
+
+async def stored(future: asyncio.Future) -> Any:
+    try:
+        return await future
+    except StoreError as exc:
+        raise Problem(503, str(exc)) from None
+
+
+def emit_handler(kind: str) -> Callable:
+    async def emit(request: Request) -> Response:
+        state = request.app.state
+        body = await read_json(request, state.config)
+        errors: list = []
+        event = prepare_event(kind, body, state.config, ["body"], errors, state.fields)
+        if errors:
+            raise Problem(422, errors)
+        [result] = await stored(state.store.append([event]))
+        return json_response(emit_reply(kind, event["name"], result))
+    emit.__name__ = f"emit_{kind}"
+    return emit
+
+
+async def emit_batch(request: Request) -> Response:
+    state = request.app.state
+    config = state.config
+    body = await read_json(request, config)
+    errors: list = []
+    items = body.get("events") if isinstance(body, dict) else None
+    if not isinstance(body, dict):
+        errors.append(invalid(["body"], "must be a JSON object", "type_error.dict"))
+    elif set(body) - {"events"}:
+        for key in sorted(set(body) - {"events"}):
+            errors.append(invalid(["body", key], "unknown field; allowed: events", "value_error.extra"))
+    if isinstance(body, dict) and not isinstance(items, list):
+        errors.append(invalid(["body", "events"], "must be a list of events", "type_error.list"))
+    elif isinstance(items, list) and not 1 <= len(items) <= config.max_batch:
+        errors.append(invalid(["body", "events"], f"must hold 1 to {config.max_batch} events",
+                              "value_error.list.size"))
+    if errors:
+        raise Problem(422, errors)
+    fields = {"kind": {"type": "string", "enum": list(KINDS)}, **state.fields}
+    events = []
+    for index, item in enumerate(items):
+        loc = ["body", "events", index]
+        kind = item.get("kind") if isinstance(item, dict) else None
+        if kind not in KINDS:
+            if isinstance(item, dict):
+                errors.append(invalid([*loc, "kind"], "must be one of: " + ", ".join(KINDS), "value_error.enum"))
+            check_object(item, fields, ("kind", *REQUIRED_FIELDS), loc, errors)
+            continue
+        item_errors: list = []
+        event = prepare_event(kind, item, config, loc, item_errors, fields)
+        errors.extend(item_errors)
+        events.append(event)
+    if errors:
+        raise Problem(422, errors)
+    results = await stored(state.store.append(events))
+    replies = [emit_reply(event["kind"], event["name"], result) for event, result in zip(events, results)]
+    return json_response({"success": True, "events": replies})
+
+
+def list_reply(page: dict, params: dict) -> Response:
+    body = ('{"events":[' + ",".join(page["items"]) + "]," +
+            json.dumps({"total": page["total"], "limit": params["limit"], "offset": params["offset"],
+                        "next": page["next"]}, separators=(",", ":"))[1:])
+    return Response(body, media_type=JSON_TYPE)
+
+
+def path_id(request: Request, name: str) -> str:
+    value = request.path_params[name]
+    limit = request.app.state.config.max_id_length
+    if len(value) > limit:
+        raise Problem(422, [invalid(["path", name], f"must be at most {limit} characters",
+                                    "value_error.any_str.max_length")])
+    return value
+
+
+async def list_events(request: Request) -> Response:
+    state = request.app.state
+    params = check_query(request, state.list_params)
+    return list_reply(await state.store.read(query_events, params), params)
+
+
+async def agent_events(request: Request) -> Response:
+    state = request.app.state
+    params = check_query(request, state.list_params)
+    scope = ("aggregate_type = 'agent_aggregate' AND aggregate_id = ?", (path_id(request, "agent_id"),))
+    return list_reply(await state.store.read(query_events, params, scope), params)
+
+
+async def workflow_events(request: Request) -> Response:
+    state = request.app.state
+    params = check_query(request, state.list_params)
+    workflow_id = path_id(request, "workflow_id")
+    scope = ("((aggregate_type = 'workflow_aggregate' AND aggregate_id = ?) OR correlation_id = ?)",
+             (workflow_id, workflow_id))
+    return list_reply(await state.store.read(query_events, params, scope), params)
+
+
+async def workflow_agents_handler(request: Request) -> Response:
+    state = request.app.state
+    check_query(request, {})
+    agents = await state.store.read(workflow_agents, path_id(request, "workflow_id"))
+    return json_response({"agents": agents})
+
+
+async def store_health(store: Store) -> tuple:
+    """(connected, events, latency_ms, problem): read and commit a write, timed."""
+    started = time.perf_counter()
+    try:
+        events = await store.read(database_stats)
+        await store.probe()
+    except StoreError as exc:
+        return False, None, round((time.perf_counter() - started) * 1000, 3), str(exc)
+    return True, events, round((time.perf_counter() - started) * 1000, 3), None
+
+
+async def health(request: Request) -> Response:
+    state = request.app.state
+    check_query(request, {})
+    connected, _events, _latency, problem = await store_health(state.store)
+    reply = {"status": "healthy" if connected else "unhealthy", "timestamp": utc_now(),
+             "api_connected": True, "database_connected": connected, "version": state.config.version}
+    if problem:
+        reply["detail"] = problem
+    return json_response(reply, 200 if connected else 503)
+
+
+async def health_database(request: Request) -> Response:
+    state = request.app.state
+    check_query(request, {})
+    connected, events, latency, problem = await store_health(state.store)
+    reply = {"status": "healthy" if connected else "unhealthy", "timestamp": utc_now(),
+             "connected": connected, "path": os.path.abspath(state.store.path), "events": events,
+             "latency_ms": latency, "streams": len(state.hub.subscribers)}
+    if problem:
+        reply["detail"] = problem
+    return json_response(reply, 200 if connected else 503)
+
+
+async def root(request: Request) -> Response:
+    config = request.app.state.config
+    return json_response({"name": config.title, "version": config.version, "description": config.description,
+                          "endpoints": {"events": "/events", "health": "/health", "docs": "/docs",
+                                        "openapi": "/openapi.json"}})
+
+
+SSE_HEADERS = {"cache-control": "no-cache", "x-accel-buffering": "no", "connection": "keep-alive"}
+
+
+async def stream(request: Request) -> Response:
+    state = request.app.state
+    params = check_query(request, state.stream_params)
+    filters = {name: params.get(name) for name in STREAM_FILTERS}
+    after = params.get("after")
+    last_id = request.headers.get("last-event-id", "").strip()
+    if last_id:
+        if not re.fullmatch(r"\d{1,19}", last_id):
+            raise Problem(422, [invalid(["header", "last-event-id"], "must be an event position (an integer)",
+                                        "type_error.integer")])
+        after = int(last_id)
+    hub: Hub = state.hub
+    if len(hub.subscribers) >= state.config.max_streams:
+        raise Problem(503, f"too many open streams (at most {state.config.max_streams}); try again later")
+    sub = hub.subscribe(filters)
+    try:
+        start = after if after is not None else await state.store.read(last_position)
+    except BaseException:
+        hub.unsubscribe(sub)
+        raise
+    return SSEResponse(sub, filters, hub, state.store, start, state.config.sse_ping)
+
+
+class SSEResponse(Response):
+    """Sends a subscriber's events until the client leaves or the server stops."""
+
+    def __init__(self, sub: Subscriber, filters: dict, hub: Hub, store: Store, start: int, ping: float) -> None:
+        self.sub, self.filters, self.hub, self.store = sub, filters, hub, store
+        self.start, self.ping = start, ping
+        self.status_code = 200
+        self.background = None
+        self.init_headers(None)
+        self.headers.update(SSE_HEADERS)
+        self.headers["content-type"] = "text/event-stream; charset=utf-8"
+
+    async def __call__(self, scope: dict, receive: Callable, send: Callable) -> None:
+        sub = self.sub
+
+        async def watch_disconnect() -> None:
+            while (await receive())["type"] != "http.disconnect":
+                pass
+            sub.closed = True
+            sub.wake.set()
+
+        watcher = asyncio.ensure_future(watch_disconnect())
+        try:
+            await send({"type": "http.response.start", "status": 200, "headers": self.raw_headers})
+            await send({"type": "http.response.body", "body": b"retry: 3000\n: connected\n\n", "more_body": True})
+            async for chunk in self._messages():
+                await send({"type": "http.response.body", "body": chunk, "more_body": True})
+            await send({"type": "http.response.body", "body": b"", "more_body": False})
+        except OSError:
+            pass  # the client went away mid-send
+        except Exception as exc:
+            if type(exc).__name__ != "ClientDisconnected":  # uvicorn's, raised by send() after a disconnect
+                raise
+        finally:
+            watcher.cancel()
+            self.hub.unsubscribe(sub)
+
+    async def _messages(self) -> AsyncIterator[bytes]:
+        sub, last, filters = self.sub, self.start, self.filters
+        catch_up = True
+        while not sub.closed:
+            if catch_up or sub.behind:
+                sub.behind = False
+                sub.buffer.clear()
+                while not sub.closed:  # stored events first, in bounded pages
+                    try:
+                        rows = await self.store.read(read_after, last, filters)
+                    except StoreError as exc:
+                        yield f"event: error\ndata: {json.dumps({'detail': str(exc)})}\n\n".encode()
+                        return
+                    if rows:
+                        last = rows[-1][0]
+                        yield b"".join(sse_message(row)[-1] for row in rows)
+                    if len(rows) < PAGE:
+                        break
+                catch_up = False
+            chunk = []
+            while sub.buffer:
+                message = sub.buffer.popleft()
+                if message[0] > last:  # skip what the catch-up already sent
+                    last = message[0]
+                    chunk.append(message[-1])
+            if chunk:
+                yield b"".join(chunk)
+                continue
+            sub.wake.clear()
+            if sub.buffer or sub.behind or sub.closed:
+                continue
+            try:
+                await asyncio.wait_for(sub.wake.wait(), self.ping)
+            except asyncio.TimeoutError:
+                yield b": ping\n\n"
+
+
+# -- errors, access, app -------------------------------------------------------
+
+async def problem_handler(request: Request, exc: Problem) -> Response:
+    return json_response({"detail": exc.detail, **exc.extra}, exc.status)
+
+
+async def http_error_handler(request: Request, exc: HTTPException) -> Response:
+    return json_response({"detail": exc.detail}, exc.status_code, getattr(exc, "headers", None))
+
+
+async def store_error_handler(request: Request, exc: StoreError) -> Response:
+    return json_response({"detail": str(exc)}, 503)
+
+
+async def server_error_handler(request: Request, exc: Exception) -> Response:
+    logger.exception("unhandled error on %s %s", request.method, request.url.path)
+    return json_response({"detail": "Internal Server Error"}, 500)
+
+
+PUBLIC_PATHS = ("/", "/health", "/health/", "/health/database", "/docs", "/openapi.json")
+
+
+def require_key(app: Callable, key: str) -> Callable:
+    """ASGI wrapper: event routes need `Authorization: Bearer <key>` (or ?access_token= on the stream)."""
+    expected = key.encode()
+
+    async def guard(scope: dict, receive: Callable, send: Callable) -> None:
+        if scope["type"] != "http" or scope["path"] in PUBLIC_PATHS or scope["method"] == "OPTIONS":
+            return await app(scope, receive, send)
+        token = b""
+        for name, value in scope["headers"]:
+            if name == b"authorization" and value[:7].lower() == b"bearer ":
+                token = value[7:].strip()
+        if not token and scope["path"] == "/events/stream":
+            query = Request(scope).query_params.get("access_token", "")
+            token = query.encode()
+        if hmac.compare_digest(token, expected):
+            return await app(scope, receive, send)
+        detail = "missing or wrong API key: send 'Authorization: Bearer <key>'"
+        response = json_response({"detail": detail}, 401, {"www-authenticate": "Bearer"})
+        await response(scope, receive, send)
+
+    return guard
+
+
+def chain_signals(hub: Hub, loop: asyncio.AbstractEventLoop) -> Callable[[], None]:
+    """Close every stream as soon as SIGINT/SIGTERM arrives, then let the server's own
+    handler run: uvicorn waits for open responses, so streams would hold shutdown up."""
+    previous = {}
+
+    def handler(sig: int, frame: Any) -> None:
+        loop.call_soon_threadsafe(hub.close_all)
+        prior = previous.get(sig)
+        if callable(prior):
+            prior(sig, frame)
+        elif prior == signal.SIG_DFL and sig == signal.SIGINT:
+            raise KeyboardInterrupt
+
+    if threading.current_thread() is threading.main_thread():
+        for sig in (signal.SIGINT, signal.SIGTERM):
+            previous[sig] = signal.getsignal(sig)
+            signal.signal(sig, handler)
+
+    def restore() -> None:
+        for sig, prior in previous.items():
+            if signal.getsignal(sig) is handler:
+                signal.signal(sig, prior)
+
+    return restore
+
+
+def create_app(config: APIServerConfig | None = None) -> Starlette:
+    """The Starlette application; `config` defaults to get_config()."""
+    config = config or get_config()
+
+    @asynccontextmanager
+    async def lifespan(app: Starlette) -> AsyncIterator[None]:
+        store = Store(config)
+        await store.start()
+        hub = Hub(store)
+        hub.start()
+        app.state.store, app.state.hub = store, hub
+        restore = chain_signals(hub, asyncio.get_running_loop())
+        url = f"http://{config.host}:{config.port}"
+        logger.info("Eventuali API Server %s on %s (docs: %s/docs), database: %s",
+                    config.version, url, url, os.path.abspath(store.path))
+        try:
+            yield
+        finally:
+            restore()
+            hub.stop()
+            await store.stop()
+
+    routes = [
+        Route("/", root),
+        Route("/health", health),
+        Route("/health/", health),
+        Route("/health/database", health_database),
+        Route("/events", list_events),
+        Route("/events/", list_events),
+        Route("/events/emit/agent", emit_handler("agent"), methods=["POST"]),
+        Route("/events/emit/workflow", emit_handler("workflow"), methods=["POST"]),
+        Route("/events/emit/system", emit_handler("system"), methods=["POST"]),
+        Route("/events/emit/batch", emit_batch, methods=["POST"]),
+        Route("/events/stream", stream),
+        Route("/events/agents/{agent_id}", agent_events),
+        Route("/events/workflows/{workflow_id}", workflow_events),
+        Route("/events/workflows/{workflow_id}/agents", workflow_agents_handler),
+        Route("/openapi.json", openapi_handler),
+        Route("/docs", docs_handler),
+    ]
+    allow_all = "*" in config.cors_origins
+    middleware = [Middleware(
+        CORSMiddleware, allow_origins=config.cors_origins,
+        allow_credentials=config.cors_allow_credentials and not allow_all,
+        allow_methods=["GET", "POST", "OPTIONS"],
+        allow_headers=["Authorization", "Content-Type", "Last-Event-ID", "Accept", "Cache-Control"],
+    )]
+    if config.api_key:
+        middleware.append(Middleware(require_key, key=config.api_key))
+    handlers = {Problem: problem_handler, HTTPException: http_error_handler, StoreError: store_error_handler,
+                Exception: server_error_handler}
+    application = Starlette(routes=routes, middleware=middleware, exception_handlers=handlers,
+                            lifespan=lifespan)
+    application.router.redirect_slashes = False  # the original's 307s broke its own client
+    application.state.config = config
+    application.state.fields = event_fields(config)
+    application.state.list_params = list_params(config)
+    application.state.stream_params = stream_params(config)
+    return application
+
+
+def lazy_app() -> Callable:
+    """The module-level `app`: built on first use, so that set_config() and the
+    environment of `uvicorn eventuali_api_server:app` both take effect."""
+    built: list = []
+
+    async def app(scope: dict, receive: Callable, send: Callable) -> None:
+        if not built:
+            built.append(create_app())
+        await built[0](scope, receive, send)
+
+    return app
+
+
+# =============================================================================
+# 6. OpenAPI and docs HTML
+# =============================================================================
+
+def openapi_handler(request: Request) -> Response:
+    return json_response(openapi(request.app.state.config))
+
+
+def docs_handler(request: Request) -> Response:
+    return HTMLResponse(docs_html(request.app.state.config))
+
+
+def _nullable(spec: dict) -> dict:
+    spec = {k: v for k, v in spec.items() if not k.startswith("x-")}
+    spec["type"] = [spec["type"], "null"]
+    return spec
+
+
+def _request_schema(fields: dict, required: Sequence[str], description: str) -> dict:
+    return {"type": "object", "description": description, "additionalProperties": False,
+            "required": list(required),
+            "properties": {name: ({k: v for k, v in spec.items() if not k.startswith("x-")}
+                                  if name in required else _nullable(spec)) for name, spec in fields.items()}}
+
+
+def _parameters(specs: dict) -> list:
+    return [{"name": name, "in": "query", "required": False, "description": spec.get("description", ""),
+             "schema": {k: v for k, v in spec.items() if k != "description"}} for name, spec in specs.items()]
+
+
+def _path_parameter(name: str, config: APIServerConfig) -> dict:
+    return {"name": name, "in": "path", "required": True,
+            "schema": {"type": "string", "minLength": 1, "maxLength": config.max_id_length}}
+
+
+def _ref(name: str) -> dict:
+    return {"$ref": f"#/components/schemas/{name}"}
+
+
+def _json(schema: dict, description: str) -> dict:
+    return {"description": description, "content": {JSON_TYPE: {"schema": schema}}}
+
+
+STRING_OR_NULL = {"type": ["string", "null"]}
+ERRORS = {
+    401: ("Error", "Missing or wrong API key (only when the server has one)."),
+    404: ("Error", "No such path."),
+    409: ("Conflict", "Version conflict (`expected_version`) or an `event_id` reused with other content; "
+                      "nothing was stored."),
+    413: ("Error", "Request body too large."),
+    415: ("Error", "Content type is not application/json."),
+    422: ("ValidationError", "Invalid request: every problem is listed with its location."),
+    503: ("Error", "The database cannot serve now (locked, read-only, disk full) or too many streams."),
+}
+
+
+def _errors(*codes: int) -> dict:
+    return {str(code): _json(_ref(ERRORS[code][0]), ERRORS[code][1]) for code in codes}
+
+
+SEED_EXAMPLES = {
+    "agent": {"name": "agent.started", "attributes": {"agent_name": "url-cacher",
+              "message": "Agent started successfully"}, "aggregate_id": "url-cacher-abc123",
+              "correlation_id": "workflow-def456", "causation_id": "parent-agent-789"},
+    "workflow": {"name": "workflow.started", "attributes": {"user_prompt": "Cache the documentation page"},
+                 "aggregate_id": "workflow-def456"},
+    "system": {"name": "session.started", "attributes": {"session_type": "interactive"},
+               "aggregate_id": "session-ghi789"},
+}
+
+
+def _schemas(config: APIServerConfig) -> dict:
+    fields = event_fields(config)
+    item_props = {
+        "event_id": {"type": "string"}, "position": {"type": "integer", "minimum": 1},
+        "aggregate_id": {"type": "string"}, "aggregate_type": {"type": "string"},
+        "aggregate_version": {"type": "integer", "minimum": 1}, "event_type": {"type": "string"},
+        "event_name": {"type": "string"}, "timestamp": {"type": "string", "format": "date-time"},
+        "attributes": {"type": "object"},
+        **{name: STRING_OR_NULL for name in ("correlation_id", "causation_id", "agent_name", "agent_id",
+                                             "parent_agent_id", "workflow_id", "user_prompt", "session_id")},
+    }
+    emit_props = {"success": {"type": "boolean"}, "event_id": {"type": "string"}, "message": {"type": "string"},
+                  "timestamp": {"type": "string", "format": "date-time"}, "position": {"type": "integer"},
+                  "aggregate_id": {"type": "string"}, "aggregate_version": {"type": "integer"}}
+    agent_props = {"agent_id": {"type": "string"}, "agent_name": STRING_OR_NULL, "workflow_id": {"type": "string"},
+                   "parent_agent_id": STRING_OR_NULL, "first_event_time": {"type": "string"},
+                   "last_event_time": {"type": "string"}, "event_count": {"type": "integer"},
+                   "status": {"type": "string", "description": "The agent's latest event name."}}
+    health_props = {"status": {"type": "string", "enum": ["healthy", "unhealthy"]},
+                    "timestamp": {"type": "string"}, "api_connected": {"type": "boolean"},
+                    "database_connected": {"type": "boolean"}, "version": {"type": "string"},
+                    "detail": {"type": "string"}}
+    db_props = {"status": {"type": "string", "enum": ["healthy", "unhealthy"]}, "timestamp": {"type": "string"},
+                "connected": {"type": "boolean"}, "path": {"type": "string"},
+                "events": {"type": ["integer", "null"]}, "latency_ms": {"type": "number"},
+                "streams": {"type": "integer", "description": "Streams open on this process."},
+                "detail": {"type": "string"}}
+
+    def obj(props: dict, optional: Sequence[str] = ()) -> dict:
+        return {"type": "object", "properties": props, "required": [k for k in props if k not in optional]}
+
+    return {
+        "EventRequest": _request_schema(fields, REQUIRED_FIELDS, "An event to append."),
+        "BatchEvent": _request_schema({"kind": {"type": "string", "enum": list(KINDS)}, **fields},
+                                      ("kind", *REQUIRED_FIELDS), "An event of a batch, with its kind."),
+        "BatchRequest": {"type": "object", "additionalProperties": False, "required": ["events"],
+                         "properties": {"events": {"type": "array", "minItems": 1, "maxItems": config.max_batch,
+                                                   "items": _ref("BatchEvent")}}},
+        "EmitReply": obj(emit_props),
+        "BatchReply": obj({"success": {"type": "boolean"}, "events": {"type": "array", "items": _ref("EmitReply")}}),
+        "EventItem": obj(item_props),
+        "EventList": obj({"events": {"type": "array", "items": _ref("EventItem")},
+                          "total": {"type": "integer", "description": "Events matching the filters "
+                                    "(the cursor and paging aside)."},
+                          "limit": {"type": "integer"}, "offset": {"type": "integer"},
+                          "next": {"type": ["integer", "null"], "description": "When the page is full: the "
+                                   "cursor for the next page (`after` with order=asc, `before` with desc)."}}),
+        "WorkflowAgent": obj(agent_props),
+        "AgentList": obj({"agents": {"type": "array", "items": _ref("WorkflowAgent")}}),
+        "Health": obj(health_props, ("detail",)),
+        "DatabaseHealth": obj(db_props, ("detail",)),
+        "Root": obj({"name": {"type": "string"}, "version": {"type": "string"}, "description": {"type": "string"},
+                     "endpoints": {"type": "object", "additionalProperties": {"type": "string"}}}),
+        "Error": obj({"detail": {"type": "string"}}),
+        "Conflict": obj({"detail": {"type": "string"}, "current_version": {"type": "integer"}}, ("current_version",)),
+        "ValidationError": obj({"detail": {"type": "array", "items": obj({
+            "loc": {"type": "array", "items": {"type": ["string", "integer"]}},
+            "msg": {"type": "string"}, "type": {"type": "string"}})}}),
+    }
+
+
+def openapi(config: APIServerConfig) -> dict:
+    """The OpenAPI 3.1 document, built from the same specs that validate requests."""
+    guarded = [{"bearer": []}] if config.api_key else None
+    lists = _parameters(list_params(config))
+
+    def op(summary: str, tag: str, replies: dict, *codes: int, **extra: Any) -> dict:
+        operation = {"summary": summary, "tags": [tag], "operationId": extra.pop("operation_id"),
+                     "responses": {**replies, **_errors(*codes)}, **extra}
+        if guarded and tag == "events":
+            operation["security"] = guarded
+            operation["responses"].update(_errors(401))
+        return operation
+
+    def emit_op(kind: str) -> dict:
+        label = KINDS[kind][2]
+        return op(f"Emit a {kind} event", "events", {"200": _json(_ref("EmitReply"), "Stored and committed.")},
+                  409, 413, 415, 422, 503, operation_id=f"emit_{kind}",
+                  description=f"Appends one {label.lower()} event (`aggregate_type` {KINDS[kind][0]}, "
+                              f"`event_type` {KINDS[kind][1]}). The reply comes after the commit.",
+                  requestBody={"required": True, "content": {JSON_TYPE: {
+                      "schema": _ref("EventRequest"), "example": SEED_EXAMPLES[kind]}}})
+
+    def list_op(summary: str, operation_id: str, description: str, path_param: str | None = None) -> dict:
+        params = ([_path_parameter(path_param, config)] if path_param else []) + lists
+        return op(summary, "events", {"200": _json(_ref("EventList"), "A page of events.")},
+                  *((404,) if path_param else ()), 422, 503, operation_id=operation_id,
+                  description=description, parameters=params)
+
+    events_list = list_op("Query events", "list_events", "Events with filters, newest first by default.")
+    health_op = op("Health of the API and its database", "health",
+                   {"200": _json(_ref("Health"), "Healthy."),
+                    "503": _json(_ref("Health"), "Unhealthy: the database cannot be read and written.")},
+                   422, operation_id="health")
+    paths = {
+        "/": {"get": op("Server information", "info", {"200": _json(_ref("Root"), "Name, version, endpoints.")},
+                        operation_id="root")},
+        "/health": {"get": {**health_op, "operationId": "health_no_slash"}},
+        "/health/": {"get": health_op},
+        "/health/database": {"get": op(
+            "Database health", "health", {"200": _json(_ref("DatabaseHealth"), "Healthy."),
+                                          "503": _json(_ref("DatabaseHealth"), "Unhealthy.")},
+            422, operation_id="health_database")},
+        "/events": {"get": {**events_list, "operationId": "list_events_no_slash"}},
+        "/events/": {"get": events_list},
+        "/events/emit/agent": {"post": emit_op("agent")},
+        "/events/emit/workflow": {"post": emit_op("workflow")},
+        "/events/emit/system": {"post": emit_op("system")},
+        "/events/emit/batch": {"post": op(
+            "Emit several events atomically", "events", {"200": _json(_ref("BatchReply"), "All stored.")},
+            409, 413, 415, 422, 503, operation_id="emit_batch",
+            description=f"1 to {config.max_batch} events of any kind, all or nothing, in one transaction. "
+                        "`expected_version` is checked against the version at that point in the batch.",
+            requestBody={"required": True, "content": {JSON_TYPE: {"schema": _ref("BatchRequest"), "example": {
+                "events": [{"kind": kind, **example} for kind, example in SEED_EXAMPLES.items()]}}}})},
+        "/events/agents/{agent_id}": {"get": list_op(
+            "An agent's events", "agent_events", "Events of the agent aggregate with this id.", "agent_id")},
+        "/events/workflows/{workflow_id}": {"get": list_op(
+            "A workflow's timeline", "workflow_events", "The workflow's own events and every event whose "
+            "`correlation_id` is the workflow id.", "workflow_id")},
+        "/events/workflows/{workflow_id}/agents": {"get": op(
+            "Agents of a workflow", "events", {"200": _json(_ref("AgentList"), "In order of first appearance.")},
+            404, 422, 503, operation_id="workflow_agents", parameters=[_path_parameter("workflow_id", config)],
+            description="Agents with an event correlated to the workflow; `status` is the latest event name.")},
+        "/events/stream": {"get": op(
+            "Live events (Server-Sent Events)", "events",
+            {"200": {"description": "`retry: 3000` and a comment at once; then per event `id: <position>`, "
+                                    "`event: event`, `data: <event item JSON>`; a `: ping` comment every "
+                                    f"{config.sse_ping:g} s.",
+                     "content": {"text/event-stream": {"schema": {"type": "string"}}}}},
+            422, 503, operation_id="stream_events", parameters=[
+                *_parameters(stream_params(config)),
+                {"name": "Last-Event-ID", "in": "header", "required": False, "schema": {"type": "string",
+                 "pattern": "^[0-9]{1,19}$"}, "description": "Resume after this position (browsers send it)."}],
+            description="Resume with `Last-Event-ID` or `after`: stored events after that position first, then "
+                        "live ones, without gap or duplicate. A client that reads too slowly is caught up "
+                        "from the store; it never misses an event.")},
+        "/openapi.json": {"get": op("This document", "docs", {"200": _json({"type": "object"}, "OpenAPI 3.1.")},
+                                    operation_id="openapi")},
+        "/docs": {"get": op("Swagger UI", "docs", {"200": {"description": "HTML page.",
+                                                            "content": {"text/html": {"schema": {"type": "string"}}}}},
+                            operation_id="docs")},
+    }
+    return {
+        "openapi": "3.1.0",
+        "info": {"title": config.title, "version": config.version, "description": config.description,
+                 "license": {"name": "MIT", "identifier": "MIT"}},
+        "paths": paths,
+        "components": {"schemas": _schemas(config),
+                       "securitySchemes": {"bearer": {"type": "http", "scheme": "bearer", "description":
+                                                      "The server's --api-key; the stream also takes it as "
+                                                      "?access_token=."}}},
+    }
+
+
+DOCS_PAGE = """<!doctype html>
+<html lang="en"><head><meta charset="utf-8"><title>{title} - docs</title>
+<link rel="stylesheet" href="{assets}/swagger-ui.css"></head>
+<body><div id="swagger-ui"></div>
+<script src="{assets}/swagger-ui-bundle.js"></script>
+<script>window.ui = SwaggerUIBundle({{url: "/openapi.json", dom_id: "#swagger-ui", deepLinking: true}});</script>
+</body></html>
+"""
+
+
+def docs_html(config: APIServerConfig) -> str:
+    from html import escape
+    return DOCS_PAGE.format(title=escape(config.title), assets=escape(config.docs_assets_url.rstrip("/")))
+
+
+# =============================================================================
+# 7. CLI
+# =============================================================================
+
+def build_parser() -> argparse.ArgumentParser:
+    parser = argparse.ArgumentParser(
+        prog="eventuali-api-server",
+        description="Append-only event log for AI-agent workflows, over REST and Server-Sent Events. "
+                    "Every option can also be set by the environment variable named in brackets; "
+                    "an option given here beats its variable.")
+    parser.add_argument("--version", action="version", version=f"%(prog)s {__version__}")
+    for field, env, flag, parse, help_text in SETTINGS:
+        extra = {"nargs": "?", "const": "true"} if parse is _parse_bool else {}
+        parser.add_argument(flag, dest=field, default=None, metavar=env, help=f"{help_text} [{env}]", **extra)
+    return parser
+
+
+def resolve_config(argv: Sequence[str] | None, environ: dict | None = None) -> APIServerConfig:
+    """Flags beat environment variables, which beat defaults. ConfigError names the setting."""
+    args = build_parser().parse_args(argv)
+    overrides = {}
+    for field, env, flag, parse, _help in SETTINGS:
+        text = getattr(args, field)
+        if text is not None:
+            try:
+                overrides[field] = parse(text)
+            except ValueError as exc:
+                raise ConfigError(f"{flag} {text!r}: {exc}") from None
+    return config_from_env(environ, **overrides)
+
+
+def main(argv: Sequence[str] | None = None) -> None:
+    """The `eventuali-api-server` command."""
+    import uvicorn
+
+    try:
+        config = resolve_config(argv)
+    except ConfigError as exc:
+        print(f"eventuali-api-server: error: {exc}", file=sys.stderr)
+        sys.exit(2)
+    try:
+        conn = open_database(config.database_path, config.database_timeout, config.durability)
+        conn.close()
+    except (OSError, sqlite3.Error, StoreError) as exc:
+        print(f"eventuali-api-server: error: cannot use data dir {config.data_dir!r}: {exc}", file=sys.stderr)
+        sys.exit(1)
+    set_config(config)
+    logging.basicConfig(level=config.log_level.upper(), format="%(levelname)s:     %(message)s")
+    if config.reload:
+        # The reloader imports the module afresh in a child: hand it the settings.
+        os.environ.update(config_to_env(config))
+        uvicorn.run("eventuali_api_server:app", host=config.host, port=config.port, reload=True,
+                    log_level=config.log_level, timeout_graceful_shutdown=1,
+                    reload_dirs=[os.path.dirname(os.path.abspath(__file__))])
+    else:
+        uvicorn.run(create_app(config), host=config.host, port=config.port, log_level=config.log_level,
+                    timeout_graceful_shutdown=1)
+
+
+app = lazy_app()
+
+if __name__ == "__main__":
+    main()

@@ -1,0 +1,750 @@
+"""Tests: real HTTP against a real uvicorn server, real SQLite files under tmp_path."""
+
+from __future__ import annotations
+
+import asyncio
+import contextlib
+import json
+import os
+import signal
+import socket
+import sqlite3
+import subprocess
+import sys
+import threading
+import time
+import uuid
+from concurrent.futures import ThreadPoolExecutor
+from pathlib import Path
+
+import httpx
+import pytest
+import uvicorn
+
+import eventuali_api_server as eas
+
+HERE = Path(__file__).resolve().parent
+SERVER = str(HERE / "eventuali_api_server.py")
+AGENT = {"name": "agent.started", "attributes": {"agent_name": "url-cacher", "message": "Agent started"},
+         "aggregate_id": "url-cacher-abc123", "correlation_id": "workflow-def456",
+         "causation_id": "parent-agent-789"}
+
+
+# -- harness ---------------------------------------------------------------------
+
+def free_port() -> int:
+    with socket.socket() as sock:
+        sock.bind(("127.0.0.1", 0))
+        return sock.getsockname()[1]
+
+
+class ThreadServer:
+    """A real uvicorn server on a free port, in a thread of the test process."""
+
+    def __init__(self, data_dir: Path, **settings) -> None:
+        self.port = free_port()
+        self.config = eas.APIServerConfig(data_dir=str(data_dir), port=self.port, **settings)
+        self.app = eas.create_app(self.config)
+        uv_config = uvicorn.Config(self.app, host="127.0.0.1", port=self.port, log_level="warning",
+                                   timeout_graceful_shutdown=1)
+        self.server = uvicorn.Server(uv_config)
+        self.url = f"http://127.0.0.1:{self.port}"
+        self.thread = threading.Thread(target=self.server.run, daemon=True)
+
+    def __enter__(self) -> "ThreadServer":
+        self.thread.start()
+        deadline = time.time() + 10
+        while not self.server.started:
+            assert time.time() < deadline, "server did not start"
+            time.sleep(0.01)
+        self.client = httpx.Client(base_url=self.url, timeout=30)
+        return self
+
+    def __exit__(self, *exc) -> None:
+        self.client.close()
+        self.server.should_exit = True
+        self.thread.join(10)
+
+
+@pytest.fixture
+def srv(tmp_path):
+    with ThreadServer(tmp_path / "data") as server:
+        yield server
+
+
+@pytest.fixture
+def client(srv):
+    return srv.client
+
+
+def start_process(data_dir: Path, *args: str, env: dict | None = None, port: int | None = None):
+    """The server as a real process, started like a user would: python eventuali_api_server.py."""
+    port = port or free_port()
+    proc = subprocess.Popen([sys.executable, SERVER, "--port", str(port), "--data-dir", str(data_dir), *args],
+                            stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True,
+                            env={**os.environ, **(env or {})})
+    url = f"http://127.0.0.1:{port}"
+    wait_healthy(url, proc)
+    return proc, url
+
+
+def wait_healthy(url: str, proc=None, timeout: float = 15) -> None:
+    deadline = time.time() + timeout
+    while time.time() < deadline:
+        if proc is not None and proc.poll() is not None:
+            raise AssertionError("server exited: " + proc.stderr.read())
+        try:
+            if httpx.get(url + "/health", timeout=1).status_code == 200:
+                return
+        except httpx.HTTPError:
+            pass
+        time.sleep(0.05)
+    raise AssertionError("server did not become healthy")
+
+
+def stop_process(proc) -> str:
+    if proc.poll() is None:
+        proc.send_signal(signal.SIGINT)
+        try:
+            proc.wait(10)
+        except subprocess.TimeoutExpired:
+            proc.kill()
+            proc.wait()
+    return proc.stderr.read()
+
+
+def emit(client, kind: str = "agent", **body):
+    reply = client.post(f"/events/emit/{kind}", json=body)
+    assert reply.status_code == 200, reply.text
+    return reply.json()
+
+
+def events_of(client, path: str = "/events/", **params):
+    reply = client.get(path, params=params)
+    assert reply.status_code == 200, reply.text
+    return reply.json()
+
+
+def assert_invalid(reply, *loc):
+    assert reply.status_code == 422, reply.text
+    detail = reply.json()["detail"]
+    assert isinstance(detail, list) and detail
+    locs = [item["loc"] for item in detail]
+    assert list(loc) in locs, locs
+    for item in detail:
+        assert item["msg"] and item["type"]
+    return detail
+
+
+class SSE:
+    """A small Server-Sent Events reader over a raw socket (so tests control reading)."""
+
+    def __init__(self, url: str, path: str = "/events/stream", headers: dict | None = None) -> None:
+        host, port = url.split("//")[1].split(":")
+        self.sock = socket.create_connection((host, int(port)), timeout=10)
+        lines = [f"GET {path} HTTP/1.1", f"Host: {host}", "Accept: text/event-stream"]
+        lines += [f"{k}: {v}" for k, v in (headers or {}).items()]
+        self.sock.sendall(("\r\n".join(lines) + "\r\n\r\n").encode())
+        self.buf = b""
+        head = self._until(b"\r\n\r\n")
+        self.status = int(head.split(b" ")[1])
+        self.headers = {k.strip().lower(): v.strip() for k, v in
+                        (line.split(":", 1) for line in head.decode().split("\r\n")[1:] if ":" in line)}
+        self.chunked = self.headers.get("transfer-encoding") == "chunked"
+        self.body = b""
+        self.ended = False
+
+    def _until(self, marker: bytes) -> bytes:
+        while marker not in self.buf:
+            data = self.sock.recv(65536)
+            if not data:
+                raise EOFError
+            self.buf += data
+        head, self.buf = self.buf.split(marker, 1)
+        return head
+
+    def _fill(self) -> None:
+        """Move one chunk of the (chunked) body into self.body."""
+        if not self.chunked:
+            data = self.buf or self.sock.recv(65536)
+            self.buf = b""
+            if not data:
+                raise EOFError
+            self.body += data
+            return
+        size = int(self._until(b"\r\n"), 16)
+        if size == 0:
+            self.ended = True
+            raise EOFError
+        while len(self.buf) < size + 2:
+            data = self.sock.recv(65536)
+            if not data:
+                raise EOFError
+            self.buf += data
+        self.body += self.buf[:size]
+        self.buf = self.buf[size + 2:]
+
+    def message(self) -> dict:
+        """The next message (a dict of its fields; comments under ':')."""
+        while b"\n\n" not in self.body:
+            self._fill()
+        raw, self.body = self.body.split(b"\n\n", 1)
+        fields: dict = {}
+        for line in raw.decode().split("\n"):
+            name, _, value = line.partition(":")
+            fields.setdefault(name, value[1:] if value.startswith(" ") else value)
+        return fields
+
+    def event(self) -> dict:
+        while True:
+            message = self.message()
+            if "data" in message:
+                return message
+
+    def events(self, count: int) -> list:
+        return [self.event() for _ in range(count)]
+
+    def close(self) -> None:
+        self.sock.close()
+
+
+# -- configuration -----------------------------------------------------------------
+
+def test_config_defaults_match_the_original():
+    config = eas.resolve_config([], environ={})
+    assert (config.host, config.port, config.reload, config.log_level) == ("127.0.0.1", 8765, False, "info")
+    assert config.data_dir == ".events" and config.database_timeout == 10.0
+    assert config.cors_origins == ["http://localhost:3210", "http://127.0.0.1:3210",
+                                   "http://localhost:3000", "http://127.0.0.1:3000"]
+    assert config.database_path == os.path.join(".events", "events.db")
+
+
+def test_config_flag_beats_env_beats_default():
+    env = {"PORT": "9000", "HOST": "0.0.0.0", "LOG_LEVEL": "DEBUG", "RELOAD": "true", "DATA_DIR": "/x",
+           "CORS_ORIGINS": "http://a, http://b", "DATABASE_TIMEOUT": "2.5"}
+    from_env = eas.resolve_config([], environ=env)
+    assert (from_env.port, from_env.host, from_env.log_level, from_env.reload) == (9000, "0.0.0.0", "debug", True)
+    assert from_env.cors_origins == ["http://a", "http://b"] and from_env.database_timeout == 2.5
+    flags = eas.resolve_config(["--port", "9100", "--log-level", "error", "--data-dir", "/y", "--reload"],
+                               environ=env)
+    assert (flags.port, flags.log_level, flags.data_dir, flags.reload, flags.host) == (9100, "error", "/y", True,
+                                                                                       "0.0.0.0")
+
+
+@pytest.mark.parametrize("env, name", [({"PORT": "abc"}, "PORT"), ({"PORT": "70000"}, "PORT"),
+                                       ({"LOG_LEVEL": "loud"}, "LOG_LEVEL"), ({"RELOAD": "maybe"}, "RELOAD"),
+                                       ({"DATABASE_TIMEOUT": "-1"}, "DATABASE_TIMEOUT"),
+                                       ({"DURABILITY": "some"}, "DURABILITY")])
+def test_bad_env_value_names_the_setting(env, name):
+    with pytest.raises(eas.ConfigError, match=name):
+        eas.resolve_config([], environ=env)
+
+
+def test_wildcard_cors_drops_credentials():
+    config = eas.resolve_config(["--cors-origins", "*"], environ={})
+    assert config.cors_origins == ["*"] and config.cors_allow_credentials is False
+
+
+def test_programmatic_config_roundtrip():
+    config = eas.APIServerConfig(host="0.0.0.0", port=8765, data_dir="/custom", cors_origins=["https://a"],
+                                 log_level="debug")
+    eas.set_config(config)
+    try:
+        assert eas.get_config() is config
+        again = eas.config_from_env(eas.config_to_env(config))
+        assert again == config
+    finally:
+        eas.set_config(None)
+
+
+# -- CLI as a real process -------------------------------------------------------------
+
+def test_cli_bad_port_exits_2_with_one_line(tmp_path):
+    proc = subprocess.run([sys.executable, SERVER], env={**os.environ, "PORT": "abc"}, capture_output=True,
+                          text=True, timeout=30)
+    assert proc.returncode == 2
+    lines = proc.stderr.strip().splitlines()
+    assert len(lines) == 1 and "PORT" in lines[0] and "Traceback" not in proc.stderr
+
+
+def test_cli_version_and_module_entry_point():
+    out = subprocess.run([sys.executable, "-m", "eventuali_api_server", "--version"], capture_output=True,
+                         text=True, timeout=30, cwd=HERE)
+    assert out.returncode == 0 and eas.__version__ in out.stdout
+
+
+def test_cli_serves_and_logs_start_line(tmp_path):
+    proc, url = start_process(tmp_path / "d")
+    try:
+        assert httpx.get(url + "/health/").json()["status"] == "healthy"
+        assert emit(httpx.Client(base_url=url), "system", name="session.started")["position"] == 1
+    finally:
+        err = stop_process(proc)
+    assert proc.returncode == 0
+    assert f"http://127.0.0.1:{url.rsplit(':', 1)[1]}" in err and "/docs" in err and "events.db" in err
+    assert "Traceback" not in err
+
+
+def test_cli_env_settings_apply(tmp_path):
+    port = free_port()
+    proc = subprocess.Popen([sys.executable, SERVER], stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True,
+                            env={**os.environ, "PORT": str(port), "DATA_DIR": str(tmp_path / "envdir")})
+    try:
+        wait_healthy(f"http://127.0.0.1:{port}", proc)
+        assert (tmp_path / "envdir" / "events.db").exists()
+    finally:
+        stop_process(proc)
+
+
+def test_uvicorn_module_app_reads_environment(tmp_path):
+    port = free_port()
+    proc = subprocess.Popen([sys.executable, "-m", "uvicorn", "eventuali_api_server:app", "--port", str(port)],
+                            cwd=HERE, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True,
+                            env={**os.environ, "DATA_DIR": str(tmp_path / "uv")})
+    try:
+        url = f"http://127.0.0.1:{port}"
+        wait_healthy(url, proc)
+        emit(httpx.Client(base_url=url), "workflow", name="workflow.started")
+        assert httpx.get(url + "/health/database").json()["path"] == str(tmp_path / "uv" / "events.db")
+    finally:
+        stop_process(proc)
+
+
+def test_unusable_data_dir_exits_1_with_one_line(tmp_path):
+    blocker = tmp_path / "file"
+    blocker.write_text("in the way")
+    proc = subprocess.run([sys.executable, SERVER, "--data-dir", str(blocker), "--port", str(free_port())],
+                          capture_output=True, text=True, timeout=30)
+    assert proc.returncode == 1
+    assert len(proc.stderr.strip().splitlines()) == 1 and "Traceback" not in proc.stderr
+
+
+# -- info, health, docs ---------------------------------------------------------------
+
+def test_root(client):
+    body = client.get("/").json()
+    assert body["name"] == "Eventuali API Server" and body["version"] == eas.__version__
+    assert body["endpoints"] == {"events": "/events", "health": "/health", "docs": "/docs",
+                                 "openapi": "/openapi.json"}
+
+
+@pytest.mark.parametrize("path", ["/health", "/health/"])
+def test_health_answers_directly(client, path):
+    reply = client.get(path)
+    assert reply.status_code == 200 and not reply.is_redirect
+    body = reply.json()
+    assert body["status"] == "healthy" and body["api_connected"] and body["database_connected"]
+    assert body["version"] == eas.__version__ and eas.parse_timestamp(body["timestamp"])
+
+
+def test_health_database(client, srv):
+    emit(client, name="a")
+    body = client.get("/health/database").json()
+    assert body["status"] == "healthy" and body["connected"] is True
+    assert body["path"] == os.path.abspath(srv.config.database_path)
+    assert body["events"] == 1 and body["latency_ms"] >= 0 and body["streams"] == 0
+
+
+def test_openapi_is_valid_and_complete(client):
+    from openapi_spec_validator import validate
+    doc = client.get("/openapi.json").json()
+    validate(doc)
+    assert doc["openapi"].startswith("3.1")
+    for path in ["/events/emit/agent", "/events/emit/workflow", "/events/emit/system", "/events/emit/batch",
+                 "/events/", "/events", "/events/agents/{agent_id}", "/events/workflows/{workflow_id}",
+                 "/events/workflows/{workflow_id}/agents", "/events/stream", "/health/", "/health",
+                 "/health/database", "/", "/docs", "/openapi.json"]:
+        assert path in doc["paths"], path
+    request = doc["components"]["schemas"]["EventRequest"]
+    assert request["additionalProperties"] is False and request["required"] == ["name"]
+    assert "Z" in request["properties"]["timestamp"]["description"]  # accepted forms are documented
+    params = {p["name"]: p["schema"] for p in doc["paths"]["/events/"]["get"]["parameters"]}
+    assert params["limit"] == {"type": "integer", "minimum": 1, "maximum": 1000, "default": 100}
+
+
+def test_docs_page(client):
+    reply = client.get("/docs")
+    assert reply.status_code == 200 and "text/html" in reply.headers["content-type"]
+    assert "swagger-ui-bundle.js" in reply.text and "/openapi.json" in reply.text
+
+
+def test_docs_assets_setting(tmp_path):
+    with ThreadServer(tmp_path, docs_assets_url="/static/swagger") as server:
+        assert 'src="/static/swagger/swagger-ui-bundle.js"' in server.client.get("/docs").text
+
+
+def test_unknown_path_and_wrong_method_are_json(client):
+    reply = client.get("/nope")
+    assert reply.status_code == 404 and reply.json() == {"detail": "Not Found"}
+    reply = client.delete("/events/")
+    assert reply.status_code == 405 and reply.json() == {"detail": "Method Not Allowed"}
+    reply = client.get("/events/emit/agent")
+    assert reply.status_code == 405 and reply.json()["detail"]
+
+
+def test_events_without_slash_answers_directly(client):
+    emit(client, name="x")
+    for path in ("/events", "/events/"):
+        reply = client.get(path)
+        assert reply.status_code == 200 and reply.json()["total"] == 1
+
+
+def test_cors_preflight_for_default_origin(client):
+    reply = client.options("/events/emit/agent", headers={
+        "Origin": "http://localhost:3000", "Access-Control-Request-Method": "POST",
+        "Access-Control-Request-Headers": "content-type, authorization, last-event-id"})
+    assert reply.status_code == 200
+    assert reply.headers["access-control-allow-origin"] == "http://localhost:3000"
+    assert reply.headers["access-control-allow-credentials"] == "true"
+    reply = client.options("/events/", headers={"Origin": "http://evil.example",
+                                                "Access-Control-Request-Method": "GET"})
+    assert reply.status_code == 400
+
+
+def test_cors_wildcard_never_with_credentials(tmp_path):
+    with ThreadServer(tmp_path, cors_origins=["*"]) as server:
+        reply = server.client.get("/events/", headers={"Origin": "http://anywhere.example"})
+        assert reply.headers["access-control-allow-origin"] == "*"
+        assert "access-control-allow-credentials" not in reply.headers
+
+
+# -- emitting --------------------------------------------------------------------------
+
+def test_emit_agent_maps_fields_like_the_original(client):
+    reply = emit(client, **AGENT)
+    assert reply["success"] is True and uuid.UUID(reply["event_id"])
+    assert reply["message"] == "Agent event 'agent.started' emitted successfully"
+    assert reply["position"] == 1 and reply["aggregate_version"] == 1
+    assert reply["aggregate_id"] == "url-cacher-abc123"
+    [item] = events_of(client)["events"]
+    assert item == {
+        "event_id": reply["event_id"], "position": 1, "aggregate_id": "url-cacher-abc123",
+        "aggregate_type": "agent_aggregate", "aggregate_version": 1, "event_type": "AgentEvent",
+        "event_name": "agent.started", "timestamp": reply["timestamp"], "attributes": AGENT["attributes"],
+        "correlation_id": "workflow-def456", "causation_id": "parent-agent-789", "agent_name": "url-cacher",
+        "agent_id": "url-cacher-abc123", "parent_agent_id": "parent-agent-789", "workflow_id": "workflow-def456",
+        "user_prompt": None, "session_id": None}
+
+
+def test_emit_workflow_and_system_mapping(client):
+    wf = emit(client, "workflow", name="workflow.started", attributes={"user_prompt": "Cache the page"},
+              aggregate_id="workflow-def456")
+    assert wf["message"] == "Workflow event 'workflow.started' emitted successfully"
+    sys_given = emit(client, "system", name="session.started", attributes={"session_type": "interactive"},
+                     aggregate_id="session-ghi789", correlation_id="workflow-def456")
+    sys_default = emit(client, "system", name="system.tick")
+    assert sys_default["aggregate_id"] == "system" and sys_default["message"].startswith("System event")
+    items = {item["position"]: item for item in events_of(client)["events"]}
+    assert items[1]["aggregate_type"] == "workflow_aggregate" and items[1]["event_type"] == "WorkflowEvent"
+    assert items[1]["workflow_id"] == "workflow-def456" and items[1]["user_prompt"] == "Cache the page"
+    assert items[1]["agent_id"] is None and items[1]["session_id"] is None
+    assert items[2]["aggregate_type"] == "system_aggregate" and items[2]["event_type"] == "SystemEvent"
+    assert items[2]["session_id"] == "session-ghi789" and items[2]["workflow_id"] == "workflow-def456"
+    assert items[3]["aggregate_id"] == "system" and items[3]["session_id"] is None
+
+
+def test_emit_defaults_new_uuid_aggregates(client):
+    first = emit(client, name="agent.started")
+    second = emit(client, "workflow", name="workflow.started")
+    assert uuid.UUID(first["aggregate_id"]) and uuid.UUID(second["aggregate_id"])
+    assert first["aggregate_id"] != second["aggregate_id"]
+    item = events_of(client, order="asc")["events"][0]
+    assert item["attributes"] == {} and item["agent_name"] is None
+
+
+def test_versions_count_per_aggregate_and_positions_are_global(client):
+    replies = [emit(client, name=f"agent.step{i}", aggregate_id="a") for i in range(3)]
+    other = emit(client, "workflow", name="workflow.started", aggregate_id="a")  # same id, other aggregate
+    assert [r["aggregate_version"] for r in replies] == [1, 2, 3] and other["aggregate_version"] == 1
+    assert [r["position"] for r in replies + [other]] == [1, 2, 3, 4]
+
+
+def test_explicit_null_means_absent(client):
+    reply = emit(client, name="agent.started", attributes=None, timestamp=None, aggregate_id=None,
+                 causation_id=None, correlation_id=None, event_id=None, expected_version=None)
+    assert uuid.UUID(reply["aggregate_id"])
+    assert events_of(client)["events"][0]["attributes"] == {}
+
+
+@pytest.mark.parametrize("given, stored", [
+    ("2026-01-02T03:04:05Z", "2026-01-02T03:04:05.000000+00:00"),
+    ("2026-01-02T03:04:05.123456789z", "2026-01-02T03:04:05.123456+00:00"),
+    ("2026-01-02T05:04:05+02:00", "2026-01-02T03:04:05.000000+00:00"),
+    ("2026-01-02T01:34:05-0130", "2026-01-02T03:04:05.000000+00:00"),
+    ("2026-01-02 03:04:05.5", "2026-01-02T03:04:05.500000+00:00"),
+    ("2026-01-02T03:04", "2026-01-02T03:04:00.000000+00:00"),
+    ("2026-01-02", "2026-01-02T00:00:00.000000+00:00"),
+])
+def test_timestamp_forms(client, given, stored):
+    reply = emit(client, name="t", timestamp=given)
+    assert reply["timestamp"] == stored
+    assert events_of(client)["events"][0]["timestamp"] == stored
+
+
+def test_default_timestamp_is_now_utc(client):
+    before = time.time()
+    stamp = eas.parse_timestamp(emit(client, name="t")["timestamp"]).timestamp()
+    assert before - 1 <= stamp <= time.time() + 1
+
+
+@pytest.mark.parametrize("body, loc", [
+    ({}, ["body", "name"]),
+    ({"name": ""}, ["body", "name"]),
+    ({"name": 5}, ["body", "name"]),
+    ({"name": "x", "attributes": []}, ["body", "attributes"]),
+    ({"name": "x", "attributes": "s"}, ["body", "attributes"]),
+    ({"name": "x", "timestamp": "yesterday"}, ["body", "timestamp"]),
+    ({"name": "x", "timestamp": "2026-13-01T00:00:00"}, ["body", "timestamp"]),
+    ({"name": "x", "timestamp": "2026-01-01T00:00:00+25:00"}, ["body", "timestamp"]),
+    ({"name": "x", "timestamp": "0001-01-01T00:00:00+01:00"}, ["body", "timestamp"]),
+    ({"name": "x", "timestamp": 1700000000}, ["body", "timestamp"]),
+    ({"name": "x", "aggregate_id": 7}, ["body", "aggregate_id"]),
+    ({"name": "x", "aggregate_id": ""}, ["body", "aggregate_id"]),
+    ({"name": "x", "causation_id": ["a"]}, ["body", "causation_id"]),
+    ({"name": "x", "correlation_id": {"a": 1}}, ["body", "correlation_id"]),
+    ({"name": "x", "event_id": "not-a-uuid"}, ["body", "event_id"]),
+    ({"name": "x", "expected_version": -1}, ["body", "expected_version"]),
+    ({"name": "x", "expected_version": "1"}, ["body", "expected_version"]),
+    ({"name": "x", "expected_version": True}, ["body", "expected_version"]),
+    ({"name": "x", "expected_version": 2**64}, ["body", "expected_version"]),
+    ({"name": "x", "surprise": 1}, ["body", "surprise"]),
+    ({"name": "x" * 257}, ["body", "name"]),
+    ({"name": "x", "aggregate_id": "a" * 257}, ["body", "aggregate_id"]),
+])
+def test_emit_validation(client, body, loc):
+    detail = assert_invalid(client.post("/events/emit/agent", json=body), *loc)
+    if loc[-1] == "surprise":
+        assert "allowed: name, attributes" in detail[0]["msg"]
+    assert events_of(client)["total"] == 0
+
+
+def test_every_problem_is_listed(client):
+    reply = client.post("/events/emit/workflow", json={"name": "", "attributes": 1, "extra": 2})
+    locs = [item["loc"] for item in reply.json()["detail"]]
+    assert sorted(map(tuple, locs)) == [("body", "attributes"), ("body", "extra"), ("body", "name")]
+
+
+@pytest.mark.parametrize("raw", [b"{not json", b"[1, 2]", b'"name"', b"null", b"",
+                                 b'{"name": "x", "attributes": {"n": NaN}}',
+                                 b'{"name": "x", "attributes": {"n": Infinity}}',
+                                 b'{"name": "x", "attributes": {"n": 1e999}}',
+                                 b'{"name": "\xff\xfe"}', b'{"name": "\\ud800"}',
+                                 b'{"name": "x", "attributes": {"n": ' + b"1" * 5000 + b"}}"])
+def test_malformed_bodies_are_422(client, raw):
+    reply = client.post("/events/emit/agent", content=raw, headers={"content-type": "application/json"})
+    assert reply.status_code == 422, reply.text
+    assert reply.json()["detail"][0]["loc"][0] == "body"
+
+
+def test_surrogate_pairs_are_fine(client):
+    raw = b'{"name": "smile \\ud83d\\ude00"}'
+    assert client.post("/events/emit/agent", content=raw, headers={"content-type": "application/json"}).json()
+    assert events_of(client)["events"][0]["event_name"] == "smile \U0001F600"
+
+
+def test_attributes_any_json_inside_and_depth_limit(client):
+    attrs = {"list": [1, 2.5, None, True, "x"], "nested": {"a": {"b": {"c": []}}}, "unicode": "häagen ☃"}
+    emit(client, name="x", attributes=attrs)
+    assert events_of(client)["events"][0]["attributes"] == attrs
+    deep: dict = {}
+    node = deep
+    for _ in range(31):  # attributes itself is level 1: 32 levels in all are allowed
+        node["d"] = {}
+        node = node["d"]
+    emit(client, name="ok", attributes=deep)
+    node["d"] = {}
+    assert_invalid(client.post("/events/emit/agent", json={"name": "deep", "attributes": deep}),
+                   "body", "attributes")
+    very_deep = b'{"name": "x", "attributes": ' + b"[" * 100000 + b"]" * 100000 + b"}"
+    reply = client.post("/events/emit/agent", content=very_deep, headers={"content-type": "application/json"})
+    assert reply.status_code in (413, 422)
+
+
+def test_wrong_content_type_is_415(client):
+    reply = client.post("/events/emit/agent", content=b'{"name": "x"}', headers={"content-type": "text/plain"})
+    assert reply.status_code == 415 and "application/json" in reply.json()["detail"]
+    reply = client.post("/events/emit/agent", content=b'{"name": "x"}',
+                        headers={"content-type": "application/vnd.api+json; charset=utf-8"})
+    assert reply.status_code == 200
+
+
+def test_body_limit_is_413(tmp_path):
+    with ThreadServer(tmp_path, max_body=2048) as server:
+        big = {"name": "x", "attributes": {"blob": "y" * 3000}}
+        reply = server.client.post("/events/emit/agent", json=big)
+        assert reply.status_code == 413 and "2048" in reply.json()["detail"]
+
+        def chunks():  # no content-length: the limit holds while reading
+            for _ in range(100):
+                yield b" " * 1000
+
+        reply = server.client.post("/events/emit/agent", content=chunks(),
+                                   headers={"content-type": "application/json"})
+        assert reply.status_code == 413
+        assert server.client.post("/events/emit/agent", json={"name": "small"}).status_code == 200
+
+
+# -- reading ---------------------------------------------------------------------------------
+
+@pytest.fixture
+def log(client):
+    """A small history: two workflows, agents (one a child of another), a session."""
+    emit(client, "workflow", name="workflow.started", aggregate_id="w1", attributes={"user_prompt": "p"},
+         timestamp="2026-01-01T00:00:00Z")
+    emit(client, name="agent.started", aggregate_id="a1", correlation_id="w1", timestamp="2026-01-01T00:00:01Z",
+         attributes={"agent_name": "planner"})
+    emit(client, name="agent.started", aggregate_id="a2", correlation_id="w1", causation_id="a1",
+         timestamp="2026-01-01T00:00:02Z", attributes={"agent_name": "coder"})
+    emit(client, name="agent.started", aggregate_id="b1", correlation_id="w2", timestamp="2026-01-01T00:00:03Z")
+    emit(client, name="agent.completed", aggregate_id="a2", timestamp="2026-01-01T00:00:04Z")
+    emit(client, "system", name="session.started", aggregate_id="s1", correlation_id="w1",
+         timestamp="2026-01-01T00:00:05Z")
+    emit(client, name="agent.completed", aggregate_id="a1", correlation_id="w1",
+         timestamp="2026-01-01T00:00:06Z")
+    emit(client, "workflow", name="workflow.completed", aggregate_id="w1", timestamp="2026-01-01T00:00:07Z")
+    return client
+
+
+def positions(page: dict) -> list:
+    return [item["position"] for item in page["events"]]
+
+
+def test_list_default_newest_first_with_total(log):
+    page = events_of(log)
+    assert positions(page) == [8, 7, 6, 5, 4, 3, 2, 1]
+    assert (page["total"], page["limit"], page["offset"], page["next"]) == (8, 100, 0, None)
+
+
+def test_list_paging_and_order(log):
+    page = events_of(log, limit=3, offset=2)
+    assert positions(page) == [6, 5, 4] and page["total"] == 8 and page["next"] == 4
+    assert positions(events_of(log, order="asc", limit=3)) == [1, 2, 3]
+    assert positions(events_of(log, order="asc", after=6)) == [7, 8]
+    assert positions(events_of(log, before=3)) == [2, 1]
+    assert events_of(log, offset=100)["events"] == []
+
+
+def test_cursor_walks_every_page(log):
+    seen, cursor = [], None
+    while True:
+        params = {"limit": 3, "order": "asc", **({"after": cursor} if cursor else {})}
+        page = events_of(log, **params)
+        seen += positions(page)
+        cursor = page["next"]
+        if cursor is None:
+            break
+    assert seen == list(range(1, 9))
+
+
+@pytest.mark.parametrize("params, expected", [
+    ({"event_type": "AgentEvent"}, [7, 5, 4, 3, 2]),
+    ({"aggregate_type": "workflow_aggregate"}, [8, 1]),
+    ({"aggregate_id": "a2"}, [5, 3]),
+    ({"correlation_id": "w1"}, [7, 6, 3, 2]),
+    ({"event_name": "agent.completed"}, [7, 5]),
+    ({"event_type": "AgentEvent", "correlation_id": "w1"}, [7, 3, 2]),
+    ({"since": "2026-01-01T00:00:05Z"}, [8, 7]),
+    ({"since": "2026-01-01T02:00:05+02:00"}, [8, 7]),  # an instant, not a string comparison
+    ({"until": "2026-01-01T00:00:01Z"}, [2, 1]),
+    ({"since": "2026-01-01T00:00:01Z", "until": "2026-01-01T00:00:03Z"}, [4, 3]),
+    ({"event_type": "NoSuchEvent"}, []),
+])
+def test_list_filters(log, params, expected):
+    page = events_of(log, **params)
+    assert positions(page) == expected and page["total"] == len(expected)
+
+
+@pytest.mark.parametrize("params, name", [
+    ({"limit": 0}, "limit"), ({"limit": 1001}, "limit"), ({"limit": "abc"}, "limit"),
+    ({"offset": -1}, "offset"), ({"order": "sideways"}, "order"), ({"since": "soon"}, "since"),
+    ({"until": "2026-02-30"}, "until"), ({"after": "x"}, "after"), ({"before": -2}, "before"),
+    ({"event_type": ""}, "event_type"), ({"bogus": 1}, "bogus"), ({"limit": "9" * 30}, "limit"),
+])
+def test_list_bad_parameters(log, params, name):
+    for path in ("/events/", "/events/agents/a1", "/events/workflows/w1"):
+        assert_invalid(log.get(path, params=params), "query", name)
+
+
+def test_repeated_parameter_is_422(log):
+    assert_invalid(log.get("/events/?limit=1&limit=2"), "query", "limit")
+
+
+def test_agent_events_are_that_agents_only(log):
+    page = events_of(log, "/events/agents/a2")
+    assert positions(page) == [5, 3] and page["total"] == 2
+    assert {item["agent_id"] for item in page["events"]} == {"a2"}
+    assert positions(events_of(log, "/events/agents/a1", order="asc", limit=1)) == [2]
+    assert events_of(log, "/events/agents/w1")["events"] == []  # a workflow id is not an agent
+
+
+def test_agent_with_same_id_as_workflow_has_own_history(client):
+    emit(client, "workflow", name="workflow.started", aggregate_id="same")
+    emit(client, "agent", name="agent.started", aggregate_id="same")
+    page = events_of(client, "/events/agents/same")
+    assert positions(page) == [2] and page["events"][0]["aggregate_version"] == 1
+
+
+def test_workflow_timeline(log):
+    page = events_of(log, "/events/workflows/w1", order="asc")
+    assert positions(page) == [1, 2, 3, 6, 7, 8] and page["total"] == 6
+    page = events_of(log, "/events/workflows/w1", aggregate_type="agent_aggregate")
+    assert positions(page) == [7, 3, 2]
+    assert positions(events_of(log, "/events/workflows/w1", event_name="workflow.completed")) == [8]
+
+
+def test_workflow_agents(log):
+    agents = log.get("/events/workflows/w1/agents").json()["agents"]
+    assert agents == [
+        {"agent_id": "a1", "agent_name": "planner", "workflow_id": "w1", "parent_agent_id": None,
+         "first_event_time": "2026-01-01T00:00:01.000000+00:00",
+         "last_event_time": "2026-01-01T00:00:06.000000+00:00", "event_count": 2, "status": "agent.completed"},
+        {"agent_id": "a2", "agent_name": "coder", "workflow_id": "w1", "parent_agent_id": "a1",
+         "first_event_time": "2026-01-01T00:00:02.000000+00:00",
+         "last_event_time": "2026-01-01T00:00:04.000000+00:00", "event_count": 2, "status": "agent.completed"},
+    ]
+    assert [a["agent_id"] for a in log.get("/events/workflows/w2/agents").json()["agents"]] == ["b1"]
+
+
+def test_unknown_ids_are_empty_not_errors(log):
+    for path in ("/events/agents/nobody", "/events/workflows/nothing"):
+        page = events_of(log, path)
+        assert page["events"] == [] and page["total"] == 0
+    assert log.get("/events/workflows/nothing/agents").json() == {"agents": []}
+    assert_invalid(log.get("/events/workflows/w1/agents?limit=5"), "query", "limit")
+
+
+def test_path_id_length_limit(client):
+    assert_invalid(client.get("/events/agents/" + "a" * 300), "path", "agent_id")
+
+
+def test_store_schema(srv, log):
+    conn = sqlite3.connect(srv.config.database_path)
+    assert conn.execute("PRAGMA user_version").fetchone()[0] == eas.SCHEMA_VERSION
+    assert conn.execute("PRAGMA journal_mode").fetchone()[0] == "wal"
+    for sql, args in [("SELECT * FROM events WHERE event_type = ? ORDER BY position DESC LIMIT 5", ("x",)),
+                      ("SELECT * FROM events WHERE correlation_id = ? ORDER BY position DESC LIMIT 5", ("x",)),
+                      ("SELECT * FROM events WHERE event_name = ? ORDER BY position DESC LIMIT 5", ("x",)),
+                      ("SELECT * FROM events WHERE aggregate_id = ? ORDER BY position DESC LIMIT 5", ("x",)),
+                      ("SELECT count(*) FROM events WHERE timestamp > ?", ("x",))]:
+        plan = " ".join(row[-1] for row in conn.execute("EXPLAIN QUERY PLAN " + sql, args))
+        assert "USING" in plan and "TEMP B-TREE" not in plan, plan
+    conn.close()
+
+
+def test_data_dir_created_private(tmp_path):
+    data = tmp_path / "nested" / "data"
+    with ThreadServer(data) as server:
+        emit(server.client, name="x")
+    assert oct(data.stat().st_mode & 0o777) == "0o700"
+    assert oct((data / "events.db").stat().st_mode & 0o777) == "0o600"
+
+
+def test_newer_schema_is_refused(tmp_path):
+    data = tmp_path / "d"
+    data.mkdir()
+    conn = sqlite3.connect(data / "events.db")
+    conn.execute("PRAGMA user_version = 99")
+    conn.close()
+    proc = subprocess.run([sys.executable, SERVER, "--data-dir", str(data), "--port", str(free_port())],
+                          capture_output=True, text=True, timeout=30)
+    assert proc.returncode == 1 and "schema version 99" in proc.stderr and "Traceback" not in proc.stderr
