@@ -940,6 +940,7 @@ def database_stats(conn: sqlite3.Connection) -> int:
 # slow reader neither blocks anyone nor loses events.
 
 POLL = 0.05  # seconds between checks for commits made by other processes
+CLOSE_GRACE = 0.3  # seconds a stream stuck on a slow client gets to finish when the server stops
 BUFFER = 1024  # messages a subscriber may have waiting before it catches up from the store
 FILTER_INDEX = {"event_type": 1, "aggregate_type": 2, "aggregate_id": 3, "correlation_id": 4, "event_name": 5}
 
@@ -951,7 +952,7 @@ def sse_message(row: tuple) -> tuple:
 
 
 class Subscriber:
-    __slots__ = ("filters", "buffer", "wake", "behind", "closed")
+    __slots__ = ("filters", "buffer", "wake", "behind", "closed", "pump")
 
     def __init__(self, filters: dict) -> None:
         self.filters = [(FILTER_INDEX[k], v) for k, v in filters.items() if v is not None]
@@ -959,6 +960,7 @@ class Subscriber:
         self.wake = asyncio.Event()
         self.behind = False
         self.closed = False
+        self.pump: asyncio.Future | None = None  # the task that sends to the client
 
 
 class Hub:
@@ -967,6 +969,7 @@ class Hub:
     def __init__(self, store: Store) -> None:
         self.store = store
         self.subscribers: set = set()
+        self.overflows = 0  # times a subscriber fell behind and was caught up from the store
         self._signal = threading.Event()
         self._stopping = False
         self._thread: threading.Thread | None = None
@@ -984,9 +987,13 @@ class Hub:
         self._signal.set()
 
     def close_all(self) -> None:
+        """End every stream: at once where it waits for events, and after CLOSE_GRACE
+        where it is stuck sending to a client that does not read."""
         for sub in self.subscribers:
             sub.closed = True
             sub.wake.set()
+            if sub.pump is not None:
+                asyncio.get_running_loop().call_later(CLOSE_GRACE, sub.pump.cancel)
 
     def subscribe(self, filters: dict) -> Subscriber:
         sub = Subscriber(filters)
@@ -1040,6 +1047,7 @@ class Hub:
             if len(buffer) > BUFFER:
                 sub.behind = True
                 buffer.clear()
+                self.overflows += 1
             if buffer or sub.behind:
                 sub.wake.set()
 
@@ -1280,6 +1288,18 @@ class SSEResponse(Response):
             sub.wake.set()
 
         watcher = asyncio.ensure_future(watch_disconnect())
+        sub.pump = asyncio.ensure_future(self._pump(send))
+        try:
+            # asyncio.wait, not await: a pump cancelled by Hub.close_all ends the response quietly
+            await asyncio.wait([sub.pump])
+            if not sub.pump.cancelled():
+                sub.pump.result()
+        finally:
+            watcher.cancel()
+            sub.pump.cancel()
+            self.hub.unsubscribe(sub)
+
+    async def _pump(self, send: Callable) -> None:
         try:
             await send({"type": "http.response.start", "status": 200, "headers": self.raw_headers})
             await send({"type": "http.response.body", "body": b"retry: 3000\n: connected\n\n", "more_body": True})
@@ -1291,9 +1311,6 @@ class SSEResponse(Response):
         except Exception as exc:
             if type(exc).__name__ != "ClientDisconnected":  # uvicorn's, raised by send() after a disconnect
                 raise
-        finally:
-            watcher.cancel()
-            self.hub.unsubscribe(sub)
 
     async def _messages(self) -> AsyncIterator[bytes]:
         sub, last, filters = self.sub, self.start, self.filters

@@ -62,6 +62,9 @@ class ThreadServer:
 
     def __exit__(self, *exc) -> None:
         self.client.close()
+        hub = getattr(self.app.state, "hub", None)
+        if hub is not None:  # no signal reaches a server in a thread: end its streams as SIGINT would
+            hub._loop.call_soon_threadsafe(hub.close_all)
         self.server.should_exit = True
         self.thread.join(10)
 
@@ -748,3 +751,500 @@ def test_newer_schema_is_refused(tmp_path):
     proc = subprocess.run([sys.executable, SERVER, "--data-dir", str(data), "--port", str(free_port())],
                           capture_output=True, text=True, timeout=30)
     assert proc.returncode == 1 and "schema version 99" in proc.stderr and "Traceback" not in proc.stderr
+
+
+# -- write path: versions, concurrency, idempotency, batches -----------------------------------------
+
+def post_many(url: str, bodies: list, kind: str = "agent", workers: int = 16) -> list:
+    """POST every body concurrently; the (status, json) replies in order."""
+    local = threading.local()
+
+    def post(body):
+        if not hasattr(local, "client"):
+            local.client = httpx.Client(base_url=url, timeout=60)
+        reply = local.client.post(f"/events/emit/{kind}", json=body)
+        return reply.status_code, reply.json()
+
+    with ThreadPoolExecutor(workers) as pool:
+        return list(pool.map(post, bodies))
+
+
+def test_expected_version(client):
+    assert emit(client, name="a", aggregate_id="x", expected_version=0)["aggregate_version"] == 1
+    reply = client.post("/events/emit/agent", json={"name": "b", "aggregate_id": "x", "expected_version": 0})
+    assert reply.status_code == 409
+    assert reply.json()["current_version"] == 1 and "expected 0" in reply.json()["detail"]
+    assert emit(client, name="b", aggregate_id="x", expected_version=1)["aggregate_version"] == 2
+    assert client.post("/events/emit/agent", json={"name": "c", "aggregate_id": "x",
+                                                   "expected_version": 5}).status_code == 409
+    assert events_of(client)["total"] == 2
+
+
+def test_racing_writers_exactly_one_wins(srv):
+    replies = post_many(srv.url, [{"name": f"claim{i}", "aggregate_id": "race", "expected_version": 0}
+                                  for i in range(40)])
+    statuses = sorted(status for status, _ in replies)
+    assert statuses == [200] + [409] * 39
+    assert all(body["current_version"] == 1 for status, body in replies if status == 409)
+    assert events_of(srv.client)["total"] == 1
+
+
+def test_concurrent_emits_to_one_aggregate_number_without_gaps(srv):
+    replies = post_many(srv.url, [{"name": f"step{i}", "aggregate_id": "busy"} for i in range(200)], workers=32)
+    assert all(status == 200 for status, _ in replies)
+    assert sorted(body["aggregate_version"] for _, body in replies) == list(range(1, 201))
+    assert sorted(body["position"] for _, body in replies) == list(range(1, 201))
+    page = events_of(srv.client, "/events/agents/busy", order="asc", limit=1000)
+    assert [item["aggregate_version"] for item in page["events"]] == list(range(1, 201))
+
+
+def test_idempotent_retry_returns_the_original_reply(client):
+    event_id = str(uuid.uuid4())
+    body = {"name": "agent.started", "event_id": event_id, "aggregate_id": "a", "attributes": {"k": 1}}
+    first = emit(client, **body)
+    assert first["event_id"] == event_id
+    emit(client, name="other", aggregate_id="a")
+    again = emit(client, **body)
+    assert again == first
+    assert events_of(client)["total"] == 2
+    clash = client.post("/events/emit/agent", json={**body, "attributes": {"k": 2}})
+    assert clash.status_code == 409 and event_id in clash.json()["detail"]
+    # the same id in upper case is the same UUID
+    assert emit(client, **{**body, "event_id": event_id.upper()}) == first
+
+
+def test_idempotent_retry_without_aggregate_id_keeps_generated_one(client):
+    body = {"name": "workflow.started", "event_id": str(uuid.uuid4())}
+    first = emit(client, "workflow", **body)
+    assert emit(client, "workflow", **body) == first
+    other_kind = client.post("/events/emit/agent", json=body)
+    assert other_kind.status_code == 409
+
+
+def test_retries_racing_the_original_store_one_event(srv):
+    body = {"name": "agent.started", "event_id": str(uuid.uuid4()), "aggregate_id": "r"}
+    replies = post_many(srv.url, [body] * 30)
+    assert {status for status, _ in replies} == {200}
+    assert len({json.dumps(reply, sort_keys=True) for _, reply in replies}) == 1
+    assert events_of(srv.client)["total"] == 1
+
+
+def test_batch_appends_all_in_order(client):
+    reply = client.post("/events/emit/batch", json={"events": [
+        {"kind": "workflow", "name": "workflow.started", "aggregate_id": "w"},
+        {"kind": "agent", "name": "agent.started", "aggregate_id": "a", "correlation_id": "w",
+         "expected_version": 0},
+        {"kind": "agent", "name": "agent.completed", "aggregate_id": "a", "expected_version": 1},
+        {"kind": "system", "name": "session.ended"},
+    ]})
+    assert reply.status_code == 200, reply.text
+    body = reply.json()
+    assert body["success"] is True
+    assert [(r["position"], r["aggregate_version"]) for r in body["events"]] == [(1, 1), (2, 1), (3, 2), (4, 1)]
+    assert body["events"][1]["message"] == "Agent event 'agent.started' emitted successfully"
+    assert body["events"][3]["aggregate_id"] == "system"
+    assert [i["event_name"] for i in events_of(client, order="asc")["events"]] == [
+        "workflow.started", "agent.started", "agent.completed", "session.ended"]
+
+
+def test_batch_invalid_item_stores_nothing(client):
+    reply = client.post("/events/emit/batch", json={"events": [
+        {"kind": "agent", "name": "ok"}, {"kind": "agent", "name": ""}, {"kind": "robot", "name": "x"},
+        {"name": "no kind"}, "not an object"]})
+    assert reply.status_code == 422
+    locs = [tuple(item["loc"]) for item in reply.json()["detail"]]
+    assert ("body", "events", 1, "name") in locs and ("body", "events", 2, "kind") in locs
+    assert ("body", "events", 3, "kind") in locs and ("body", "events", 4) in locs
+    assert events_of(client)["total"] == 0
+
+
+def test_batch_conflict_stores_nothing(client):
+    emit(client, name="a", aggregate_id="x")
+    reply = client.post("/events/emit/batch", json={"events": [
+        {"kind": "agent", "name": "fine", "aggregate_id": "y"},
+        {"kind": "agent", "name": "stale", "aggregate_id": "x", "expected_version": 0}]})
+    assert reply.status_code == 409 and reply.json()["current_version"] == 1
+    assert events_of(client)["total"] == 1
+    reply = client.post("/events/emit/batch", json={"events": [
+        {"kind": "agent", "name": "one", "aggregate_id": "z", "expected_version": 0},
+        {"kind": "agent", "name": "two", "aggregate_id": "z", "expected_version": 0}]})
+    assert reply.status_code == 409 and reply.json()["current_version"] == 1  # checked at that point
+    assert events_of(client)["total"] == 1
+
+
+@pytest.mark.parametrize("body, loc", [
+    ({}, ("body", "events")), ({"events": []}, ("body", "events")), ({"events": {}}, ("body", "events")),
+    ({"events": [{"kind": "agent", "name": "x"}], "more": 1}, ("body", "more")), ([], ("body",)),
+])
+def test_batch_shape_errors(client, body, loc):
+    assert_invalid(client.post("/events/emit/batch", json=body), *loc)
+
+
+def test_batch_size_limit(tmp_path):
+    with ThreadServer(tmp_path, max_batch=3) as server:
+        events = [{"kind": "system", "name": f"e{i}"} for i in range(4)]
+        assert_invalid(server.client.post("/events/emit/batch", json={"events": events}), "body", "events")
+        assert server.client.post("/events/emit/batch", json={"events": events[:3]}).status_code == 200
+
+
+def test_batch_idempotent_items(client):
+    event = {"kind": "agent", "name": "a", "event_id": str(uuid.uuid4())}
+    first = client.post("/events/emit/batch", json={"events": [event]}).json()["events"][0]
+    both = client.post("/events/emit/batch", json={"events": [event, {"kind": "agent", "name": "b"}]}).json()
+    assert both["events"][0] == first and both["events"][1]["position"] == 2
+    dup = client.post("/events/emit/batch", json={"events": [{**event, "event_id": str(uuid.uuid4())}] * 2})
+    assert dup.status_code == 200 and dup.json()["events"][0] == dup.json()["events"][1]
+    assert events_of(client)["total"] == 3
+
+
+def test_failing_append_fails_only_its_own_request(srv):
+    """Hold the write lock so requests pile up into one group, with a conflict among them."""
+    emit(srv.client, name="seed", aggregate_id="x")
+    blocker = sqlite3.connect(srv.config.database_path, isolation_level=None)
+    blocker.execute("BEGIN IMMEDIATE")
+    with ThreadPoolExecutor(8) as pool:
+        first = pool.submit(post_many, srv.url, [{"name": "warm", "aggregate_id": "w"}])
+        time.sleep(0.3)  # the writer now waits for the lock with a group of one
+        bodies = [{"name": f"ok{i}", "aggregate_id": f"o{i}"} for i in range(5)]
+        bodies.insert(2, {"name": "stale", "aggregate_id": "x", "expected_version": 0})
+        rest = pool.submit(post_many, srv.url, bodies, "agent", 6)
+        time.sleep(0.3)  # these queue up behind it and form the next group
+        blocker.execute("ROLLBACK")
+        blocker.close()
+        assert first.result()[0][0] == 200
+        replies = rest.result()
+    assert [status for status, _ in replies] == [200, 200, 409, 200, 200, 200]
+    assert sorted(body["position"] for status, body in replies if status == 200) == [3, 4, 5, 6, 7]
+    assert events_of(srv.client)["total"] == 7
+
+
+def test_durability_setting_sets_synchronous(tmp_path):
+    for mode, expected in (("full", 2), ("normal", 1)):
+        conn = eas.connect(str(tmp_path / f"{mode}.db"), 1, mode)
+        assert conn.execute("PRAGMA synchronous").fetchone()[0] == expected
+        conn.close()
+    with ThreadServer(tmp_path / "n", durability="normal") as server:
+        assert emit(server.client, name="x")["position"] == 1
+
+
+def test_two_processes_share_one_log(tmp_path):
+    data = tmp_path / "shared"
+    (p1, url1), (p2, url2) = start_process(data), start_process(data)
+    try:
+        bodies = [{"name": f"e{i}", "aggregate_id": "shared"} for i in range(60)]
+        with ThreadPoolExecutor(2) as pool:
+            a = pool.submit(post_many, url1, bodies[:30], "agent", 4)
+            b = pool.submit(post_many, url2, bodies[30:], "agent", 4)
+            replies = a.result() + b.result()
+        assert {status for status, _ in replies} == {200}
+        assert sorted(r["aggregate_version"] for _, r in replies) == list(range(1, 61))
+        assert sorted(r["position"] for _, r in replies) == list(range(1, 61))
+        # idempotency and optimistic concurrency hold across processes too
+        retry = {"name": "once", "event_id": str(uuid.uuid4()), "aggregate_id": "solo"}
+        assert emit(httpx.Client(base_url=url1), **retry) == emit(httpx.Client(base_url=url2), **retry)
+        stale = httpx.post(url2 + "/events/emit/agent", json={"name": "x", "aggregate_id": "shared",
+                                                              "expected_version": 59})
+        assert stale.status_code == 409 and stale.json()["current_version"] == 60
+        assert httpx.get(url1 + "/events/").json()["total"] == 61
+    finally:
+        stop_process(p1)
+        stop_process(p2)
+
+
+def test_kill_9_under_concurrent_writers_loses_no_acknowledged_event(tmp_path):
+    data = tmp_path / "crash"
+    proc, url = start_process(data)
+    acked: list = []
+    stop = threading.Event()
+
+    def writer(n: int) -> None:
+        with httpx.Client(base_url=url, timeout=10) as c:
+            i = 0
+            while not stop.is_set():
+                try:
+                    reply = c.post("/events/emit/agent", json={"name": f"w{n}.{i}", "aggregate_id": f"agg{n % 3}"})
+                except httpx.HTTPError:
+                    return
+                if reply.status_code == 200:
+                    acked.append(reply.json()["event_id"])
+                i += 1
+
+    threads = [threading.Thread(target=writer, args=(n,)) for n in range(8)]
+    for t in threads:
+        t.start()
+    time.sleep(1.5)
+    proc.kill()
+    proc.wait()
+    stop.set()
+    for t in threads:
+        t.join()
+    assert len(acked) > 50
+    conn = sqlite3.connect(data / "events.db")
+    assert conn.execute("PRAGMA integrity_check").fetchone()[0] == "ok"
+    stored = {row[0] for row in conn.execute("SELECT event_id FROM events")}
+    assert set(acked) <= stored
+    positions_ = [row[0] for row in conn.execute("SELECT position FROM events ORDER BY position")]
+    assert positions_ == list(range(1, len(positions_) + 1))
+    for (agg,) in conn.execute("SELECT DISTINCT aggregate_id FROM events"):
+        versions = [r[0] for r in conn.execute("SELECT aggregate_version FROM events WHERE aggregate_id = ? "
+                                               "ORDER BY position", (agg,))]
+        assert versions == list(range(1, len(versions) + 1))
+    conn.close()
+    proc, url = start_process(data)  # and the server starts again on it
+    try:
+        assert httpx.get(url + "/events/").json()["total"] == len(positions_)
+    finally:
+        stop_process(proc)
+
+
+# -- live streaming -------------------------------------------------------------------------------
+
+def open_stream(url: str, query: str = "", **headers) -> SSE:
+    stream = SSE(url, "/events/stream" + query, headers)
+    first = stream.message()  # "retry: 3000" and a comment come at once: the subscription is live
+    assert first.get("retry") == "3000" and "" in first
+    return stream
+
+
+def test_stream_wire_format(srv):
+    stream = open_stream(srv.url)
+    try:
+        assert stream.status == 200
+        assert stream.headers["content-type"].startswith("text/event-stream")
+        assert stream.headers["cache-control"] == "no-cache" and stream.headers["x-accel-buffering"] == "no"
+        reply = emit(srv.client, **AGENT)
+        message = stream.event()
+        assert list(message) == ["id", "event", "data"]  # event: always before data:
+        assert message["id"] == str(reply["position"]) and message["event"] == "event"
+        assert json.loads(message["data"]) == events_of(srv.client)["events"][0]
+    finally:
+        stream.close()
+
+
+def test_stream_heartbeat(tmp_path):
+    with ThreadServer(tmp_path, sse_ping=0.2) as server:
+        stream = open_stream(server.url)
+        started = time.time()
+        assert stream.message() == {"": "ping"}
+        assert time.time() - started < 2
+        stream.close()
+
+
+@pytest.mark.parametrize("query, expected", [
+    ("?event_type=WorkflowEvent", ["workflow.started"]),
+    ("?aggregate_type=agent_aggregate", ["agent.started", "agent.completed"]),
+    ("?aggregate_id=a1", ["agent.started"]),
+    ("?correlation_id=w1", ["agent.started", "session.started"]),
+    ("?event_name=agent.completed", ["agent.completed"]),
+    ("?event_type=AgentEvent&correlation_id=w1", ["agent.started"]),
+])
+def test_stream_filters(srv, query, expected):
+    stream = open_stream(srv.url, query)
+    try:
+        emit(srv.client, "workflow", name="workflow.started", aggregate_id="w1")
+        emit(srv.client, name="agent.started", aggregate_id="a1", correlation_id="w1")
+        emit(srv.client, "system", name="session.started", correlation_id="w1")
+        emit(srv.client, name="agent.completed", aggregate_id="a2")
+        emit(srv.client, "system", name="end")  # a marker every filter below lets through
+        names = []
+        marker = open_stream(srv.url)
+        emit(srv.client, "system", name="marker")
+        marker.events(1)
+        marker.close()
+        stream.sock.settimeout(0.5)
+        with contextlib.suppress(socket.timeout, EOFError):
+            while True:
+                names.append(json.loads(stream.event()["data"])["event_name"])
+        assert names == expected
+    finally:
+        stream.close()
+
+
+def test_stream_bad_parameters(client):
+    assert_invalid(client.get("/events/stream?limit=5"), "query", "limit")
+    assert_invalid(client.get("/events/stream?after=x"), "query", "after")
+    assert_invalid(client.get("/events/stream", headers={"Last-Event-ID": "abc"}), "header", "last-event-id")
+
+
+def read_positions(stream: SSE, until: int) -> list:
+    seen = []
+    while not seen or seen[-1] < until:
+        seen.append(int(stream.event()["id"]))
+    return seen
+
+
+@pytest.mark.parametrize("how", ["header", "query"])
+def test_resume_with_concurrent_writers_has_no_gap_or_duplicate(srv, how):
+    for i in range(50):
+        emit(srv.client, name=f"before{i}")
+    done = threading.Event()
+
+    def write():
+        post_many(srv.url, [{"name": f"during{i}"} for i in range(250)], workers=4)
+        done.set()
+
+    writer = threading.Thread(target=write)
+    writer.start()
+    time.sleep(0.05)
+    stream = open_stream(srv.url, "?after=20") if how == "query" else open_stream(srv.url, **{"Last-Event-ID": "20"})
+    try:
+        writer.join()
+        assert read_positions(stream, 300) == list(range(21, 301))
+    finally:
+        stream.close()
+
+
+def test_stream_resume_respects_filters(srv):
+    for i in range(10):
+        emit(srv.client, "agent" if i % 2 else "workflow", name=f"e{i}")
+    stream = open_stream(srv.url, "?after=3&event_type=AgentEvent")
+    try:
+        emit(srv.client, name="live")
+        assert [int(m["id"]) for m in stream.events(4)] == [4, 6, 8, 10]
+        assert json.loads(stream.event()["data"])["event_name"] == "live"
+    finally:
+        stream.close()
+
+
+def test_batch_reaches_subscribers_in_order(srv):
+    stream = open_stream(srv.url)
+    try:
+        srv.client.post("/events/emit/batch", json={"events": [{"kind": "system", "name": f"b{i}"}
+                                                               for i in range(20)]})
+        assert [json.loads(m["data"])["event_name"] for m in stream.events(20)] == [f"b{i}" for i in range(20)]
+    finally:
+        stream.close()
+
+
+def test_stream_sees_commits_of_other_processes(tmp_path):
+    data = tmp_path / "multi"
+    (p1, url1), (p2, url2) = start_process(data), start_process(data)
+    try:
+        stream = open_stream(url1)
+        for i in range(5):
+            emit(httpx.Client(base_url=url2), name=f"from-other-{i}")
+        emit(httpx.Client(base_url=url1), name="from-self")
+        names = [json.loads(m["data"])["event_name"] for m in stream.events(6)]
+        assert names == [f"from-other-{i}" for i in range(5)] + ["from-self"]
+        stream.close()
+    finally:
+        stop_process(p1)
+        stop_process(p2)
+
+
+def test_slow_consumer_blocks_nobody_and_loses_nothing(srv):
+    slow = SSE(srv.url, "/events/stream")
+    fast = open_stream(srv.url)
+    try:
+        blob = "x" * 8000
+        total = 0
+        started = time.time()
+        for _ in range(50):  # ~40 MB: far more than the socket buffers and the subscriber's buffer hold
+            reply = srv.client.post("/events/emit/batch", json={"events": [
+                {"kind": "system", "name": "big", "attributes": {"blob": blob}} for _ in range(100)]})
+            assert reply.status_code == 200
+            total += 100
+        assert time.time() - started < 60  # writers were not held up by the reader that reads nothing
+        assert srv.app.state.hub.overflows >= 1  # the slow one fell behind and is caught up from the store
+        assert read_positions(fast, total) == list(range(1, total + 1))
+        slow.message()
+        assert read_positions(slow, total) == list(range(1, total + 1))
+    finally:
+        slow.close()
+        fast.close()
+
+
+def test_max_streams(tmp_path):
+    with ThreadServer(tmp_path, max_streams=2) as server:
+        streams = [open_stream(server.url), open_stream(server.url)]
+        reply = server.client.get("/events/stream")
+        assert reply.status_code == 503 and "too many open streams" in reply.json()["detail"]
+        streams[0].close()
+        deadline = time.time() + 5
+        while server.client.get("/health/database").json()["streams"] > 1:
+            assert time.time() < deadline
+            time.sleep(0.02)
+        third = open_stream(server.url)
+        third.close()
+        streams[1].close()
+
+
+def test_disconnects_free_everything(srv):
+    loop_tasks = lambda: len(asyncio.all_tasks(srv.server_loop)) if hasattr(srv, "server_loop") else 0
+    import resource
+    rss_before = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss
+    cycles = int(os.environ.get("DISCONNECT_CYCLES", "10000"))
+    host, port = "127.0.0.1", srv.port
+    request = f"GET /events/stream HTTP/1.1\r\nHost: {host}\r\n\r\n".encode()
+    for _ in range(cycles):
+        with socket.create_connection((host, port)) as sock:
+            sock.sendall(request)
+            data = b""
+            while b"connected" not in data:
+                data += sock.recv(4096)
+    deadline = time.time() + 10
+    while srv.client.get("/health/database").json()["streams"]:
+        assert time.time() < deadline, "subscribers left behind"
+        time.sleep(0.05)
+    hub = srv.app.state.hub
+    assert not hub.subscribers
+    rss_after = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss
+    assert rss_after - rss_before < 100 * 1024, (rss_before, rss_after)  # KiB: well under 100 MB
+    # the stream still works afterwards
+    stream = open_stream(srv.url)
+    emit(srv.client, name="after")
+    assert json.loads(stream.event()["data"])["event_name"] == "after"
+    stream.close()
+
+
+def test_sigint_with_open_streams_exits_promptly(tmp_path):
+    proc, url = start_process(tmp_path / "sig")
+    streams = [open_stream(url) for _ in range(5)]
+    stuck = SSE(url, "/events/stream")  # reads nothing: the server is blocked sending to it
+    with httpx.Client(base_url=url) as c:
+        for _ in range(20):
+            c.post("/events/emit/batch", json={"events": [{"kind": "system", "name": "big",
+                                                           "attributes": {"blob": "x" * 8000}}] * 100})
+    started = time.time()
+    proc.send_signal(signal.SIGINT)
+    proc.wait(10)
+    elapsed = time.time() - started
+    err = proc.stderr.read()
+    assert elapsed < 2, elapsed
+    assert proc.returncode == 0 and "Traceback" not in err
+    stuck.close()
+    for stream in streams:  # the clients see the stream end
+        with pytest.raises(EOFError):
+            while True:
+                stream.message()
+        stream.close()
+
+
+def test_sigterm_with_open_streams_exits_promptly(tmp_path):
+    proc, url = start_process(tmp_path / "term")
+    streams = [open_stream(url) for _ in range(3)]
+    started = time.time()
+    proc.send_signal(signal.SIGTERM)
+    proc.wait(10)
+    assert time.time() - started < 2 and "Traceback" not in proc.stderr.read()
+    for stream in streams:
+        stream.close()
+
+
+def test_reload_restarts_with_streams_open(tmp_path):
+    proc, url = start_process(tmp_path / "reload", "--reload")
+    try:
+        stream = open_stream(url)
+        time.sleep(1)  # let the reloader take its first look at the files
+        os.utime(SERVER)  # as if the code had been edited
+        started = time.time()
+        with pytest.raises(EOFError):
+            while True:
+                stream.message()
+        stream.close()
+        wait_healthy(url, proc, timeout=15)
+        assert time.time() - started < 10
+        assert emit(httpx.Client(base_url=url), name="after reload")["position"] == 1
+    finally:
+        err = stop_process(proc)
+    assert "Traceback" not in err
