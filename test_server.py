@@ -446,6 +446,17 @@ def test_emit_workflow_and_system_mapping(client):
     assert items[3]["aggregate_id"] == "system" and items[3]["session_id"] is None
 
 
+def test_server_event_ids_are_time_ordered_uuids():
+    ids = [eas.uuid7() for _ in range(2000)]
+    assert len(set(ids)) == 2000
+    for value in ids[:50]:
+        parsed = uuid.UUID(value)
+        assert parsed.version == 7 and parsed.variant == uuid.RFC_4122 and str(parsed) == value
+    time.sleep(0.002)
+    later = eas.uuid7()
+    assert all(value < later for value in ids)  # a later millisecond sorts after
+
+
 def test_emit_defaults_new_uuid_aggregates(client):
     first = emit(client, name="agent.started")
     second = emit(client, "workflow", name="workflow.started")

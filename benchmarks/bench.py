@@ -1,0 +1,400 @@
+"""Benchmarks of eventuali-api-server against the ceiling of its own HTTP stack.
+
+    python benchmarks/bench.py                 # everything, at full sizes
+    python benchmarks/bench.py --quick         # tiny sizes: a smoke run (used by the tests)
+    python benchmarks/bench.py --only emit,sse # a subset: emit, batch, reads, sse, size
+
+Each part starts the server from this checkout on a free port with a fresh data dir,
+prints a table, and writes every figure to --json (default benchmarks/results/latest.json).
+Load comes from `wrk` when it is installed (Debian: apt-get install wrk), else from a
+Python client, which is slower than the server and says so.
+"""
+
+from __future__ import annotations
+
+import argparse
+import asyncio
+import json
+import os
+import platform
+import shutil
+import socket
+import statistics
+import subprocess
+import sys
+import tempfile
+import time
+from concurrent.futures import ThreadPoolExecutor
+from contextlib import contextmanager
+from pathlib import Path
+from typing import Iterator
+
+import httpx
+
+HERE = Path(__file__).resolve().parent
+ROOT = HERE.parent
+SEED_AGENT = {"name": "agent.started", "attributes": {"agent_name": "url-cacher",
+              "message": "Agent started successfully"}, "aggregate_id": "url-cacher-abc123",
+              "correlation_id": "workflow-def456", "causation_id": "parent-agent-789"}
+UVICORN = [sys.executable, "-m", "uvicorn", "--no-access-log", "--log-level", "warning"]
+
+
+def free_port() -> int:
+    with socket.socket() as sock:
+        sock.bind(("127.0.0.1", 0))
+        return sock.getsockname()[1]
+
+
+@contextmanager
+def serve(app: str, cwd: Path, env: dict | None = None) -> Iterator[str]:
+    """`uvicorn app` on a free port; the same uvicorn settings for every app measured."""
+    port = free_port()
+    proc = subprocess.Popen([*UVICORN, "--port", str(port), app], cwd=cwd, env={**os.environ, **(env or {})},
+                            stdout=subprocess.DEVNULL, stderr=subprocess.PIPE)
+    url = f"http://127.0.0.1:{port}"
+    try:
+        deadline = time.time() + 20
+        while True:
+            try:
+                httpx.get(url + "/", timeout=1)
+                break
+            except httpx.HTTPError:
+                if proc.poll() is not None or time.time() > deadline:
+                    raise RuntimeError("server did not start: " + proc.stderr.read().decode())
+                time.sleep(0.05)
+        yield url
+    finally:
+        proc.terminate()
+        proc.wait(10)
+
+
+@contextmanager
+def events_server(env: dict | None = None) -> Iterator[str]:
+    with tempfile.TemporaryDirectory() as data:
+        with serve("eventuali_api_server:app", ROOT, {"DATA_DIR": data, **(env or {})}) as url:
+            yield url
+
+
+def percentile(values: list, q: float) -> float:
+    ordered = sorted(values)
+    return ordered[min(len(ordered) - 1, int(round(q / 100 * (len(ordered) - 1))))]
+
+
+# -- load generation ------------------------------------------------------------
+
+def wrk_post(url: str, body: dict, connections: int, seconds: float) -> float:
+    script = Path(tempfile.mkstemp(suffix=".lua")[1])
+    script.write_text('wrk.method = "POST"\nwrk.headers["Content-Type"] = "application/json"\n'
+                      f"wrk.body = {json.dumps(json.dumps(body))}\n")
+    try:
+        out = subprocess.run(["wrk", "-t1", f"-c{connections}", f"-d{seconds}s", "-s", str(script), url],
+                             capture_output=True, text=True, check=True).stdout
+    finally:
+        script.unlink()
+    errors = [line for line in out.splitlines() if "Non-2xx" in line or "Socket errors" in line]
+    if errors:
+        raise RuntimeError(f"wrk saw errors: {errors}")
+    return float(next(line for line in out.splitlines() if line.startswith("Requests/sec")).split()[1])
+
+
+async def _python_post(url: str, body: bytes, connections: int, seconds: float) -> float:
+    host, port = url.split("//")[1].split("/")[0].split(":")
+    path = "/" + url.split("//")[1].split("/", 1)[1]
+    request = (f"POST {path} HTTP/1.1\r\nHost: {host}\r\nContent-Type: application/json\r\n"
+               f"Content-Length: {len(body)}\r\n\r\n").encode() + body
+    done = 0
+    deadline = time.perf_counter() + seconds
+
+    async def worker() -> None:
+        nonlocal done
+        reader, writer = await asyncio.open_connection(host, int(port))
+        while time.perf_counter() < deadline:
+            writer.write(request)
+            head = await reader.readuntil(b"\r\n\r\n")
+            if not head.startswith(b"HTTP/1.1 200"):
+                raise RuntimeError(head.decode())
+            length = int(next(line.split(b":")[1] for line in head.split(b"\r\n")
+                              if line.lower().startswith(b"content-length")))
+            await reader.readexactly(length)
+            done += 1
+        writer.close()
+
+    started = time.perf_counter()
+    await asyncio.gather(*(worker() for _ in range(connections)))
+    return done / (time.perf_counter() - started)
+
+
+def post_rate(url: str, body: dict, connections: int, seconds: float) -> float:
+    if shutil.which("wrk"):
+        return wrk_post(url, body, connections, seconds)
+    return asyncio.run(_python_post(url, json.dumps(body).encode(), connections, seconds))
+
+
+# -- parts ------------------------------------------------------------------------------
+
+def bench_emit(args: argparse.Namespace, results: dict) -> None:
+    """POST /events/emit/agent vs the bare endpoint, in alternating runs: the ratio is the headline."""
+    rates: dict = {"bare": [], "server": []}
+    with serve("bare:app", HERE) as bare, events_server({"DURABILITY": args.durability}) as server:
+        targets = {"bare": bare, "server": server}
+        for name in targets:  # warm up both
+            post_rate(targets[name] + "/events/emit/agent", SEED_AGENT, args.connections, 1)
+        for _ in range(args.runs):
+            for name, url in targets.items():
+                rates[name].append(post_rate(url + "/events/emit/agent", SEED_AGENT, args.connections, args.seconds))
+    bare_rate, server_rate = statistics.median(rates["bare"]), statistics.median(rates["server"])
+    ratios = [s / b for s, b in zip(rates["server"], rates["bare"])]
+    results["emit"] = {"connections": args.connections, "seconds_per_run": args.seconds, "runs": args.runs,
+                       "durability": args.durability, "bare_rps": rates["bare"], "server_rps": rates["server"],
+                       "bare_median": bare_rate, "server_median": server_rate,
+                       "ratio_of_medians": server_rate / bare_rate, "ratio_per_run": ratios,
+                       "ratio_median": statistics.median(ratios)}
+    print(f"emit, {args.connections} connections, durability={args.durability}: "
+          f"server {server_rate:,.0f}/s, bare endpoint {bare_rate:,.0f}/s, "
+          f"ratio {server_rate / bare_rate:.2f} (per run: {', '.join(f'{r:.2f}' for r in ratios)})")
+
+
+def make_events(start: int, stop: int, workflows: int = 100) -> list:
+    """A mix of workflows, agents (with parents) and sessions, like agent hooks emit."""
+    events = []
+    for i in range(start, stop):
+        wf = f"wf-{i % workflows}"
+        kind = i % 10
+        if kind == 0:
+            events.append({"kind": "workflow", "name": "workflow.progress", "aggregate_id": wf,
+                           "attributes": {"user_prompt": "do it", "i": i}})
+        elif kind == 9:
+            events.append({"kind": "system", "name": "session.tick", "aggregate_id": f"session-{i % 7}",
+                           "correlation_id": wf})
+        else:
+            events.append({"kind": "agent", "name": "agent.step" if kind % 2 else "agent.started",
+                           "aggregate_id": f"agent-{i % (workflows * 5)}", "correlation_id": wf,
+                           "causation_id": f"agent-{i % 3}", "attributes": {"agent_name": f"worker-{kind}", "step": i}})
+    return events
+
+
+def load_events(url: str, count: int, batch: int = 1000, senders: int = 3) -> float:
+    """Append `count` events in batches from a few concurrent senders (so that the client's
+    own JSON encoding overlaps the server's work); returns events per second."""
+    bodies = [json.dumps({"events": make_events(i, min(count, i + batch))}).encode()
+              for i in range(0, count, batch)]
+
+    def send(chunk: list) -> None:
+        with httpx.Client(base_url=url, timeout=120, headers={"content-type": "application/json"}) as client:
+            for body in chunk:
+                client.post("/events/emit/batch", content=body).raise_for_status()
+
+    started = time.perf_counter()
+    with ThreadPoolExecutor(senders) as pool:
+        list(pool.map(send, [bodies[i::senders] for i in range(senders)]))
+    return count / (time.perf_counter() - started)
+
+
+def bench_batch(args: argparse.Namespace, results: dict) -> None:
+    with events_server({"DURABILITY": args.durability}) as url:
+        rate = load_events(url, args.batch_events)
+    results["batch"] = {"events": args.batch_events, "events_per_second": rate}
+    print(f"batch load: {rate:,.0f} events/s ({args.batch_events:,} events in batches of 1000)")
+
+
+READS = [
+    ("/events/", {}),
+    ("/events/", {"event_type": "AgentEvent"}),
+    ("/events/", {"aggregate_type": "workflow_aggregate"}),
+    ("/events/", {"aggregate_id": "agent-7"}),
+    ("/events/", {"correlation_id": "wf-3"}),
+    ("/events/", {"event_name": "agent.started"}),
+    ("/events/", {"since": "2000-01-01T00:00:00Z"}),
+    ("/events/", {"since": "2999-01-01T00:00:00Z"}),
+    ("/events/", {"offset": "DEEP"}),
+    ("/events/", {"order": "asc", "after": "DEEP"}),
+    ("/events/agents/agent-7", {}),
+    ("/events/workflows/wf-3", {}),
+    ("/events/workflows/wf-3/agents", {}),
+    ("/health/database", {}),
+]
+
+
+def bench_reads(args: argparse.Namespace, results: dict) -> None:
+    table = {}
+    with events_server({"DURABILITY": "normal"}) as url, httpx.Client(base_url=url, timeout=120) as client:
+        loaded = 0
+        for size in args.read_sizes:
+            load_events(url, size - loaded)
+            loaded = size
+            for path, params in READS:
+                params = {k: (str(size // 2) if v == "DEEP" else v) for k, v in params.items()}
+                label = path + ("?" + "&".join(f"{k}={v if k not in ('offset', 'after') else 'n/2'}"
+                                               for k, v in params.items()) if params else "")
+                timings = []
+                for _ in range(args.read_repeats):
+                    started = time.perf_counter()
+                    reply = client.get(path, params=params)
+                    timings.append((time.perf_counter() - started) * 1000)
+                    reply.raise_for_status()
+                table.setdefault(label, {})[size] = {"p50_ms": percentile(timings, 50),
+                                                     "p99_ms": percentile(timings, 99)}
+    results["reads"] = table
+    sizes = args.read_sizes
+    print("read latency, ms (p50 / p99) at " + ", ".join(f"{s:,}" for s in sizes) + " events:")
+    for label, row in table.items():
+        print(f"  {label:58s} " + "  ".join(f"{row[s]['p50_ms']:7.2f} / {row[s]['p99_ms']:7.2f}" for s in sizes))
+
+
+async def _sse_latency(url: str, subscribers: int, events: int) -> dict:
+    host, port = url.split("//")[1].split(":")
+    sent: dict = {}
+    latencies: list = []
+    received = [0] * subscribers
+    ready = asyncio.Event()
+    connected = 0
+
+    async def subscriber(index: int) -> None:
+        nonlocal connected
+        reader, writer = await asyncio.open_connection(host, int(port), limit=2**20)
+        writer.write(f"GET /events/stream HTTP/1.1\r\nHost: {host}\r\n\r\n".encode())
+        await reader.readuntil(b"connected")
+        connected += 1
+        if connected == subscribers:
+            ready.set()
+        while received[index] < events:
+            line = await reader.readline()
+            if line.startswith(b"data: "):
+                now = time.perf_counter()
+                name = json.loads(line[6:])["event_name"]
+                latencies.append((now - sent[name]) * 1000)
+                received[index] += 1
+        writer.close()
+
+    tasks = [asyncio.ensure_future(subscriber(i)) for i in range(subscribers)]
+    await asyncio.wait_for(ready.wait(), 60)
+    async with httpx.AsyncClient(base_url=url) as client:
+        for i in range(events):
+            name = f"e{i}"
+            sent[name] = time.perf_counter()
+            (await client.post("/events/emit/system", json={"name": name})).raise_for_status()
+            await asyncio.sleep(0.02 if subscribers < 500 else 0.2)
+    await asyncio.wait_for(asyncio.gather(*tasks), 120)
+    return {"subscribers": subscribers, "events": events, "delivered": sum(received),
+            "expected": subscribers * events, "p50_ms": percentile(latencies, 50),
+            "p99_ms": percentile(latencies, 99), "max_ms": max(latencies)}
+
+
+def _rss_kib(pid: int) -> int:
+    for line in Path(f"/proc/{pid}/status").read_text().splitlines():
+        if line.startswith("VmRSS"):
+            return int(line.split()[1])
+    return 0
+
+
+def _server_pid(url: str) -> int | None:
+    port = url.rsplit(":", 1)[1]
+    out = subprocess.run(["ps", "-eo", "pid,args"], capture_output=True, text=True).stdout
+    for line in out.splitlines():
+        if f"--port {port}" in line and "eventuali_api_server:app" in line:
+            return int(line.split()[0])
+    return None
+
+
+async def _idle_streams(url: str, count: int) -> list:
+    host, port = url.split("//")[1].split(":")
+    conns = []
+    for _ in range(count):
+        reader, writer = await asyncio.open_connection(host, int(port))
+        writer.write(f"GET /events/stream HTTP/1.1\r\nHost: {host}\r\n\r\n".encode())
+        await reader.readuntil(b"connected")
+        conns.append(writer)
+    return conns
+
+
+def bench_sse(args: argparse.Namespace, results: dict) -> None:
+    rows = []
+    for count in args.sse_subscribers:
+        with events_server() as url:
+            rows.append(asyncio.run(_sse_latency(url, count, args.sse_events)))
+    with events_server() as url:
+        pid = _server_pid(url)
+
+        async def measure() -> tuple:
+            before = _rss_kib(pid) if pid else 0
+            conns = await _idle_streams(url, args.idle_streams)
+            await asyncio.sleep(1)
+            after = _rss_kib(pid) if pid else 0
+            for writer in conns:
+                writer.close()
+            return before, after
+
+        before, after = asyncio.run(measure())
+    post = asyncio.run(_post_round_trip(args.sse_events * 5))
+    results["sse"] = {"latency": rows, "idle_streams": args.idle_streams,
+                      "rss_before_kib": before, "rss_after_kib": after,
+                      "kib_per_idle_stream": (after - before) / max(1, args.idle_streams),
+                      "client_post_round_trip_ms": post}
+    print("SSE emit-to-receive latency (from just before the POST to each subscriber's receipt):")
+    for row in rows:
+        print(f"  {row['subscribers']:5d} subscribers: p50 {row['p50_ms']:.2f} ms, p99 {row['p99_ms']:.2f} ms, "
+              f"max {row['max_ms']:.2f} ms, delivered {row['delivered']}/{row['expected']}")
+    print(f"  a POST round trip from this Python client alone: p50 {post['p50_ms']:.2f} ms, "
+          f"p99 {post['p99_ms']:.2f} ms")
+    print(f"  {args.idle_streams} idle streams: +{(after - before) / 1024:.1f} MB RSS "
+          f"({(after - before) / max(1, args.idle_streams):.1f} KiB each)")
+
+
+async def _post_round_trip(count: int) -> dict:
+    with tempfile.TemporaryDirectory():
+        pass
+    timings = []
+    with events_server() as url:
+        async with httpx.AsyncClient(base_url=url) as client:
+            for i in range(count):
+                started = time.perf_counter()
+                (await client.post("/events/emit/system", json={"name": f"rt{i}"})).raise_for_status()
+                timings.append((time.perf_counter() - started) * 1000)
+    return {"p50_ms": percentile(timings, 50), "p99_ms": percentile(timings, 99)}
+
+
+def bench_size(args: argparse.Namespace, results: dict) -> None:
+    with tempfile.TemporaryDirectory() as data:
+        with serve("eventuali_api_server:app", ROOT, {"DATA_DIR": data, "DURABILITY": "normal"}) as url:
+            load_events(url, args.size_events)
+        size = sum(f.stat().st_size for f in Path(data).iterdir())
+    results["size"] = {"events": args.size_events, "bytes": size, "bytes_per_event": size / args.size_events}
+    print(f"database size: {size / args.size_events:.0f} bytes per event ({args.size_events:,} events)")
+
+
+PARTS = {"emit": bench_emit, "batch": bench_batch, "reads": bench_reads, "sse": bench_sse, "size": bench_size}
+
+
+def main(argv: list | None = None) -> dict:
+    parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    parser.add_argument("--quick", action="store_true", help="tiny sizes, for a smoke test")
+    parser.add_argument("--only", default=",".join(PARTS), help="comma-separated parts: " + ", ".join(PARTS))
+    parser.add_argument("--json", default=str(HERE / "results" / "latest.json"))
+    parser.add_argument("--durability", default="full", choices=["full", "normal"])
+    args = parser.parse_args(argv)
+    quick = args.quick
+    args.connections = 32
+    args.seconds = 1 if quick else 5
+    args.runs = 1 if quick else 5
+    args.batch_events = 2000 if quick else 100_000
+    args.read_sizes = [200, 1000] if quick else [1000, 100_000, 1_000_000]
+    args.read_repeats = 5 if quick else 50
+    args.sse_subscribers = [1, 5] if quick else [1, 20, 100, 1000]
+    args.sse_events = 5 if quick else 50
+    args.idle_streams = 20 if quick else 1000
+    args.size_events = 1000 if quick else 100_000
+    results: dict = {"machine": {"platform": platform.platform(), "python": platform.python_version(),
+                                 "cpus": os.cpu_count()},
+                     "load_generator": "wrk" if shutil.which("wrk") else "python (asyncio; slower than wrk)",
+                     "quick": quick}
+    print(f"load generator: {results['load_generator']}; {results['machine']}")
+    for part in args.only.split(","):
+        PARTS[part.strip()](args, results)
+    Path(args.json).parent.mkdir(parents=True, exist_ok=True)
+    Path(args.json).write_text(json.dumps(results, indent=2))
+    print(f"figures written to {args.json}")
+    return results
+
+
+if __name__ == "__main__":
+    main()
