@@ -586,6 +586,13 @@ MIGRATIONS = {
     CREATE INDEX events_correlation ON events (correlation_id, position);
     CREATE INDEX events_timestamp ON events (timestamp);
     CREATE TABLE meta (key TEXT PRIMARY KEY, value TEXT) WITHOUT ROWID;
+    CREATE TABLE counts (
+        field TEXT NOT NULL, value TEXT NOT NULL, n INTEGER NOT NULL, PRIMARY KEY (field, value)
+    ) WITHOUT ROWID;
+    CREATE TABLE workflow_agents (
+        workflow_id TEXT NOT NULL, agent_id TEXT NOT NULL, first_position INTEGER NOT NULL,
+        PRIMARY KEY (workflow_id, agent_id)
+    ) WITHOUT ROWID;
     ANALYZE sqlite_master;
     DELETE FROM sqlite_stat1;
     INSERT INTO sqlite_stat1 VALUES
@@ -602,6 +609,12 @@ MIGRATIONS = {
 }
 COLUMNS = ("position, event_id, aggregate_type, aggregate_id, aggregate_version, event_type, event_name, "
            "timestamp, attributes, correlation_id, causation_id, agent_name, user_prompt, session_id")
+# Maintained with the log, in the same transaction, so that reads need not scan:
+# exact totals for one filter, and each workflow's agents in order of appearance.
+COUNTED = (("event_type", 5), ("aggregate_type", 2), ("aggregate_id", 3), ("event_name", 6), ("correlation_id", 9))
+UPSERT_COUNT = ("INSERT INTO counts VALUES (?, ?, ?) "
+                "ON CONFLICT (field, value) DO UPDATE SET n = n + excluded.n")
+INSERT_MEMBER = "INSERT OR IGNORE INTO workflow_agents VALUES (?, ?, ?)"
 INSERT_ROWS = 60  # rows per INSERT statement: 900 parameters, under SQLite's oldest limit of 999
 
 
@@ -776,6 +789,8 @@ class Store:
                 for start in range(0, len(rows), INSERT_ROWS):
                     chunk = rows[start:start + INSERT_ROWS]
                     conn.execute(insert_sql(len(chunk)), [value for row in chunk for value in row])
+                if rows:
+                    update_summaries(conn, rows)
                 conn.execute("COMMIT")
                 return outcomes
             except BaseException:
@@ -850,6 +865,21 @@ class Store:
         return outcomes, rows
 
 
+def update_summaries(conn: sqlite3.Connection, rows: list) -> None:
+    """Counters and workflow membership for a group's new rows: one write per distinct key."""
+    counts: dict = {}
+    members: dict = {}
+    for row in rows:
+        for field, index in COUNTED:
+            if row[index] is not None:
+                key = (field, row[index])
+                counts[key] = counts.get(key, 0) + 1
+        if row[2] == "agent_aggregate" and row[9] is not None:
+            members.setdefault((row[9], row[3]), row[0])
+    conn.executemany(UPSERT_COUNT, [(field, value, n) for (field, value), n in counts.items()])
+    conn.executemany(INSERT_MEMBER, [(wf, agent, position) for (wf, agent), position in members.items()])
+
+
 def _stored_event(conn: sqlite3.Connection, event_id: str) -> tuple | None:
     row = conn.execute("SELECT content_hash, event_id, position, aggregate_version, timestamp, aggregate_id "
                        "FROM events WHERE event_id = ?", (event_id,)).fetchone()
@@ -904,25 +934,100 @@ def build_where(filters: dict, scope: tuple = ("", ())) -> tuple:
     return " AND ".join(clauses), args
 
 
-def query_events(conn: sqlite3.Connection, params: dict, scope: tuple = ("", ())) -> dict:
-    where, args = build_where(params, scope)
-    page_where, page_args = [where] if where else [], list(args)
-    if params.get("after") is not None:
-        page_where.append("position > ?")
-        page_args.append(params["after"])
-    if params.get("before") is not None:
-        page_where.append("position < ?")
-        page_args.append(params["before"])
+FEW = 20000  # below this many matches, a time filter is best served by the timestamp index
+
+
+def _count(conn: sqlite3.Connection, sql: str, args: Sequence) -> int:
+    row = conn.execute(sql, args).fetchone()  # no row: a value never counted
+    return row[0] or 0 if row else 0
+
+
+def _counter(conn: sqlite3.Connection, field: str, value: str) -> int:
+    return _count(conn, "SELECT n FROM counts WHERE field = ? AND value = ?", (field, value))
+
+
+def _time_total(conn: sqlite3.Connection, params: dict) -> int:
+    """Events in the since/until window, counted on whichever side of it is smaller."""
+    since, until = params.get("since"), params.get("until")
+    where, args = build_where({"since": since, "until": until})
+    few = _count(conn, f"SELECT count(*) FROM (SELECT 1 FROM events WHERE {where} LIMIT {FEW + 1})", args)
+    if few <= FEW or (since is not None and until is not None):
+        return few if few <= FEW else _count(conn, f"SELECT count(*) FROM events WHERE {where}", args)
+    outside = "timestamp <= ?" if since is not None else "timestamp > ?"
+    return last_position(conn) - _count(conn, f"SELECT count(*) FROM events WHERE {outside}", [since or until])
+
+
+def aggregate_version(conn: sqlite3.Connection, aggregate_type: str, aggregate_id: str) -> int:
+    return _count(conn, "SELECT max(aggregate_version) FROM events WHERE aggregate_type = ? AND aggregate_id = ?",
+                  (aggregate_type, aggregate_id))
+
+
+def query_events(conn: sqlite3.Connection, params: dict, agent: str | None = None,
+                 workflow: str | None = None) -> dict:
+    """A page of events and the exact total for the filters (cursor and paging aside);
+    scoped to one agent's events, or to a workflow's timeline, when given."""
+    equal = {name: params[name] for name in STREAM_FILTERS if params.get(name) is not None}
+    timed = params.get("since") is not None or params.get("until") is not None
+    if agent is not None:
+        scope = ("aggregate_type = 'agent_aggregate' AND aggregate_id = ?", (agent,))
+    elif workflow is not None:  # two index-ordered arms that SQLite merges, instead of an OR and a sort
+        scope = ("aggregate_type = 'workflow_aggregate' AND aggregate_id = ?", (workflow,))
+        other = ("correlation_id = ? AND NOT (aggregate_type = 'workflow_aggregate' AND aggregate_id = ?)",
+                 (workflow, workflow))
+    else:
+        scope = ("", ())
+    cursor = {"position > ?": params.get("after"), "position < ?": params.get("before")}
+    cursor = {clause: value for clause, value in cursor.items() if value is not None}
+    indexed = ""
+    if timed and not equal and agent is None and workflow is None:
+        total = _time_total(conn, params)
+        if total <= FEW:
+            indexed = " INDEXED BY events_timestamp"
+    else:
+        total = None
+
+    def select(part: tuple, with_cursor: bool = True) -> tuple:
+        where, args = build_where(params, part)
+        clauses = ([where] if where else []) + (list(cursor) if with_cursor else [])
+        return (f"SELECT {COLUMNS} FROM events{indexed}" + (" WHERE " + " AND ".join(clauses) if clauses else ""),
+                [*args, *(cursor.values() if with_cursor else ())])
+
+    sql, args = select(scope)
+    if workflow is not None:
+        second, second_args = select(other)
+        sql, args = f"{sql} UNION ALL {second}", [*args, *second_args]
     order = "ASC" if params["order"] == "asc" else "DESC"
-    sql = (f"SELECT {COLUMNS} FROM events" + (" WHERE " + " AND ".join(page_where) if page_where else "")
-           + f" ORDER BY position {order} LIMIT ? OFFSET ?")
-    rows = conn.execute(sql, [*page_args, params["limit"], params["offset"]]).fetchall()
-    if where:
-        total = conn.execute("SELECT count(*) FROM events WHERE " + where, args).fetchone()[0]
-    else:  # positions are 1..n without gaps, so the last one is the count
-        total = conn.execute("SELECT max(position) FROM events").fetchone()[0] or 0
+    rows = conn.execute(f"{sql} ORDER BY position {order} LIMIT ? OFFSET ?",
+                        [*args, params["limit"], params["offset"]]).fetchall()
+    if total is None:
+        total = exact_total(conn, equal, timed, agent, workflow, select)
     return {"items": [item_json(row) for row in rows], "total": total,
             "next": rows[-1][0] if len(rows) == params["limit"] else None}
+
+
+def exact_total(conn: sqlite3.Connection, equal: dict, timed: bool, agent: str | None, workflow: str | None,
+                select: Callable) -> int:
+    """From the maintained summaries where they answer exactly, else by counting on an index."""
+    if not timed and not equal:
+        if agent is not None:
+            return aggregate_version(conn, "agent_aggregate", agent)
+        if workflow is not None:
+            overlap = _count(conn, "SELECT count(*) FROM events WHERE aggregate_type = 'workflow_aggregate' "
+                                   "AND aggregate_id = ? AND correlation_id = ?", (workflow, workflow))
+            return (aggregate_version(conn, "workflow_aggregate", workflow)
+                    + _counter(conn, "correlation_id", workflow) - overlap)
+        return last_position(conn)  # positions are 1..n without gaps
+    if not timed and len(equal) == 1 and agent is None and workflow is None:
+        [(field, value)] = equal.items()
+        return _counter(conn, field, value)
+    if workflow is not None:
+        first, first_args = select(("aggregate_type = 'workflow_aggregate' AND aggregate_id = ?", (workflow,)), False)
+        second, second_args = select(("correlation_id = ? AND NOT (aggregate_type = 'workflow_aggregate' "
+                                      "AND aggregate_id = ?)", (workflow, workflow)), False)
+        return _count(conn, f"SELECT count(*) FROM ({first} UNION ALL {second})", [*first_args, *second_args])
+    sql, args = select(("aggregate_type = 'agent_aggregate' AND aggregate_id = ?", (agent,)) if agent else ("", ()),
+                       False)
+    return _count(conn, f"SELECT count(*) FROM ({sql})", args)
 
 
 def read_after(conn: sqlite3.Connection, position: int, filters: dict, limit: int = PAGE) -> list:
@@ -936,30 +1041,23 @@ def last_position(conn: sqlite3.Connection) -> int:
     return conn.execute("SELECT max(position) FROM events").fetchone()[0] or 0
 
 
-WORKFLOW_AGENTS = """
-WITH agents AS (
-    SELECT DISTINCT aggregate_id FROM events
-    WHERE correlation_id = ?1 AND aggregate_type = 'agent_aggregate'
-), stats AS (
-    SELECT e.aggregate_id, count(*) AS n, min(e.timestamp) AS first, max(e.timestamp) AS last,
-           min(e.position) AS seen
-    FROM events e JOIN agents a ON e.aggregate_type = 'agent_aggregate' AND e.aggregate_id = a.aggregate_id
-    GROUP BY e.aggregate_id
-)
-SELECT s.aggregate_id,
-    (SELECT agent_name FROM events WHERE aggregate_type = 'agent_aggregate' AND aggregate_id = s.aggregate_id
-        AND agent_name IS NOT NULL ORDER BY position DESC LIMIT 1),
-    (SELECT causation_id FROM events WHERE aggregate_type = 'agent_aggregate' AND aggregate_id = s.aggregate_id
-        AND causation_id IS NOT NULL ORDER BY position DESC LIMIT 1),
-    s.first, s.last, s.n,
-    (SELECT event_name FROM events WHERE aggregate_type = 'agent_aggregate' AND aggregate_id = s.aggregate_id
-        ORDER BY position DESC LIMIT 1)
-FROM stats s ORDER BY s.seen
+AGENT_EVENTS = "FROM events WHERE aggregate_type = 'agent_aggregate' AND aggregate_id = m.agent_id"
+WORKFLOW_AGENTS = f"""
+SELECT m.agent_id,
+    (SELECT agent_name {AGENT_EVENTS} AND agent_name IS NOT NULL ORDER BY position DESC LIMIT 1),
+    (SELECT causation_id {AGENT_EVENTS} AND causation_id IS NOT NULL ORDER BY position DESC LIMIT 1),
+    (SELECT timestamp {AGENT_EVENTS} ORDER BY position LIMIT 1),
+    (SELECT timestamp {AGENT_EVENTS} ORDER BY position DESC LIMIT 1),
+    (SELECT max(aggregate_version) {AGENT_EVENTS}),
+    (SELECT event_name {AGENT_EVENTS} ORDER BY position DESC LIMIT 1)
+FROM workflow_agents m WHERE m.workflow_id = ? ORDER BY m.first_position
 """
 
 
 def workflow_agents(conn: sqlite3.Connection, workflow_id: str) -> list:
-    """Agents with an event correlated to the workflow; their stats cover all their events."""
+    """Agents with an event correlated to the workflow, in order of their first such event.
+    Their figures cover all their events: the first's and the latest's times, the count,
+    and the latest event's name as status."""
     return [
         {"agent_id": agent_id, "agent_name": name, "workflow_id": workflow_id, "parent_agent_id": parent,
          "first_event_time": first, "last_event_time": last, "event_count": count, "status": status}
@@ -1231,17 +1329,14 @@ async def list_events(request: Request) -> Response:
 async def agent_events(request: Request) -> Response:
     state = request.app.state
     params = check_query(request, state.list_params)
-    scope = ("aggregate_type = 'agent_aggregate' AND aggregate_id = ?", (path_id(request, "agent_id"),))
-    return list_reply(await state.store.read(query_events, params, scope), params)
+    return list_reply(await state.store.read(query_events, params, path_id(request, "agent_id")), params)
 
 
 async def workflow_events(request: Request) -> Response:
     state = request.app.state
     params = check_query(request, state.list_params)
     workflow_id = path_id(request, "workflow_id")
-    scope = ("((aggregate_type = 'workflow_aggregate' AND aggregate_id = ?) OR correlation_id = ?)",
-             (workflow_id, workflow_id))
-    return list_reply(await state.store.read(query_events, params, scope), params)
+    return list_reply(await state.store.read(query_events, params, None, workflow_id), params)
 
 
 async def workflow_agents_handler(request: Request) -> Response:

@@ -725,6 +725,45 @@ def test_workflow_agents(log):
     assert [a["agent_id"] for a in log.get("/events/workflows/w2/agents").json()["agents"]] == ["b1"]
 
 
+def test_totals_from_summaries_equal_direct_counts(srv):
+    """Totals come from counters and indexes kept with the log; they must equal a plain count,
+    also after rejected batches and conflicts (whose events were never stored)."""
+    c = srv.client
+    bodies = [{"kind": ("agent", "workflow", "system")[i % 3], "name": f"n{i % 4}", "aggregate_id": f"g{i % 5}",
+               "correlation_id": f"w{i % 2}" if i % 3 else None, "timestamp": f"2026-01-01T00:00:{i % 60:02d}Z"}
+              for i in range(120)]
+    assert c.post("/events/emit/batch", json={"events": bodies[:60]}).status_code == 200
+    assert c.post("/events/emit/batch", json={"events": bodies[60:] + [{"kind": "agent", "name": ""}]}).status_code == 422
+    assert c.post("/events/emit/batch", json={"events": [bodies[0], {**bodies[1], "expected_version": 0}]}).status_code == 409
+    post_many(srv.url, [{k: v for k, v in b.items() if k != "kind"} for b in bodies[60:]], "agent", 8)
+    emit(c, "workflow", name="own", aggregate_id="w1", correlation_id="w1")  # both timeline arms at once
+    conn = sqlite3.connect(srv.config.database_path)
+    count = lambda where="1", args=(): conn.execute(f"SELECT count(*) FROM events WHERE {where}", args).fetchone()[0]
+    cases = [({}, count()), ({"event_type": "AgentEvent"}, count("event_type = 'AgentEvent'")),
+             ({"aggregate_type": "system_aggregate"}, count("aggregate_type = 'system_aggregate'")),
+             ({"aggregate_id": "g3"}, count("aggregate_id = 'g3'")), ({"event_name": "n2"}, count("event_name = 'n2'")),
+             ({"correlation_id": "w1"}, count("correlation_id = 'w1'")),
+             ({"event_name": "n1", "aggregate_id": "g1"}, count("event_name = 'n1' AND aggregate_id = 'g1'")),
+             ({"since": "2026-01-01T00:00:30Z"}, count("timestamp > '2026-01-01T00:00:30.000000+00:00'")),
+             ({"until": "2026-01-01T00:00:10Z"}, count("timestamp <= '2026-01-01T00:00:10.000000+00:00'")),
+             ({"since": "2026-01-01T00:00:10Z", "until": "2026-01-01T00:00:20Z"},
+              count("timestamp > '2026-01-01T00:00:10.000000+00:00' AND timestamp <= '2026-01-01T00:00:20.000000+00:00'"))]
+    for params, expected in cases:
+        page = events_of(c, **params, limit=1000)
+        assert page["total"] == expected == len(page["events"]), params
+    for agent in ("g0", "g4"):
+        expected = count("aggregate_type = 'agent_aggregate' AND aggregate_id = ?", (agent,))
+        assert events_of(c, f"/events/agents/{agent}")["total"] == expected
+    timeline = "(aggregate_type = 'workflow_aggregate' AND aggregate_id = ?) OR correlation_id = ?"
+    for wf in ("w0", "w1", "g2"):
+        page = events_of(c, f"/events/workflows/{wf}", limit=1000)
+        assert page["total"] == count(timeline, (wf, wf)) == len(page["events"])
+        assert positions(page) == sorted(positions(page), reverse=True)
+        narrowed = events_of(c, f"/events/workflows/{wf}", event_name="n1", limit=1000)
+        assert narrowed["total"] == count(f"({timeline}) AND event_name = 'n1'", (wf, wf)) == len(narrowed["events"])
+    conn.close()
+
+
 def test_unknown_ids_are_empty_not_errors(log):
     for path in ("/events/agents/nobody", "/events/workflows/nothing"):
         page = events_of(log, path)
@@ -1490,3 +1529,22 @@ def test_backup_refuses_to_overwrite_and_missing_source(tmp_path):
                                                                  str(tmp_path / "none")]):
         out = subprocess.run([sys.executable, SERVER, "backup", *args], capture_output=True, text=True, timeout=30)
         assert out.returncode == 1 and len(out.stderr.strip().splitlines()) == 1 and "Traceback" not in out.stderr
+
+
+# -- the benchmark harness itself ---------------------------------------------------------------------
+
+def test_benchmark_harness_smoke(tmp_path):
+    """The harness runs at tiny sizes and prints every figure (the heavy runs stay out of CI)."""
+    out_json = tmp_path / "bench.json"
+    proc = subprocess.run([sys.executable, str(HERE / "benchmarks" / "bench.py"), "--quick", "--json", str(out_json)],
+                          capture_output=True, text=True, timeout=300, cwd=HERE)
+    assert proc.returncode == 0, proc.stdout[-3000:] + proc.stderr[-3000:]
+    for words in ("load generator:", "emit, 32 connections", "ratio", "batch load:", "read latency",
+                  "/events/workflows/wf-3/agents", "subscribers: p50", "idle streams", "bytes per event"):
+        assert words in proc.stdout, words
+    figures = json.loads(out_json.read_text())
+    assert figures["emit"]["server_median"] > 0 and figures["emit"]["bare_median"] > 0
+    assert figures["batch"]["events_per_second"] > 0
+    assert all(row["delivered"] == row["expected"] for row in figures["sse"]["latency"])
+    assert all(row["1000"]["p50_ms"] > 0 for row in figures["reads"].values()) and len(figures["reads"]) >= 14
+    assert figures["size"]["bytes_per_event"] > 0
