@@ -1384,7 +1384,7 @@ async def root(request: Request) -> Response:
     config = request.app.state.config
     return json_response({"name": config.title, "version": config.version, "description": config.description,
                           "endpoints": {"events": "/events", "health": "/health", "docs": "/docs",
-                                        "openapi": "/openapi.json"}})
+                                        "openapi": "/openapi.json", "ui": "/ui"}})
 
 
 SSE_HEADERS = {"cache-control": "no-cache", "x-accel-buffering": "no", "connection": "keep-alive"}
@@ -1512,7 +1512,7 @@ async def server_error_handler(request: Request, exc: Exception) -> Response:
     return json_response({"detail": "Internal Server Error"}, 500)
 
 
-PUBLIC_PATHS = ("/", "/health", "/health/", "/health/database", "/docs", "/openapi.json")
+PUBLIC_PATHS = ("/", "/health", "/health/", "/health/database", "/docs", "/openapi.json", "/ui")
 
 
 def require_key(app: Callable, key: str) -> Callable:
@@ -1642,6 +1642,7 @@ def create_app(config: APIServerConfig | None = None) -> Starlette:
         Route("/events/workflows/{workflow_id}/agents", workflow_agents_handler),
         Route("/openapi.json", openapi_handler),
         Route("/docs", docs_handler),
+        Route("/ui", ui_handler),
     ]
     allow_all = "*" in config.cors_origins
     middleware = [Middleware(
@@ -1687,6 +1688,10 @@ def openapi_handler(request: Request) -> Response:
 
 def docs_handler(request: Request) -> Response:
     return HTMLResponse(docs_html(request.app.state.config))
+
+
+def ui_handler(request: Request) -> Response:
+    return HTMLResponse(UI_PAGE)
 
 
 def _nullable(spec: dict) -> dict:
@@ -1890,6 +1895,9 @@ def openapi(config: APIServerConfig) -> dict:
         "/docs": {"get": op("Swagger UI", "docs", {"200": {"description": "HTML page.",
                                                             "content": {"text/html": {"schema": {"type": "string"}}}}},
                             operation_id="docs")},
+        "/ui": {"get": op("Live view of events, workflows and agents", "docs", {"200": {
+            "description": "HTML page (asks for the API key when the server has one).",
+            "content": {"text/html": {"schema": {"type": "string"}}}}}, operation_id="live_view")},
     }
     return {
         "openapi": "3.1.0",
@@ -1916,6 +1924,214 @@ DOCS_PAGE = """<!doctype html>
 def docs_html(config: APIServerConfig) -> str:
     from html import escape
     return DOCS_PAGE.format(title=escape(config.title), assets=escape(config.docs_assets_url.rstrip("/")))
+
+
+# The live view at /ui: one self-contained page (no external asset, works offline).
+# It loads the newest events, then follows /events/stream from the last position;
+# it keeps at most MAX_ROWS rows in the DOM and MAX_EVENTS events in memory.
+UI_PAGE = r"""<!doctype html>
+<html lang="en"><head><meta charset="utf-8"><meta name="viewport" content="width=device-width, initial-scale=1">
+<title>Eventuali live view</title>
+<style>
+:root { font: 13px/1.4 system-ui, sans-serif; color: #1d2433; background: #f5f6f8; }
+body { margin: 0; display: grid; grid-template-rows: auto 1fr; height: 100vh; }
+header { display: flex; gap: .5rem; align-items: center; padding: .5rem .8rem; background: #1d2433; color: #fff; flex-wrap: wrap; }
+header h1 { font-size: 15px; margin: 0 1rem 0 0; }
+header input, header select, header button { font: inherit; padding: .2rem .4rem; border-radius: 4px; border: 1px solid #888; }
+#status { margin-left: auto; font-size: 12px; }
+#status.live::before { content: "\25CF "; color: #3ddc84; }
+#status.down::before { content: "\25CF "; color: #ff6b6b; }
+main { display: grid; grid-template-columns: minmax(0, 3fr) minmax(0, 2fr); gap: .6rem; padding: .6rem; min-height: 0; }
+section { background: #fff; border-radius: 6px; box-shadow: 0 1px 2px #0002; overflow: auto; min-height: 0; }
+section h2 { font-size: 13px; margin: 0; padding: .4rem .6rem; position: sticky; top: 0; background: #eef0f4; }
+table { border-collapse: collapse; width: 100%; }
+td { padding: .2rem .5rem; border-bottom: 1px solid #eee; white-space: nowrap; overflow: hidden; text-overflow: ellipsis; max-width: 16rem; }
+tr.event { cursor: pointer; } tr.event:hover { background: #f0f6ff; } tr.selected { background: #dbe9ff; }
+.k-AgentEvent { color: #0b62d6; } .k-WorkflowEvent { color: #8a3ffc; } .k-SystemEvent { color: #6f6f6f; }
+#side { display: grid; grid-template-rows: 1fr auto; gap: .6rem; min-height: 0; }
+.wf { padding: .4rem .6rem; border-bottom: 1px solid #eee; }
+.wf b { font-weight: 600; } .muted { color: #777; font-size: 12px; }
+ul.tree { list-style: none; margin: .2rem 0 0 .2rem; padding-left: .8rem; border-left: 1px dashed #ccc; }
+#detail { max-height: 40vh; }
+pre { margin: 0; padding: .5rem .6rem; font-size: 12px; white-space: pre-wrap; word-break: break-all; }
+dialog input { width: 20rem; }
+</style></head>
+<body>
+<header>
+  <h1>Eventuali live view</h1>
+  <select id="f-type" title="event type"><option value="">all types</option>
+    <option>AgentEvent</option><option>WorkflowEvent</option><option>SystemEvent</option></select>
+  <input id="f-aggregate" placeholder="aggregate id" size="14">
+  <input id="f-workflow" placeholder="workflow (correlation) id" size="18">
+  <input id="f-name" placeholder="event name" size="14">
+  <button id="pause">Pause</button>
+  <span id="status" class="down">connecting</span>
+</header>
+<main>
+  <section><h2>Events <span class="muted" id="count"></span></h2>
+    <table><tbody id="tail"></tbody></table></section>
+  <div id="side">
+    <section><h2>Workflows</h2><div id="workflows"></div></section>
+    <section id="detail"><h2>Event</h2><pre id="json">Click an event to see all of it.</pre></section>
+  </div>
+</main>
+<dialog id="keydialog"><form method="dialog">
+  <p>This server needs its API key.</p><input id="keyinput" type="password" autocomplete="off">
+  <button>Use key</button></form></dialog>
+<script>
+"use strict";
+const MAX_ROWS = 500, MAX_EVENTS = 10000, MAX_WORKFLOWS = 200;
+const $ = (id) => document.getElementById(id);
+let key = sessionStorage.getItem("eventuali-key") || "";
+let source = null, lastId = 0, paused = false, held = [], events = [], selected = null;
+const workflows = new Map();  // workflow_id -> {status, first, last, agents: Map}
+
+function filters() {
+  const f = {event_type: $("f-type").value, aggregate_id: $("f-aggregate").value.trim(),
+             correlation_id: $("f-workflow").value.trim(), event_name: $("f-name").value.trim()};
+  return Object.fromEntries(Object.entries(f).filter(([, v]) => v));
+}
+function query(extra) { return new URLSearchParams({...filters(), ...extra}).toString(); }
+async function api(path) {
+  const reply = await fetch(path, {headers: key ? {Authorization: "Bearer " + key} : {}});
+  if (reply.status === 401) { await askKey(); return api(path); }
+  if (!reply.ok) throw new Error(path + ": " + reply.status);
+  return reply.json();
+}
+function askKey() {
+  return new Promise((resolve) => {
+    const dialog = $("keydialog");
+    dialog.addEventListener("close", () => {
+      key = $("keyinput").value; sessionStorage.setItem("eventuali-key", key); resolve();
+    }, {once: true});
+    dialog.showModal();
+  });
+}
+function setStatus(text, live) { $("status").textContent = text; $("status").className = live ? "live" : "down"; }
+
+function duration(a, b) {
+  const ms = Date.parse(b) - Date.parse(a);
+  if (!(ms >= 0)) return "";
+  return ms < 1000 ? ms + " ms" : ms < 60000 ? (ms / 1000).toFixed(1) + " s" : Math.round(ms / 60000) + " min";
+}
+function remember(e) {
+  const wfId = e.aggregate_type === "workflow_aggregate" ? e.aggregate_id : e.correlation_id;
+  if (!wfId) return;
+  let wf = workflows.get(wfId);
+  if (!wf) {
+    wf = {status: "", first: e.timestamp, last: e.timestamp, agents: new Map()}; workflows.set(wfId, wf);
+    if (workflows.size > MAX_WORKFLOWS) workflows.delete(workflows.keys().next().value);
+  }
+  if (e.timestamp < wf.first) wf.first = e.timestamp;
+  if (e.timestamp > wf.last) wf.last = e.timestamp;
+  if (e.aggregate_type === "workflow_aggregate") wf.status = e.event_name;
+  if (e.aggregate_type === "agent_aggregate") {
+    let a = wf.agents.get(e.aggregate_id);
+    if (!a) { a = {name: "", parent: null, status: "", count: 0, first: e.timestamp, last: e.timestamp}; wf.agents.set(e.aggregate_id, a); }
+    a.count += 1; a.status = e.event_name; a.last = e.timestamp;
+    if (e.agent_name) a.name = e.agent_name;
+    if (e.parent_agent_id) a.parent = e.parent_agent_id;
+  }
+}
+function row(e) {
+  const tr = document.createElement("tr");
+  tr.className = "event"; tr.dataset.position = e.position;
+  for (const [text, cls] of [[e.position, "muted"], [e.timestamp.slice(11, 23), "muted"],
+                             [e.event_type, "k-" + e.event_type], [e.event_name, ""],
+                             [e.aggregate_id, ""], [e.correlation_id || "", "muted"]]) {
+    const td = document.createElement("td"); td.textContent = text; if (cls) td.className = cls; tr.append(td);
+  }
+  tr.addEventListener("click", () => {
+    if (selected) selected.classList.remove("selected");
+    selected = tr; tr.classList.add("selected");
+    $("json").textContent = JSON.stringify(e, null, 2);
+  });
+  return tr;
+}
+let drawPending = false;
+function draw() {
+  if (drawPending) return;
+  drawPending = true;
+  requestAnimationFrame(() => { drawPending = false; drawWorkflows(); $("count").textContent = "(" + events.length + ")"; });
+}
+function drawWorkflows() {
+  const box = $("workflows"); box.textContent = "";
+  for (const [id, wf] of [...workflows].reverse().slice(0, 50)) {
+    const div = document.createElement("div"); div.className = "wf"; div.dataset.workflow = id;
+    div.innerHTML = "<b></b> <span class=muted></span>";
+    div.querySelector("b").textContent = id;
+    div.querySelector("span").textContent = [wf.status, duration(wf.first, wf.last)].filter(Boolean).join(" · ");
+    const children = new Map();
+    for (const [agentId, a] of wf.agents) {
+      const parent = a.parent && wf.agents.has(a.parent) ? a.parent : "";
+      if (!children.has(parent)) children.set(parent, []);
+      children.get(parent).push(agentId);
+    }
+    const build = (parent, depth) => {
+      const ul = document.createElement("ul"); ul.className = "tree";
+      for (const agentId of children.get(parent) || []) {
+        if (depth > 20) break;
+        const a = wf.agents.get(agentId), li = document.createElement("li");
+        li.dataset.agent = agentId;
+        li.textContent = (a.name || agentId) + " — " + a.status + " · " + a.count + (a.count === 1 ? " event" : " events") +
+                         (duration(a.first, a.last) ? " · " + duration(a.first, a.last) : "");
+        const sub = build(agentId, depth + 1);
+        if (sub.children.length) li.append(sub);
+        ul.append(li);
+      }
+      return ul;
+    };
+    div.append(build("", 0));
+    box.append(div);
+  }
+}
+function show(list) {
+  const tail = $("tail"), rows = document.createDocumentFragment();
+  for (const e of list) rows.prepend(row(e));
+  tail.prepend(rows);
+  while (tail.children.length > MAX_ROWS) tail.lastChild.remove();
+}
+function receive(e) {
+  if (e.position <= lastId) return;
+  lastId = e.position;
+  events.push(e); if (events.length > MAX_EVENTS) events.splice(0, events.length - MAX_EVENTS);
+  remember(e);
+  if (paused) { held.push(e); $("pause").textContent = "Resume (" + held.length + ")"; }
+  else show([e]);
+  draw();
+}
+function connect() {
+  if (source) source.close();
+  const params = {after: String(lastId)};
+  if (key) params.access_token = key;
+  source = new EventSource("/events/stream?" + query(params));
+  source.addEventListener("open", () => setStatus("live", true));
+  source.addEventListener("event", (m) => receive(JSON.parse(m.data)));
+  source.addEventListener("error", () => {
+    setStatus("reconnecting", false);
+    if (source.readyState === EventSource.CLOSED) setTimeout(connect, 3000);  // else the browser retries with Last-Event-ID
+  });
+}
+async function start() {
+  if (source) source.close();
+  lastId = 0; events = []; held = []; workflows.clear(); $("tail").textContent = "";
+  const page = await api("/events/?" + query({limit: "500"}));
+  const history = page.events.reverse();
+  for (const e of history) { events.push(e); remember(e); lastId = Math.max(lastId, e.position); }
+  show(history); draw(); connect();
+}
+$("pause").addEventListener("click", () => {
+  paused = !paused;
+  if (!paused) { show(held); held = []; }
+  $("pause").textContent = paused ? "Resume" : "Pause";
+});
+let debounce = null;
+for (const id of ["f-type", "f-aggregate", "f-workflow", "f-name"])
+  $(id).addEventListener("input", () => { clearTimeout(debounce); debounce = setTimeout(start, 300); });
+start().catch((err) => setStatus(String(err), false));
+</script>
+</body></html>
+"""
 
 
 # =============================================================================

@@ -328,7 +328,7 @@ def test_root(client):
     body = client.get("/").json()
     assert body["name"] == "Eventuali API Server" and body["version"] == eas.__version__
     assert body["endpoints"] == {"events": "/events", "health": "/health", "docs": "/docs",
-                                 "openapi": "/openapi.json"}
+                                 "openapi": "/openapi.json", "ui": "/ui"}
 
 
 @pytest.mark.parametrize("path", ["/health", "/health/"])
@@ -1548,3 +1548,125 @@ def test_benchmark_harness_smoke(tmp_path):
     assert all(row["delivered"] == row["expected"] for row in figures["sse"]["latency"])
     assert all(row["1000"]["p50_ms"] > 0 for row in figures["reads"].values()) and len(figures["reads"]) >= 14
     assert figures["size"]["bytes_per_event"] > 0
+
+
+# -- in a real browser: the live view and Swagger UI --------------------------------------------------
+
+CHROMIUM = os.environ.get("CHROMIUM", "/usr/bin/chromium")
+CHROMIUM_ARGS = ["--headless", "--no-sandbox", "--disable-gpu", "--disable-quic", "--no-first-run",
+                 "--disable-background-networking", "--disable-component-update", "--disable-sync"]
+
+
+@pytest.fixture
+def browser():
+    try:
+        from playwright.sync_api import sync_playwright
+    except ImportError:
+        pytest.skip("playwright is not installed (pip install -e '.[test]'): browser tests not run")
+    if not os.path.exists(CHROMIUM):
+        pytest.skip(f"no Chromium at {CHROMIUM} (apt-get install chromium): browser tests not run")
+    with sync_playwright() as p:
+        chromium = p.chromium.launch(executable_path=CHROMIUM, args=CHROMIUM_ARGS)
+        yield chromium
+        chromium.close()
+
+
+def emit_workflow_with_two_agents(client, auth: dict | None = None) -> None:
+    for kind, body in [("workflow", {"name": "workflow.started", "aggregate_id": "wf-ui",
+                                     "attributes": {"user_prompt": "Cache the documentation page"}}),
+                       ("agent", {"name": "agent.started", "aggregate_id": "agent-parent", "correlation_id": "wf-ui",
+                                  "attributes": {"agent_name": "planner"}}),
+                       ("agent", {"name": "agent.started", "aggregate_id": "agent-child", "correlation_id": "wf-ui",
+                                  "causation_id": "agent-parent", "attributes": {"agent_name": "url-cacher"}}),
+                       ("agent", {"name": "agent.completed", "aggregate_id": "agent-child", "correlation_id": "wf-ui"})]:
+        assert client.post(f"/events/emit/{kind}", json=body, headers=auth or {}).status_code == 200
+
+
+def check_live_view(page) -> None:
+    page.wait_for_selector('#workflows [data-workflow="wf-ui"] li[data-agent="agent-parent"] '
+                           'li[data-agent="agent-child"]', timeout=1000)
+    child = page.text_content('li[data-agent="agent-child"]')
+    assert "url-cacher" in child and "agent.completed" in child and "2 events" in child
+    assert page.locator("#tail tr.event").count() == 4
+    assert "agent.completed" in page.text_content("#tail tr.event")  # newest on top
+
+
+def test_live_view_in_browser(srv, browser, tmp_path):
+    page = browser.new_page(viewport={"width": 1200, "height": 700})
+    page.goto(srv.url + "/ui")
+    page.wait_for_selector("#status.live", timeout=5000)
+    emit_workflow_with_two_agents(srv.client)
+    check_live_view(page)  # pushed live, within a second
+    page.click("#tail tr.event")
+    assert json.loads(page.text_content("#json"))["event_name"] == "agent.completed"
+    page.screenshot(path=str(tmp_path / "live-view.png"))
+    if os.environ.get("UPDATE_SCREENSHOT"):
+        page.screenshot(path=str(HERE / "docs" / "live-view.png"))
+    page.reload()
+    check_live_view(page)  # and again from the history
+    page.click("#pause")
+    emit(srv.client, "system", name="while.paused")
+    page.wait_for_function("document.querySelector('#pause').textContent.includes('(1)')", timeout=2000)
+    assert page.locator("#tail tr.event").count() == 4
+    page.click("#pause")
+    assert page.locator("#tail tr.event").count() == 5
+    page.fill("#f-name", "agent.started")
+    page.wait_for_function("document.querySelectorAll('#tail tr.event').length === 2", timeout=3000)
+
+
+def test_live_view_stays_small_with_10000_events(srv, browser):
+    page = browser.new_page()
+    page.goto(srv.url + "/ui")
+    page.wait_for_selector("#status.live", timeout=5000)
+    for batch in range(10):
+        srv.client.post("/events/emit/batch", json={"events": [
+            {"kind": "agent", "name": f"step.{batch}.{i}", "aggregate_id": f"a{i % 50}", "correlation_id": f"w{i % 20}"}
+            for i in range(1000)]}).raise_for_status()
+    page.wait_for_function("document.querySelector('#tail tr.event').dataset.position === '10000'", timeout=20000)
+    assert page.locator("#tail tr.event").count() == 500  # the DOM holds a capped window
+    started = time.time()
+    page.click("#tail tr.event")
+    assert json.loads(page.text_content("#json"))["position"] == 10000
+    assert time.time() - started < 1
+
+
+def test_live_view_asks_for_the_key(keyed, browser):
+    page = browser.new_page()
+    page.goto(keyed.url + "/ui")
+    page.wait_for_selector("#keydialog[open]", timeout=5000)
+    page.fill("#keyinput", KEY)
+    page.click("#keydialog button")
+    page.wait_for_selector("#status.live", timeout=5000)
+    emit_workflow_with_two_agents(keyed.client, {"Authorization": f"Bearer {KEY}"})
+    check_live_view(page)
+
+
+def test_swagger_ui_lists_every_operation_and_executes(tmp_path, browser):
+    dist = os.environ.get("SWAGGER_UI_DIST", str(HERE / ".ci" / ".npm" / "node_modules" / "swagger-ui-dist"))
+    if not os.path.exists(os.path.join(dist, "swagger-ui-bundle.js")):
+        pytest.skip(f"swagger-ui-dist not found at {dist} (npm install swagger-ui-dist): Swagger UI test not run")
+    import functools
+    import http.server
+    handler = functools.partial(http.server.SimpleHTTPRequestHandler, directory=dist)
+    handler.log_message = lambda *args: None
+    assets = http.server.ThreadingHTTPServer(("127.0.0.1", 0), handler)
+    threading.Thread(target=assets.serve_forever, daemon=True).start()
+    try:
+        with ThreadServer(tmp_path / "docs", docs_assets_url=f"http://127.0.0.1:{assets.server_port}",
+                          cors_origins=["*"]) as server:
+            doc = server.client.get("/openapi.json").json()
+            operations = sum(len(methods) for methods in doc["paths"].values())
+            page = browser.new_page(viewport={"width": 1200, "height": 900})
+            page.goto(server.url + "/docs")
+            page.wait_for_selector(".opblock", timeout=10000)
+            assert page.locator(".opblock").count() == operations
+            block = page.locator("#operations-events-emit_agent")
+            block.locator(".opblock-summary").click()
+            block.locator("button.try-out__btn").click()
+            block.locator("button.execute").click()
+            block.locator(".live-responses-table tbody .response-col_status").first.wait_for(timeout=10000)
+            assert block.locator(".live-responses-table tbody .response-col_status").first.text_content().strip() == "200"
+            stored = server.client.get("/events/").json()["events"]
+            assert [e["event_name"] for e in stored] == ["agent.started"]  # the seed example, stored
+    finally:
+        assets.shutdown()
