@@ -638,6 +638,8 @@ def describe_sqlite_error(exc: BaseException) -> str:
         return f"database is read-only ({text})"
     if "full" in lowered:
         return f"disk is full ({text})"
+    if "i/o" in lowered:
+        return f"the database files cannot be written or read: read-only or failing storage? ({text})"
     return f"database error ({text})"
 
 

@@ -1670,3 +1670,43 @@ def test_swagger_ui_lists_every_operation_and_executes(tmp_path, browser):
             assert [e["event_name"] for e in stored] == ["agent.started"]  # the seed example, stored
     finally:
         assets.shutdown()
+
+
+@contextlib.contextmanager
+def ext4_filesystem(path: Path, size_mb: int = 32):
+    """A real ext4 filesystem in a loop file, so that files can be made immutable (chattr +i)."""
+    image, mountpoint = path / "disk.img", path / "mnt"
+    mountpoint.mkdir(parents=True)
+    with open(image, "wb") as f:
+        f.truncate(size_mb * 1024 * 1024)
+    made = subprocess.run(["mkfs.ext4", "-q", str(image)], capture_output=True)
+    if made.returncode != 0 or subprocess.run(["mount", "-o", "loop", str(image), str(mountpoint)],
+                                              capture_output=True).returncode != 0:
+        pytest.skip("cannot make and mount an ext4 loop filesystem here (needs root and mkfs.ext4)")
+    try:
+        yield mountpoint
+    finally:
+        for name in ("events.db", "events.db-wal", "events.db-shm"):
+            subprocess.run(["chattr", "-i", str(mountpoint / "data" / name)], capture_output=True)
+        subprocess.run(["umount", "-l", str(mountpoint)], capture_output=True)
+
+
+def test_read_only_database_is_503_then_recovers(tmp_path):
+    """The database and its WAL become read-only under the running server (immutable at the
+    filesystem level, so even its open descriptors cannot write), then writable again.
+    (Not the -shm file: SQLite maps it into memory, and a write fault there is a SIGBUS.)"""
+    with ext4_filesystem(tmp_path) as fs, ThreadServer(fs / "data") as server:
+        emit(server.client, name="first")
+        files = [str(fs / "data" / name) for name in ("events.db", "events.db-wal")]
+        subprocess.run(["chattr", "+i", *files], check=True)
+        try:
+            reply = server.client.post("/events/emit/agent", json={"name": "while read-only"})
+            assert reply.status_code == 503 and "read-only or failing storage" in reply.json()["detail"]
+            health = server.client.get("/health/")
+            assert health.status_code == 503 and health.json()["status"] == "unhealthy"
+            assert server.client.get("/events/").json()["total"] == 1  # reads go on
+        finally:
+            subprocess.run(["chattr", "-i", *files], check=True)
+        assert emit(server.client, name="after")["position"] == 2
+        assert server.client.get("/health/").json()["status"] == "healthy"
+        assert [e["event_name"] for e in events_of(server.client)["events"]] == ["after", "first"]
