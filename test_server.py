@@ -580,6 +580,22 @@ def test_attributes_any_json_inside_and_depth_limit(client):
     assert reply.status_code in (413, 422)
 
 
+def test_limits_at_their_edges(tmp_path):
+    with ThreadServer(tmp_path, max_body=1024, max_id_length=8) as server:
+        c = server.client
+        assert emit(c, name="n" * 8, aggregate_id="a" * 8, correlation_id="c" * 8, causation_id="p" * 8)
+        for field in ("name", "aggregate_id", "correlation_id", "causation_id"):
+            assert_invalid(c.post("/events/emit/agent", json={"name": "x", field: "y" * 9}), "body", field)
+        body = json.dumps({"name": "x", "attributes": {"pad": ""}}).encode()
+        exact = body.replace(b'"pad": ""', b'"pad": "' + b"p" * (1024 - len(body)) + b'"')
+        assert len(exact) == 1024
+        assert c.post("/events/emit/agent", content=exact, headers={"content-type": "application/json"}).status_code == 200
+        over = exact.replace(b'"pad": "', b'"pad": "p')
+        assert c.post("/events/emit/agent", content=over, headers={"content-type": "application/json"}).status_code == 413
+        assert events_of(c, limit=1000)["limit"] == 1000
+        assert_invalid(c.get("/events/agents/" + "a" * 9), "path", "agent_id")
+
+
 def test_wrong_content_type_is_415(client):
     reply = client.post("/events/emit/agent", content=b'{"name": "x"}', headers={"content-type": "text/plain"})
     assert reply.status_code == 415 and "application/json" in reply.json()["detail"]
@@ -1628,6 +1644,27 @@ def test_live_view_stays_small_with_10000_events(srv, browser):
     page.click("#tail tr.event")
     assert json.loads(page.text_content("#json"))["position"] == 10000
     assert time.time() - started < 1
+
+
+def test_live_view_reconnects_and_resumes_after_a_restart(tmp_path, browser):
+    data, port = tmp_path / "restart", free_port()
+    proc, url = start_process(data, port=port)
+    try:
+        page = browser.new_page()
+        page.goto(url + "/ui")
+        page.wait_for_selector("#status.live", timeout=5000)
+        emit(httpx.Client(base_url=url), name="before.restart")
+        page.wait_for_selector("#tail tr.event", timeout=2000)
+        stop_process(proc)
+        page.wait_for_selector("#status.down", timeout=5000)
+        proc, url = start_process(data, port=port)
+        emit(httpx.Client(base_url=url), name="after.restart")
+        page.wait_for_function("document.querySelector('#tail tr.event').textContent.includes('after.restart')",
+                               timeout=10000)  # the browser retries (retry: 3000) and resumes after its last id
+        assert page.locator("#tail tr.event").count() == 2
+        page.wait_for_selector("#status.live", timeout=2000)
+    finally:
+        stop_process(proc)
 
 
 def test_live_view_asks_for_the_key(keyed, browser):
