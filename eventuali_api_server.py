@@ -99,6 +99,11 @@ class APIServerConfig:
     def database_path(self) -> str:
         return os.path.join(self.data_dir, "events.db")
 
+    @classmethod
+    def from_env(cls, environ: dict | None = None) -> "APIServerConfig":
+        """Settings from the environment (kept from the original's API)."""
+        return config_from_env(environ)
+
 
 class ConfigError(ValueError):
     """A setting has a value it cannot take; the message names the setting."""
@@ -189,9 +194,6 @@ def config_from_env(environ: dict | None = None, **overrides: Any) -> APIServerC
         config.cors_allow_credentials = False  # browsers refuse credentials with a wildcard origin
     return config
 
-
-# Kept for clients of the original, which called APIServerConfig.from_env().
-APIServerConfig.from_env = staticmethod(config_from_env)  # type: ignore[attr-defined]
 
 _config: APIServerConfig | None = None
 
@@ -970,72 +972,72 @@ def aggregate_version(conn: sqlite3.Connection, aggregate_type: str, aggregate_i
                   (aggregate_type, aggregate_id))
 
 
+def scope_arms(agent: str | None, workflow: str | None) -> list:
+    """The route's own condition, as (sql, args) arms whose results are disjoint. A workflow's
+    timeline is two index-ordered arms that SQLite merges, instead of an OR and a sort."""
+    if agent is not None:
+        return [("aggregate_type = 'agent_aggregate' AND aggregate_id = ?", (agent,))]
+    if workflow is not None:
+        return [("aggregate_type = 'workflow_aggregate' AND aggregate_id = ?", (workflow,)),
+                ("correlation_id = ? AND NOT (aggregate_type = 'workflow_aggregate' AND aggregate_id = ?)",
+                 (workflow, workflow))]
+    return [("", ())]
+
+
 def query_events(conn: sqlite3.Connection, params: dict, agent: str | None = None,
                  workflow: str | None = None) -> dict:
     """A page of events and the exact total for the filters (cursor and paging aside);
     scoped to one agent's events, or to a workflow's timeline, when given."""
     equal = {name: params[name] for name in STREAM_FILTERS if params.get(name) is not None}
     timed = params.get("since") is not None or params.get("until") is not None
-    if agent is not None:
-        scope = ("aggregate_type = 'agent_aggregate' AND aggregate_id = ?", (agent,))
-    elif workflow is not None:  # two index-ordered arms that SQLite merges, instead of an OR and a sort
-        scope = ("aggregate_type = 'workflow_aggregate' AND aggregate_id = ?", (workflow,))
-        other = ("correlation_id = ? AND NOT (aggregate_type = 'workflow_aggregate' AND aggregate_id = ?)",
-                 (workflow, workflow))
-    else:
-        scope = ("", ())
+    arms = scope_arms(agent, workflow)
     cursor = {"position > ?": params.get("after"), "position < ?": params.get("before")}
     cursor = {clause: value for clause, value in cursor.items() if value is not None}
-    indexed = ""
+    indexed, total = "", None
     if timed and not equal and agent is None and workflow is None:
         total = _time_total(conn, params)
         if total <= FEW:
             indexed = " INDEXED BY events_timestamp"
-    else:
-        total = None
 
-    def select(part: tuple, with_cursor: bool = True) -> tuple:
-        where, args = build_where(params, part)
-        clauses = ([where] if where else []) + (list(cursor) if with_cursor else [])
-        return (f"SELECT {COLUMNS} FROM events{indexed}" + (" WHERE " + " AND ".join(clauses) if clauses else ""),
-                [*args, *(cursor.values() if with_cursor else ())])
+    def union(with_cursor: bool) -> tuple:
+        parts, args = [], []
+        for arm in arms:
+            where, arm_args = build_where(params, arm)
+            clauses = ([where] if where else []) + (list(cursor) if with_cursor else [])
+            parts.append(f"SELECT {COLUMNS} FROM events{indexed}" +
+                         (" WHERE " + " AND ".join(clauses) if clauses else ""))
+            args += [*arm_args, *(cursor.values() if with_cursor else ())]
+        return " UNION ALL ".join(parts), args
 
-    sql, args = select(scope)
-    if workflow is not None:
-        second, second_args = select(other)
-        sql, args = f"{sql} UNION ALL {second}", [*args, *second_args]
+    sql, args = union(with_cursor=True)
     order = "ASC" if params["order"] == "asc" else "DESC"
     rows = conn.execute(f"{sql} ORDER BY position {order} LIMIT ? OFFSET ?",
                         [*args, params["limit"], params["offset"]]).fetchall()
     if total is None:
-        total = exact_total(conn, equal, timed, agent, workflow, select)
+        total = summary_total(conn, equal, timed, agent, workflow)
+    if total is None:  # counted on the same indexes the page used
+        count_sql, count_args = union(with_cursor=False)
+        total = _count(conn, f"SELECT count(*) FROM ({count_sql})", count_args)
     return {"items": [item_json(row) for row in rows], "total": total,
             "next": rows[-1][0] if len(rows) == params["limit"] else None}
 
 
-def exact_total(conn: sqlite3.Connection, equal: dict, timed: bool, agent: str | None, workflow: str | None,
-                select: Callable) -> int:
-    """From the maintained summaries where they answer exactly, else by counting on an index."""
-    if not timed and not equal:
-        if agent is not None:
-            return aggregate_version(conn, "agent_aggregate", agent)
-        if workflow is not None:
-            overlap = _count(conn, "SELECT count(*) FROM events WHERE aggregate_type = 'workflow_aggregate' "
-                                   "AND aggregate_id = ? AND correlation_id = ?", (workflow, workflow))
-            return (aggregate_version(conn, "workflow_aggregate", workflow)
-                    + _counter(conn, "correlation_id", workflow) - overlap)
-        return last_position(conn)  # positions are 1..n without gaps
-    if not timed and len(equal) == 1 and agent is None and workflow is None:
+def summary_total(conn: sqlite3.Connection, equal: dict, timed: bool, agent: str | None,
+                  workflow: str | None) -> int | None:
+    """The exact total from the maintained summaries, where they can answer it; else None."""
+    if timed or len(equal) > 1 or (equal and (agent is not None or workflow is not None)):
+        return None
+    if equal:
         [(field, value)] = equal.items()
         return _counter(conn, field, value)
+    if agent is not None:
+        return aggregate_version(conn, "agent_aggregate", agent)
     if workflow is not None:
-        first, first_args = select(("aggregate_type = 'workflow_aggregate' AND aggregate_id = ?", (workflow,)), False)
-        second, second_args = select(("correlation_id = ? AND NOT (aggregate_type = 'workflow_aggregate' "
-                                      "AND aggregate_id = ?)", (workflow, workflow)), False)
-        return _count(conn, f"SELECT count(*) FROM ({first} UNION ALL {second})", [*first_args, *second_args])
-    sql, args = select(("aggregate_type = 'agent_aggregate' AND aggregate_id = ?", (agent,)) if agent else ("", ()),
-                       False)
-    return _count(conn, f"SELECT count(*) FROM ({sql})", args)
+        overlap = _count(conn, "SELECT count(*) FROM events WHERE aggregate_type = 'workflow_aggregate' "
+                               "AND aggregate_id = ? AND correlation_id = ?", (workflow, workflow))
+        own = aggregate_version(conn, "workflow_aggregate", workflow)
+        return own + _counter(conn, "correlation_id", workflow) - overlap
+    return last_position(conn)  # positions are 1..n without gaps
 
 
 def read_after(conn: sqlite3.Connection, position: int, filters: dict, limit: int = PAGE) -> list:
