@@ -1244,8 +1244,16 @@ def test_max_streams(tmp_path):
 
 
 def test_disconnects_free_everything(srv):
-    loop_tasks = lambda: len(asyncio.all_tasks(srv.server_loop)) if hasattr(srv, "server_loop") else 0
     import resource
+    loop = srv.app.state.hub._loop
+
+    async def count_tasks() -> int:
+        return len(asyncio.all_tasks())
+
+    def tasks() -> int:
+        return asyncio.run_coroutine_threadsafe(count_tasks(), loop).result(5)
+
+    tasks_before = tasks()
     rss_before = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss
     cycles = int(os.environ.get("DISCONNECT_CYCLES", "10000"))
     host, port = "127.0.0.1", srv.port
@@ -1262,6 +1270,10 @@ def test_disconnects_free_everything(srv):
         time.sleep(0.05)
     hub = srv.app.state.hub
     assert not hub.subscribers
+    deadline = time.time() + 10
+    while tasks() > tasks_before:  # each stream's sender and disconnect watcher are gone too
+        assert time.time() < deadline, (tasks_before, tasks())
+        time.sleep(0.05)
     rss_after = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss
     assert rss_after - rss_before < 100 * 1024, (rss_before, rss_after)  # KiB: well under 100 MB
     # the stream still works afterwards
