@@ -1623,17 +1623,17 @@ def create_app(config: APIServerConfig | None = None) -> Starlette:
             await hub.stop()
             await store.stop()
 
-    routes = [
+    routes = [  # the hot emit routes first: routing tries each pattern in turn
+        Route("/events/emit/agent", emit_handler("agent"), methods=["POST"]),
+        Route("/events/emit/workflow", emit_handler("workflow"), methods=["POST"]),
+        Route("/events/emit/system", emit_handler("system"), methods=["POST"]),
+        Route("/events/emit/batch", emit_batch, methods=["POST"]),
         Route("/", root),
         Route("/health", health),
         Route("/health/", health),
         Route("/health/database", health_database),
         Route("/events", list_events),
         Route("/events/", list_events),
-        Route("/events/emit/agent", emit_handler("agent"), methods=["POST"]),
-        Route("/events/emit/workflow", emit_handler("workflow"), methods=["POST"]),
-        Route("/events/emit/system", emit_handler("system"), methods=["POST"]),
-        Route("/events/emit/batch", emit_batch, methods=["POST"]),
         Route("/events/stream", stream),
         Route("/events/agents/{agent_id}", agent_events),
         Route("/events/workflows/{workflow_id}", workflow_events),
