@@ -95,6 +95,10 @@ class APIServerConfig:
     max_id_length: int = 256
     docs_assets_url: str = DOCS_ASSETS_URL
 
+    def __post_init__(self) -> None:
+        if "*" in self.cors_origins:
+            self.cors_allow_credentials = False  # browsers refuse credentials with a wildcard origin
+
     @property
     def database_path(self) -> str:
         return os.path.join(self.data_dir, "events.db")
@@ -189,10 +193,7 @@ def config_from_env(environ: dict | None = None, **overrides: Any) -> APIServerC
         env = "API_" + name.upper()
         if env in environ and name not in values:
             values[name] = environ[env]
-    config = APIServerConfig(**values)
-    if "*" in config.cors_origins:
-        config.cors_allow_credentials = False  # browsers refuse credentials with a wildcard origin
-    return config
+    return APIServerConfig(**values)
 
 
 _config: APIServerConfig | None = None
@@ -296,6 +297,7 @@ def event_fields(config: APIServerConfig) -> dict:
 
 
 REQUIRED_FIELDS = ("name",)
+KIND_FIELD = {"type": "string", "enum": list(KINDS), "description": "agent, workflow or system."}
 _TIMESTAMP = re.compile(  # ASCII digits only: int() would take any script's digits
     r"(\d{4})-(\d{2})-(\d{2})"
     r"(?:[Tt ](\d{2}):(\d{2})(?::(\d{2})(?:[.,](\d{1,9}))?)?)?"
@@ -1105,7 +1107,7 @@ class Subscriber:
         self.live_from = live_from  # the log's last position just before it subscribed
         self.buffer: deque = deque()
         self.wake = asyncio.Event()
-        self.behind = False
+        self.behind = True  # it starts by reading the stored events after its start position
         self.closed = False
         self.pump: asyncio.Future | None = None  # the task that sends to the client
 
@@ -1286,7 +1288,7 @@ async def emit_batch(request: Request) -> Response:
                               "value_error.list.size"))
     if errors:
         raise Problem(422, errors)
-    fields = {"kind": {"type": "string", "enum": list(KINDS)}, **state.fields}
+    fields = state.batch_fields
     events = []
     for index, item in enumerate(items):
         loc = ["body", "events", index]
@@ -1456,9 +1458,8 @@ class SSEResponse(Response):
 
     async def _messages(self) -> AsyncIterator[bytes]:
         sub, last, filters = self.sub, self.start, self.filters
-        catch_up = True
         while not sub.closed:
-            if catch_up or sub.behind:
+            if sub.behind:
                 sub.behind = False
                 sub.buffer.clear()
                 while not sub.closed:  # stored events first, in bounded pages
@@ -1472,7 +1473,6 @@ class SSEResponse(Response):
                         yield b"".join(sse_message(row)[-1] for row in rows)
                     if len(rows) < PAGE:
                         break
-                catch_up = False
             chunk = []
             while sub.buffer:
                 message = sub.buffer.popleft()
@@ -1642,10 +1642,9 @@ def create_app(config: APIServerConfig | None = None) -> Starlette:
         Route("/docs", docs_handler),
         Route("/ui", ui_handler),
     ]
-    allow_all = "*" in config.cors_origins
     middleware = [Middleware(
         cors_when_origin, allow_origins=config.cors_origins,
-        allow_credentials=config.cors_allow_credentials and not allow_all,
+        allow_credentials=config.cors_allow_credentials,
         allow_methods=["GET", "POST", "OPTIONS"],
         allow_headers=["Authorization", "Content-Type", "Last-Event-ID", "Accept", "Cache-Control"],
     )]
@@ -1658,6 +1657,7 @@ def create_app(config: APIServerConfig | None = None) -> Starlette:
     application.router.redirect_slashes = False  # the original's 307s broke its own client
     application.state.config = config
     application.state.fields = event_fields(config)
+    application.state.batch_fields = {"kind": KIND_FIELD, **application.state.fields}
     application.state.list_params = list_params(config)
     application.state.stream_params = stream_params(config)
     return application
@@ -1784,7 +1784,7 @@ def _schemas(config: APIServerConfig) -> dict:
 
     return {
         "EventRequest": _request_schema(fields, REQUIRED_FIELDS, "An event to append."),
-        "BatchEvent": _request_schema({"kind": {"type": "string", "enum": list(KINDS)}, **fields},
+        "BatchEvent": _request_schema({"kind": KIND_FIELD, **fields},
                                       ("kind", *REQUIRED_FIELDS), "An event of a batch, with its kind."),
         "BatchRequest": {"type": "object", "additionalProperties": False, "required": ["events"],
                          "properties": {"events": {"type": "array", "minItems": 1, "maxItems": config.max_batch,
