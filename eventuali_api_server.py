@@ -417,13 +417,14 @@ def _parse_float(text: str) -> float:
 
 
 _SURROGATE = re.compile(r"\\u[dD][89a-fA-F]")
+_decode = json.JSONDecoder(parse_constant=_reject_constant, parse_float=_parse_float).decode
 
 
 def parse_json(body: bytes, max_depth: int) -> Any:
     """Strict JSON: UTF-8 only, no NaN or Infinity, no lone surrogates, bounded nesting."""
     try:
         text = body.decode("utf-8")
-        value = json.loads(text, parse_constant=_reject_constant, parse_float=_parse_float)
+        value = _decode(text)
         if "\\u" in text and _SURROGATE.search(text):
             json.dumps(value, ensure_ascii=False).encode("utf-8")  # raises on a lone surrogate
     except UnicodeError:
@@ -473,12 +474,10 @@ def prepare_event(kind: str, body: Any, loc: Sequence, errors: list, fields: dic
 def uuid7() -> str:
     """A time-ordered UUID (RFC 9562 version 7): new ids land at the end of the event_id
     index instead of on a random page of it, which keeps commits small as the log grows."""
-    rand = int.from_bytes(os.urandom(10), "big")  # 80 bits: 12 for rand_a, 62 for rand_b
-    milliseconds = time.time_ns() // 1_000_000
-    value = ((milliseconds << 80) | (0x7 << 76) | ((rand >> 68) << 64) | (0b10 << 62)
-             | (rand & ((1 << 62) - 1)))
-    text = f"{value:032x}"
-    return f"{text[:8]}-{text[8:12]}-{text[12:16]}-{text[16:20]}-{text[20:]}"
+    raw = (time.time_ns() // 1_000_000).to_bytes(6, "big") + os.urandom(10)  # 48-bit ms, then random
+    text = raw.hex()
+    variant = "89ab"[raw[8] >> 6]  # 0b10 and two random bits
+    return f"{text[:8]}-{text[8:12]}-7{text[13:16]}-{variant}{text[17:20]}-{text[20:]}"
 
 
 def _string_attr(attributes: dict, key: str) -> str | None:
@@ -616,16 +615,24 @@ COLUMNS = ("position, event_id, aggregate_type, aggregate_id, aggregate_version,
 # Maintained with the log, in the same transaction, so that reads need not scan:
 # exact totals for one filter, and each workflow's agents in order of appearance.
 COUNTED = (("event_type", 5), ("aggregate_type", 2), ("aggregate_id", 3), ("event_name", 6), ("correlation_id", 9))
-UPSERT_COUNT = ("INSERT INTO counts VALUES (?, ?, ?) "
-                "ON CONFLICT (field, value) DO UPDATE SET n = n + excluded.n")
-INSERT_MEMBER = "INSERT OR IGNORE INTO workflow_agents VALUES (?, ?, ?)"
-INSERT_ROWS = 60  # rows per INSERT statement: 900 parameters, under SQLite's oldest limit of 999
+INSERT_EVENTS = f"INSERT INTO events ({COLUMNS}, content_hash)"
 
 
 @functools.lru_cache(maxsize=None)
-def insert_sql(rows: int) -> str:
-    values = "(" + ", ".join("?" * 15) + ")"
-    return f"INSERT INTO events ({COLUMNS}, content_hash) VALUES " + ", ".join([values] * rows)
+def insert_sql(head: str, columns: int, rows: int, tail: str) -> str:
+    values = "(" + ", ".join("?" * columns) + ")"
+    return f"{head} VALUES " + ", ".join([values] * rows) + tail
+
+
+def insert_many(conn: sqlite3.Connection, head: str, rows: list, tail: str = "") -> None:
+    """Multi-row INSERTs: one statement step, and so one GIL hand-off for the writer,
+    per many rows instead of per row as with executemany (measured: emits ~5% faster)."""
+    per = 999 // len(rows[0])  # SQLite's oldest limit on parameters per statement
+    for start in range(0, len(rows), per):
+        chunk = rows[start:start + per]
+        conn.execute(insert_sql(head, len(chunk[0]), len(chunk), tail), [value for row in chunk for value in row])
+
+
 PAGE = 500  # rows per read when a stream catches up
 
 
@@ -796,12 +803,8 @@ class Store:
             conn.execute("BEGIN IMMEDIATE")
             try:
                 outcomes, rows = self._plan(conn, group)
-                # Multi-row INSERTs: one statement step (and one GIL hand-off) per 60 rows
-                # instead of one per row as with executemany; measured ~5% on emits.
-                for start in range(0, len(rows), INSERT_ROWS):
-                    chunk = rows[start:start + INSERT_ROWS]
-                    conn.execute(insert_sql(len(chunk)), [value for row in chunk for value in row])
                 if rows:
+                    insert_many(conn, INSERT_EVENTS, rows)
                     update_summaries(conn, rows)
                 conn.execute("COMMIT")
                 return outcomes
@@ -820,10 +823,12 @@ class Store:
 
     def _plan(self, conn: sqlite3.Connection, group: list) -> tuple:
         """Decide every request's outcome inside the write transaction; rows to insert."""
-        position = conn.execute("SELECT max(position) FROM events").fetchone()[0] or 0
+        events_in = [event for events, _future in group if events != "probe" for event in events]
+        keys = list({(event["aggregate_type"], event["aggregate_id"]) for event in events_in if not event["fresh"]})
+        position, versions = log_state(conn, keys)  # versions: valid inside this transaction
+        # client event_id -> (hash, result): stored before, or by this group
+        stored = stored_events(conn, [event["event_id"] for event in events_in if event["client_event_id"]])
         now = utc_now()
-        versions: dict = {}  # (aggregate_type, aggregate_id) -> version, valid inside this transaction
-        stored: dict = {}  # client event_id -> (hash, result) for ids stored by this group
         rows: list = []
         outcomes: list = []
         for events, future in group:
@@ -838,8 +843,7 @@ class Store:
             try:
                 for event in events:
                     if event["client_event_id"]:
-                        earlier = staged_ids.get(event["event_id"]) or stored.get(event["event_id"]) \
-                            or _stored_event(conn, event["event_id"])
+                        earlier = staged_ids.get(event["event_id"]) or stored.get(event["event_id"])
                         if earlier:
                             if earlier[0] != event["hash"]:
                                 raise Problem(409, f"event_id {event['event_id']} was already used "
@@ -847,11 +851,7 @@ class Store:
                             results.append(earlier[1])
                             continue
                     key = (event["aggregate_type"], event["aggregate_id"])
-                    current = staged_versions.get(key, versions.get(key))
-                    if current is None:
-                        current = 0 if event["fresh"] else conn.execute(
-                            "SELECT max(aggregate_version) FROM events WHERE aggregate_type = ? "
-                            "AND aggregate_id = ?", key).fetchone()[0] or 0
+                    current = staged_versions.get(key, versions.get(key, 0))  # fresh ids are at 0
                     expected = event["expected_version"]
                     if expected is not None and expected != current:
                         raise Conflict(f"{key[0]} {key[1]!r} is at version {current}, "
@@ -888,14 +888,47 @@ def update_summaries(conn: sqlite3.Connection, rows: list) -> None:
                 counts[key] = counts.get(key, 0) + 1
         if row[2] == "agent_aggregate" and row[9] is not None:
             members.setdefault((row[9], row[3]), row[0])
-    conn.executemany(UPSERT_COUNT, [(field, value, n) for (field, value), n in counts.items()])
-    conn.executemany(INSERT_MEMBER, [(wf, agent, position) for (wf, agent), position in members.items()])
+    insert_many(conn, "INSERT INTO counts", [(field, value, n) for (field, value), n in counts.items()],
+                " ON CONFLICT (field, value) DO UPDATE SET n = n + excluded.n")
+    if members:
+        insert_many(conn, "INSERT OR IGNORE INTO workflow_agents",
+                    [(wf, agent, position) for (wf, agent), position in members.items()])
 
 
-def _stored_event(conn: sqlite3.Connection, event_id: str) -> tuple | None:
-    row = conn.execute("SELECT content_hash, event_id, position, aggregate_version, timestamp, aggregate_id "
-                       "FROM events WHERE event_id = ?", (event_id,)).fetchone()
-    return (row[0], tuple(row[1:])) if row else None
+# Each statement the writer runs is a GIL hand-off, and under load the event loop
+# thread holds the GIL for a while each time: so the writer looks up what a group
+# needs in one statement per few hundred keys, never one per event.
+LOOKUP_KEYS = 300
+
+
+def log_state(conn: sqlite3.Connection, keys: list) -> tuple:
+    """The last position, and {(aggregate_type, aggregate_id): current version} for `keys`."""
+    position, versions = 0, {}
+    for start in range(0, max(len(keys), 1), LOOKUP_KEYS):
+        chunk = keys[start:start + LOOKUP_KEYS]
+        sql = "SELECT (SELECT max(position) FROM events)"
+        if chunk:
+            sql = ("WITH k (i, t, id) AS (VALUES " + ", ".join(["(?, ?, ?)"] * len(chunk)) + ") " + sql +
+                   ", (SELECT group_concat(i || ' ' || (SELECT coalesce(max(aggregate_version), 0) FROM events "
+                   "WHERE aggregate_type = k.t AND aggregate_id = k.id)) FROM k)")
+        row = conn.execute(sql, [value for i, key in enumerate(chunk) for value in (i, *key)]).fetchone()
+        position = row[0] or 0
+        for pair in (row[1] or "").split(",") if chunk else ():
+            i, version = pair.split(" ")
+            versions[chunk[int(i)]] = int(version)
+    return position, versions
+
+
+def stored_events(conn: sqlite3.Connection, event_ids: list) -> dict:
+    """{event_id: (content_hash, result)} for those of `event_ids` already stored."""
+    found = {}
+    for start in range(0, len(event_ids), 999):
+        chunk = event_ids[start:start + 999]
+        for row in conn.execute("SELECT content_hash, event_id, position, aggregate_version, timestamp, "
+                                "aggregate_id FROM events WHERE event_id IN (" + ", ".join("?" * len(chunk)) + ")",
+                                chunk):
+            found[row[1]] = (row[0], tuple(row[1:]))
+    return found
 
 
 def _settle(outcomes: list) -> None:
@@ -1219,34 +1252,55 @@ def json_response(content: Any, status: int = 200, headers: dict | None = None) 
     return Response(compact_json(content), status_code=status, media_type=JSON_TYPE, headers=headers)
 
 
-async def read_body(request: Request, limit: int) -> bytes:
-    """The request body, refused with 413 as soon as it passes `limit` bytes."""
-    length = request.headers.get("content-length")
-    if length is not None and length.isdigit() and int(length) > limit:
-        raise Problem(413, f"request body is larger than {limit} bytes")
-    chunks, size = [], 0
-    async for chunk in request.stream():
-        size += len(chunk)
-        if size > limit:
-            raise Problem(413, f"request body is larger than {limit} bytes")
-        chunks.append(chunk)
-    return b"".join(chunks)
+# -- the emit routes: the hot path -------------------------------------------------
+# Every agent hook POSTs here, so these routes are plain ASGI functions served in front
+# of routing (see emit_routes): one pass over the headers, no Request or Response
+# objects, the reply written as JSON text directly. Measured: about a third of the
+# server's per-request CPU on top of the HTTP stack itself went to that machinery.
+
+quote = json.encoder.encode_basestring  # a JSON string literal, non-ASCII kept as is
 
 
-async def read_json(request: Request, config: APIServerConfig) -> Any:
-    content_type = request.headers.get("content-type", JSON_TYPE).split(";")[0].strip().lower()
-    if content_type != JSON_TYPE and not content_type.endswith("+json"):
-        raise Problem(415, f"content type must be {JSON_TYPE}, not {content_type!r}")
-    body = await read_body(request, config.max_body)
-    return parse_json(body, config.max_depth)
+async def receive_json(scope: dict, receive: Callable, config: APIServerConfig) -> Any:
+    """The request's JSON body: 415 unless it is JSON, 413 as soon as it passes max_body."""
+    content_type, length = b"application/json", b""
+    for name, value in scope["headers"]:
+        if name == b"content-type":
+            content_type = value
+        elif name == b"content-length":
+            length = value
+    media = content_type.split(b";")[0].strip().lower()
+    if media != b"application/json" and not media.endswith(b"+json"):
+        raise Problem(415, f"content type must be {JSON_TYPE}, not {media.decode('latin-1')!r}")
+    limit = config.max_body
+    too_large = f"request body is larger than {limit} bytes"
+    if length.isdigit() and int(length) > limit:
+        raise Problem(413, too_large)
+    body = bytearray()
+    while True:
+        message = await receive()
+        if message["type"] == "http.disconnect":
+            raise Problem(400, "the client closed the connection before sending the whole body")
+        body += message.get("body", b"")
+        if len(body) > limit:
+            raise Problem(413, too_large)
+        if not message.get("more_body"):
+            return parse_json(body, config.max_depth)
 
 
-def emit_reply(kind: str, name: str, result: tuple) -> dict:
+async def send_json(send: Callable, body: str, status: int = 200, headers: Sequence = ()) -> None:
+    data = body.encode()
+    await send({"type": "http.response.start", "status": status, "headers": [
+        (b"content-type", b"application/json"), (b"content-length", b"%d" % len(data)), *headers]})
+    await send({"type": "http.response.body", "body": data})
+
+
+def emit_reply(kind: str, name: str, result: tuple) -> str:
+    """The original's emit reply, as JSON text (ids, timestamps and numbers need no escaping)."""
     event_id, position, version, timestamp, aggregate_id = result
-    return {"success": True, "event_id": event_id,
-            "message": f"{KINDS[kind][2]} event '{name}' emitted successfully",
-            "timestamp": timestamp, "position": position, "aggregate_id": aggregate_id,
-            "aggregate_version": version}
+    message = quote(f"{KINDS[kind][2]} event '{name}' emitted successfully")
+    return (f'{{"success":true,"event_id":"{event_id}","message":{message},"timestamp":"{timestamp}",'
+            f'"position":{position},"aggregate_id":{quote(aggregate_id)},"aggregate_version":{version}}}')
 
 
 async def stored(future: asyncio.Future) -> Any:
@@ -1256,24 +1310,25 @@ async def stored(future: asyncio.Future) -> Any:
         raise Problem(503, str(exc)) from None
 
 
-def emit_handler(kind: str) -> Callable:
-    async def emit(request: Request) -> Response:
-        state = request.app.state
-        body = await read_json(request, state.config)
+def emit_endpoint(kind: str) -> Callable:
+    """POST /events/emit/{kind}: one event."""
+    async def emit(scope: dict, receive: Callable, send: Callable) -> None:
+        state = scope["app"].state
+        body = await receive_json(scope, receive, state.config)
         errors: list = []
         event = prepare_event(kind, body, ["body"], errors, state.fields)
         if errors:
             raise Problem(422, errors)
         [result] = await stored(state.store.append([event]))
-        return json_response(emit_reply(kind, event["name"], result))
-    emit.__name__ = f"emit_{kind}"
+        await send_json(send, emit_reply(kind, event["name"], result))
     return emit
 
 
-async def emit_batch(request: Request) -> Response:
-    state = request.app.state
+async def emit_batch(scope: dict, receive: Callable, send: Callable) -> None:
+    """POST /events/emit/batch: 1 to max_batch events, stored all or nothing."""
+    state = scope["app"].state
     config = state.config
-    body = await read_json(request, config)
+    body = await receive_json(scope, receive, config)
     errors: list = []
     items = body.get("events") if isinstance(body, dict) else None
     if not isinstance(body, dict):
@@ -1300,8 +1355,35 @@ async def emit_batch(request: Request) -> Response:
     if errors:
         raise Problem(422, errors)
     results = await stored(state.store.append(events))
-    replies = [emit_reply(event["kind"], event["name"], result) for event, result in zip(events, results)]
-    return json_response({"success": True, "events": replies})
+    replies = ",".join([emit_reply(event["kind"], event["name"], result) for event, result in zip(events, results)])
+    await send_json(send, '{"success":true,"events":[' + replies + "]}")
+
+
+EMIT_ROUTES = {f"/events/emit/{kind}": emit_endpoint(kind) for kind in KINDS}
+EMIT_ROUTES["/events/emit/batch"] = emit_batch
+
+
+def emit_routes(app: Callable) -> Callable:
+    """ASGI wrapper that serves the emit routes itself and passes the rest on to routing.
+    Errors are answered here as Problem replies; anything else is a bug and reaches
+    Starlette's ServerErrorMiddleware (500)."""
+    async def route(scope: dict, receive: Callable, send: Callable) -> None:
+        if scope["type"] != "http":
+            return await app(scope, receive, send)
+        path, root = scope["path"], scope.get("root_path", "")
+        if root and path.startswith(root):  # behind `--root-path`, routes match below it, as Starlette's do
+            path = path[len(root):]
+        endpoint = EMIT_ROUTES.get(path)
+        if endpoint is None:
+            return await app(scope, receive, send)
+        if scope["method"] != "POST":
+            return await send_json(send, '{"detail":"Method Not Allowed"}', 405, [(b"allow", b"POST")])
+        try:
+            await endpoint(scope, receive, send)
+        except Problem as exc:
+            await send_json(send, compact_json({"detail": exc.detail, **exc.extra}), exc.status)
+
+    return route
 
 
 def list_reply(page: dict, params: dict) -> Response:
@@ -1623,11 +1705,7 @@ def create_app(config: APIServerConfig | None = None) -> Starlette:
             await hub.stop()
             await store.stop()
 
-    routes = [  # the hot emit routes first: routing tries each pattern in turn
-        Route("/events/emit/agent", emit_handler("agent"), methods=["POST"]),
-        Route("/events/emit/workflow", emit_handler("workflow"), methods=["POST"]),
-        Route("/events/emit/system", emit_handler("system"), methods=["POST"]),
-        Route("/events/emit/batch", emit_batch, methods=["POST"]),
+    routes = [  # the emit routes are served in front of these: see emit_routes
         Route("/", root),
         Route("/health", health),
         Route("/health/", health),
@@ -1650,6 +1728,7 @@ def create_app(config: APIServerConfig | None = None) -> Starlette:
     )]
     if config.api_key:
         middleware.append(Middleware(require_key, key=config.api_key))
+    middleware.append(Middleware(emit_routes))
     handlers = {Problem: problem_handler, HTTPException: http_error_handler, StoreError: store_error_handler,
                 Exception: server_error_handler}
     application = Starlette(routes=routes, middleware=middleware, exception_handlers=handlers,

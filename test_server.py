@@ -42,12 +42,12 @@ def free_port() -> int:
 class ThreadServer:
     """A real uvicorn server on a free port, in a thread of the test process."""
 
-    def __init__(self, data_dir: Path, **settings) -> None:
+    def __init__(self, data_dir: Path, root_path: str = "", **settings) -> None:
         self.port = free_port()
         self.config = eas.APIServerConfig(data_dir=str(data_dir), port=self.port, **settings)
         self.app = eas.create_app(self.config)
         uv_config = uvicorn.Config(self.app, host="127.0.0.1", port=self.port, log_level="warning",
-                                   timeout_graceful_shutdown=1)
+                                   timeout_graceful_shutdown=1, root_path=root_path)
         self.server = uvicorn.Server(uv_config)
         self.url = f"http://127.0.0.1:{self.port}"
         self.thread = threading.Thread(target=self.server.run, daemon=True)
@@ -382,8 +382,31 @@ def test_unknown_path_and_wrong_method_are_json(client):
     assert reply.status_code == 404 and reply.json() == {"detail": "Not Found"}
     reply = client.delete("/events/")
     assert reply.status_code == 405 and reply.json() == {"detail": "Method Not Allowed"}
-    reply = client.get("/events/emit/agent")
-    assert reply.status_code == 405 and reply.json()["detail"]
+    for path in ("/events/emit/agent", "/events/emit/batch"):
+        reply = client.get(path)
+        assert reply.status_code == 405 and reply.json() == {"detail": "Method Not Allowed"}
+        assert reply.headers["allow"] == "POST"
+
+
+def test_emit_cut_short_stores_nothing(srv, caplog):
+    # the client sends half a body and hangs up: no reply is owed, nothing is stored, nothing is logged as an error
+    with socket.create_connection(("127.0.0.1", srv.port)) as sock:
+        sock.sendall(b"POST /events/emit/agent HTTP/1.1\r\nHost: x\r\nContent-Type: application/json\r\n"
+                     b"Content-Length: 500\r\n\r\n{\"name\": \"cut")
+        time.sleep(0.2)
+    time.sleep(0.2)
+    assert events_of(srv.client)["total"] == 0
+    assert emit(srv.client, name="after")["position"] == 1
+    assert not [record for record in caplog.records if record.levelno >= logging.ERROR]
+
+
+def test_routes_behind_a_root_path(tmp_path):
+    # uvicorn --root-path /api: a proxy strips /api, and every route (emits too) still answers
+    with ThreadServer(tmp_path, root_path="/api") as server:
+        assert emit(server.client, name="x")["position"] == 1
+        batch = server.client.post("/events/emit/batch", json={"events": [{"kind": "system", "name": "y"}]})
+        assert batch.status_code == 200 and batch.json()["events"][0]["position"] == 2
+        assert [e["event_name"] for e in server.client.get("/events/").json()["events"]] == ["y", "x"]
 
 
 def test_events_without_slash_answers_directly(client):
