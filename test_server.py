@@ -994,6 +994,31 @@ def test_batch_idempotent_items(client):
     assert events_of(client)["total"] == 3
 
 
+@pytest.mark.parametrize("max_params", [None, 999])  # this SQLite's limit, and that of SQLite before 3.32
+def test_large_batches_over_many_aggregates(tmp_path, monkeypatch, max_params):
+    # a group's rows, version lookups and id lookups go in multi-row statements of several sizes
+    if max_params:
+        monkeypatch.setattr(eas, "MAX_PARAMS", max_params)
+        monkeypatch.setattr(eas, "LOOKUP_KEYS", max_params // 3)
+    ids = [str(uuid.uuid4()) for _ in range(1000)]
+    first = [{"kind": "agent", "name": f"n{i}", "aggregate_id": f"a{i % 400}", "correlation_id": f"w{i % 7}",
+              "event_id": ids[i]} for i in range(1000)]
+    second = [{"kind": "agent", "name": "more", "aggregate_id": f"a{i}"} for i in range(400)]
+    with ThreadServer(tmp_path) as server:
+        c = server.client
+        reply = c.post("/events/emit/batch", json={"events": first}).json()["events"]
+        assert [r["position"] for r in reply] == list(range(1, 1001))
+        assert [r["aggregate_version"] for r in reply] == [i // 400 + 1 for i in range(1000)]
+        reply = c.post("/events/emit/batch", json={"events": second}).json()["events"]
+        assert [r["aggregate_version"] for r in reply] == [4 if i < 200 else 3 for i in range(400)]
+        retry = c.post("/events/emit/batch", json={"events": first[::-1]}).json()["events"]
+        assert [r["position"] for r in retry] == list(range(1000, 0, -1))
+        assert events_of(c)["total"] == 1400
+        assert events_of(c, aggregate_id="a0")["total"] == 4 and events_of(c, correlation_id="w3")["total"] == 143
+        agents = c.get("/events/workflows/w0/agents").json()["agents"]
+        assert len(agents) == 143 and agents[0]["agent_id"] == "a0" and agents[0]["event_count"] == 4  # i % 7 == 0
+
+
 def test_failing_append_fails_only_its_own_request(srv):
     """Hold the write lock so requests pile up into one group, with a conflict among them."""
     emit(srv.client, name="seed", aggregate_id="x")
