@@ -922,9 +922,10 @@ def log_state(conn: sqlite3.Connection, keys: list) -> tuple:
                    "WHERE aggregate_type = k.t AND aggregate_id = k.id)) FROM k)")
         row = conn.execute(sql, [value for i, key in enumerate(chunk) for value in (i, *key)]).fetchone()
         position = row[0] or 0
-        for pair in (row[1] or "").split(",") if chunk else ():
-            i, version = pair.split(" ")
-            versions[chunk[int(i)]] = int(version)
+        if chunk:
+            for pair in row[1].split(","):
+                i, version = pair.split(" ")
+                versions[chunk[int(i)]] = int(version)
     return position, versions
 
 
@@ -1264,10 +1265,10 @@ def json_response(content: Any, status: int = 200, headers: dict | None = None) 
 # -- the emit routes: the hot path -------------------------------------------------
 # Every agent hook POSTs here, so these routes are plain ASGI functions served in front
 # of routing (see emit_routes): one pass over the headers, no Request or Response
-# objects, the reply written as JSON text directly. Measured: about a third of the
-# server's per-request CPU on top of the HTTP stack itself went to that machinery.
+# objects, the reply written as JSON text directly. Measured in-process, an emit took
+# 75 µs through routing and Request/Response, 43 µs this way (the bare endpoint: 24 µs).
 
-quote = json.encoder.encode_basestring  # a JSON string literal, non-ASCII kept as is
+json_string = json.encoder.encode_basestring  # a JSON string literal, non-ASCII kept as is
 
 
 async def receive_json(scope: dict, receive: Callable, config: APIServerConfig) -> Any:
@@ -1307,9 +1308,9 @@ async def send_json(send: Callable, body: str, status: int = 200, headers: Seque
 def emit_reply(kind: str, name: str, result: tuple) -> str:
     """The original's emit reply, as JSON text (ids, timestamps and numbers need no escaping)."""
     event_id, position, version, timestamp, aggregate_id = result
-    message = quote(f"{KINDS[kind][2]} event '{name}' emitted successfully")
+    message = json_string(f"{KINDS[kind][2]} event '{name}' emitted successfully")
     return (f'{{"success":true,"event_id":"{event_id}","message":{message},"timestamp":"{timestamp}",'
-            f'"position":{position},"aggregate_id":{quote(aggregate_id)},"aggregate_version":{version}}}')
+            f'"position":{position},"aggregate_id":{json_string(aggregate_id)},"aggregate_version":{version}}}')
 
 
 async def stored(future: asyncio.Future) -> Any:
