@@ -1305,6 +1305,10 @@ async def send_json(send: Callable, body: str, status: int = 200, headers: Seque
     await send({"type": "http.response.body", "body": data})
 
 
+def problem_json(exc: Problem) -> str:
+    return compact_json({"detail": exc.detail, **exc.extra})
+
+
 def emit_reply(kind: str, name: str, result: tuple) -> str:
     """The original's emit reply, as JSON text (ids, timestamps and numbers need no escaping)."""
     event_id, position, version, timestamp, aggregate_id = result
@@ -1391,7 +1395,7 @@ def emit_routes(app: Callable) -> Callable:
         try:
             await endpoint(scope, receive, send)
         except Problem as exc:
-            await send_json(send, compact_json({"detail": exc.detail, **exc.extra}), exc.status)
+            await send_json(send, problem_json(exc), exc.status)
 
     return route
 
@@ -1586,7 +1590,7 @@ class SSEResponse(Response):
 # -- errors, access, app -------------------------------------------------------
 
 async def problem_handler(request: Request, exc: Problem) -> Response:
-    return json_response({"detail": exc.detail, **exc.extra}, exc.status)
+    return Response(problem_json(exc), status_code=exc.status, media_type=JSON_TYPE)
 
 
 async def http_error_handler(request: Request, exc: HTTPException) -> Response:
