@@ -644,9 +644,6 @@ def insert_many(conn: sqlite3.Connection, head: str, rows: list, tail: str = "")
         start += size
 
 
-PAGE = 500  # rows per read when a stream catches up
-
-
 class StoreError(Exception):
     """The database cannot serve the request now (locked, read-only, full, unreadable)."""
 
@@ -953,6 +950,7 @@ def _settle(outcomes: list) -> None:
 
 # -- read queries (each runs on a reader thread: fn(conn, ...)) ----------------
 
+PAGE = 500  # rows per read when a stream catches up
 
 
 def item_json(row: tuple) -> str:
