@@ -823,13 +823,38 @@ def test_store_schema(srv, log):
     conn = sqlite3.connect(srv.config.database_path)
     assert conn.execute("PRAGMA user_version").fetchone()[0] == eas.SCHEMA_VERSION
     assert conn.execute("PRAGMA journal_mode").fetchone()[0] == "wal"
-    for sql, args in [("SELECT * FROM events WHERE event_type = ? ORDER BY position DESC LIMIT 5", ("x",)),
-                      ("SELECT * FROM events WHERE correlation_id = ? ORDER BY position DESC LIMIT 5", ("x",)),
-                      ("SELECT * FROM events WHERE event_name = ? ORDER BY position DESC LIMIT 5", ("x",)),
-                      ("SELECT * FROM events WHERE aggregate_id = ? ORDER BY position DESC LIMIT 5", ("x",)),
-                      ("SELECT count(*) FROM events WHERE timestamp > ?", ("x",))]:
+    queries = [(f"SELECT * FROM events WHERE {where} ORDER BY position DESC LIMIT 5", args)
+               for where, args in (eas.build_where({name: "AgentEvent"}) for name in eas.STREAM_FILTERS)]
+    queries.append(("SELECT count(*) FROM events WHERE timestamp > ?", ("x",)))
+    for sql, args in queries:  # the server's own conditions: each filter is served by an index
         plan = " ".join(row[-1] for row in conn.execute("EXPLAIN QUERY PLAN " + sql, args))
         assert "USING" in plan and "TEMP B-TREE" not in plan, plan
+    indexes = {row[0] for row in conn.execute("SELECT name FROM sqlite_master WHERE type = 'index'")}
+    assert "events_event_type" not in indexes and "events_aggregate_type" in indexes
+    conn.close()
+
+
+def test_older_schema_is_migrated(tmp_path):
+    """A log written by a version-1 server opens, keeps its events, and loses the index that
+    aggregate_type's serves; the event_type filter still uses an index."""
+    data = tmp_path / "d"
+    data.mkdir()
+    conn = sqlite3.connect(data / "events.db", isolation_level=None)
+    conn.executescript(eas.MIGRATIONS[0] + "; PRAGMA user_version = 1;")
+    conn.execute(f"INSERT INTO events ({eas.COLUMNS}, content_hash) VALUES "
+                 "(1, 'e1', 'agent_aggregate', 'a1', 1, 'AgentEvent', 'agent.started', "
+                 "'2026-01-01T00:00:00.000000+00:00', '{}', NULL, NULL, NULL, NULL, NULL, NULL)")
+    conn.execute("INSERT INTO counts VALUES ('event_type', 'AgentEvent', 1), ('aggregate_type', 'agent_aggregate', 1),"
+                 " ('aggregate_id', 'a1', 1), ('event_name', 'agent.started', 1)")
+    conn.close()
+    with ThreadServer(data) as server:
+        reply = events_of(server.client, event_type="AgentEvent")
+        assert [event["event_id"] for event in reply["events"]] == ["e1"] and reply["total"] == 1
+        assert emit(server.client, name="agent.step", aggregate_id="a1")["aggregate_version"] == 2
+    conn = sqlite3.connect(data / "events.db")
+    assert conn.execute("PRAGMA user_version").fetchone()[0] == eas.SCHEMA_VERSION == 2
+    assert not conn.execute("SELECT 1 FROM sqlite_master WHERE name = 'events_event_type'").fetchall()
+    assert not conn.execute("SELECT 1 FROM sqlite_stat1 WHERE idx = 'events_event_type'").fetchall()
     conn.close()
 
 
