@@ -612,14 +612,25 @@ MIGRATIONS = {
         ('events', 'events_timestamp', '1000000 2');
     """,
     # event_type and aggregate_type map one to one (KINDS), so one index serves both
-    # filters (build_where); every append then updates 7 indexes, not 8.
-    1: "DROP INDEX events_event_type",
+    # filters (build_where); every append then updates 7 indexes, not 8. The counters (exact
+    # totals for one filter) and workflow membership (each workflow's agents in order of
+    # appearance) are kept by a trigger, in the statement that inserts the event: one
+    # INSERT then writes an event and all that it implies (see Store._commit_at_once).
+    1: """
+    DROP INDEX events_event_type;
+    CREATE TRIGGER events_summaries AFTER INSERT ON events BEGIN
+        INSERT INTO counts VALUES ('event_type', NEW.event_type, 1), ('aggregate_type', NEW.aggregate_type, 1),
+            ('aggregate_id', NEW.aggregate_id, 1), ('event_name', NEW.event_name, 1)
+            ON CONFLICT (field, value) DO UPDATE SET n = n + 1;
+        INSERT INTO counts SELECT 'correlation_id', NEW.correlation_id, 1 WHERE NEW.correlation_id IS NOT NULL
+            ON CONFLICT (field, value) DO UPDATE SET n = n + 1;
+        INSERT OR IGNORE INTO workflow_agents SELECT NEW.correlation_id, NEW.aggregate_id, NEW.position
+            WHERE NEW.aggregate_type = 'agent_aggregate' AND NEW.correlation_id IS NOT NULL;
+    END;
+    """,
 }
 COLUMNS = ("position, event_id, aggregate_type, aggregate_id, aggregate_version, event_type, event_name, "
            "timestamp, attributes, correlation_id, causation_id, agent_name, user_prompt, session_id")
-# Maintained with the log, in the same transaction, so that reads need not scan:
-# exact totals for one filter, and each workflow's agents in order of appearance.
-COUNTED = (("event_type", 5), ("aggregate_type", 2), ("aggregate_id", 3), ("event_name", 6), ("correlation_id", 9))
 INSERT_EVENTS = f"INSERT INTO events ({COLUMNS}, content_hash)"
 
 
@@ -627,25 +638,28 @@ INSERT_EVENTS = f"INSERT INTO events ({COLUMNS}, content_hash)"
 MAX_PARAMS = 32766 if sqlite3.sqlite_version_info >= (3, 32, 0) else 999
 
 
+# Statements of up to AT_ONCE rows are made to measure; bigger groups go in statements of
+# power-of-two sizes, so that a few cached statement texts serve every group.
+AT_ONCE = 64
+
+
 @functools.lru_cache(maxsize=None)
-def insert_sql(head: str, columns: int, rows: int, tail: str) -> str:
+def insert_sql(head: str, columns: int, rows: int) -> str:
     values = "(" + ", ".join("?" * columns) + ")"
-    return f"{head} VALUES " + ", ".join([values] * rows) + tail
+    return f"{head} VALUES " + ", ".join([values] * rows)
 
 
-def insert_many(conn: sqlite3.Connection, head: str, rows: list, tail: str = "") -> None:
+def insert_many(conn: sqlite3.Connection, head: str, rows: list) -> None:
     """Multi-row INSERTs. Each statement the writer runs costs it a GIL hand-off, which
     under load can wait for milliseconds on the event loop's thread; so a group's rows go
-    in as few statements as the parameter limit allows. Beyond 64 rows the statements
-    have power-of-two sizes, so that a few cached statement texts serve every group."""
+    in as few statements as the parameter limit allows."""
     width = len(rows[0])
     most = MAX_PARAMS // width
     start = 0
     while start < len(rows):
         left = len(rows) - start
-        size = min(most, left if left <= 64 else 1 << (left.bit_length() - 1))
-        chunk = rows[start:start + size]
-        conn.execute(insert_sql(head, width, size, tail), [value for row in chunk for value in row])
+        size = min(most, left if left <= AT_ONCE else 1 << (left.bit_length() - 1))
+        conn.execute(insert_sql(head, width, size), [value for row in rows[start:start + size] for value in row])
         start += size
 
 
@@ -702,9 +716,12 @@ def open_database(path: str, timeout: float, durability: str) -> sqlite3.Connect
     while version < SCHEMA_VERSION:
         conn.execute("BEGIN IMMEDIATE")
         if conn.execute("PRAGMA user_version").fetchone()[0] == version:  # another process may have migrated
-            for statement in MIGRATIONS[version].split(";"):
-                if statement.strip():
+            statement = ""
+            for part in MIGRATIONS[version].split(";"):  # a trigger's body has ";" inside
+                statement += part + ";"
+                if sqlite3.complete_statement(statement):
                     conn.execute(statement)
+                    statement = ""
             conn.execute(f"PRAGMA user_version = {version + 1}")
         conn.execute("COMMIT")
         version = conn.execute("PRAGMA user_version").fetchone()[0]
@@ -733,6 +750,8 @@ class Store:
         self._read_conns: list = []
         self._loop: asyncio.AbstractEventLoop | None = None
         self._writer: threading.Thread | None = None
+        self._position: int | None = None  # the writer's record of the log (_commit_at_once)
+        self._versions: dict = {}
 
     # -- lifecycle ----------------------------------------------------------
     def open(self) -> None:
@@ -815,100 +834,140 @@ class Store:
         conn.close()
 
     def _commit(self, conn: sqlite3.Connection, group: list) -> list:
+        outcomes = self._commit_at_once(conn, group)
+        return self._commit_locked(conn, group) if outcomes is None else outcomes
+
+    def _commit_at_once(self, conn: sqlite3.Connection, group: list) -> list | None:
+        """The usual group as one autocommit INSERT, planned from what this writer knows of
+        the log: its last position and the versions it has seen. Each statement the writer
+        runs costs it a GIL hand-off, which under load waits for milliseconds on the event
+        loop's thread, and this is one statement where the locked path takes four or more.
+        Knowing may be out of date, as another process may have written since; but then that
+        process took the next position, the INSERT fails on the primary key, and nothing is
+        stored. For that and anything unusual (a conflict, a probe, a big group) this returns
+        None, and the caller decides again under the write lock."""
+        if self._position is None or any(events == "probe" for events, _future in group):
+            return None
+        keys, client_ids = group_needs(group)
+        versions = {key: self._versions[key] for key in keys if key in self._versions}
+        try:
+            if len(versions) < len(keys):
+                position, found = log_state(conn, [key for key in keys if key not in versions])
+                if position != self._position:
+                    return None
+                versions.update(found)
+            outcomes, rows = plan_group(group, self._position, versions, stored_events(conn, client_ids))
+            if any(isinstance(result, Problem) for _future, result in outcomes) or len(rows) > AT_ONCE:
+                return None
+            if rows:  # one statement (AT_ONCE), which also commits
+                insert_many(conn, INSERT_EVENTS, rows)
+        except sqlite3.IntegrityError:
+            return None
+        except sqlite3.Error as exc:  # nothing was stored: a failed statement leaves no trace
+            return failed(group, exc)
+        self._remember(self._position, versions, len(rows))
+        return outcomes
+
+    def _commit_locked(self, conn: sqlite3.Connection, group: list) -> list:
         try:
             conn.execute("BEGIN IMMEDIATE")
             try:
-                outcomes, rows = self._plan(conn, group)
+                keys, client_ids = group_needs(group)
+                position, versions = log_state(conn, list(keys))  # valid inside this transaction
+                stored = stored_events(conn, client_ids)
+                if any(events == "probe" for events, _future in group):
+                    conn.execute("INSERT OR REPLACE INTO meta VALUES ('health_probe', ?)", (utc_now(),))
+                outcomes, rows = plan_group(group, position, versions, stored)
                 if rows:
                     insert_many(conn, INSERT_EVENTS, rows)
-                    update_summaries(conn, rows)
                 conn.execute("COMMIT")
-                return outcomes
             except BaseException:
                 if conn.in_transaction:  # a failed COMMIT (disk full, I/O error) has rolled back already
                     conn.execute("ROLLBACK")
                 raise
+            self._remember(position, versions, len(rows))
+            return outcomes
         except sqlite3.IntegrityError:
             if len(group) > 1:  # fail only the request that broke a constraint
-                return [outcome for entry in group for outcome in self._commit(conn, [entry])]
+                return [outcome for entry in group for outcome in self._commit_locked(conn, [entry])]
             return [(group[0][1], Problem(409, "event conflicts with a stored event"))]
         except sqlite3.Error as exc:
-            error = StoreError(describe_sqlite_error(exc))
-            logger.warning("write failed: %s", error)
-            return [(future, error) for _events, future in group]
+            return failed(group, exc)
 
-    def _plan(self, conn: sqlite3.Connection, group: list) -> tuple:
-        """Decide every request's outcome inside the write transaction; rows to insert."""
-        events_in = [event for events, _future in group if events != "probe" for event in events]
-        keys = list({(event["aggregate_type"], event["aggregate_id"]) for event in events_in if not event["fresh"]})
-        position, versions = log_state(conn, keys)  # versions: valid inside this transaction
-        # client event_id -> (hash, result): stored before, or by this group
-        stored = stored_events(conn, [event["event_id"] for event in events_in if event["client_event_id"]])
-        now = utc_now()
-        rows: list = []
-        outcomes: list = []
-        for events, future in group:
-            if events == "probe":
-                conn.execute("INSERT OR REPLACE INTO meta VALUES ('health_probe', ?)", (now,))
-                outcomes.append((future, True))
-                continue
-            staged_versions: dict = {}
-            staged_rows: list = []
-            staged_ids: dict = {}
-            results: list = []
-            try:
-                for event in events:
-                    if event["client_event_id"]:
-                        earlier = staged_ids.get(event["event_id"]) or stored.get(event["event_id"])
-                        if earlier:
-                            if earlier[0] != event["hash"]:
-                                raise Problem(409, f"event_id {event['event_id']} was already used "
-                                                   "for an event with other content")
-                            results.append(earlier[1])
-                            continue
-                    key = (event["aggregate_type"], event["aggregate_id"])
-                    current = staged_versions.get(key, versions.get(key, 0))  # fresh ids are at 0
-                    expected = event["expected_version"]
-                    if expected is not None and expected != current:
-                        raise Conflict(f"{key[0]} {key[1]!r} is at version {current}, "
-                                       f"not the expected {expected}", current)
-                    version = staged_versions[key] = current + 1
-                    pos = position + len(rows) + len(staged_rows) + 1
-                    timestamp = event["timestamp"] or now
-                    result = (event["event_id"], pos, version, timestamp, event["aggregate_id"])
-                    staged_rows.append((
-                        pos, event["event_id"], key[0], key[1], version, event["event_type"], event["name"],
-                        timestamp, event["attributes"], event["correlation_id"], event["causation_id"],
-                        event["agent_name"], event["user_prompt"], event["session_id"], event["hash"]))
-                    if event["client_event_id"]:
-                        staged_ids[event["event_id"]] = (event["hash"], result)
-                    results.append(result)
-            except Problem as problem:
-                outcomes.append((future, problem))
-                continue
-            versions.update(staged_versions)
-            stored.update(staged_ids)
-            rows.extend(staged_rows)
-            outcomes.append((future, results))
-        return outcomes, rows
+    def _remember(self, position: int, versions: dict, added: int) -> None:
+        """After a commit: the log's new end, and the versions the group saw and made."""
+        if position != self._position or len(self._versions) > KNOWN_VERSIONS:
+            self._versions.clear()  # another process has written since, or there are too many
+        self._versions.update(versions)
+        self._position = position + added
 
 
-def update_summaries(conn: sqlite3.Connection, rows: list) -> None:
-    """Counters and workflow membership for a group's new rows: one write per distinct key."""
-    counts: dict = {}
-    members: dict = {}
-    for row in rows:
-        for field, index in COUNTED:
-            if row[index] is not None:
-                key = (field, row[index])
-                counts[key] = counts.get(key, 0) + 1
-        if row[2] == "agent_aggregate" and row[9] is not None:
-            members.setdefault((row[9], row[3]), row[0])
-    insert_many(conn, "INSERT INTO counts", [(field, value, n) for (field, value), n in counts.items()],
-                " ON CONFLICT (field, value) DO UPDATE SET n = n + excluded.n")
-    if members:
-        insert_many(conn, "INSERT OR IGNORE INTO workflow_agents",
-                    [(wf, agent, position) for (wf, agent), position in members.items()])
+KNOWN_VERSIONS = 100_000  # aggregates whose versions the writer keeps
+
+
+def group_needs(group: list) -> tuple:
+    """The aggregates whose versions a group needs, and the client event_ids to look up."""
+    events_in = [event for events, _future in group if events != "probe" for event in events]
+    keys = {(event["aggregate_type"], event["aggregate_id"]) for event in events_in if not event["fresh"]}
+    return keys, [event["event_id"] for event in events_in if event["client_event_id"]]
+
+
+def failed(group: list, exc: sqlite3.Error) -> list:
+    error = StoreError(describe_sqlite_error(exc))
+    logger.warning("write failed: %s", error)
+    return [(future, error) for _events, future in group]
+
+
+def plan_group(group: list, position: int, versions: dict, stored: dict) -> tuple:
+    """Decide each request's outcome from the log's last position, the current versions of
+    the group's aggregates (updated here as the group advances them) and its client event_ids
+    already stored; return the outcomes and the rows to insert."""
+    now = utc_now()
+    rows: list = []
+    outcomes: list = []
+    for events, future in group:
+        if events == "probe":
+            outcomes.append((future, True))
+            continue
+        staged_versions: dict = {}
+        staged_rows: list = []
+        staged_ids: dict = {}
+        results: list = []
+        try:
+            for event in events:
+                if event["client_event_id"]:
+                    earlier = staged_ids.get(event["event_id"]) or stored.get(event["event_id"])
+                    if earlier:
+                        if earlier[0] != event["hash"]:
+                            raise Problem(409, f"event_id {event['event_id']} was already used "
+                                               "for an event with other content")
+                        results.append(earlier[1])
+                        continue
+                key = (event["aggregate_type"], event["aggregate_id"])
+                current = staged_versions.get(key, versions.get(key, 0))  # fresh ids are at 0
+                expected = event["expected_version"]
+                if expected is not None and expected != current:
+                    raise Conflict(f"{key[0]} {key[1]!r} is at version {current}, "
+                                   f"not the expected {expected}", current)
+                version = staged_versions[key] = current + 1
+                pos = position + len(rows) + len(staged_rows) + 1
+                timestamp = event["timestamp"] or now
+                result = (event["event_id"], pos, version, timestamp, event["aggregate_id"])
+                staged_rows.append((
+                    pos, event["event_id"], key[0], key[1], version, event["event_type"], event["name"],
+                    timestamp, event["attributes"], event["correlation_id"], event["causation_id"],
+                    event["agent_name"], event["user_prompt"], event["session_id"], event["hash"]))
+                if event["client_event_id"]:
+                    staged_ids[event["event_id"]] = (event["hash"], result)
+                results.append(result)
+        except Problem as problem:
+            outcomes.append((future, problem))
+            continue
+        versions.update(staged_versions)
+        stored.update(staged_ids)
+        rows.extend(staged_rows)
+        outcomes.append((future, results))
+    return outcomes, rows
 
 
 # The writer looks up what a group needs in one statement, not one per event: see insert_many.

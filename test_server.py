@@ -1047,6 +1047,16 @@ def test_large_batches_over_many_aggregates(tmp_path, monkeypatch, max_params):
         assert len(agents) == 143 and agents[0]["agent_id"] == "a0" and agents[0]["event_count"] == 4  # i % 7 == 0
 
 
+def test_writer_forgets_versions_beyond_its_limit(tmp_path, monkeypatch):
+    monkeypatch.setattr(eas, "KNOWN_VERSIONS", 3)  # the writer keeps at most this many, then starts over
+    with ThreadServer(tmp_path) as server:
+        for version in (1, 2, 3):
+            for i in range(10):
+                reply = emit(server.client, name="x", aggregate_id=f"a{i}", expected_version=version - 1)
+                assert reply["aggregate_version"] == version
+        assert events_of(server.client)["total"] == 30 and events_of(server.client, aggregate_id="a9")["total"] == 3
+
+
 def test_failing_append_fails_only_its_own_request(srv):
     """Hold the write lock so requests pile up into one group, with a conflict among them."""
     emit(srv.client, name="seed", aggregate_id="x")
@@ -1096,6 +1106,17 @@ def test_two_processes_share_one_log(tmp_path):
                                                               "expected_version": 59})
         assert stale.status_code == 409 and stale.json()["current_version"] == 60
         assert httpx.get(url1 + "/events/").json()["total"] == 61
+        # each writer keeps the versions it has seen; the other process makes them stale
+        one, two = httpx.Client(base_url=url1), httpx.Client(base_url=url2)
+        assert emit(one, name="a", aggregate_id="alt")["aggregate_version"] == 1
+        assert emit(two, name="b", aggregate_id="alt")["aggregate_version"] == 2
+        assert emit(one, name="c", aggregate_id="alt", expected_version=2)["aggregate_version"] == 3
+        reply = emit(two, name="d", aggregate_id="alt")
+        assert (reply["aggregate_version"], reply["position"]) == (4, 65)
+        stale = one.post("/events/emit/agent", json={"name": "e", "aggregate_id": "alt", "expected_version": 3})
+        assert stale.status_code == 409 and stale.json()["current_version"] == 4
+        assert events_of(one, aggregate_id="alt")["total"] == events_of(two, aggregate_id="alt")["total"] == 4
+        assert events_of(two)["total"] == 65 and events_of(one, event_name="d")["total"] == 1
     finally:
         stop_process(p1)
         stop_process(p2)
