@@ -612,26 +612,30 @@ MIGRATIONS = {
         ('events', 'events_timestamp', '1000000 2');
     """,
     # event_type and aggregate_type map one to one (KINDS), so one index serves both
-    # filters (build_where); every append then updates 7 indexes, not 8. The counters (exact
-    # totals for one filter) and workflow membership (each workflow's agents in order of
-    # appearance) are kept by a trigger, in the statement that inserts the event: one
-    # INSERT then writes an event and all that it implies (see Store._commit_at_once).
-    1: """
-    DROP INDEX events_event_type;
-    CREATE TRIGGER events_summaries AFTER INSERT ON events BEGIN
-        INSERT INTO counts VALUES ('event_type', NEW.event_type, 1), ('aggregate_type', NEW.aggregate_type, 1),
-            ('aggregate_id', NEW.aggregate_id, 1), ('event_name', NEW.event_name, 1)
-            ON CONFLICT (field, value) DO UPDATE SET n = n + 1;
-        INSERT INTO counts SELECT 'correlation_id', NEW.correlation_id, 1 WHERE NEW.correlation_id IS NOT NULL
-            ON CONFLICT (field, value) DO UPDATE SET n = n + 1;
-        INSERT OR IGNORE INTO workflow_agents SELECT NEW.correlation_id, NEW.aggregate_id, NEW.position
-            WHERE NEW.aggregate_type = 'agent_aggregate' AND NEW.correlation_id IS NOT NULL;
-    END;
-    """,
+    # filters (build_where); every append then updates 7 indexes, not 8.
+    1: "DROP INDEX events_event_type",
 }
 COLUMNS = ("position, event_id, aggregate_type, aggregate_id, aggregate_version, event_type, event_name, "
            "timestamp, attributes, correlation_id, causation_id, agent_name, user_prompt, session_id")
+# Maintained with the log, in the same transaction, so that reads need not scan:
+# exact totals for one filter, and each workflow's agents in order of appearance.
+COUNTED = ("event_type", "aggregate_type", "aggregate_id", "event_name", "correlation_id")
 INSERT_EVENTS = f"INSERT INTO events ({COLUMNS}, content_hash)"
+# The writer's one-statement path (Store._commit_at_once): rows inserted into this view
+# become events, and a trigger keeps their counters and workflow membership, row by row,
+# in the same statement. A view and trigger of the writer's connection only (TEMP), so
+# that the log's schema, which other servers share, stays as it is.
+AT_ONCE_VIEW = f"""
+CREATE TEMP VIEW events_at_once AS SELECT {COLUMNS}, content_hash FROM events WHERE 0;
+CREATE TEMP TRIGGER events_at_once INSTEAD OF INSERT ON events_at_once BEGIN
+    {INSERT_EVENTS} VALUES ({", ".join("NEW." + name for name in COLUMNS.split(", "))}, NEW.content_hash);
+    {"".join(f"INSERT INTO counts SELECT '{name}', NEW.{name}, 1 WHERE NEW.{name} IS NOT NULL "
+             "ON CONFLICT (field, value) DO UPDATE SET n = n + 1; " for name in COUNTED)}
+    INSERT OR IGNORE INTO workflow_agents SELECT NEW.correlation_id, NEW.aggregate_id, NEW.position
+        WHERE NEW.aggregate_type = 'agent_aggregate' AND NEW.correlation_id IS NOT NULL;
+END;
+"""
+INSERT_AT_ONCE = f"INSERT INTO events_at_once ({COLUMNS}, content_hash)"
 
 
 # Parameters per statement: SQLite's limit since 3.32, and before it.
@@ -644,12 +648,12 @@ AT_ONCE = 64
 
 
 @functools.lru_cache(maxsize=None)
-def insert_sql(head: str, columns: int, rows: int) -> str:
+def insert_sql(head: str, columns: int, rows: int, tail: str) -> str:
     values = "(" + ", ".join("?" * columns) + ")"
-    return f"{head} VALUES " + ", ".join([values] * rows)
+    return f"{head} VALUES " + ", ".join([values] * rows) + tail
 
 
-def insert_many(conn: sqlite3.Connection, head: str, rows: list) -> None:
+def insert_many(conn: sqlite3.Connection, head: str, rows: list, tail: str = "") -> None:
     """Multi-row INSERTs. Each statement the writer runs costs it a GIL hand-off, which
     under load can wait for milliseconds on the event loop's thread; so a group's rows go
     in as few statements as the parameter limit allows."""
@@ -659,7 +663,8 @@ def insert_many(conn: sqlite3.Connection, head: str, rows: list) -> None:
     while start < len(rows):
         left = len(rows) - start
         size = min(most, left if left <= AT_ONCE else 1 << (left.bit_length() - 1))
-        conn.execute(insert_sql(head, width, size), [value for row in rows[start:start + size] for value in row])
+        chunk = rows[start:start + size]
+        conn.execute(insert_sql(head, width, size, tail), [value for row in chunk for value in row])
         start += size
 
 
@@ -716,12 +721,9 @@ def open_database(path: str, timeout: float, durability: str) -> sqlite3.Connect
     while version < SCHEMA_VERSION:
         conn.execute("BEGIN IMMEDIATE")
         if conn.execute("PRAGMA user_version").fetchone()[0] == version:  # another process may have migrated
-            statement = ""
-            for part in MIGRATIONS[version].split(";"):  # a trigger's body has ";" inside
-                statement += part + ";"
-                if sqlite3.complete_statement(statement):
+            for statement in MIGRATIONS[version].split(";"):
+                if statement.strip():
                     conn.execute(statement)
-                    statement = ""
             conn.execute(f"PRAGMA user_version = {version + 1}")
         conn.execute("COMMIT")
         version = conn.execute("PRAGMA user_version").fetchone()[0]
@@ -758,6 +760,7 @@ class Store:
         """Create the database if needed and start the writer (blocking: call off the loop)."""
         try:
             conn = open_database(self.path, self.timeout, self.durability)
+            conn.executescript(AT_ONCE_VIEW)
         except sqlite3.Error as exc:
             raise StoreError(f"cannot open {self.path}: {describe_sqlite_error(exc)}") from None
         self._writer = threading.Thread(target=self._write_loop, args=(conn,), name="eventuali-write",
@@ -846,7 +849,8 @@ class Store:
         process took the next position, the INSERT fails on the primary key, and nothing is
         stored. For that and anything unusual (a conflict, a probe, a big group) this returns
         None, and the caller decides again under the write lock."""
-        if self._position is None or any(events == "probe" for events, _future in group):
+        if (self._position is None or any(events == "probe" for events, _future in group)
+                or sum(len(events) for events, _future in group) > AT_ONCE):
             return None
         keys, client_ids = group_needs(group)
         versions = {key: self._versions[key] for key in keys if key in self._versions}
@@ -857,10 +861,10 @@ class Store:
                     return None
                 versions.update(found)
             outcomes, rows = plan_group(group, self._position, versions, stored_events(conn, client_ids))
-            if any(isinstance(result, Problem) for _future, result in outcomes) or len(rows) > AT_ONCE:
+            if any(isinstance(result, Problem) for _future, result in outcomes):
                 return None
             if rows:  # one statement (AT_ONCE), which also commits
-                insert_many(conn, INSERT_EVENTS, rows)
+                insert_many(conn, INSERT_AT_ONCE, rows)
         except sqlite3.IntegrityError:
             return None
         except sqlite3.Error as exc:  # nothing was stored: a failed statement leaves no trace
@@ -880,6 +884,7 @@ class Store:
                 outcomes, rows = plan_group(group, position, versions, stored)
                 if rows:
                     insert_many(conn, INSERT_EVENTS, rows)
+                    update_summaries(conn, rows)
                 conn.execute("COMMIT")
             except BaseException:
                 if conn.in_transaction:  # a failed COMMIT (disk full, I/O error) has rolled back already
@@ -970,6 +975,25 @@ def plan_group(group: list, position: int, versions: dict, stored: dict) -> tupl
     return outcomes, rows
 
 
+def update_summaries(conn: sqlite3.Connection, rows: list) -> None:
+    """Counters and workflow membership for a group's new rows: one write per distinct key."""
+    counts: dict = {}
+    members: dict = {}
+    for row in rows:
+        for field, index in COUNTED_INDEX:
+            if row[index] is not None:
+                key = (field, row[index])
+                counts[key] = counts.get(key, 0) + 1
+        if row[2] == "agent_aggregate" and row[9] is not None:
+            members.setdefault((row[9], row[3]), row[0])
+    insert_many(conn, "INSERT INTO counts", [(field, value, n) for (field, value), n in counts.items()],
+                " ON CONFLICT (field, value) DO UPDATE SET n = n + excluded.n")
+    if members:
+        insert_many(conn, "INSERT OR IGNORE INTO workflow_agents",
+                    [(wf, agent, position) for (wf, agent), position in members.items()])
+
+
+COUNTED_INDEX = [(name, COLUMNS.split(", ").index(name)) for name in COUNTED]
 # The writer looks up what a group needs in one statement, not one per event: see insert_many.
 LOOKUP_KEYS = MAX_PARAMS // 3
 
