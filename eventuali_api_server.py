@@ -619,7 +619,7 @@ COLUMNS = ("position, event_id, aggregate_type, aggregate_id, aggregate_version,
            "timestamp, attributes, correlation_id, causation_id, agent_name, user_prompt, session_id")
 # Maintained with the log, in the same transaction, so that reads need not scan:
 # exact totals for one filter, and each workflow's agents in order of appearance.
-COUNTED = ("event_type", "aggregate_type", "aggregate_id", "event_name", "correlation_id")
+COUNTED = (("event_type", 5), ("aggregate_type", 2), ("aggregate_id", 3), ("event_name", 6), ("correlation_id", 9))
 INSERT_EVENTS = f"INSERT INTO events ({COLUMNS}, content_hash)"
 # The writer's one-statement path (Store._commit_at_once): rows inserted into this view
 # become events, and a trigger keeps their counters and workflow membership, row by row,
@@ -630,7 +630,7 @@ CREATE TEMP VIEW events_at_once AS SELECT {COLUMNS}, content_hash FROM events WH
 CREATE TEMP TRIGGER events_at_once INSTEAD OF INSERT ON events_at_once BEGIN
     {INSERT_EVENTS} VALUES ({", ".join("NEW." + name for name in COLUMNS.split(", "))}, NEW.content_hash);
     {"".join(f"INSERT INTO counts SELECT '{name}', NEW.{name}, 1 WHERE NEW.{name} IS NOT NULL "
-             "ON CONFLICT (field, value) DO UPDATE SET n = n + 1; " for name in COUNTED)}
+             "ON CONFLICT (field, value) DO UPDATE SET n = n + 1; " for name, _index in COUNTED)}
     INSERT OR IGNORE INTO workflow_agents SELECT NEW.correlation_id, NEW.aggregate_id, NEW.position
         WHERE NEW.aggregate_type = 'agent_aggregate' AND NEW.correlation_id IS NOT NULL;
 END;
@@ -642,8 +642,9 @@ INSERT_AT_ONCE = f"INSERT INTO events_at_once ({COLUMNS}, content_hash)"
 MAX_PARAMS = 32766 if sqlite3.sqlite_version_info >= (3, 32, 0) else 999
 
 
-# Statements of up to AT_ONCE rows are made to measure; bigger groups go in statements of
-# power-of-two sizes, so that a few cached statement texts serve every group.
+# Statements of up to AT_ONCE rows are made to measure, and a group of up to AT_ONCE events
+# may be stored in one; bigger groups go in statements of power-of-two sizes, so that a
+# few cached statement texts serve every group.
 AT_ONCE = 64
 
 
@@ -980,7 +981,7 @@ def update_summaries(conn: sqlite3.Connection, rows: list) -> None:
     counts: dict = {}
     members: dict = {}
     for row in rows:
-        for field, index in COUNTED_INDEX:
+        for field, index in COUNTED:
             if row[index] is not None:
                 key = (field, row[index])
                 counts[key] = counts.get(key, 0) + 1
@@ -993,7 +994,6 @@ def update_summaries(conn: sqlite3.Connection, rows: list) -> None:
                     [(wf, agent, position) for (wf, agent), position in members.items()])
 
 
-COUNTED_INDEX = [(name, COLUMNS.split(", ").index(name)) for name in COUNTED]
 # The writer looks up what a group needs in one statement, not one per event: see insert_many.
 LOOKUP_KEYS = MAX_PARAMS // 3
 
