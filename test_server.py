@@ -6,6 +6,7 @@ import asyncio
 import contextlib
 import json
 import os
+import random
 import shutil
 import signal
 import socket
@@ -1125,7 +1126,6 @@ def test_two_processes_share_one_log(tmp_path):
 def test_two_processes_under_mixed_load_keep_every_invariant(tmp_path):
     """Singles, batches, retries and expected_version races from two processes at once: each
     writer's own record of the log goes stale all the time, and every figure stays exact."""
-    import random
     data = tmp_path / "mixed"
     servers = [start_process(data, "--log-level", "warning") for _ in range(2)]
     event_ids = [str(uuid.uuid4()) for _ in range(20)]
