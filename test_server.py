@@ -836,8 +836,8 @@ def test_store_schema(srv, log):
 
 
 def test_older_schema_is_migrated(tmp_path):
-    """A log written by a version-1 server opens, keeps its events, and loses the index that
-    aggregate_type's serves; the event_type filter still uses an index."""
+    """A log written by a version-1 server opens with its events and counters, and loses the
+    event_type index (test_store_schema: that filter now uses aggregate_type's)."""
     data = tmp_path / "d"
     data.mkdir()
     conn = sqlite3.connect(data / "events.db", isolation_level=None)
