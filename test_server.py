@@ -13,11 +13,13 @@ import socket
 import sqlite3
 import subprocess
 import sys
+import tempfile
 import threading
 import time
 import uuid
 from concurrent.futures import ThreadPoolExecutor
 from pathlib import Path
+from typing import Any
 
 import httpx
 import pytest
@@ -85,19 +87,34 @@ def client(srv):
 def start_process(data_dir: Path, *args: str, env: dict | None = None, port: int | None = None):
     """The server as a real process, started like a user would: python eventuali_api_server.py."""
     port = port or free_port()
-    proc = subprocess.Popen([sys.executable, SERVER, "--port", str(port), "--data-dir", str(data_dir), *args],
-                            stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True,
-                            env={**os.environ, **(env or {})})
+    proc = spawn([sys.executable, SERVER, "--port", str(port), "--data-dir", str(data_dir), *args],
+                 env={**os.environ, **(env or {})})
     url = f"http://127.0.0.1:{port}"
     wait_healthy(url, proc)
     return proc, url
+
+
+def spawn(args: list, **options: Any) -> subprocess.Popen:
+    """A server process whose output goes to files: a pipe that nobody reads would block
+    the server once it has logged ~64 KB (the access log of a few hundred requests)."""
+    logs = {"out": tempfile.TemporaryFile("w+"), "err": tempfile.TemporaryFile("w+")}
+    proc = subprocess.Popen(args, stdout=logs["out"], stderr=logs["err"], **options)
+    proc.logs = logs
+    return proc
+
+
+def output(proc: subprocess.Popen, stream: str = "err") -> str:
+    """What the process has written to its stderr ("err") or stdout ("out") so far."""
+    file = proc.logs[stream]
+    file.seek(0)
+    return file.read()
 
 
 def wait_healthy(url: str, proc=None, timeout: float = 15) -> None:
     deadline = time.time() + timeout
     while time.time() < deadline:
         if proc is not None and proc.poll() is not None:
-            raise AssertionError("server exited: " + proc.stderr.read())
+            raise AssertionError("server exited: " + output(proc))
         try:
             if httpx.get(url + "/health", timeout=1).status_code == 200:
                 return
@@ -115,7 +132,7 @@ def stop_process(proc) -> str:
         except subprocess.TimeoutExpired:
             proc.kill()
             proc.wait()
-    return proc.stderr.read()
+    return output(proc)
 
 
 def emit(client, kind: str = "agent", **body):
@@ -292,8 +309,7 @@ def test_cli_serves_and_logs_start_line(tmp_path):
 
 def test_cli_env_settings_apply(tmp_path):
     port = free_port()
-    proc = subprocess.Popen([sys.executable, SERVER], stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True,
-                            env={**os.environ, "PORT": str(port), "DATA_DIR": str(tmp_path / "envdir")})
+    proc = spawn([sys.executable, SERVER], env={**os.environ, "PORT": str(port), "DATA_DIR": str(tmp_path / "envdir")})
     try:
         wait_healthy(f"http://127.0.0.1:{port}", proc)
         assert (tmp_path / "envdir" / "events.db").exists()
@@ -303,9 +319,8 @@ def test_cli_env_settings_apply(tmp_path):
 
 def test_uvicorn_module_app_reads_environment(tmp_path):
     port = free_port()
-    proc = subprocess.Popen([sys.executable, "-m", "uvicorn", "eventuali_api_server:app", "--port", str(port)],
-                            cwd=HERE, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True,
-                            env={**os.environ, "DATA_DIR": str(tmp_path / "uv")})
+    proc = spawn([sys.executable, "-m", "uvicorn", "eventuali_api_server:app", "--port", str(port)],
+                 cwd=HERE, env={**os.environ, "DATA_DIR": str(tmp_path / "uv")})
     try:
         url = f"http://127.0.0.1:{port}"
         wait_healthy(url, proc)
@@ -1127,7 +1142,7 @@ def test_two_processes_under_mixed_load_keep_every_invariant(tmp_path):
     """Singles, batches, retries and expected_version races from two processes at once: each
     writer's own record of the log goes stale all the time, and every figure stays exact."""
     data = tmp_path / "mixed"
-    servers = [start_process(data, "--log-level", "warning") for _ in range(2)]
+    servers = [start_process(data) for _ in range(2)]
     event_ids = [str(uuid.uuid4()) for _ in range(20)]
 
     def load(n: int) -> list:
@@ -1444,7 +1459,7 @@ def test_sigint_with_open_streams_exits_promptly(tmp_path):
     proc.send_signal(signal.SIGINT)
     proc.wait(10)
     elapsed = time.time() - started
-    err = proc.stderr.read()
+    err = output(proc)
     assert elapsed < 2, elapsed
     assert proc.returncode == 0 and "Traceback" not in err
     stuck.close()
@@ -1461,7 +1476,7 @@ def test_sigterm_with_open_streams_exits_promptly(tmp_path):
     started = time.time()
     proc.send_signal(signal.SIGTERM)
     proc.wait(10)
-    assert time.time() - started < 2 and "Traceback" not in proc.stderr.read()
+    assert time.time() - started < 2 and "Traceback" not in output(proc)
     for stream in streams:
         stream.close()
 
@@ -1542,8 +1557,7 @@ def test_preflight_needs_no_key_and_allows_auth_headers(keyed):
 
 def test_key_and_token_never_logged_and_open_bind_warns(tmp_path):
     port = free_port()
-    proc = subprocess.Popen([sys.executable, SERVER, "--port", str(port), "--data-dir", str(tmp_path / "d"),
-                             "--host", "0.0.0.0"], stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
+    proc = spawn([sys.executable, SERVER, "--port", str(port), "--data-dir", str(tmp_path / "d"), "--host", "0.0.0.0"])
     wait_healthy(f"http://127.0.0.1:{port}", proc)
     err = stop_process(proc)
     assert "without an API key" in err
@@ -1553,7 +1567,7 @@ def test_key_and_token_never_logged_and_open_bind_warns(tmp_path):
     stream.event()
     stream.close()
     err = stop_process(proc)
-    out = proc.stdout.read()
+    out = output(proc, "out")
     assert "/events/stream?access_token=***" in err + out
     assert KEY not in err + out
 
