@@ -755,6 +755,7 @@ class Store:
         self._writer: threading.Thread | None = None
         self._position: int | None = None  # the writer's record of the log (_commit_at_once)
         self._versions: dict = {}
+        self._in_flight = 0  # events queued and not yet answered; changed on the event loop only
 
     # -- lifecycle ----------------------------------------------------------
     def open(self) -> None:
@@ -805,25 +806,45 @@ class Store:
     def append(self, events: list) -> asyncio.Future:
         """Queue events to be stored atomically; the future gives one result per event
         (event_id, position, version, timestamp, aggregate_id) once they are committed."""
-        future = self._loop.create_future()
-        self._queue.put((events, future))
-        return future
+        return self._enqueue(events)
 
     def probe(self) -> asyncio.Future:
         """Queue a tiny committed write, to tell whether the database takes writes."""
-        future = self._loop.create_future()
-        self._queue.put(("probe", future))
-        return future
+        return self._enqueue("probe")
+
+    def _enqueue(self, entry: Any) -> asyncio.Future:
+        item = (entry, self._loop.create_future())
+        self._in_flight += request_size(item)
+        self._queue.put(item)
+        return item[1]
+
+    def _settle(self, outcomes: list, events: int) -> None:
+        """Complete a group's requests (on the event loop)."""
+        self._in_flight -= events
+        for future, outcome in outcomes:
+            if future.cancelled():
+                continue  # the client went away; the event is stored all the same
+            if isinstance(outcome, BaseException):
+                future.set_exception(outcome)
+            else:
+                future.set_result(outcome)
 
     def _write_loop(self, conn: sqlite3.Connection) -> None:
         running = True
         while running:
             group = [self._queue.get()]
-            while True:  # take everything waiting now: one transaction for all of it
+            # Take what is waiting into one transaction, up to half of the events in flight.
+            # Under load the writer gets the GIL only when the event loop goes idle, so a
+            # group of every request would leave the loop nothing to do while it commits;
+            # with half, the loop answers one group and reads its next requests while the
+            # other commits.
+            events = request_size(group[0])
+            while events < self._in_flight // 2:
                 try:
                     group.append(self._queue.get_nowait())
                 except queue.Empty:
                     break
+                events += request_size(group[-1])
             if None in group:
                 running = False
                 group = [entry for entry in group if entry is not None]
@@ -833,7 +854,7 @@ class Store:
                 except Exception as exc:  # a bug: fail this group (500), keep the writer alive
                     logger.exception("writer failed")
                     outcomes = [(future, exc) for _events, future in group]
-                self._loop.call_soon_threadsafe(_settle, outcomes)
+                self._loop.call_soon_threadsafe(self._settle, outcomes, events)
                 self.on_commit()
         conn.close()
 
@@ -909,6 +930,13 @@ class Store:
 
 
 KNOWN_VERSIONS = 100_000  # aggregates whose versions the writer keeps
+
+
+def request_size(item: tuple | None) -> int:
+    """The events in a queued request: a probe counts as one, the writer's stop signal as none."""
+    if item is None:
+        return 0
+    return 1 if item[0] == "probe" else len(item[0])
 
 
 def group_needs(group: list) -> tuple:
@@ -1027,16 +1055,6 @@ def stored_events(conn: sqlite3.Connection, event_ids: list) -> dict:
                                 chunk):
             found[row[1]] = (row[0], tuple(row[1:]))
     return found
-
-
-def _settle(outcomes: list) -> None:
-    for future, outcome in outcomes:
-        if future.cancelled():
-            continue  # the client went away; the event is stored all the same
-        if isinstance(outcome, BaseException):
-            future.set_exception(outcome)
-        else:
-            future.set_result(outcome)
 
 
 # -- read queries (each runs on a reader thread: fn(conn, ...)) ----------------

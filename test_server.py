@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import asyncio
+import collections
 import contextlib
 import json
 import os
@@ -1092,6 +1093,27 @@ def test_failing_append_fails_only_its_own_request(srv):
     assert [status for status, _ in replies] == [200, 200, 409, 200, 200, 200]
     assert sorted(body["position"] for status, body in replies if status == 200) == [3, 4, 5, 6, 7]
     assert events_of(srv.client)["total"] == 7
+
+
+def test_a_group_takes_at_most_half_of_the_events_in_flight(srv):
+    """Hold the write lock while 8 requests queue up behind a group of one: they then commit
+    in groups of at most 4, so that the event loop answers one group while the next commits.
+    A group's events share the timestamp the writer gave them, which shows the groups."""
+    blocker = sqlite3.connect(srv.config.database_path, isolation_level=None)
+    blocker.execute("BEGIN IMMEDIATE")
+    with ThreadPoolExecutor(2) as pool:
+        first = pool.submit(post_many, srv.url, [{"name": "first"}])
+        time.sleep(0.3)  # the writer now waits for the lock with a group of one
+        rest = pool.submit(post_many, srv.url, [{"name": f"e{i}"} for i in range(8)], "agent", 8)
+        time.sleep(0.3)  # 9 events in flight
+        blocker.execute("ROLLBACK")
+        blocker.close()
+        replies = rest.result()
+        assert first.result()[0][0] == 200
+    assert [status for status, _ in replies] == [200] * 8
+    groups = collections.Counter(body["timestamp"] for _, body in replies)
+    assert len(groups) >= 2 and max(groups.values()) <= 4, groups
+    assert events_of(srv.client)["total"] == 9
 
 
 def test_durability_setting_sets_synchronous(tmp_path):
