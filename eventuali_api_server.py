@@ -872,7 +872,7 @@ class Store:
         stored. For that and anything unusual (a conflict, a probe, a big group) this returns
         None, and the caller decides again under the write lock."""
         if (self._position is None or any(events == "probe" for events, _future in group)
-                or sum(len(events) for events, _future in group) > AT_ONCE):
+                or sum(map(request_size, group)) > AT_ONCE):
             return None
         keys, client_ids = group_needs(group)
         versions = {key: self._versions[key] for key in keys if key in self._versions}
