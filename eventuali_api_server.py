@@ -247,7 +247,22 @@ TIMESTAMP_FORMS = (
     "Example: `2026-11-27T06:08:19.123Z`."
 )
 MAX_INT = 2**63 - 1
-compact_json = json.JSONEncoder(ensure_ascii=False, separators=(",", ":"), allow_nan=False).encode
+
+
+def _compact_encoder() -> Callable[[Any], str]:
+    """JSON text without spaces, non-ASCII kept as is, NaN refused. JSONEncoder.encode makes
+    a new C encoder on every call, which costs twice the encoding of a small object; this
+    one is made once (it runs for every event stored, listed and streamed)."""
+    encoder = json.JSONEncoder(ensure_ascii=False, separators=(",", ":"), allow_nan=False)
+    try:  # the arguments JSONEncoder.iterencode passes; no cycle check: values come from JSON
+        encode = json.encoder.c_make_encoder(None, encoder.default, json.encoder.encode_basestring,
+                                             None, ":", ",", False, False, False)
+    except TypeError:  # no C encoder (None), or one this code does not know
+        return encoder.encode
+    return lambda value: "".join(encode(value, 0))
+
+
+compact_json = _compact_encoder()
 
 
 class Problem(Exception):
@@ -333,13 +348,17 @@ def utc_now() -> str:
 
 
 def _depth_exceeds(value: Any, limit: int) -> bool:
-    stack = [(value, 1)]
-    while stack:
-        node, depth = stack.pop()
+    """Whether a parsed JSON value nests deeper than limit, one level at a time."""
+    level, depth = [value], 1
+    while level:
         if depth > limit:
             return True
-        children = node.values() if isinstance(node, dict) else node if isinstance(node, list) else ()
-        stack.extend((child, depth + 1) for child in children if isinstance(child, (dict, list)))
+        nested = []
+        for node in level:
+            for child in node.values() if isinstance(node, dict) else node:
+                if isinstance(child, (dict, list)):
+                    nested.append(child)
+        level, depth = nested, depth + 1
     return False
 
 
@@ -437,6 +456,9 @@ def parse_json(body: bytes, max_depth: int) -> Any:
     return value
 
 
+NULLABLE_EVENT_FIELDS = ("correlation_id", "causation_id", "agent_name", "user_prompt", "session_id", "hash")
+
+
 def prepare_event(kind: str, body: Any, loc: Sequence, errors: list, fields: dict) -> dict | None:
     """Validate one emitted event and map it to a row-to-be, as the original mapped it."""
     clean = check_object(body, fields, REQUIRED_FIELDS, loc, errors)
@@ -469,6 +491,10 @@ def prepare_event(kind: str, body: Any, loc: Sequence, errors: list, fields: dic
         content = [kind, clean["name"], event["attributes"], event["timestamp"], given_id,
                    event["correlation_id"], event["causation_id"]]
         event["hash"] = hashlib.sha256(json.dumps(content).encode()).hexdigest()
+    # The stored row's values after position, version and timestamp (ROW_COLUMNS), laid out
+    # here once, 0 standing for NULL.
+    event["values"] = (event["event_id"], aggregate_type, aggregate_id, event_type, event["name"], event["attributes"],
+                       *[0 if event[name] is None else event[name] for name in NULLABLE_EVENT_FIELDS])
     return event
 
 
@@ -557,7 +583,7 @@ def check_query(request: Request, specs: dict) -> dict:
 # 3. Storage (schema, writer, readers)
 # =============================================================================
 
-SCHEMA_VERSION = 2
+SCHEMA_VERSION = 3
 # The planner has no statistics for a new log, and without them it may pick the
 # 3-valued aggregate_type index over aggregate_id's. Fixed, typical statistics in
 # sqlite_stat1 (documented as the way to steer it) keep every read on the selective index.
@@ -614,59 +640,89 @@ MIGRATIONS = {
     # event_type and aggregate_type map one to one (KINDS), so one index serves both
     # filters (build_where); every append then updates 7 indexes, not 8.
     1: "DROP INDEX events_event_type",
+    # Counters no longer kept (see COUNTED).
+    2: "DELETE FROM counts WHERE field IN ('event_type', 'aggregate_id')",
 }
 COLUMNS = ("position, event_id, aggregate_type, aggregate_id, aggregate_version, event_type, event_name, "
            "timestamp, attributes, correlation_id, causation_id, agent_name, user_prompt, session_id")
 # Maintained with the log, in the same transaction, so that reads need not scan:
 # exact totals for one filter, and each workflow's agents in order of appearance.
-COUNTED = (("event_type", 5), ("aggregate_type", 2), ("aggregate_id", 3), ("event_name", 6), ("correlation_id", 9))
-INSERT_EVENTS = f"INSERT INTO events ({COLUMNS}, content_hash)"
+# event_type's totals are aggregate_type's (KINDS maps them one to one), and an
+# aggregate_id's total is the sum of its versions: counting those too cost every event
+# two more updates.
+COUNTED = (("aggregate_type", 4), ("event_name", 7), ("correlation_id", 9))  # (column, index in a row)
+# The writer's rows: the values it decides (position, version, and the timestamp if the client
+# gave none), then the values prepare_event laid out once (event["values"]).
+ROW_COLUMNS = ("position, aggregate_version, timestamp, event_id, aggregate_type, aggregate_id, event_type, "
+               "event_name, attributes, correlation_id, causation_id, agent_name, user_prompt, session_id, "
+               "content_hash")
+# Binding None costs the sqlite3 module two failed attribute lookups, ~0.8 µs a value with the
+# GIL held (it binds an int in 0.06), and an event has three to six of them. So in rows 0 stands
+# for NULL, and the statement turns it back; no stored value is the integer 0.
+NULLABLE = ("position", "correlation_id", "causation_id", "agent_name", "user_prompt", "session_id", "content_hash")
+ROW_SQL = "(" + ", ".join("nullif(?, 0)" if name in NULLABLE else "?" for name in ROW_COLUMNS.split(", ")) + ")"
+INSERT_EVENTS = f"INSERT INTO events ({ROW_COLUMNS})"
 # The writer's one-statement path (Store._commit_at_once): rows inserted into this view
 # become events, and a trigger keeps their counters and workflow membership, row by row,
 # in the same statement. A view and trigger of the writer's connection only (TEMP), so
-# that the log's schema, which other servers share, stays as it is.
+# that the log's schema, which other servers share, stays as it is. Rows without a
+# position are padding (see insert_at_once) and are skipped.
 AT_ONCE_VIEW = f"""
 CREATE TEMP VIEW events_at_once AS SELECT {COLUMNS}, content_hash FROM events WHERE 0;
-CREATE TEMP TRIGGER events_at_once INSTEAD OF INSERT ON events_at_once BEGIN
-    {INSERT_EVENTS} VALUES ({", ".join("NEW." + name for name in COLUMNS.split(", "))}, NEW.content_hash);
+CREATE TEMP TRIGGER events_at_once INSTEAD OF INSERT ON events_at_once WHEN NEW.position IS NOT NULL BEGIN
+    {INSERT_EVENTS} VALUES ({", ".join("NEW." + name for name in ROW_COLUMNS.split(", "))});
     {"".join(f"INSERT INTO counts SELECT '{name}', NEW.{name}, 1 WHERE NEW.{name} IS NOT NULL "
              "ON CONFLICT (field, value) DO UPDATE SET n = n + 1; " for name, _index in COUNTED)}
     INSERT OR IGNORE INTO workflow_agents SELECT NEW.correlation_id, NEW.aggregate_id, NEW.position
         WHERE NEW.aggregate_type = 'agent_aggregate' AND NEW.correlation_id IS NOT NULL;
 END;
 """
-INSERT_AT_ONCE = f"INSERT INTO events_at_once ({COLUMNS}, content_hash)"
+INSERT_AT_ONCE = f"INSERT INTO events_at_once ({ROW_COLUMNS})"
 
 
 # Parameters per statement: SQLite's limit since 3.32, and before it.
 MAX_PARAMS = 32766 if sqlite3.sqlite_version_info >= (3, 32, 0) else 999
 
 
-# Statements of up to AT_ONCE rows are made to measure, and a group of up to AT_ONCE events
-# may be stored in one; bigger groups go in statements of power-of-two sizes, so that a
-# few cached statement texts serve every group.
-AT_ONCE = 64
+# Statements of up to STEP rows are made to measure; bigger ones come in a few sizes (powers
+# of two, or multiples of STEP for insert_at_once), so that a few cached statements serve
+# every group.
+STEP = 64
+EVENT_WIDTH = len(ROW_COLUMNS.split(", "))
+# The most events the writer stores in one statement: the parameter limit, in whole STEPs.
+AT_ONCE = max(MAX_PARAMS // EVENT_WIDTH // STEP * STEP, STEP)
 
 
 @functools.lru_cache(maxsize=None)
-def insert_sql(head: str, columns: int, rows: int, tail: str) -> str:
-    values = "(" + ", ".join("?" * columns) + ")"
-    return f"{head} VALUES " + ", ".join([values] * rows) + tail
+def insert_sql(head: str, row_sql: str, rows: int, tail: str) -> str:
+    return f"{head} VALUES " + ", ".join([row_sql] * rows) + tail
 
 
-def insert_many(conn: sqlite3.Connection, head: str, rows: list, tail: str = "") -> None:
-    """Multi-row INSERTs. Each statement the writer runs costs it a GIL hand-off, which
-    under load can wait for milliseconds on the event loop's thread; so a group's rows go
-    in as few statements as the parameter limit allows."""
+def insert_many(conn: sqlite3.Connection, head: str, rows: list, tail: str = "", row_sql: str = "") -> None:
+    """Multi-row INSERTs (row_sql: the SQL of one row's values; default, a ? for each). Each
+    statement the writer runs costs it a GIL hand-off, which under load can wait for
+    milliseconds on the event loop's thread; so a group's rows go in as few statements as
+    the parameter limit allows."""
     width = len(rows[0])
+    row_sql = row_sql or "(" + ", ".join("?" * width) + ")"
     most = MAX_PARAMS // width
     start = 0
     while start < len(rows):
         left = len(rows) - start
-        size = min(most, left if left <= AT_ONCE else 1 << (left.bit_length() - 1))
+        size = min(most, left if left <= STEP else 1 << (left.bit_length() - 1))
         chunk = rows[start:start + size]
-        conn.execute(insert_sql(head, width, size, tail), [value for row in chunk for value in row])
+        conn.execute(insert_sql(head, row_sql, size, tail), [value for row in chunk for value in row])
         start += size
+
+
+def insert_at_once(conn: sqlite3.Connection, rows: list) -> None:
+    """Up to AT_ONCE events in one statement, which also commits: past STEP rows, the
+    statement's size is rounded up to a multiple of STEP and the rest is padding (zeros:
+    no position)."""
+    size = len(rows) if len(rows) <= STEP else -(-len(rows) // STEP) * STEP
+    values = [value for row in rows for value in row]
+    values += [0] * ((size - len(rows)) * EVENT_WIDTH)
+    conn.execute(insert_sql(INSERT_AT_ONCE, ROW_SQL, size, ""), values)
 
 
 class StoreError(Exception):
@@ -746,6 +802,7 @@ class Store:
         self.path = config.database_path
         self.timeout = config.database_timeout
         self.durability = config.durability
+        self.max_batch = config.max_batch
         self.on_commit: Callable[[], None] = lambda: None
         self._queue: queue.SimpleQueue = queue.SimpleQueue()
         self._readers = ThreadPoolExecutor(4, thread_name_prefix="eventuali-read")
@@ -837,9 +894,9 @@ class Store:
             # Under load the writer gets the GIL only when the event loop goes idle, so a
             # group of every request would leave the loop nothing to do while it commits;
             # with half, the loop answers one group and reads its next requests while the
-            # other commits.
+            # other commits. Nor does a group take more than one statement can store.
             events = request_size(group[0])
-            while events < self._in_flight // 2:
+            while events < min(self._in_flight // 2, AT_ONCE - self.max_batch):
                 try:
                     group.append(self._queue.get_nowait())
                 except queue.Empty:
@@ -885,8 +942,8 @@ class Store:
             outcomes, rows = plan_group(group, self._position, versions, stored_events(conn, client_ids))
             if any(isinstance(result, Problem) for _future, result in outcomes):
                 return None
-            if rows:  # one statement (AT_ONCE), which also commits
-                insert_many(conn, INSERT_AT_ONCE, rows)
+            if rows:
+                insert_at_once(conn, rows)
         except sqlite3.IntegrityError:
             return None
         except sqlite3.Error as exc:  # nothing was stored: a failed statement leaves no trace
@@ -905,7 +962,7 @@ class Store:
                     conn.execute("INSERT OR REPLACE INTO meta VALUES ('health_probe', ?)", (utc_now(),))
                 outcomes, rows = plan_group(group, position, versions, stored)
                 if rows:
-                    insert_many(conn, INSERT_EVENTS, rows)
+                    insert_many(conn, INSERT_EVENTS, rows, row_sql=ROW_SQL)
                     update_summaries(conn, rows)
                 conn.execute("COMMIT")
             except BaseException:
@@ -987,10 +1044,7 @@ def plan_group(group: list, position: int, versions: dict, stored: dict) -> tupl
                 pos = position + len(rows) + len(staged_rows) + 1
                 timestamp = event["timestamp"] or now
                 result = (event["event_id"], pos, version, timestamp, event["aggregate_id"])
-                staged_rows.append((
-                    pos, event["event_id"], key[0], key[1], version, event["event_type"], event["name"],
-                    timestamp, event["attributes"], event["correlation_id"], event["causation_id"],
-                    event["agent_name"], event["user_prompt"], event["session_id"], event["hash"]))
+                staged_rows.append((pos, version, timestamp) + event["values"])
                 if event["client_event_id"]:
                     staged_ids[event["event_id"]] = (event["hash"], result)
                 results.append(result)
@@ -1008,13 +1062,13 @@ def update_summaries(conn: sqlite3.Connection, rows: list) -> None:
     """Counters and workflow membership for a group's new rows: one write per distinct key."""
     counts: dict = {}
     members: dict = {}
-    for row in rows:
+    for row in rows:  # ROW_COLUMNS, 0 for NULL
         for field, index in COUNTED:
-            if row[index] is not None:
+            if row[index] != 0:
                 key = (field, row[index])
                 counts[key] = counts.get(key, 0) + 1
-        if row[2] == "agent_aggregate" and row[9] is not None:
-            members.setdefault((row[9], row[3]), row[0])
+        if row[4] == "agent_aggregate" and row[9] != 0:
+            members.setdefault((row[9], row[5]), row[0])
     insert_many(conn, "INSERT INTO counts", [(field, value, n) for (field, value), n in counts.items()],
                 " ON CONFLICT (field, value) DO UPDATE SET n = n + excluded.n")
     if members:
@@ -1184,6 +1238,10 @@ def summary_total(conn: sqlite3.Connection, equal: dict, timed: bool, agent: str
         return None
     if equal:
         [(field, value)] = equal.items()
+        if field == "event_type":
+            return _counter(conn, "aggregate_type", EVENT_TYPE_AGGREGATES.get(value, ""))
+        if field == "aggregate_id":  # its events are numbered 1..n for each aggregate_type
+            return sum(aggregate_version(conn, aggregate_type, value) for aggregate_type in AGGREGATE_KINDS)
         return _counter(conn, field, value)
     if agent is not None:
         return aggregate_version(conn, "agent_aggregate", agent)

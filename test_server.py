@@ -853,7 +853,8 @@ def test_store_schema(srv, log):
 
 def test_older_schema_is_migrated(tmp_path):
     """A log written by a version-1 server opens with its events and counters, and loses the
-    event_type index (test_store_schema: that filter now uses aggregate_type's)."""
+    event_type index (test_store_schema: that filter now uses aggregate_type's) and the
+    counters that are no longer kept (their totals now come from others)."""
     data = tmp_path / "d"
     data.mkdir()
     conn = sqlite3.connect(data / "events.db", isolation_level=None)
@@ -868,9 +869,13 @@ def test_older_schema_is_migrated(tmp_path):
         reply = events_of(server.client, event_type="AgentEvent")
         assert [event["event_id"] for event in reply["events"]] == ["e1"] and reply["total"] == 1
         assert emit(server.client, name="agent.step", aggregate_id="a1")["aggregate_version"] == 2
+        assert events_of(server.client, aggregate_id="a1")["total"] == 2
+        assert events_of(server.client, event_type="AgentEvent")["total"] == 2
     conn = sqlite3.connect(data / "events.db")
-    assert conn.execute("PRAGMA user_version").fetchone()[0] == eas.SCHEMA_VERSION == 2
+    assert conn.execute("PRAGMA user_version").fetchone()[0] == eas.SCHEMA_VERSION == 3
     assert not conn.execute("SELECT 1 FROM sqlite_master WHERE name = 'events_event_type'").fetchall()
+    assert sorted(conn.execute("SELECT * FROM counts")) == [
+        ("aggregate_type", "agent_aggregate", 2), ("event_name", "agent.started", 1), ("event_name", "agent.step", 1)]
     assert not conn.execute("SELECT 1 FROM sqlite_stat1 WHERE idx = 'events_event_type'").fetchall()
     conn.close()
 
@@ -1045,6 +1050,7 @@ def test_large_batches_over_many_aggregates(tmp_path, monkeypatch, max_params):
     if max_params:
         monkeypatch.setattr(eas, "MAX_PARAMS", max_params)
         monkeypatch.setattr(eas, "LOOKUP_KEYS", max_params // 3)
+        monkeypatch.setattr(eas, "AT_ONCE", 64)
     ids = [str(uuid.uuid4()) for _ in range(1000)]
     first = [{"kind": "agent", "name": f"n{i}", "aggregate_id": f"a{i % 400}", "correlation_id": f"w{i % 7}",
               "event_id": ids[i]} for i in range(1000)]
@@ -1062,6 +1068,42 @@ def test_large_batches_over_many_aggregates(tmp_path, monkeypatch, max_params):
         assert events_of(c, aggregate_id="a0")["total"] == 4 and events_of(c, correlation_id="w3")["total"] == 143
         agents = c.get("/events/workflows/w0/agents").json()["agents"]
         assert len(agents) == 143 and agents[0]["agent_id"] == "a0" and agents[0]["event_count"] == 4  # i % 7 == 0
+
+
+def test_absent_values_are_stored_as_null(srv):
+    """The writer binds 0 for NULL (None is slow to bind); both of its paths must store NULL,
+    and keep an empty string as one."""
+    bodies = [{"name": "a", "attributes": {"agent_name": ""}}, {"name": "b", "aggregate_id": "x"}]
+    for body in bodies:  # the first commit takes the locked path, the next the one-statement path
+        emit(srv.client, **body)
+    assert srv.client.post("/events/emit/batch", json={"events": [{"kind": "agent", **b} for b in bodies]}).status_code == 200
+    conn = sqlite3.connect(srv.config.database_path)
+    rows = conn.execute("SELECT agent_name, correlation_id, causation_id, user_prompt, session_id, content_hash "
+                        "FROM events ORDER BY position").fetchall()
+    assert rows == [("", None, None, None, None, None), (None, None, None, None, None, None)] * 2
+    assert conn.execute("SELECT count(*) FROM counts WHERE field = 'correlation_id'").fetchone() == (0,)
+    conn.close()
+    assert [e["agent_name"] for e in events_of(srv.client, order="asc")["events"]] == ["", None, "", None]
+
+
+def test_one_statement_skips_its_padding(tmp_path):
+    """A group of more than STEP events goes in one statement of a size rounded up to a
+    multiple of STEP; the rest of it is padding, which must leave no trace."""
+    conn = eas.open_database(str(tmp_path / "events.db"), 1, "full")
+    conn.executescript(eas.AT_ONCE_VIEW)
+    fields = eas.event_fields(eas.APIServerConfig())
+    bodies = [{"name": "n", "aggregate_id": f"a{i % 7}", "correlation_id": "w"} for i in range(eas.STEP + 5)]
+    events = [eas.prepare_event("agent", body, ["body"], [], fields) for body in bodies]
+    outcomes, rows = eas.plan_group([(events, None)], 0, {}, {})
+    eas.insert_at_once(conn, rows)  # a statement of 2 * STEP rows
+    n = eas.STEP + 5
+    assert conn.execute("SELECT count(*), min(position), max(position) FROM events").fetchone() == (n, 1, n)
+    assert conn.execute("SELECT n FROM counts WHERE field = 'aggregate_type'").fetchone() == (n,)
+    assert conn.execute("SELECT n FROM counts WHERE field = 'correlation_id' AND value = 'w'").fetchone() == (n,)
+    assert conn.execute("SELECT count(*) FROM workflow_agents").fetchone() == (7,)
+    assert [version for _pos, version in conn.execute(
+        "SELECT position, aggregate_version FROM events WHERE aggregate_id = 'a0' ORDER BY position")] == [1, 2, 3, 4, 5, 6, 7, 8, 9, 10]
+    conn.close()
 
 
 def test_writer_forgets_versions_beyond_its_limit(tmp_path, monkeypatch):
