@@ -650,7 +650,7 @@ COLUMNS = ("position, event_id, aggregate_type, aggregate_id, aggregate_version,
 # event_type's totals are aggregate_type's (KINDS maps them one to one), and an
 # aggregate_id's total is the sum of its versions: counting those too cost every event
 # two more updates.
-COUNTED = (("aggregate_type", 4), ("event_name", 7), ("correlation_id", 9))  # (column, index in a row)
+COUNTED = ("aggregate_type", "event_name", "correlation_id")
 # The writer's rows: the values it decides (position, version, and the timestamp if the client
 # gave none), then the values prepare_event laid out once (event["values"]).
 ROW_COLUMNS = ("position, aggregate_version, timestamp, event_id, aggregate_type, aggregate_id, event_type, "
@@ -661,32 +661,28 @@ ROW_COLUMNS = ("position, aggregate_version, timestamp, event_id, aggregate_type
 # for NULL, and the statement turns it back; no stored value is the integer 0.
 NULLABLE = ("position", "correlation_id", "causation_id", "agent_name", "user_prompt", "session_id", "content_hash")
 ROW_SQL = "(" + ", ".join("nullif(?, 0)" if name in NULLABLE else "?" for name in ROW_COLUMNS.split(", ")) + ")"
-INSERT_EVENTS = f"INSERT INTO events ({ROW_COLUMNS})"
-# The writer's one-statement path (Store._commit_at_once): rows inserted into this view
-# become events, and a trigger keeps their counters and workflow membership, row by row,
-# in the same statement. A view and trigger of the writer's connection only (TEMP), so
-# that the log's schema, which other servers share, stays as it is. Rows without a
-# position are padding (see insert_at_once) and are skipped.
-AT_ONCE_VIEW = f"""
-CREATE TEMP VIEW events_at_once AS SELECT {COLUMNS}, content_hash FROM events WHERE 0;
-CREATE TEMP TRIGGER events_at_once INSTEAD OF INSERT ON events_at_once WHEN NEW.position IS NOT NULL BEGIN
-    {INSERT_EVENTS} VALUES ({", ".join("NEW." + name for name in ROW_COLUMNS.split(", "))});
+INSERT_EVENTS = f"INSERT INTO events ({ROW_COLUMNS}) SELECT * FROM ("
+EVENTS_TAIL = ") WHERE column1 IS NOT NULL"  # rows without a position are padding (insert_events)
+# The writer's connection keeps the counters and workflow membership with a trigger, row by
+# row, in the statement that inserts the rows: so that a group can be one statement (see
+# Store._commit_at_once). A trigger of this connection only (TEMP), so that the log's
+# schema, which other servers share, stays as it is.
+SUMMARIES_TRIGGER = f"""
+CREATE TEMP TRIGGER events_summaries AFTER INSERT ON main.events BEGIN
     {"".join(f"INSERT INTO counts SELECT '{name}', NEW.{name}, 1 WHERE NEW.{name} IS NOT NULL "
-             "ON CONFLICT (field, value) DO UPDATE SET n = n + 1; " for name, _index in COUNTED)}
+             "ON CONFLICT (field, value) DO UPDATE SET n = n + 1; " for name in COUNTED)}
     INSERT OR IGNORE INTO workflow_agents SELECT NEW.correlation_id, NEW.aggregate_id, NEW.position
         WHERE NEW.aggregate_type = 'agent_aggregate' AND NEW.correlation_id IS NOT NULL;
 END;
 """
-INSERT_AT_ONCE = f"INSERT INTO events_at_once ({ROW_COLUMNS})"
 
 
 # Parameters per statement: SQLite's limit since 3.32, and before it.
 MAX_PARAMS = 32766 if sqlite3.sqlite_version_info >= (3, 32, 0) else 999
 
 
-# Statements of up to STEP rows are made to measure; bigger ones come in a few sizes (powers
-# of two, or multiples of STEP for insert_at_once), so that a few cached statements serve
-# every group.
+# Statements of up to STEP rows are made to measure; bigger ones are rounded up to a multiple
+# of STEP, so that a few cached statements serve every group.
 STEP = 64
 EVENT_WIDTH = len(ROW_COLUMNS.split(", "))
 # The most events the writer stores in one statement: the parameter limit, in whole STEPs.
@@ -694,35 +690,22 @@ AT_ONCE = max(MAX_PARAMS // EVENT_WIDTH // STEP * STEP, STEP)
 
 
 @functools.lru_cache(maxsize=None)
-def insert_sql(head: str, row_sql: str, rows: int, tail: str) -> str:
-    return f"{head} VALUES " + ", ".join([row_sql] * rows) + tail
+def insert_sql(rows: int) -> str:
+    return f"{INSERT_EVENTS} VALUES " + ", ".join([ROW_SQL] * rows) + EVENTS_TAIL
 
 
-def insert_many(conn: sqlite3.Connection, head: str, rows: list, tail: str = "", row_sql: str = "") -> None:
-    """Multi-row INSERTs (row_sql: the SQL of one row's values; default, a ? for each). Each
-    statement the writer runs costs it a GIL hand-off, which under load can wait for
-    milliseconds on the event loop's thread; so a group's rows go in as few statements as
-    the parameter limit allows."""
-    width = len(rows[0])
-    row_sql = row_sql or "(" + ", ".join("?" * width) + ")"
-    most = MAX_PARAMS // width
-    start = 0
-    while start < len(rows):
-        left = len(rows) - start
-        size = min(most, left if left <= STEP else 1 << (left.bit_length() - 1))
-        chunk = rows[start:start + size]
-        conn.execute(insert_sql(head, row_sql, size, tail), [value for row in chunk for value in row])
-        start += size
-
-
-def insert_at_once(conn: sqlite3.Connection, rows: list) -> None:
-    """Up to AT_ONCE events in one statement, which also commits: past STEP rows, the
-    statement's size is rounded up to a multiple of STEP and the rest is padding (zeros:
-    no position)."""
-    size = len(rows) if len(rows) <= STEP else -(-len(rows) // STEP) * STEP
-    values = [value for row in rows for value in row]
-    values += [0] * ((size - len(rows)) * EVENT_WIDTH)
-    conn.execute(insert_sql(INSERT_AT_ONCE, ROW_SQL, size, ""), values)
+def insert_events(conn: sqlite3.Connection, rows: list) -> None:
+    """Store rows of events in statements of up to AT_ONCE rows; in autocommit mode, a group
+    of up to AT_ONCE rows is one statement, which also commits. Past STEP rows, a
+    statement's size is rounded up to a multiple of STEP, and the rest of it is padding
+    (zeros: no position). Each statement the writer runs costs it a GIL hand-off, which
+    under load can wait for milliseconds on the event loop's thread."""
+    for start in range(0, len(rows), AT_ONCE):
+        chunk = rows[start:start + AT_ONCE]
+        size = len(chunk) if len(chunk) <= STEP else -(-len(chunk) // STEP) * STEP
+        values = [value for row in chunk for value in row]
+        values += [0] * ((size - len(chunk)) * EVENT_WIDTH)
+        conn.execute(insert_sql(size), values)
 
 
 class StoreError(Exception):
@@ -819,7 +802,7 @@ class Store:
         """Create the database if needed and start the writer (blocking: call off the loop)."""
         try:
             conn = open_database(self.path, self.timeout, self.durability)
-            conn.executescript(AT_ONCE_VIEW)
+            conn.executescript(SUMMARIES_TRIGGER)
         except sqlite3.Error as exc:
             raise StoreError(f"cannot open {self.path}: {describe_sqlite_error(exc)}") from None
         self._writer = threading.Thread(target=self._write_loop, args=(conn,), name="eventuali-write",
@@ -943,7 +926,7 @@ class Store:
             if any(isinstance(result, Problem) for _future, result in outcomes):
                 return None
             if rows:
-                insert_at_once(conn, rows)
+                insert_events(conn, rows)
         except sqlite3.IntegrityError:
             return None
         except sqlite3.Error as exc:  # nothing was stored: a failed statement leaves no trace
@@ -962,8 +945,7 @@ class Store:
                     conn.execute("INSERT OR REPLACE INTO meta VALUES ('health_probe', ?)", (utc_now(),))
                 outcomes, rows = plan_group(group, position, versions, stored)
                 if rows:
-                    insert_many(conn, INSERT_EVENTS, rows, row_sql=ROW_SQL)
-                    update_summaries(conn, rows)
+                    insert_events(conn, rows)
                 conn.execute("COMMIT")
             except BaseException:
                 if conn.in_transaction:  # a failed COMMIT (disk full, I/O error) has rolled back already
@@ -1058,25 +1040,7 @@ def plan_group(group: list, position: int, versions: dict, stored: dict) -> tupl
     return outcomes, rows
 
 
-def update_summaries(conn: sqlite3.Connection, rows: list) -> None:
-    """Counters and workflow membership for a group's new rows: one write per distinct key."""
-    counts: dict = {}
-    members: dict = {}
-    for row in rows:  # ROW_COLUMNS, 0 for NULL
-        for field, index in COUNTED:
-            if row[index] != 0:
-                key = (field, row[index])
-                counts[key] = counts.get(key, 0) + 1
-        if row[4] == "agent_aggregate" and row[9] != 0:
-            members.setdefault((row[9], row[5]), row[0])
-    insert_many(conn, "INSERT INTO counts", [(field, value, n) for (field, value), n in counts.items()],
-                " ON CONFLICT (field, value) DO UPDATE SET n = n + excluded.n")
-    if members:
-        insert_many(conn, "INSERT OR IGNORE INTO workflow_agents",
-                    [(wf, agent, position) for (wf, agent), position in members.items()])
-
-
-# The writer looks up what a group needs in one statement, not one per event: see insert_many.
+# The writer looks up what a group needs in one statement, not one per event: see insert_events.
 LOOKUP_KEYS = MAX_PARAMS // 3
 
 

@@ -1086,19 +1086,26 @@ def test_absent_values_are_stored_as_null(srv):
     assert [e["agent_name"] for e in events_of(srv.client, order="asc")["events"]] == ["", None, "", None]
 
 
-def test_one_statement_skips_its_padding(tmp_path):
+def test_statements_skip_their_padding(tmp_path, monkeypatch):
     """A group of more than STEP events goes in one statement of a size rounded up to a
-    multiple of STEP; the rest of it is padding, which must leave no trace."""
+    multiple of STEP, the rest of it padding, which must leave no trace; a group of more than
+    AT_ONCE events goes in several such statements."""
     conn = eas.open_database(str(tmp_path / "events.db"), 1, "full")
-    conn.executescript(eas.AT_ONCE_VIEW)
+    conn.executescript(eas.SUMMARIES_TRIGGER)
     fields = eas.event_fields(eas.APIServerConfig())
     bodies = [{"name": "n", "aggregate_id": f"a{i % 7}", "correlation_id": "w"} for i in range(eas.STEP + 5)]
     events = [eas.prepare_event("agent", body, ["body"], [], fields) for body in bodies]
     outcomes, rows = eas.plan_group([(events, None)], 0, {}, {})
-    eas.insert_at_once(conn, rows)  # a statement of 2 * STEP rows
+    eas.insert_events(conn, rows)  # a statement of 2 * STEP rows
     n = eas.STEP + 5
     assert conn.execute("SELECT count(*), min(position), max(position) FROM events").fetchone() == (n, 1, n)
-    assert conn.execute("SELECT n FROM counts WHERE field = 'aggregate_type'").fetchone() == (n,)
+    monkeypatch.setattr(eas, "AT_ONCE", eas.STEP)
+    more = [eas.prepare_event("workflow", {"name": "m"}, ["body"], [], fields) for _ in range(2 * eas.STEP + 3)]
+    eas.insert_events(conn, eas.plan_group([(more, None)], n, {}, {})[1])  # STEP, STEP, then 3
+    assert conn.execute("SELECT count(*), max(position) FROM events WHERE event_name = 'm'").fetchone() == \
+        (2 * eas.STEP + 3, n + 2 * eas.STEP + 3)
+    assert conn.execute("SELECT n FROM counts WHERE field = 'event_name' AND value = 'm'").fetchone() == (2 * eas.STEP + 3,)
+    assert conn.execute("SELECT n FROM counts WHERE value = 'agent_aggregate'").fetchone() == (n,)
     assert conn.execute("SELECT n FROM counts WHERE field = 'correlation_id' AND value = 'w'").fetchone() == (n,)
     assert conn.execute("SELECT count(*) FROM workflow_agents").fetchone() == (7,)
     assert [version for _pos, version in conn.execute(
@@ -1244,7 +1251,7 @@ def test_two_processes_under_mixed_load_keep_every_invariant(tmp_path):
                         "HAVING count(*) != max(aggregate_version))").fetchone()[0] == 0  # versions 1..k
     assert conn.execute("SELECT count(DISTINCT event_id) FROM events WHERE event_name = 'once'").fetchone()[0] == \
         conn.execute("SELECT count(*) FROM events WHERE event_name = 'once'").fetchone()[0]
-    for field, _index in eas.COUNTED:
+    for field in eas.COUNTED:
         actual = dict(conn.execute(f"SELECT {field}, count(*) FROM events WHERE {field} IS NOT NULL GROUP BY 1"))
         assert dict(conn.execute("SELECT value, n FROM counts WHERE field = ?", (field,))) == actual, field
     firsts = conn.execute("SELECT correlation_id, aggregate_id, min(position) FROM events WHERE "
