@@ -1088,7 +1088,7 @@ def test_absent_values_are_stored_as_null(srv):
 
 def test_statements_skip_their_padding(tmp_path, monkeypatch):
     """A group of more than STEP events goes in one statement of a size rounded up to a
-    multiple of STEP, the rest of it padding, which must leave no trace; a group of more than
+    power of two, the rest of it padding, which must leave no trace; a group of more than
     AT_ONCE events goes in several such statements."""
     conn = eas.open_database(str(tmp_path / "events.db"), 1, "full")
     conn.executescript(eas.SUMMARIES_TRIGGER)
