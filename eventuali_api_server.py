@@ -456,7 +456,8 @@ def parse_json(body: bytes, max_depth: int) -> Any:
     return value
 
 
-NULLABLE_EVENT_FIELDS = ("correlation_id", "causation_id", "agent_name", "user_prompt", "session_id", "hash")
+# The fields of a prepared event that may be absent (None), which are stored as NULL.
+NULLABLE = ("correlation_id", "causation_id", "agent_name", "user_prompt", "session_id", "content_hash")
 
 
 def prepare_event(kind: str, body: Any, loc: Sequence, errors: list, fields: dict) -> dict | None:
@@ -485,16 +486,16 @@ def prepare_event(kind: str, body: Any, loc: Sequence, errors: list, fields: dic
         "user_prompt": _string_attr(attributes, "user_prompt") if kind == "workflow" else None,
         "session_id": given_id if kind == "system" else None,
         "expected_version": clean.get("expected_version"),
-        "hash": None,
+        "content_hash": None,
     }
     if event["client_event_id"]:
         content = [kind, clean["name"], event["attributes"], event["timestamp"], given_id,
                    event["correlation_id"], event["causation_id"]]
-        event["hash"] = hashlib.sha256(json.dumps(content).encode()).hexdigest()
+        event["content_hash"] = hashlib.sha256(json.dumps(content).encode()).hexdigest()
     # The stored row's values after position, version and timestamp (ROW_COLUMNS), laid out
     # here once, 0 standing for NULL.
     event["values"] = (event["event_id"], aggregate_type, aggregate_id, event_type, event["name"], event["attributes"],
-                       *[0 if event[name] is None else event[name] for name in NULLABLE_EVENT_FIELDS])
+                       *[0 if event[name] is None else event[name] for name in NULLABLE])
     return event
 
 
@@ -659,9 +660,8 @@ ROW_COLUMNS = ("position, aggregate_version, timestamp, event_id, aggregate_type
 EVENT_WIDTH = len(ROW_COLUMNS.split(", "))
 # Binding None costs the sqlite3 module two failed attribute lookups, ~0.8 µs a value with the
 # GIL held (it binds an int in 0.06), and an event has three to six of them. So in rows 0 stands
-# for NULL, and the statement turns it back; no stored value is the integer 0. Rows whose
-# position is 0 are padding (see insert_events), which the statement leaves out.
-NULLABLE = ("correlation_id", "causation_id", "agent_name", "user_prompt", "session_id", "content_hash")
+# for NULL in the NULLABLE columns, and the statement turns it back (they hold text, never the
+# integer 0). Rows whose position is 0 are padding (see insert_events), which it leaves out.
 INSERT_EVENTS = f"INSERT INTO events ({ROW_COLUMNS}) SELECT " + ", ".join(
     f"nullif(column{i}, 0)" if name in NULLABLE else f"column{i}"
     for i, name in enumerate(ROW_COLUMNS.split(", "), 1)) + " FROM ("
@@ -1014,7 +1014,7 @@ def plan_group(group: list, position: int, versions: dict, stored: dict) -> tupl
                 if event["client_event_id"]:
                     earlier = staged_ids.get(event["event_id"]) or stored.get(event["event_id"])
                     if earlier:
-                        if earlier[0] != event["hash"]:
+                        if earlier[0] != event["content_hash"]:
                             raise Problem(409, f"event_id {event['event_id']} was already used "
                                                "for an event with other content")
                         results.append(earlier[1])
@@ -1031,7 +1031,7 @@ def plan_group(group: list, position: int, versions: dict, stored: dict) -> tupl
                 result = (event["event_id"], pos, version, timestamp, event["aggregate_id"])
                 staged_rows.append((pos, version, timestamp) + event["values"])
                 if event["client_event_id"]:
-                    staged_ids[event["event_id"]] = (event["hash"], result)
+                    staged_ids[event["event_id"]] = (event["content_hash"], result)
                 results.append(result)
         except Problem as problem:
             outcomes.append((future, problem))

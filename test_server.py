@@ -1072,15 +1072,15 @@ def test_large_batches_over_many_aggregates(tmp_path, monkeypatch, max_params):
 
 def test_absent_values_are_stored_as_null(srv):
     """The writer binds 0 for NULL (None is slow to bind); both of its paths must store NULL,
-    and keep an empty string as one."""
-    bodies = [{"name": "a", "attributes": {"agent_name": ""}}, {"name": "b", "aggregate_id": "x"}]
+    and keep an empty string and the string "0" as they are."""
+    bodies = [{"name": "a", "attributes": {"agent_name": ""}}, {"name": "b", "aggregate_id": "x", "causation_id": "0"}]
     for body in bodies:  # the first commit takes the locked path, the next the one-statement path
         emit(srv.client, **body)
     assert srv.client.post("/events/emit/batch", json={"events": [{"kind": "agent", **b} for b in bodies]}).status_code == 200
     conn = sqlite3.connect(srv.config.database_path)
     rows = conn.execute("SELECT agent_name, correlation_id, causation_id, user_prompt, session_id, content_hash "
                         "FROM events ORDER BY position").fetchall()
-    assert rows == [("", None, None, None, None, None), (None, None, None, None, None, None)] * 2
+    assert rows == [("", None, None, None, None, None), (None, None, "0", None, None, None)] * 2
     assert conn.execute("SELECT count(*) FROM counts WHERE field = 'correlation_id'").fetchone() == (0,)
     conn.close()
     assert [e["agent_name"] for e in events_of(srv.client, order="asc")["events"]] == ["", None, "", None]
