@@ -600,6 +600,22 @@ def test_malformed_bodies_are_422(client, raw):
     assert reply.json()["detail"][0]["loc"][0] == "body"
 
 
+def test_compact_json_without_the_c_encoder(monkeypatch):
+    """Where json has no C encoder (or one of other arguments), compact_json falls back to
+    JSONEncoder.encode: the same text either way."""
+    values = [{"a": [1, 2.5, None, True], "é": "☃\n"}, "x", [], 10**30]
+    fast = eas._compact_encoder()
+    monkeypatch.setattr(json.encoder, "c_make_encoder", None)
+    slow = eas._compact_encoder()
+    assert isinstance(getattr(slow, "__self__", None), json.JSONEncoder)  # the fallback was taken
+    assert [fast(v) for v in values] == [slow(v) for v in values] == \
+        [json.dumps(v, ensure_ascii=False, separators=(",", ":")) for v in values]
+    with pytest.raises(ValueError):
+        slow(float("nan"))
+    with pytest.raises(ValueError):
+        fast(float("nan"))
+
+
 def test_surrogate_pairs_are_fine(client):
     raw = b'{"name": "smile \\ud83d\\ude00"}'
     assert client.post("/events/emit/agent", content=raw, headers={"content-type": "application/json"}).json()
@@ -617,6 +633,15 @@ def test_attributes_any_json_inside_and_depth_limit(client):
         node = node["d"]
     emit(client, name="ok", attributes=deep)
     node["d"] = {}
+    assert_invalid(client.post("/events/emit/agent", json={"name": "deep", "attributes": deep}),
+                   "body", "attributes")
+    lists: list = []
+    deep = {"l": lists, "flat": [1, {"a": 2}]}
+    for _ in range(30):  # 31 lists inside attributes: 32 levels again
+        lists.append([])
+        lists = lists[0]
+    emit(client, name="ok", attributes=deep)
+    lists.append([0])
     assert_invalid(client.post("/events/emit/agent", json={"name": "deep", "attributes": deep}),
                    "body", "attributes")
     very_deep = b'{"name": "x", "attributes": ' + b"[" * 100000 + b"]" * 100000 + b"}"
