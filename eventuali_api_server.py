@@ -701,8 +701,7 @@ def insert_events(conn: sqlite3.Connection, rows: list) -> None:
     """Store rows of events in statements of up to AT_ONCE rows; in autocommit mode, a group
     of up to AT_ONCE rows is one statement, which also commits. Past STEP rows, a
     statement's size is rounded up to a power of two, and the rest of it is padding (zeros:
-    no position; ~1 µs a row). Each statement the writer runs costs it a GIL hand-off, which
-    under load can wait for milliseconds on the event loop's thread."""
+    no position; ~1 µs a row). Few statements matter: see Store._commit_at_once."""
     for start in range(0, len(rows), AT_ONCE):
         chunk = rows[start:start + AT_ONCE]
         size = len(chunk) if len(chunk) <= STEP else 1 << (len(chunk) - 1).bit_length()
