@@ -2032,6 +2032,15 @@ def _schemas(config: APIServerConfig) -> dict:
         "Root": obj({"name": {"type": "string"}, "version": {"type": "string"}, "description": {"type": "string"},
                      "endpoints": {"type": "object", "additionalProperties": {"type": "string"}}}),
         "Error": obj({"detail": {"type": "string"}}),
+        # One Server-Sent Event as a client parses it (before OpenAPI 3.2, the schema of a
+        # text/event-stream reply describes each event): its data is the JSON text of an event
+        # item, or of an error when the store fails mid-stream.
+        "StreamEvent": {"type": "object", "required": ["event", "data"], "properties": {
+            "event": {"type": "string", "enum": ["event", "error"]},
+            "id": {"type": "string", "pattern": "^[0-9]{1,19}$", "description": "The event's position."},
+            "retry": {"type": "integer", "minimum": 0},
+            "data": {"type": "string", "contentMediaType": JSON_TYPE,
+                     "contentSchema": {"anyOf": [_ref("EventItem"), _ref("Error")]}}}},
         "Conflict": obj({"detail": {"type": "string"}, "current_version": {"type": "integer"}}, ("current_version",)),
         "ValidationError": obj({"detail": {"type": "array", "items": obj({
             "loc": {"type": "array", "items": {"type": ["string", "integer"]}},
@@ -2106,12 +2115,14 @@ def openapi(config: APIServerConfig) -> dict:
             "Live events (Server-Sent Events)", "events",
             {"200": {"description": "`retry: 3000` and a comment at once; then per event `id: <position>`, "
                                     "`event: event`, `data: <event item JSON>`; a `: ping` comment every "
-                                    f"{config.sse_ping:g} s.",
-                     "content": {"text/event-stream": {"schema": {"type": "string"}}}}},
+                                    f"{config.sse_ping:g} s. If the store fails, `event: error` with "
+                                    "`data: {\"detail\": ...}`, and the stream ends.",
+                     "content": {"text/event-stream": {"schema": _ref("StreamEvent")}}}},
             422, 503, operation_id="stream_events", parameters=[
                 *_parameters(stream_params(config)),
                 {"name": "Last-Event-ID", "in": "header", "required": False, "schema": {"type": "string",
-                 "pattern": "^[0-9]{1,19}$"}, "description": "Resume after this position (browsers send it)."}],
+                 "pattern": "^([0-9]{1,19})?$"}, "description": "Resume after this position (browsers send "
+                 "it); empty means none, as when it is left out."}],
             description="Resume with `Last-Event-ID` or `after`: stored events after that position first, then "
                         "live ones, without gap or duplicate. A client that reads too slowly is caught up "
                         "from the store; it never misses an event.")},
