@@ -19,14 +19,17 @@ Vendoring: copy this file into your project; `pip install starlette uvicorn`.
 
 from __future__ import annotations
 
+import abc
 import argparse
 import asyncio
+import collections
 import dataclasses
 import functools
 import hashlib
 import hmac
 import json
 import logging
+import operator
 import os
 import queue
 import re
@@ -40,7 +43,7 @@ from collections import deque
 from concurrent.futures import ThreadPoolExecutor
 from contextlib import asynccontextmanager
 from datetime import datetime, timedelta, timezone
-from typing import Any, AsyncIterator, Callable, Iterable, Sequence
+from typing import Any, AsyncIterator, Callable, Iterable, NamedTuple, Sequence
 
 from starlette.applications import Starlette
 from starlette.exceptions import HTTPException
@@ -50,7 +53,7 @@ from starlette.requests import Request
 from starlette.responses import HTMLResponse, JSONResponse, Response
 from starlette.routing import Route
 
-__version__ = "1.0.0"
+__version__ = "1.1.0"
 __all__ = ["APIServerConfig", "get_config", "set_config", "create_app", "app", "main"]
 
 logger = logging.getLogger("eventuali_api_server")
@@ -456,47 +459,70 @@ def parse_json(body: bytes, max_depth: int) -> Any:
     return value
 
 
-# The fields of a prepared event that may be absent (None), which are stored as NULL.
-NULLABLE = ("correlation_id", "causation_id", "agent_name", "user_prompt", "session_id", "content_hash")
+@dataclasses.dataclass
+class NewEvent:
+    """A validated event to append, mapped to the stored fields as the original mapped them."""
+
+    kind: str
+    event_id: str
+    client_event_id: bool  # the client chose event_id: a retry must find the original
+    aggregate_type: str
+    aggregate_id: str
+    fresh: bool  # aggregate_id was made here: it has no history to look up
+    event_type: str
+    name: str
+    timestamp: str | None  # None: the time the writer stores it
+    attributes: str  # JSON text
+    correlation_id: str | None
+    causation_id: str | None
+    agent_name: str | None
+    user_prompt: str | None
+    session_id: str | None
+    expected_version: int | None
+    content_hash: str | None  # of what the client sent, when it chose event_id
+    # The stored columns after position, version and timestamp (ROW_COLUMNS), laid out here,
+    # on the event loop, which leaves the writer less to do while it holds the write lock.
+    values: tuple = dataclasses.field(init=False, repr=False)
+
+    def __post_init__(self) -> None:
+        self.values = (self.event_id, self.aggregate_type, self.aggregate_id, self.event_type, self.name,
+                       self.attributes, self.correlation_id, self.causation_id, self.agent_name, self.user_prompt,
+                       self.session_id, self.content_hash)
 
 
-def prepare_event(kind: str, body: Any, loc: Sequence, errors: list, fields: dict) -> dict | None:
-    """Validate one emitted event and map it to a row-to-be, as the original mapped it."""
+def prepare_event(kind: str, body: Any, loc: Sequence, errors: list, fields: dict) -> NewEvent | None:
+    """Validate one emitted event and map it to a NewEvent; problems go to `errors`."""
     clean = check_object(body, fields, REQUIRED_FIELDS, loc, errors)
     if errors:
         return None
     aggregate_type, event_type, _label = KINDS[kind]
     attributes = clean.get("attributes", {})
+    attributes_json = compact_json(attributes)
     given_id = clean.get("aggregate_id")
-    aggregate_id = given_id or ("system" if kind == "system" else uuid7())
-    event = {
-        "kind": kind,
-        "event_id": clean.get("event_id") or uuid7(),
-        "client_event_id": "event_id" in clean,
-        "aggregate_type": aggregate_type,
-        "aggregate_id": aggregate_id,
-        "fresh": given_id is None and kind != "system",  # a new UUID has no history to look up
-        "event_type": event_type,
-        "name": clean["name"],
-        "timestamp": clean.get("timestamp"),
-        "attributes": compact_json(attributes),
-        "correlation_id": clean.get("correlation_id"),
-        "causation_id": clean.get("causation_id"),
-        "agent_name": _string_attr(attributes, "agent_name") if kind == "agent" else None,
-        "user_prompt": _string_attr(attributes, "user_prompt") if kind == "workflow" else None,
-        "session_id": given_id if kind == "system" else None,
-        "expected_version": clean.get("expected_version"),
-        "content_hash": None,
-    }
-    if event["client_event_id"]:
-        content = [kind, clean["name"], event["attributes"], event["timestamp"], given_id,
-                   event["correlation_id"], event["causation_id"]]
-        event["content_hash"] = hashlib.sha256(json.dumps(content).encode()).hexdigest()
-    # The stored row's values after position, version and timestamp (ROW_COLUMNS), laid out
-    # here once, 0 standing for NULL.
-    event["values"] = (event["event_id"], aggregate_type, aggregate_id, event_type, event["name"], event["attributes"],
-                       *[0 if event[name] is None else event[name] for name in NULLABLE])
-    return event
+    content_hash = None
+    if "event_id" in clean:
+        content = [kind, clean["name"], attributes_json, clean.get("timestamp"), given_id,
+                   clean.get("correlation_id"), clean.get("causation_id")]
+        content_hash = hashlib.sha256(json.dumps(content).encode()).hexdigest()
+    return NewEvent(
+        kind=kind,
+        event_id=clean.get("event_id") or uuid7(),
+        client_event_id="event_id" in clean,
+        aggregate_type=aggregate_type,
+        aggregate_id=given_id or ("system" if kind == "system" else uuid7()),
+        fresh=given_id is None and kind != "system",
+        event_type=event_type,
+        name=clean["name"],
+        timestamp=clean.get("timestamp"),
+        attributes=attributes_json,
+        correlation_id=clean.get("correlation_id"),
+        causation_id=clean.get("causation_id"),
+        agent_name=_string_attr(attributes, "agent_name") if kind == "agent" else None,
+        user_prompt=_string_attr(attributes, "user_prompt") if kind == "workflow" else None,
+        session_id=given_id if kind == "system" else None,
+        expected_version=clean.get("expected_version"),
+        content_hash=content_hash,
+    )
 
 
 def uuid7() -> str:
@@ -581,10 +607,215 @@ def check_query(request: Request, specs: dict) -> dict:
 
 
 # =============================================================================
-# 3. Storage (schema, writer, readers)
+# 3. Storage
 # =============================================================================
+# 3.1 What the rest of the server sees: events in and out, queries, errors and the
+#     EventStore interface. Handlers and the Hub use nothing else.
+# 3.2 Planning a group of appends: a pure function every backend shares.
+# 3.3 SQLite: schema and migrations.
+# 3.4 SQLite: the writer.
+# 3.5 SQLite: the queries.
+# 3.6 SQLiteStore: the interface on top of them.
 
-SCHEMA_VERSION = 3
+# -- 3.1 the interface ---------------------------------------------------------------
+
+class Receipt(NamedTuple):
+    """What an append tells about each stored event."""
+
+    event_id: str
+    position: int
+    version: int
+    timestamp: str
+    aggregate_id: str
+
+
+class StoredEvent(NamedTuple):
+    """An event read back: the fields streams filter on, and its item as JSON text."""
+
+    position: int
+    event_type: str
+    aggregate_type: str
+    aggregate_id: str
+    correlation_id: str | None
+    event_name: str
+    json: str
+
+
+@dataclasses.dataclass
+class Query:
+    """A page of the log: equality filters (STREAM_FILTERS), a time window, a position
+    cursor, order and paging; scoped to one agent's events or to a workflow's timeline."""
+
+    filters: dict = dataclasses.field(default_factory=dict)
+    since: str | None = None  # timestamp > since
+    until: str | None = None  # timestamp <= until
+    after: int | None = None
+    before: int | None = None
+    order: str = "desc"
+    limit: int = 100
+    offset: int = 0
+    agent: str | None = None
+    workflow: str | None = None
+
+
+class Page(NamedTuple):
+    items: list  # of StoredEvent
+    total: int  # every event the query matches, cursor and paging aside
+    next: int | None  # the cursor for the next page, when this one is full
+
+
+class StoreError(Exception):
+    """The store did not do what was asked; the subclass says why."""
+
+
+class StoreUnavailable(StoreError):
+    """The store cannot serve now (locked, read-only, full, unreachable); it may recover."""
+
+
+class Conflict(StoreError):
+    """The append contradicts the log; nothing of it was stored."""
+
+
+class VersionConflict(Conflict):
+    def __init__(self, message: str, current_version: int) -> None:
+        super().__init__(message)
+        self.current_version = current_version
+
+
+def normalize_filters(filters: dict) -> dict | None:
+    """The equality filters on stored columns, None if they can match nothing. An event's
+    event_type follows from its aggregate_type (KINDS), so it becomes that filter."""
+    clean = {name: value for name, value in filters.items() if value is not None}
+    if "event_type" in clean:
+        implied = EVENT_TYPE_AGGREGATES.get(clean.pop("event_type"))
+        if implied is None or clean.setdefault("aggregate_type", implied) != implied:
+            return None
+    return clean
+
+
+def narrow(filters: dict | None, **scope: str) -> dict | None:
+    """filters AND scope's equalities; None if they contradict each other."""
+    if filters is None or any(filters.get(name, value) != value for name, value in scope.items()):
+        return None
+    return {**filters, **scope}
+
+
+class EventStore(abc.ABC):
+    """The event log in domain terms. A backend implements these; the handlers and the Hub
+    use nothing else. Methods are called on the event loop and never block it."""
+
+    location = ""  # where the log is, for /health/database (never a password)
+
+    @abc.abstractmethod
+    def prepare(self) -> None:
+        """Create or migrate the log now, blocking: the command checks this before it serves."""
+
+    @abc.abstractmethod
+    async def start(self) -> None:
+        """Open (creating or migrating the log if needed) and start serving."""
+
+    @abc.abstractmethod
+    async def stop(self) -> None:
+        """Finish what was acknowledged as accepted, then release everything."""
+
+    @abc.abstractmethod
+    async def append(self, events: list) -> list:
+        """Store the NewEvents atomically, in order; return a Receipt for each once they are
+        committed. Raises Conflict (nothing stored) or StoreUnavailable. An empty list
+        stores nothing but still commits a write: the writability check."""
+
+    async def check_writable(self) -> None:
+        """Raise StoreUnavailable unless the store can commit a write now."""
+        await self.append([])
+
+    @abc.abstractmethod
+    async def query(self, query: Query) -> Page:
+        """A page of events and the exact total."""
+
+    @abc.abstractmethod
+    async def events_after(self, position: int, filters: dict, limit: int) -> list:
+        """Up to `limit` StoredEvents after `position` that match the equality filters, oldest first."""
+
+    @abc.abstractmethod
+    async def last_position(self) -> int:
+        """The position of the newest committed event (0 for an empty log)."""
+
+    @abc.abstractmethod
+    async def workflow_agents(self, workflow_id: str) -> list:
+        """The workflow's agents, in order of their first correlated event (see WORKFLOW_AGENTS)."""
+
+    @abc.abstractmethod
+    async def wait_for_commit(self, timeout: float) -> None:
+        """Return soon after a commit to the log, by any process, or after `timeout` seconds;
+        it may also return early. Readers then read by position: nothing is missed."""
+
+    @abc.abstractmethod
+    def backup(self, dest: str) -> int:
+        """Write a consistent copy of the log to `dest`; the events it holds (blocking)."""
+
+
+# -- 3.2 planning a group of appends ---------------------------------------------------
+
+ROW_COLUMNS = ("position", "aggregate_version", "timestamp", "event_id", "aggregate_type", "aggregate_id",
+               "event_type", "event_name", "attributes", "correlation_id", "causation_id", "agent_name",
+               "user_prompt", "session_id", "content_hash")
+
+
+def plan_appends(requests: Sequence[list], position: int, versions: dict, stored: dict, now: str) -> tuple:
+    """Decide each request's outcome, given the log's last position, the current version of
+    every aggregate the requests name ({(aggregate_type, aggregate_id): version}, missing
+    means 0) and the receipts of their client-chosen event_ids already stored ({event_id:
+    (content_hash, Receipt)}). Returns (outcomes, rows): for each request its Receipts or
+    the Conflict that rejects it whole, and the rows (ROW_COLUMNS) to insert, in order."""
+    versions, stored = dict(versions), dict(stored)
+    outcomes: list = []
+    rows: list = []
+    for events in requests:
+        staged_versions: dict = {}
+        staged_ids: dict = {}
+        staged_rows: list = []
+        receipts: list = []
+        try:
+            for event in events:
+                if event.client_event_id:
+                    earlier = staged_ids.get(event.event_id) or stored.get(event.event_id)
+                    if earlier:
+                        if earlier[0] != event.content_hash:
+                            raise Conflict(f"event_id {event.event_id} was already used for an event with other content")
+                        receipts.append(earlier[1])
+                        continue
+                key = (event.aggregate_type, event.aggregate_id)
+                current = staged_versions.get(key, versions.get(key, 0))
+                if event.expected_version is not None and event.expected_version != current:
+                    raise VersionConflict(f"{key[0]} {key[1]!r} is at version {current}, "
+                                          f"not the expected {event.expected_version}", current)
+                version = staged_versions[key] = current + 1
+                receipt = Receipt(event.event_id, position + len(rows) + len(staged_rows) + 1, version,
+                                  event.timestamp or now, event.aggregate_id)
+                staged_rows.append((receipt.position, version, receipt.timestamp, *event.values))
+                if event.client_event_id:
+                    staged_ids[event.event_id] = (event.content_hash, receipt)
+                receipts.append(receipt)
+        except Conflict as conflict:
+            outcomes.append(conflict)
+            continue
+        versions.update(staged_versions)
+        stored.update(staged_ids)
+        rows.extend(staged_rows)
+        outcomes.append(receipts)
+    return outcomes, rows
+
+
+def lookups(requests: Sequence[list]) -> tuple:
+    """What planning needs from the log: the aggregates whose versions matter, and the
+    client-chosen event_ids to look for."""
+    keys = {(e.aggregate_type, e.aggregate_id) for events in requests for e in events if not e.fresh}
+    return sorted(keys), [e.event_id for events in requests for e in events if e.client_event_id]
+
+
+# -- 3.3 SQLite: schema and migrations ---------------------------------------------
+
+SCHEMA_VERSION = 4
 # The planner has no statistics for a new log, and without them it may pick the
 # 3-valued aggregate_type index over aggregate_id's. Fixed, typical statistics in
 # sqlite_stat1 (documented as the way to steer it) keep every read on the selective index.
@@ -638,98 +869,75 @@ MIGRATIONS = {
         ('events', 'events_correlation', '1000000 200 1'),
         ('events', 'events_timestamp', '1000000 2');
     """,
-    # event_type and aggregate_type map one to one (KINDS), so one index serves both
-    # filters (build_where); every append then updates 7 indexes, not 8.
+    # event_type and aggregate_type map one to one (KINDS): one index serves both filters.
     1: "DROP INDEX events_event_type",
-    # Counters no longer kept (see COUNTED).
     2: "DELETE FROM counts WHERE field IN ('event_type', 'aggregate_id')",
+    # Counters by aggregate_type too, so that a pair of filters has an exact total at once;
+    # the writers count every event, from position 0 on (see summarize). The two
+    # low-cardinality columns get (column, timestamp) indexes, which count time windows and
+    # find rare values (read_plan), in place of their (column, position) indexes and the
+    # timestamp index: one index fewer for every append.
+    3: """
+    DROP TABLE counts;
+    CREATE TABLE counts (
+        field TEXT NOT NULL, value TEXT NOT NULL, aggregate_type TEXT NOT NULL, n INTEGER NOT NULL,
+        PRIMARY KEY (field, value, aggregate_type)
+    ) WITHOUT ROWID;
+    DELETE FROM workflow_agents;
+    DROP INDEX events_timestamp;
+    DROP INDEX events_aggregate_type;
+    DROP INDEX events_event_name;
+    CREATE INDEX events_type_time ON events (aggregate_type, timestamp);
+    CREATE INDEX events_name_time ON events (event_name, timestamp);
+    DELETE FROM sqlite_stat1 WHERE idx IN ('events_timestamp', 'events_aggregate_type', 'events_event_name');
+    INSERT INTO sqlite_stat1 VALUES
+        ('events', 'events_type_time', '1000000 333333 2'),
+        ('events', 'events_name_time', '1000000 20000 2');
+    """,
 }
 COLUMNS = ("position, event_id, aggregate_type, aggregate_id, aggregate_version, event_type, event_name, "
            "timestamp, attributes, correlation_id, causation_id, agent_name, user_prompt, session_id")
-# Maintained with the log, in the same transaction, so that reads need not scan:
-# exact totals for one filter, and each workflow's agents in order of appearance.
-# event_type's totals are aggregate_type's (KINDS maps them one to one), and an
-# aggregate_id's total is the sum of its versions: counting those too cost every event
-# two more updates.
-COUNTED = ("aggregate_type", "event_name", "correlation_id")
-# The writer's rows: the values it decides (position, version, and the timestamp if the client
-# gave none), then the values prepare_event laid out once (event["values"]).
-ROW_COLUMNS = ("position, aggregate_version, timestamp, event_id, aggregate_type, aggregate_id, event_type, "
-               "event_name, attributes, correlation_id, causation_id, agent_name, user_prompt, session_id, "
-               "content_hash")
-EVENT_WIDTH = len(ROW_COLUMNS.split(", "))
-# Binding None costs the sqlite3 module two failed attribute lookups, ~0.8 µs a value with the
-# GIL held (it binds an int in 0.06), and an event has three to six of them. So in rows 0 stands
-# for NULL in the NULLABLE columns, and the statement turns it back (they hold text, never the
-# integer 0). Rows whose position is 0 are padding (see insert_events), which it leaves out.
-INSERT_EVENTS = f"INSERT INTO events ({ROW_COLUMNS}) SELECT " + ", ".join(
-    f"nullif(column{i}, 0)" if name in NULLABLE else f"column{i}"
-    for i, name in enumerate(ROW_COLUMNS.split(", "), 1)) + " FROM ("
-EVENTS_TAIL = ") WHERE column1 > 0"
-ROW_SQL = "(" + ", ".join("?" * EVENT_WIDTH) + ")"
-# The writer's connection keeps the counters and workflow membership with a trigger, row by
-# row, in the statement that inserts the rows: so that a group can be one statement (see
-# Store._commit_at_once). A trigger of this connection only (TEMP), so that the log's
-# schema, which other servers share, stays as it is.
-SUMMARIES_TRIGGER = f"""
-CREATE TEMP TRIGGER events_summaries AFTER INSERT ON main.events BEGIN
-    {"".join(f"INSERT INTO counts SELECT '{name}', NEW.{name}, 1 WHERE NEW.{name} IS NOT NULL "
-             "ON CONFLICT (field, value) DO UPDATE SET n = n + 1; " for name in COUNTED)}
-    INSERT OR IGNORE INTO workflow_agents SELECT NEW.correlation_id, NEW.aggregate_id, NEW.position
-        WHERE NEW.aggregate_type = 'agent_aggregate' AND NEW.correlation_id IS NOT NULL;
-END;
-"""
 
 
-# Parameters per statement: SQLite's limit since 3.32, and before it.
-MAX_PARAMS = 32766 if sqlite3.sqlite_version_info >= (3, 32, 0) else 999
+def sql_statements(script: str) -> list:
+    """The statements of a script, a trigger's body kept whole."""
+    statements, pending = [], ""
+    for line in script.splitlines(keepends=True):
+        pending += line
+        if sqlite3.complete_statement(pending):
+            statements.append(pending.strip())
+            pending = ""
+    return [s for s in statements + [pending.strip()] if s.strip(" ;\n")]
 
 
-# Statements of up to STEP rows are made to measure; bigger ones are rounded up to a power of
-# two, so that a few cached statements serve every group (each costs ~1.3 KB a row).
-STEP = 64
-# The most events the writer stores in one statement: a power of two within the parameter limit.
-AT_ONCE = max(1 << ((MAX_PARAMS // EVENT_WIDTH).bit_length() - 1), STEP)
+# SQLite's primary result codes for faults of the environment, which may clear by themselves.
+SQLITE_FAULTS = {
+    5: "database is locked by another process",  # SQLITE_BUSY
+    6: "database is locked",  # SQLITE_LOCKED
+    8: "database is read-only",  # SQLITE_READONLY
+    10: "the database files cannot be written or read: read-only or failing storage?",  # SQLITE_IOERR
+    11: "the database file is damaged",  # SQLITE_CORRUPT
+    13: "disk is full",  # SQLITE_FULL
+    14: "the database file cannot be opened",  # SQLITE_CANTOPEN
+    26: "the file is not an SQLite database",  # SQLITE_NOTADB
+}
+# sqlite3_errstr() of those codes, for Python before 3.11, whose errors carry no code.
+SQLITE_MESSAGES = {"database is locked": 5, "database table is locked": 6, "attempt to write a readonly database": 8,
+                   "disk I/O error": 10, "database disk image is malformed": 11, "database or disk is full": 13,
+                   "unable to open database file": 14, "file is not a database": 26}
 
 
-@functools.lru_cache(maxsize=None)
-def insert_sql(rows: int) -> str:
-    return f"{INSERT_EVENTS} VALUES " + ", ".join([ROW_SQL] * rows) + EVENTS_TAIL
-
-
-def insert_events(conn: sqlite3.Connection, rows: list) -> None:
-    """Store rows of events in statements of up to AT_ONCE rows; in autocommit mode, a group
-    of up to AT_ONCE rows is one statement, which also commits. Past STEP rows, a
-    statement's size is rounded up to a power of two, and the rest of it is padding (zeros:
-    no position; ~1 µs a row). Few statements matter: see Store._commit_at_once."""
-    for start in range(0, len(rows), AT_ONCE):
-        chunk = rows[start:start + AT_ONCE]
-        size = len(chunk) if len(chunk) <= STEP else 1 << (len(chunk) - 1).bit_length()
-        values = [value for row in chunk for value in row]
-        values += [0] * ((size - len(chunk)) * EVENT_WIDTH)
-        conn.execute(insert_sql(size), values)
-
-
-class StoreError(Exception):
-    """The database cannot serve the request now (locked, read-only, full, unreadable)."""
-
-
-def describe_sqlite_error(exc: BaseException) -> str:
-    text = str(exc)
-    lowered = text.lower()
-    if "locked" in lowered or "busy" in lowered:
-        return f"database is locked by another process ({text})"
-    if "readonly" in lowered or "read-only" in lowered:
-        return f"database is read-only ({text})"
-    if "full" in lowered:
-        return f"disk is full ({text})"
-    if "i/o" in lowered:
-        return f"the database files cannot be written or read: read-only or failing storage? ({text})"
-    return f"database error ({text})"
+def unavailable(exc: sqlite3.Error) -> StoreUnavailable:
+    """A StoreUnavailable that names the fault and keeps SQLite's own words."""
+    code = getattr(exc, "sqlite_errorcode", None)
+    code = SQLITE_MESSAGES.get(str(exc)) if code is None else code & 0xFF
+    return StoreUnavailable(f"{SQLITE_FAULTS.get(code, 'database error')} ({exc})")
 
 
 def connect(path: str, timeout: float, durability: str = "full", readonly: bool = False) -> sqlite3.Connection:
-    conn = sqlite3.connect(path, timeout=timeout, isolation_level=None, check_same_thread=False)
+    # The writer keeps a statement of each size insert_rows uses, for three tables.
+    conn = sqlite3.connect(path, timeout=timeout, isolation_level=None, check_same_thread=False,
+                           cached_statements=64 if readonly else 512)
     conn.execute(f"PRAGMA busy_timeout = {int(timeout * 1000)}")
     if readonly:
         conn.execute("PRAGMA query_only = ON")
@@ -758,329 +966,210 @@ def open_database(path: str, timeout: float, durability: str) -> sqlite3.Connect
     version = conn.execute("PRAGMA user_version").fetchone()[0]
     if version > SCHEMA_VERSION:
         conn.close()
-        raise StoreError(f"{path} has schema version {version}; this server ({__version__}) "
-                         f"knows versions up to {SCHEMA_VERSION}: upgrade the server")
+        raise StoreUnavailable(f"{path} has schema version {version}; this server ({__version__}) "
+                               f"knows versions up to {SCHEMA_VERSION}: upgrade the server")
     while version < SCHEMA_VERSION:
         conn.execute("BEGIN IMMEDIATE")
         if conn.execute("PRAGMA user_version").fetchone()[0] == version:  # another process may have migrated
-            for statement in MIGRATIONS[version].split(";"):
-                if statement.strip():
-                    conn.execute(statement)
+            for statement in sql_statements(MIGRATIONS[version]):
+                conn.execute(statement)
             conn.execute(f"PRAGMA user_version = {version + 1}")
         conn.execute("COMMIT")
         version = conn.execute("PRAGMA user_version").fetchone()[0]
+    position, counted, _versions = read_state(conn, [])
+    if counted < position:  # events the counters do not count yet (after schema 4's migration, all)
+        conn.execute("BEGIN IMMEDIATE")
+        position, counted, _versions = read_state(conn, [])
+        count_stored(conn, counted, position)
+        conn.execute("COMMIT")
     return conn
 
 
-class Conflict(Problem):
-    def __init__(self, detail: str, current_version: int) -> None:
-        super().__init__(409, detail, current_version=current_version)
+# -- 3.4 SQLite: the writer ---------------------------------------------------------
+# One thread writes. It takes the requests waiting in its queue as one group, and stores
+# the group in one transaction:
+#   BEGIN IMMEDIATE (the write lock, so that what it reads stays true until it commits),
+#   read the last position, the versions and the stored client event_ids it needs,
+#   plan each request's outcome (plan_appends), insert the rows, update the counters and the
+#   workflow membership (record_summaries), COMMIT, then complete the requests.
+# A request that breaks a constraint is retried alone, so that it fails alone.
+
+# Every waiting request joins a group, up to GROUP_EVENTS events and half of the events in
+# flight: the event loop then answers one group and reads the next requests while the
+# writer commits the other, instead of idling through each commit.
+GROUP_EVENTS = 4096
+# Parameters per statement: SQLite's limit since 3.32, and before it.
+MAX_PARAMS = 32766 if sqlite3.sqlite_version_info >= (3, 32, 0) else 999
+# Rows go in multi-row statements: few statements per group (each one costs the writer a
+# turn for the GIL against the busy event loop), and few distinct statements to compile and
+# keep: up to EXACT_ROWS rows in one statement of that size; more in statements of the
+# largest power of two that fits, then the rest.
+EXACT_ROWS = 64
+POLL = 0.05  # seconds between looks for commits of other processes
 
 
-class Store:
-    """The event log. append() goes through one writer thread that commits each waiting
-    group of requests in one transaction; read() and read_now() run a query function with
-    a connection of the calling reader thread; on_commit is called after each commit.
-    The handlers and the Hub use only these, so another backend can stand in for it."""
+class Pending(NamedTuple):
+    """A request in the writer's queue."""
 
-    def __init__(self, config: APIServerConfig) -> None:
-        self.path = config.database_path
-        self.timeout = config.database_timeout
-        self.durability = config.durability
-        self.max_batch = config.max_batch
-        self.on_commit: Callable[[], None] = lambda: None
-        self._queue: queue.SimpleQueue = queue.SimpleQueue()
-        self._readers = ThreadPoolExecutor(4, thread_name_prefix="eventuali-read")
-        self._local = threading.local()
-        self._read_conns: list = []
-        self._loop: asyncio.AbstractEventLoop | None = None
-        self._writer: threading.Thread | None = None
-        self._position: int | None = None  # the writer's record of the log (_commit_at_once)
-        self._versions: dict = {}
-        self._in_flight = 0  # events queued and not yet answered; changed on the event loop only
-
-    # -- lifecycle ----------------------------------------------------------
-    def open(self) -> None:
-        """Create the database if needed and start the writer (blocking: call off the loop)."""
-        try:
-            conn = open_database(self.path, self.timeout, self.durability)
-            conn.executescript(SUMMARIES_TRIGGER)
-        except sqlite3.Error as exc:
-            raise StoreError(f"cannot open {self.path}: {describe_sqlite_error(exc)}") from None
-        self._writer = threading.Thread(target=self._write_loop, args=(conn,), name="eventuali-write",
-                                        daemon=True)
-        self._writer.start()
-
-    async def start(self) -> None:
-        self._loop = asyncio.get_running_loop()
-        await self._loop.run_in_executor(self._readers, self.open)
-
-    async def stop(self) -> None:
-        if self._writer is not None:
-            self._queue.put(None)
-            await asyncio.get_running_loop().run_in_executor(None, self._writer.join)
-            self._writer = None
-        self._readers.shutdown(wait=True)
-        for conn in self._read_conns:
-            conn.close()
-
-    # -- reading ------------------------------------------------------------
-    def _read_conn(self) -> sqlite3.Connection:
-        conn = getattr(self._local, "conn", None)
-        if conn is None:
-            conn = self._local.conn = connect(self.path, self.timeout, readonly=True)
-            self._read_conns.append(conn)
-        return conn
-
-    def read_now(self, fn: Callable, *args: Any) -> Any:
-        """Run fn(connection, *args) here, in a thread that is not the event loop's."""
-        try:
-            return fn(self._read_conn(), *args)
-        except sqlite3.Error as exc:
-            raise StoreError(describe_sqlite_error(exc)) from None
-
-    async def read(self, fn: Callable, *args: Any) -> Any:
-        """Run fn(connection, *args) on a reader thread."""
-        loop = asyncio.get_running_loop()
-        return await loop.run_in_executor(self._readers, functools.partial(self.read_now, fn, *args))
-
-    # -- writing ------------------------------------------------------------
-    def append(self, events: list) -> asyncio.Future:
-        """Queue events to be stored atomically; the future gives one result per event
-        (event_id, position, version, timestamp, aggregate_id) once they are committed."""
-        return self._enqueue(events)
-
-    def probe(self) -> asyncio.Future:
-        """Queue a tiny committed write, to tell whether the database takes writes."""
-        return self._enqueue("probe")
-
-    def _enqueue(self, entry: Any) -> asyncio.Future:
-        item = (entry, self._loop.create_future())
-        self._in_flight += request_size(item)
-        self._queue.put(item)
-        return item[1]
-
-    def _settle(self, outcomes: list, events: int) -> None:
-        """Complete a group's requests (on the event loop)."""
-        self._in_flight -= events
-        for future, outcome in outcomes:
-            if future.cancelled():
-                continue  # the client went away; the event is stored all the same
-            if isinstance(outcome, BaseException):
-                future.set_exception(outcome)
-            else:
-                future.set_result(outcome)
-
-    def _write_loop(self, conn: sqlite3.Connection) -> None:
-        running = True
-        while running:
-            group = [self._queue.get()]
-            # Take what is waiting into one transaction, up to half of the events in flight.
-            # Under load the writer gets the GIL only when the event loop goes idle, so a
-            # group of every request would leave the loop nothing to do while it commits;
-            # with half, the loop answers one group and reads its next requests while the
-            # other commits. Nor does a group take more than one statement can store.
-            events = request_size(group[0])
-            while events < min(self._in_flight // 2, AT_ONCE - self.max_batch):
-                try:
-                    group.append(self._queue.get_nowait())
-                except queue.Empty:
-                    break
-                events += request_size(group[-1])
-            if None in group:
-                running = False
-                group = [entry for entry in group if entry is not None]
-            if group:
-                try:
-                    outcomes = self._commit(conn, group)
-                except Exception as exc:  # a bug: fail this group (500), keep the writer alive
-                    logger.exception("writer failed")
-                    outcomes = [(future, exc) for _events, future in group]
-                self._loop.call_soon_threadsafe(self._settle, outcomes, events)
-                self.on_commit()
-        conn.close()
-
-    def _commit(self, conn: sqlite3.Connection, group: list) -> list:
-        outcomes = self._commit_at_once(conn, group)
-        return self._commit_locked(conn, group) if outcomes is None else outcomes
-
-    def _commit_at_once(self, conn: sqlite3.Connection, group: list) -> list | None:
-        """The usual group as one autocommit INSERT, planned from what this writer knows of
-        the log: its last position and the versions it has seen. Each statement the writer
-        runs costs it a GIL hand-off, which under load waits for milliseconds on the event
-        loop's thread, and this is one statement where the locked path takes four or more.
-        Knowing may be out of date, as another process may have written since; but then that
-        process took the next position, the INSERT fails on the primary key, and nothing is
-        stored. For that and anything unusual (a conflict, a probe, a big group) this returns
-        None, and the caller decides again under the write lock."""
-        if (self._position is None or any(events == "probe" for events, _future in group)
-                or sum(map(request_size, group)) > AT_ONCE):
-            return None
-        keys, client_ids = group_needs(group)
-        versions = {key: self._versions[key] for key in keys if key in self._versions}
-        try:
-            if len(versions) < len(keys):
-                position, found = log_state(conn, [key for key in keys if key not in versions])
-                if position != self._position:
-                    return None
-                versions.update(found)
-            outcomes, rows = plan_group(group, self._position, versions, stored_events(conn, client_ids))
-            if any(isinstance(result, Problem) for _future, result in outcomes):
-                return None
-            if rows:
-                insert_events(conn, rows)
-        except sqlite3.IntegrityError:
-            return None
-        except sqlite3.Error as exc:  # nothing was stored: a failed statement leaves no trace
-            return failed(group, exc)
-        self._remember(self._position, versions, len(rows))
-        return outcomes
-
-    def _commit_locked(self, conn: sqlite3.Connection, group: list) -> list:
-        try:
-            conn.execute("BEGIN IMMEDIATE")
-            try:
-                keys, client_ids = group_needs(group)
-                position, versions = log_state(conn, list(keys))  # valid inside this transaction
-                stored = stored_events(conn, client_ids)
-                if any(events == "probe" for events, _future in group):
-                    conn.execute("INSERT OR REPLACE INTO meta VALUES ('health_probe', ?)", (utc_now(),))
-                outcomes, rows = plan_group(group, position, versions, stored)
-                if rows:
-                    insert_events(conn, rows)
-                conn.execute("COMMIT")
-            except BaseException:
-                if conn.in_transaction:  # a failed COMMIT (disk full, I/O error) has rolled back already
-                    conn.execute("ROLLBACK")
-                raise
-            self._remember(position, versions, len(rows))
-            return outcomes
-        except sqlite3.IntegrityError:
-            if len(group) > 1:  # fail only the request that broke a constraint
-                return [outcome for entry in group for outcome in self._commit_locked(conn, [entry])]
-            return [(group[0][1], Problem(409, "event conflicts with a stored event"))]
-        except sqlite3.Error as exc:
-            return failed(group, exc)
-
-    def _remember(self, position: int, versions: dict, added: int) -> None:
-        """After a commit: the log's new end, and the versions the group saw and made."""
-        if position != self._position or len(self._versions) > KNOWN_VERSIONS:
-            self._versions.clear()  # another process has written since, or there are too many
-        self._versions.update(versions)
-        self._position = position + added
+    events: list
+    future: asyncio.Future
 
 
-KNOWN_VERSIONS = 100_000  # aggregates whose versions the writer keeps
+# OR ROLLBACK: a broken constraint ends the transaction (the writer then retries the group's
+# requests one by one), so SQLite keeps no statement journal to undo a single statement.
+INSERT_EVENTS = f"INSERT OR ROLLBACK INTO events ({', '.join(ROW_COLUMNS)})"
 
 
-def request_size(item: tuple | None) -> int:
-    """The events in a queued request: a probe counts as one, the writer's stop signal as none."""
-    if item is None:
-        return 0
-    return 1 if item[0] == "probe" else len(item[0])
+@functools.lru_cache(maxsize=None)
+def values_sql(head: str, width: int, rows: int, tail: str) -> str:
+    return f"{head} VALUES " + ", ".join(["(" + ", ".join("?" * width) + ")"] * rows) + tail
 
 
-def group_needs(group: list) -> tuple:
-    """The aggregates whose versions a group needs, and the client event_ids to look up."""
-    events_in = [event for events, _future in group if events != "probe" for event in events]
-    keys = {(event["aggregate_type"], event["aggregate_id"]) for event in events_in if not event["fresh"]}
-    return keys, [event["event_id"] for event in events_in if event["client_event_id"]]
+def insert_rows(conn: sqlite3.Connection, head: str, rows: list, tail: str = "") -> None:
+    """Execute `head VALUES (...), ... tail` for the rows, in few statements (see EXACT_ROWS)."""
+    width = len(rows[0]) if rows else 1
+    most = 1 << ((MAX_PARAMS // width).bit_length() - 1)
+    start = 0
+    while start < len(rows):
+        left = len(rows) - start
+        size = left if left <= min(EXACT_ROWS, most) else min(1 << (left.bit_length() - 1), most)
+        conn.execute(values_sql(head, width, size, tail), [value for row in rows[start:start + size] for value in row])
+        start += size
 
 
-def failed(group: list, exc: sqlite3.Error) -> list:
-    error = StoreError(describe_sqlite_error(exc))
-    logger.warning("write failed: %s", error)
-    return [(future, error) for _events, future in group]
-
-
-def plan_group(group: list, position: int, versions: dict, stored: dict) -> tuple:
-    """Decide each request's outcome from the log's last position, the current versions of
-    the group's aggregates (updated here as the group advances them) and its client event_ids
-    already stored; return the outcomes and the rows to insert."""
-    now = utc_now()
-    rows: list = []
-    outcomes: list = []
-    for events, future in group:
-        if events == "probe":
-            outcomes.append((future, True))
-            continue
-        staged_versions: dict = {}
-        staged_rows: list = []
-        staged_ids: dict = {}
-        results: list = []
-        try:
-            for event in events:
-                if event["client_event_id"]:
-                    earlier = staged_ids.get(event["event_id"]) or stored.get(event["event_id"])
-                    if earlier:
-                        if earlier[0] != event["content_hash"]:
-                            raise Problem(409, f"event_id {event['event_id']} was already used "
-                                               "for an event with other content")
-                        results.append(earlier[1])
-                        continue
-                key = (event["aggregate_type"], event["aggregate_id"])
-                current = staged_versions.get(key, versions.get(key, 0))  # fresh ids are at 0
-                expected = event["expected_version"]
-                if expected is not None and expected != current:
-                    raise Conflict(f"{key[0]} {key[1]!r} is at version {current}, "
-                                   f"not the expected {expected}", current)
-                version = staged_versions[key] = current + 1
-                pos = position + len(rows) + len(staged_rows) + 1
-                timestamp = event["timestamp"] or now
-                result = (event["event_id"], pos, version, timestamp, event["aggregate_id"])
-                staged_rows.append((pos, version, timestamp) + event["values"])
-                if event["client_event_id"]:
-                    staged_ids[event["event_id"]] = (event["content_hash"], result)
-                results.append(result)
-        except Problem as problem:
-            outcomes.append((future, problem))
-            continue
-        versions.update(staged_versions)
-        stored.update(staged_ids)
-        rows.extend(staged_rows)
-        outcomes.append((future, results))
-    return outcomes, rows
-
-
-# The writer looks up what a group needs in one statement, not one per event: see insert_events.
-LOOKUP_KEYS = MAX_PARAMS // 3
-
-
-def log_state(conn: sqlite3.Connection, keys: list) -> tuple:
-    """The last position, and {(aggregate_type, aggregate_id): current version} for `keys`."""
-    position, versions = 0, {}
-    for start in range(0, max(len(keys), 1), LOOKUP_KEYS):
-        chunk = keys[start:start + LOOKUP_KEYS]
-        sql = "SELECT (SELECT max(position) FROM events)"
+def read_state(conn: sqlite3.Connection, keys: list) -> tuple:
+    """The last position, the position up to which the counters count (COUNTED_THROUGH),
+    and {(aggregate_type, aggregate_id): current version} for `keys`: in one statement for
+    each MAX_PARAMS // 3 keys."""
+    position, counted, versions = 0, 0, {}
+    step = MAX_PARAMS // 3
+    for start in range(0, max(len(keys), 1), step):
+        chunk = keys[start:start + step]
+        sql = f"SELECT (SELECT max(position) FROM events), (SELECT n FROM counts WHERE {COUNTED_THROUGH})"
         if chunk:
             sql = ("WITH k (i, t, id) AS (VALUES " + ", ".join(["(?, ?, ?)"] * len(chunk)) + ") " + sql +
                    ", (SELECT group_concat(i || ' ' || (SELECT coalesce(max(aggregate_version), 0) FROM events "
                    "WHERE aggregate_type = k.t AND aggregate_id = k.id)) FROM k)")
         row = conn.execute(sql, [value for i, key in enumerate(chunk) for value in (i, *key)]).fetchone()
-        position = row[0] or 0
-        if chunk:
-            for pair in row[1].split(","):
-                i, version = pair.split(" ")
-                versions[chunk[int(i)]] = int(version)
-    return position, versions
+        position, counted = row[0] or 0, row[1] or 0
+        for pair in row[2].split(",") if chunk else ():
+            i, version = pair.split(" ")
+            versions[chunk[int(i)]] = int(version)
+    return position, counted, versions
 
 
-def stored_events(conn: sqlite3.Connection, event_ids: list) -> dict:
-    """{event_id: (content_hash, result)} for those of `event_ids` already stored."""
+# The counters and the workflow membership are written by the writers, in the transaction
+# that appends the events: counted in Python per group, each key once, which costs far less
+# than a trigger's upsert per row. A row of `counts` holds the position up to which they
+# count, so that events stored by anything else (a script) are counted by the next commit.
+COUNTED_THROUGH = "field = 'log' AND value = 'counted_through' AND aggregate_type = ''"
+SUMMARY_COLUMNS = ("position", "aggregate_type", "aggregate_id", "event_name", "correlation_id")
+summary_of = operator.itemgetter(*[ROW_COLUMNS.index(name) for name in SUMMARY_COLUMNS])  # from a row
+
+
+def record_summaries(conn: sqlite3.Connection, events: Iterable, through: int, counted: int) -> None:
+    """Count new events, given as SUMMARY_COLUMNS, which take the counters from position
+    `counted` to `through`."""
+    counts: collections.Counter = collections.Counter({("log", "counted_through", ""): through - counted})
+    members: dict = {}
+    for position, aggregate_type, aggregate_id, name, correlation_id in events:
+        counts["aggregate_type", aggregate_type, aggregate_type] += 1
+        counts["event_name", name, aggregate_type] += 1
+        if correlation_id is not None:
+            counts["correlation_id", correlation_id, aggregate_type] += 1
+            if aggregate_type == "agent_aggregate":
+                members.setdefault((correlation_id, aggregate_id), position)
+    insert_rows(conn, "INSERT OR ROLLBACK INTO counts", [(*key, n) for key, n in counts.items()],
+                " ON CONFLICT DO UPDATE SET n = n + excluded.n")
+    insert_rows(conn, "INSERT OR IGNORE INTO workflow_agents", [(*key, position) for key, position in members.items()])
+
+
+def count_stored(conn: sqlite3.Connection, counted: int, position: int) -> None:
+    """Count the events after `counted` up to `position` that no writer of ours counted."""
+    while counted < position:
+        rows = conn.execute(f"SELECT {', '.join(SUMMARY_COLUMNS)} FROM events WHERE position > ? AND position <= ? "
+                            "ORDER BY position LIMIT 10000", (counted, position)).fetchall()
+        through = rows[-1][0] if rows else position
+        record_summaries(conn, rows, through, counted)
+        counted = through
+
+
+def read_receipts(conn: sqlite3.Connection, event_ids: list) -> dict:
+    """{event_id: (content_hash, Receipt)} for those of `event_ids` already stored."""
     found = {}
     for start in range(0, len(event_ids), MAX_PARAMS):
         chunk = event_ids[start:start + MAX_PARAMS]
-        for row in conn.execute("SELECT content_hash, event_id, position, aggregate_version, timestamp, "
-                                "aggregate_id FROM events WHERE event_id IN (" + ", ".join("?" * len(chunk)) + ")",
-                                chunk):
-            found[row[1]] = (row[0], tuple(row[1:]))
+        for row in conn.execute("SELECT content_hash, event_id, position, aggregate_version, timestamp, aggregate_id "
+                                f"FROM events WHERE event_id IN ({', '.join('?' * len(chunk))})", chunk):
+            found[row[1]] = (row[0], Receipt(*row[1:]))
     return found
 
 
-# -- read queries (each runs on a reader thread: fn(conn, ...)) ----------------
+class SeenVersions:
+    """The versions a writer has read and written. They stay true while no other process
+    writes, that is while the log still ends where this writer left it, which it checks
+    under the write lock: then it reads only the versions it has not seen."""
 
-PAGE = 500  # rows per read when a stream catches up
+    def __init__(self, limit: int = 100_000) -> None:
+        self.position: int | None = None  # where the log ended after this writer's last commit
+        self.versions: dict = {}
+        self.limit = limit
 
+    def read(self, conn: sqlite3.Connection, keys: list) -> tuple:
+        """read_state(conn, keys), from what it knows where that is still true."""
+        position, counted, found = read_state(conn, [key for key in keys if key not in self.versions])
+        if position != self.position:  # another process has written since
+            self.versions.clear()
+            position, counted, found = read_state(conn, keys)
+        return position, counted, {**{key: self.versions[key] for key in keys if key in self.versions}, **found}
+
+    def commit(self, position: int, versions: dict, rows: list) -> None:
+        """Remember what a committed group read and wrote."""
+        if len(self.versions) > self.limit:
+            self.versions.clear()
+        self.versions.update(versions)
+        self.versions.update({(row[4], row[5]): row[1] for row in rows})
+        self.position = position + len(rows)
+
+    def forget(self) -> None:
+        self.position = None
+        self.versions.clear()
+
+
+def commit_group(conn: sqlite3.Connection, requests: list, seen: SeenVersions) -> list:
+    """Store a group of requests (lists of NewEvents) in one transaction; each one's outcome."""
+    try:
+        conn.execute("BEGIN IMMEDIATE")
+        try:
+            keys, event_ids = lookups(requests)
+            position, counted, versions = seen.read(conn, keys)
+            count_stored(conn, counted, position)
+            stored = read_receipts(conn, event_ids) if event_ids else {}
+            outcomes, rows = plan_appends(requests, position, versions, stored, utc_now())
+            insert_rows(conn, INSERT_EVENTS, rows)
+            record_summaries(conn, map(summary_of, rows), position + len(rows), position)
+            if not all(requests):  # a writability check: a write, however small
+                conn.execute("INSERT OR REPLACE INTO meta VALUES ('checked', ?)", (utc_now(),))
+            conn.execute("COMMIT")
+            seen.commit(position, versions, rows)
+        except BaseException:
+            seen.forget()
+            if conn.in_transaction:  # a failed COMMIT (disk full, I/O error) has rolled back already
+                conn.execute("ROLLBACK")
+            raise
+    except sqlite3.IntegrityError:
+        if len(requests) > 1:  # find the request that broke a constraint, and fail it alone
+            return [outcome for events in requests for outcome in commit_group(conn, [events], seen)]
+        return [Conflict("event conflicts with a stored event")]
+    except sqlite3.Error as exc:
+        error = unavailable(exc)
+        logger.warning("write failed: %s", error)
+        return [error] * len(requests)
+    return outcomes
+
+
+# -- 3.5 SQLite: the queries ----------------------------------------------------------
+# Each runs on a reader thread: fn(conn, ...).
 
 def item_json(row: tuple) -> str:
     """One event item as JSON; the stored attributes text is spliced in, not re-parsed."""
@@ -1100,130 +1189,184 @@ def item_json(row: tuple) -> str:
     return head[:-1] + ',"attributes":' + attributes + "," + tail[1:]
 
 
-def build_where(filters: dict, scope: tuple = ("", ())) -> tuple:
-    """SQL conditions for the list filters, ANDed with a route's own scope condition."""
-    clauses, args = ([scope[0]], list(scope[1])) if scope[0] else ([], [])
-    for name in STREAM_FILTERS:
-        if filters.get(name) is not None:
-            clauses.append(f"{name} = ?")
-            args.append(filters[name])
-    if filters.get("event_type") is not None:  # no index of its own: use aggregate_type's
-        clauses.append("aggregate_type = ?")
-        args.append(EVENT_TYPE_AGGREGATES.get(filters["event_type"], ""))
-    if filters.get("since") is not None:
+def stored_event(row: tuple) -> StoredEvent:
+    return StoredEvent(row[0], row[5], row[2], row[3], row[9], row[6], item_json(row))
+
+
+def where(filters: dict, since: str | None = None, until: str | None = None) -> tuple:
+    """SQL conditions and arguments: column equalities and a time window."""
+    clauses = [f"{name} = ?" for name in filters]
+    args = list(filters.values())
+    if since is not None:
         clauses.append("timestamp > ?")
-        args.append(filters["since"])
-    if filters.get("until") is not None:
+        args.append(since)
+    if until is not None:
         clauses.append("timestamp <= ?")
-        args.append(filters["until"])
-    return " AND ".join(clauses), args
+        args.append(until)
+    return clauses, args
 
 
-FEW = 20000  # below this many matches, a time filter is best served by the timestamp index
+def count(conn: sqlite3.Connection, clauses: list, args: list, cap: int | None = None) -> int:
+    """Events matching every clause; with a cap, counting stops there."""
+    sql = "SELECT 1 FROM events" + (" WHERE " + " AND ".join(clauses) if clauses else "")
+    if cap is not None:
+        sql += f" LIMIT {int(cap)}"
+    return conn.execute(f"SELECT count(*) FROM ({sql})", args).fetchone()[0]
 
 
-def _count(conn: sqlite3.Connection, sql: str, args: Sequence) -> int:
-    row = conn.execute(sql, args).fetchone()  # no row: a value never counted
-    return row[0] or 0 if row else 0
-
-
-def _counter(conn: sqlite3.Connection, field: str, value: str) -> int:
-    return _count(conn, "SELECT n FROM counts WHERE field = ? AND value = ?", (field, value))
-
-
-def _time_total(conn: sqlite3.Connection, params: dict) -> int:
-    """Events in the since/until window, counted on whichever side of it is smaller."""
-    since, until = params.get("since"), params.get("until")
-    where, args = build_where({"since": since, "until": until})
-    few = _count(conn, f"SELECT count(*) FROM (SELECT 1 FROM events WHERE {where} LIMIT {FEW + 1})", args)
-    if few <= FEW or (since is not None and until is not None):
-        return few if few <= FEW else _count(conn, f"SELECT count(*) FROM events WHERE {where}", args)
-    outside = "timestamp <= ?" if since is not None else "timestamp > ?"
-    return last_position(conn) - _count(conn, f"SELECT count(*) FROM events WHERE {outside}", [since or until])
-
-
-def aggregate_version(conn: sqlite3.Connection, aggregate_type: str, aggregate_id: str) -> int:
-    return _count(conn, "SELECT max(aggregate_version) FROM events WHERE aggregate_type = ? AND aggregate_id = ?",
-                  (aggregate_type, aggregate_id))
-
-
-def scope_arms(agent: str | None, workflow: str | None) -> list:
-    """The route's own condition, as (sql, args) arms whose results are disjoint. A workflow's
-    timeline is two index-ordered arms that SQLite merges, instead of an OR and a sort."""
-    if agent is not None:
-        return [("aggregate_type = 'agent_aggregate' AND aggregate_id = ?", (agent,))]
-    if workflow is not None:
-        return [("aggregate_type = 'workflow_aggregate' AND aggregate_id = ?", (workflow,)),
-                ("correlation_id = ? AND NOT (aggregate_type = 'workflow_aggregate' AND aggregate_id = ?)",
-                 (workflow, workflow))]
-    return [("", ())]
-
-
-def query_events(conn: sqlite3.Connection, params: dict, agent: str | None = None,
-                 workflow: str | None = None) -> dict:
-    """A page of events and the exact total for the filters (cursor and paging aside);
-    scoped to one agent's events, or to a workflow's timeline, when given."""
-    equal = {name: params[name] for name in STREAM_FILTERS if params.get(name) is not None}
-    timed = params.get("since") is not None or params.get("until") is not None
-    arms = scope_arms(agent, workflow)
-    cursor = {"position > ?": params.get("after"), "position < ?": params.get("before")}
-    cursor = {clause: value for clause, value in cursor.items() if value is not None}
-    indexed, total = "", None
-    if timed and not equal and agent is None and workflow is None:
-        total = _time_total(conn, params)
-        if total <= FEW:
-            indexed = " INDEXED BY events_timestamp"
-
-    def union(with_cursor: bool) -> tuple:
-        parts, args = [], []
-        for arm in arms:
-            where, arm_args = build_where(params, arm)
-            clauses = ([where] if where else []) + (list(cursor) if with_cursor else [])
-            parts.append(f"SELECT {COLUMNS} FROM events{indexed}" +
-                         (" WHERE " + " AND ".join(clauses) if clauses else ""))
-            args += [*arm_args, *(cursor.values() if with_cursor else ())]
-        return " UNION ALL ".join(parts), args
-
-    sql, args = union(with_cursor=True)
-    order = "ASC" if params["order"] == "asc" else "DESC"
-    rows = conn.execute(f"{sql} ORDER BY position {order} LIMIT ? OFFSET ?",
-                        [*args, params["limit"], params["offset"]]).fetchall()
-    if total is None:
-        total = summary_total(conn, equal, timed, agent, workflow)
-    if total is None:  # counted on the same indexes the page used
-        count_sql, count_args = union(with_cursor=False)
-        total = _count(conn, f"SELECT count(*) FROM ({count_sql})", count_args)
-    return {"items": [item_json(row) for row in rows], "total": total,
-            "next": rows[-1][0] if len(rows) == params["limit"] else None}
-
-
-def summary_total(conn: sqlite3.Connection, equal: dict, timed: bool, agent: str | None,
-                  workflow: str | None) -> int | None:
-    """The exact total from the maintained summaries, where they can answer it; else None."""
-    if timed or len(equal) > 1 or (equal and (agent is not None or workflow is not None)):
+def counted(conn: sqlite3.Connection, filters: dict) -> int | None:
+    """The exact total from counters and versions, when they hold it; else None. Counters
+    are kept per (column, value, aggregate_type) for event_name and correlation_id, and
+    per aggregate_type; an aggregate's events are numbered by its versions."""
+    rest = {name: value for name, value in filters.items() if name != "aggregate_type"}
+    types = [filters["aggregate_type"]] if "aggregate_type" in filters else list(AGGREGATE_KINDS)
+    if len(rest) > 1:
         return None
-    if equal:
-        [(field, value)] = equal.items()
-        if field == "event_type":
-            return _counter(conn, "aggregate_type", EVENT_TYPE_AGGREGATES.get(value, ""))
-        if field == "aggregate_id":  # its events are numbered 1..n for each aggregate_type
-            return sum(aggregate_version(conn, aggregate_type, value) for aggregate_type in AGGREGATE_KINDS)
-        return _counter(conn, field, value)
-    if agent is not None:
-        return aggregate_version(conn, "agent_aggregate", agent)
-    if workflow is not None:
-        overlap = _count(conn, "SELECT count(*) FROM events WHERE aggregate_type = 'workflow_aggregate' "
-                               "AND aggregate_id = ? AND correlation_id = ?", (workflow, workflow))
-        own = aggregate_version(conn, "workflow_aggregate", workflow)
-        return own + _counter(conn, "correlation_id", workflow) - overlap
-    return last_position(conn)  # positions are 1..n without gaps
+    if not rest:
+        field, value = "aggregate_type", None
+    else:
+        [(field, value)] = rest.items()
+    if field == "aggregate_id":
+        sql = "SELECT coalesce(max(aggregate_version), 0) FROM events WHERE aggregate_type = ? AND aggregate_id = ?"
+        return sum(conn.execute(sql, (t, value)).fetchone()[0] for t in types)
+    marks = ", ".join("?" * len(types))
+    if value is None:
+        sql, args = f"SELECT sum(n) FROM counts WHERE field = 'aggregate_type' AND value IN ({marks})", types
+    else:
+        sql = f"SELECT sum(n) FROM counts WHERE field = ? AND value = ? AND aggregate_type IN ({marks})"
+        args = [field, value, *types]
+    return conn.execute(sql, args).fetchone()[0] or 0
 
 
-def read_after(conn: sqlite3.Connection, position: int, filters: dict, limit: int = PAGE) -> list:
-    """Stored events after `position` matching the stream filters, oldest first."""
-    where, args = build_where(filters, ("position > ?", (position,)))
-    return conn.execute(f"SELECT {COLUMNS} FROM events WHERE {where} ORDER BY position LIMIT ?",
-                        [*args, limit]).fetchall()
+FEW = 20000  # time windows with at most this many events are read through a time index
+
+
+def time_index(filters: dict) -> tuple:
+    """The (column, timestamp) index for a window within these filters, and the condition
+    that lets SQLite use it; (None, None) when the filters are served better otherwise."""
+    if set(filters) - {"aggregate_type", "event_name"}:
+        return None, None  # aggregate_id and correlation_id: their own indexes hold few events
+    if "event_name" in filters:
+        return "events_name_time", None
+    if "aggregate_type" in filters:
+        return "events_type_time", None
+    return "events_type_time", f"aggregate_type IN ({', '.join(repr(t) for t in AGGREGATE_KINDS)})"
+
+
+def time_span(conn: sqlite3.Connection, filters: dict) -> tuple:
+    """About the first and last timestamps (as seconds) of the events matching `filters`
+    (aggregate_type, event_name or none: see time_index), from a few index lookups."""
+    if "event_name" in filters:
+        groups = [("event_name", filters["event_name"])]
+    else:
+        types = [filters["aggregate_type"]] if filters else list(AGGREGATE_KINDS)
+        groups = [("aggregate_type", t) for t in types]
+    moments = []
+    for column, value in groups:
+        for fn in ("min", "max"):  # one aggregate a statement, so that each is one index lookup
+            moment = conn.execute(f"SELECT {fn}(timestamp) FROM events WHERE {column} = ?", (value,)).fetchone()[0]
+            moments += [parse_timestamp(moment).timestamp()] if moment is not None else []
+    return (min(moments), max(moments)) if moments else (0.0, 0.0)
+
+
+def count_window(conn: sqlite3.Connection, filters: dict, since: str | None, until: str | None) -> int:
+    """Events matching `filters` in the time window, exact. Where a (column, timestamp) index
+    and a counter serve the filters, it counts whichever side of the window seems to hold
+    fewer events (the total from the counter minus the other side): judged by the share of
+    the filters' time span the window covers, which is right where events come at an even
+    rate, and only slower, never wrong, where they do not."""
+    clauses, args = where(filters, since, until)
+    index, extra = time_index(filters)
+    total = counted(conn, filters) if index else None
+    extra_clauses = [extra] if extra else []
+    inside = count(conn, clauses + extra_clauses, args, FEW)
+    if inside < FEW or total is None:
+        return inside if inside < FEW else count(conn, clauses, args)
+    first, last = time_span(conn, filters)
+    start = max(first, parse_timestamp(since).timestamp()) if since is not None else first
+    end = min(last, parse_timestamp(until).timestamp()) if until is not None else last
+    if last <= first or (end - start) / (last - first) <= 0.5:
+        return count(conn, clauses + extra_clauses, args)
+    base, base_args = where(filters)
+    outside = ([(base + extra_clauses + ["timestamp <= ?"], base_args + [since])] if since is not None else []) + \
+              ([(base + extra_clauses + ["timestamp > ?"], base_args + [until])] if until is not None else [])
+    return total - sum(count(conn, c, a) for c, a in outside)
+
+
+def scope_arms(query: Query, filters: dict | None) -> list:
+    """The query's filters as arms whose results are disjoint and together make the answer:
+    one, or for a workflow's timeline two (its own events; the rest of those correlated
+    with it), which SQLite reads as two index-ordered scans and merges."""
+    if query.agent is not None:
+        return [(narrow(filters, aggregate_type="agent_aggregate", aggregate_id=query.agent), [], [])]
+    if query.workflow is not None:
+        wf = query.workflow
+        return [(narrow(filters, aggregate_type="workflow_aggregate", aggregate_id=wf), [], []),
+                (narrow(filters, correlation_id=wf),
+                 ["NOT (aggregate_type = 'workflow_aggregate' AND aggregate_id = ?)"], [wf])]
+    return [(filters, [], [])]
+
+
+def arm_total(conn: sqlite3.Connection, query: Query, filters: dict, extra: list, extra_args: list) -> int:
+    timed = query.since is not None or query.until is not None
+    if extra:  # a workflow's correlated events but its own: from the counters, less its own
+        known = None if timed else counted(conn, filters)
+        clauses, args = where(filters, query.since, query.until)
+        if known is None:
+            return count(conn, clauses + extra, args + extra_args)
+        own = where({"aggregate_type": "workflow_aggregate", "aggregate_id": query.workflow})
+        return known - count(conn, clauses + own[0], args + own[1])
+    if timed:
+        return count_window(conn, filters, query.since, query.until)
+    known = counted(conn, filters)
+    return count(conn, *where(filters)) if known is None else known
+
+
+def read_plan(conn: sqlite3.Connection, query: Query, filters: dict, total: int) -> tuple:
+    """How to find a page of `total` matching events: (index hint, extra condition). By
+    aggregate_id or correlation_id, their own indexes. Otherwise whichever reads fewer
+    entries: the (column, timestamp) index, all of whose matches are sorted by position, or
+    the table in position order, which passes ~(limit + offset) * events / total rows (and
+    all those outside a time window at the far end of the page: see the README)."""
+    index, condition = time_index(filters)
+    if index is None:
+        return "", None
+    wanted = query.limit + query.offset
+    if total <= FEW or total * total <= wanted * counted(conn, {}):
+        return f" INDEXED BY {index}", condition
+    return " NOT INDEXED", None
+
+
+def query_page(conn: sqlite3.Connection, query: Query) -> Page:
+    arms = [arm for arm in scope_arms(query, normalize_filters(query.filters)) if arm[0] is not None]
+    total = sum(arm_total(conn, query, *arm) for arm in arms)
+    if total == 0:
+        return Page([], 0, None)
+    cursor = [(clause, value) for clause, value in (("position > ?", query.after), ("position < ?", query.before))
+              if value is not None]
+    order = "ASC" if query.order == "asc" else "DESC"
+    parts, args = [], []
+    for filters, extra, extra_args in arms:
+        clauses, arm_args = where(filters, query.since, query.until)
+        hint, condition = read_plan(conn, query, filters, total) if len(arms) == 1 else ("", None)
+        clauses += ([condition] if condition else []) + extra + [clause for clause, _value in cursor]
+        parts.append(f"SELECT position FROM events{hint}" + (" WHERE " + " AND ".join(clauses) if clauses else ""))
+        args += arm_args + extra_args + [value for _clause, value in cursor]
+    # Positions first, from indexes alone where they serve; then only the page's rows.
+    sql = (f"SELECT {COLUMNS} FROM events WHERE position IN ({' UNION ALL '.join(parts)} "
+           f"ORDER BY position {order} LIMIT ? OFFSET ?) ORDER BY position {order}")
+    rows = conn.execute(sql, [*args, query.limit, query.offset]).fetchall()
+    return Page([stored_event(row) for row in rows], total, rows[-1][0] if len(rows) == query.limit else None)
+
+
+def read_after(conn: sqlite3.Connection, position: int, filters: dict, limit: int) -> list:
+    clean = normalize_filters(filters)
+    if clean is None:
+        return []
+    clauses, args = where(clean)
+    rows = conn.execute(f"SELECT {COLUMNS} FROM events WHERE {' AND '.join(['position > ?', *clauses])} "
+                        "ORDER BY position LIMIT ?", [position, *args, limit]).fetchall()
+    return [stored_event(row) for row in rows]
 
 
 def last_position(conn: sqlite3.Connection) -> int:
@@ -1254,35 +1397,197 @@ def workflow_agents(conn: sqlite3.Connection, workflow_id: str) -> list:
     ]
 
 
+def backup_database(source: str, dest: str, timeout: float) -> int:
+    """Copy the live database to `dest` with SQLite's online backup API; returns the event
+    count of the copy. Writers go on meanwhile: the copy holds every event committed when
+    it began, consistent as of one moment."""
+    if os.path.exists(dest):
+        raise StoreUnavailable(f"{dest} exists; backup writes a new file")
+    if not os.path.exists(source):
+        raise StoreUnavailable(f"no database at {source}")
+    src = connect(source, timeout, readonly=True)
+    os.close(os.open(dest, os.O_CREAT | os.O_WRONLY, 0o600))
+    dst = sqlite3.connect(dest)
+    try:
+        src.backup(dst)
+        return last_position(dst)
+    finally:
+        dst.close()
+        src.close()
+
+
+# -- 3.6 SQLiteStore ----------------------------------------------------------------------
+
+class SQLiteStore(EventStore):
+    """The log in one SQLite file (WAL mode): one writer thread commits each waiting group
+    of requests in one transaction (section 3.4); reader threads each keep a connection.
+    Several processes may share the file: SQLite's write lock orders their commits."""
+
+    def __init__(self, config: APIServerConfig) -> None:
+        self.path = config.database_path
+        self.location = os.path.abspath(self.path)
+        self.timeout = config.database_timeout
+        self.durability = config.durability
+        self._queue: queue.SimpleQueue = queue.SimpleQueue()
+        self._readers = ThreadPoolExecutor(4, thread_name_prefix="eventuali-read")
+        self._local = threading.local()
+        self._read_conns: list = []
+        self._loop: asyncio.AbstractEventLoop | None = None
+        self._writer: threading.Thread | None = None
+        self._committed: asyncio.Event | None = None
+        self._in_flight = 0  # events queued and not yet answered; changed on the event loop only
+
+    # -- lifecycle
+    def _open(self) -> sqlite3.Connection:
+        try:
+            return open_database(self.path, self.timeout, self.durability)
+        except sqlite3.Error as exc:
+            raise StoreUnavailable(f"cannot open {self.path}: {unavailable(exc)}") from None
+
+    def prepare(self) -> None:
+        self._open().close()
+
+    async def start(self) -> None:
+        self._loop = asyncio.get_running_loop()
+        self._committed = asyncio.Event()
+        conn = await self._loop.run_in_executor(self._readers, self._open)
+        self._writer = threading.Thread(target=self._write_loop, args=(conn,), name="eventuali-write", daemon=True)
+        self._writer.start()
+
+    async def stop(self) -> None:
+        if self._writer is not None:
+            self._queue.put(None)
+            await asyncio.get_running_loop().run_in_executor(None, self._writer.join)
+            self._writer = None
+        self._readers.shutdown(wait=True)
+        for conn in self._read_conns:
+            conn.close()
+
+    # -- reading
+    def _read_now(self, fn: Callable, *args: Any) -> Any:
+        conn = getattr(self._local, "conn", None)
+        try:
+            if conn is None:
+                conn = self._local.conn = connect(self.path, self.timeout, readonly=True)
+                self._read_conns.append(conn)
+            return fn(conn, *args)
+        except sqlite3.Error as exc:
+            raise unavailable(exc) from None
+
+    async def _read(self, fn: Callable, *args: Any) -> Any:
+        return await asyncio.get_running_loop().run_in_executor(
+            self._readers, functools.partial(self._read_now, fn, *args))
+
+    async def query(self, query: Query) -> Page:
+        return await self._read(query_page, query)
+
+    async def events_after(self, position: int, filters: dict, limit: int) -> list:
+        return await self._read(read_after, position, filters, limit)
+
+    async def last_position(self) -> int:
+        return await self._read(last_position)
+
+    async def workflow_agents(self, workflow_id: str) -> list:
+        return await self._read(workflow_agents, workflow_id)
+
+    async def wait_for_commit(self, timeout: float) -> None:
+        # This process's commits set the event; other processes' are found by polling.
+        try:
+            await asyncio.wait_for(self._committed.wait(), min(timeout, POLL))
+        except asyncio.TimeoutError:
+            pass
+        self._committed.clear()
+
+    def backup(self, dest: str) -> int:
+        try:
+            return backup_database(self.path, dest, self.timeout)
+        except sqlite3.Error as exc:
+            raise unavailable(exc) from None
+
+    # -- writing
+    async def append(self, events: list) -> list:
+        pending = Pending(events, self._loop.create_future())
+        self._in_flight += len(events) or 1
+        self._queue.put(pending)
+        return await pending.future
+
+    def _take_group(self) -> list | None:
+        """Wait for a request, then take those queued behind it (see GROUP_EVENTS); None to stop."""
+        first = self._queue.get()
+        if first is None:
+            return None
+        group, events = [first], len(first.events)
+        while events < min(GROUP_EVENTS, self._in_flight // 2):
+            try:
+                pending = self._queue.get_nowait()
+            except queue.Empty:
+                break
+            if pending is None:
+                self._queue.put(None)  # stop after this group
+                break
+            group.append(pending)
+            events += len(pending.events)
+        return group
+
+    def _write_loop(self, conn: sqlite3.Connection) -> None:
+        seen = SeenVersions()
+        while True:
+            group = self._take_group()
+            if group is None:
+                break
+            try:
+                outcomes = commit_group(conn, [pending.events for pending in group], seen)
+            except Exception as exc:  # a bug: fail this group (500), keep the writer alive
+                logger.exception("writer failed")
+                outcomes = [exc] * len(group)
+            self._loop.call_soon_threadsafe(self._settle, group, outcomes)
+        conn.close()
+
+    def _settle(self, group: list, outcomes: list) -> None:
+        """Complete a group's requests (on the event loop)."""
+        self._committed.set()
+        for pending, outcome in zip(group, outcomes):
+            self._in_flight -= len(pending.events) or 1
+            if pending.future.cancelled():
+                continue  # the client went away; the events are stored all the same
+            if isinstance(outcome, BaseException):
+                pending.future.set_exception(outcome)
+            else:
+                pending.future.set_result(outcome)
+
+
+def make_store(config: APIServerConfig) -> EventStore:
+    """The store the settings name."""
+    return SQLiteStore(config)
+
+
 # =============================================================================
 # 4. Live broadcasting
 # =============================================================================
-# One thread follows the log: woken at once by this process's commits and every
-# POLL seconds for other processes' commits, it reads the new rows once,
-# serializes each once, and hands the bytes to the event loop, which appends
-# them to each matching subscriber's bounded buffer. A subscriber whose buffer
-# overflows is marked `behind` and catches up from the store by position, so a
-# slow reader neither blocks anyone nor loses events.
+# One task follows the log: woken by the store after each commit (of any process),
+# it reads the new events once, by position, and appends each one's SSE bytes to
+# every matching subscriber's bounded buffer. A subscriber whose buffer overflows
+# is marked `behind` and catches up from the store by position, so a slow reader
+# neither blocks anyone nor loses events.
 
-POLL = 0.05  # seconds between checks for commits made by other processes
+PAGE = 500  # events per read when following the log or catching a stream up
+FOLLOW_WAIT = 1.0  # seconds the follower waits for a commit before it looks anyway
 CLOSE_GRACE = 0.3  # seconds a stream stuck on a slow client gets to finish when the server stops
 BUFFER = 1024  # messages a subscriber may have waiting before it catches up from the store
-FILTER_INDEX = {"event_type": 1, "aggregate_type": 2, "aggregate_id": 3, "correlation_id": 4, "event_name": 5}
+FILTER_FIELDS = {name: StoredEvent._fields.index(name) for name in STREAM_FILTERS}
 
 
-def sse_message(row: tuple) -> tuple:
-    """(position, event_type, aggregate_type, aggregate_id, correlation_id, event_name, bytes)."""
-    data = f"id: {row[0]}\nevent: event\ndata: {item_json(row)}\n\n".encode()
-    return (row[0], row[5], row[2], row[3], row[9], row[6], data)
+def sse_bytes(event: StoredEvent) -> bytes:
+    return f"id: {event.position}\nevent: event\ndata: {event.json}\n\n".encode()
 
 
 class Subscriber:
     __slots__ = ("filters", "live_from", "buffer", "wake", "behind", "closed", "pump")
 
     def __init__(self, filters: dict, live_from: int) -> None:
-        self.filters = [(FILTER_INDEX[k], v) for k, v in filters.items() if v is not None]
+        self.filters = [(FILTER_FIELDS[k], v) for k, v in filters.items() if v is not None]
         self.live_from = live_from  # the log's last position just before it subscribed
-        self.buffer: deque = deque()
+        self.buffer: deque = deque()  # (position, SSE bytes)
         self.wake = asyncio.Event()
         self.behind = True  # it starts by reading the stored events after its start position
         self.closed = False
@@ -1290,29 +1595,26 @@ class Subscriber:
 
 
 class Hub:
-    """Subscribers of this process and the thread that feeds them."""
+    """Subscribers of this process and the task that feeds them."""
 
-    def __init__(self, store: Store) -> None:
+    def __init__(self, store: EventStore) -> None:
         self.store = store
         self.subscribers: set = set()
         self.overflows = 0  # times a subscriber fell behind and was caught up from the store
-        self._signal = threading.Event()
-        self._stopping = False
-        self._thread: threading.Thread | None = None
-        self._loop: asyncio.AbstractEventLoop | None = None
-        store.on_commit = self._on_commit
+        self.loop: asyncio.AbstractEventLoop | None = None
+        self._wanted: asyncio.Event | None = None  # set while there are subscribers to feed
+        self._task: asyncio.Future | None = None
 
     def start(self) -> None:
-        self._loop = asyncio.get_running_loop()
-        self._thread = threading.Thread(target=self._follow, name="eventuali-follow", daemon=True)
-        self._thread.start()
+        self.loop = asyncio.get_running_loop()
+        self._wanted = asyncio.Event()
+        self._task = asyncio.ensure_future(self._follow())
 
     async def stop(self) -> None:
         self.close_all()
-        self._stopping = True
-        self._signal.set()
-        if self._thread is not None:  # before the store closes the connection it reads with
-            await asyncio.get_running_loop().run_in_executor(None, self._thread.join)
+        if self._task is not None:  # before the store closes
+            self._task.cancel()
+            await asyncio.wait([self._task])
 
     def close_all(self) -> None:
         """End every stream: at once where it waits for events, and after CLOSE_GRACE
@@ -1327,53 +1629,46 @@ class Hub:
         """A new subscriber; every event after `live_from` committed from now on reaches it."""
         sub = Subscriber(filters, live_from)
         self.subscribers.add(sub)
-        self._signal.set()
+        self._wanted.set()
         return sub
-
-    def _on_commit(self) -> None:
-        if self.subscribers:  # with nobody listening the follower sleeps: emits pay nothing for it
-            self._signal.set()
 
     def unsubscribe(self, sub: Subscriber) -> None:
         self.subscribers.discard(sub)
 
-    def _follow(self) -> None:
+    async def _follow(self) -> None:
         cursor = None
-        while not self._stopping:
-            self._signal.wait(POLL if self.subscribers else None)
-            self._signal.clear()
-            subscribers = tuple(self.subscribers)
-            if self._stopping:
-                break
-            if not subscribers:
+        while True:
+            if not self.subscribers:  # with nobody listening, it sleeps: emits pay nothing for it
                 cursor = None
+                self._wanted.clear()
+                await self._wanted.wait()
                 continue
             # Events up to every subscriber's live_from reach it by its own catch-up read,
-            # so the cursor may start there; a later one only re-reads rows nobody skips.
-            floor = min(sub.live_from for sub in subscribers)
+            # so the cursor may start there; a later one only re-reads events nobody skips.
+            floor = min(sub.live_from for sub in self.subscribers)
             cursor = floor if cursor is None else max(cursor, floor)
             try:
-                top = self.store.read_now(last_position)
-                while cursor < top:
-                    rows = self.store.read_now(read_after, cursor, {})
-                    if not rows:
-                        break
-                    cursor = rows[-1][0]
-                    self._loop.call_soon_threadsafe(self._fan_out, [sse_message(row) for row in rows])
+                events = [None] * PAGE
+                while len(events) == PAGE:
+                    events = await self.store.events_after(cursor, {}, PAGE)
+                    if events:
+                        cursor = events[-1].position
+                        self._fan_out(events)
             except StoreError as exc:  # the store is failing: streams wait, then go on from the cursor
                 logger.warning("stream follower: %s", exc)
-                time.sleep(POLL)
-            except RuntimeError:  # the loop has closed under us during shutdown
-                break
+            except Exception:  # a bug: say so, and keep following
+                logger.exception("stream follower failed")
+            await self.store.wait_for_commit(FOLLOW_WAIT)
 
-    def _fan_out(self, messages: list) -> None:
+    def _fan_out(self, events: list) -> None:
+        messages = [(event, (event.position, sse_bytes(event))) for event in events]
         for sub in self.subscribers:
             if sub.behind:
                 continue
             buffer = sub.buffer
-            for message in messages:
+            for event, message in messages:
                 for index, value in sub.filters:
-                    if message[index] != value:
+                    if event[index] != value:
                         break
                 else:
                     buffer.append(message)
@@ -1396,11 +1691,20 @@ def json_response(content: Any, status: int = 200, headers: dict | None = None) 
     return Response(compact_json(content), status_code=status, media_type=JSON_TYPE, headers=headers)
 
 
+# Store errors as HTTP replies: the one place where the store's domain errors get a status.
+STORE_ERRORS = ((StoreUnavailable, 503), (Conflict, 409), (StoreError, 500))
+
+
+def store_problem(exc: StoreError) -> Problem:
+    status = next(code for kind, code in STORE_ERRORS if isinstance(exc, kind))
+    extra = {"current_version": exc.current_version} if isinstance(exc, VersionConflict) else {}
+    return Problem(status, str(exc), **extra)
+
+
 # -- the emit routes: the hot path -------------------------------------------------
-# Every agent hook POSTs here, so these routes are plain ASGI functions served in front
-# of routing (see emit_routes): one pass over the headers, no Request or Response
-# objects, the reply written as JSON text directly. Measured in-process, an emit took
-# 75 µs through routing and Request/Response, 43 µs this way (the bare endpoint: 24 µs).
+# Every agent hook POSTs here, so these endpoints are plain ASGI functions (Starlette's
+# Route passes an endpoint that is not a function through as an ASGI app): one pass over
+# the headers, no Request or Response objects, the reply written as JSON text directly.
 
 json_string = json.encoder.encode_basestring  # a JSON string literal, non-ASCII kept as is
 
@@ -1443,22 +1747,26 @@ def problem_json(exc: Problem) -> str:
     return compact_json({"detail": exc.detail, **exc.extra})
 
 
-def emit_reply(kind: str, name: str, result: tuple) -> str:
+def emit_reply(event: NewEvent, receipt: Receipt) -> str:
     """The original's emit reply, as JSON text (ids, timestamps and numbers need no escaping)."""
-    event_id, position, version, timestamp, aggregate_id = result
-    message = json_string(f"{KINDS[kind][2]} event '{name}' emitted successfully")
-    return (f'{{"success":true,"event_id":"{event_id}","message":{message},"timestamp":"{timestamp}",'
-            f'"position":{position},"aggregate_id":{json_string(aggregate_id)},"aggregate_version":{version}}}')
+    message = json_string(f"{KINDS[event.kind][2]} event '{event.name}' emitted successfully")
+    return (f'{{"success":true,"event_id":"{receipt.event_id}","message":{message},'
+            f'"timestamp":"{receipt.timestamp}","position":{receipt.position},'
+            f'"aggregate_id":{json_string(receipt.aggregate_id)},"aggregate_version":{receipt.version}}}')
 
 
-async def stored(future: asyncio.Future) -> Any:
-    try:
-        return await future
-    except StoreError as exc:
-        raise Problem(503, str(exc)) from None
+class ASGIEndpoint:
+    """An ASGI function that a Route serves as it is (Route takes a function for
+    `request -> response`, and passes anything else through as an ASGI app)."""
+
+    def __init__(self, app: Callable) -> None:
+        self.app = app
+
+    def __call__(self, scope: dict, receive: Callable, send: Callable) -> Any:
+        return self.app(scope, receive, send)
 
 
-def emit_endpoint(kind: str) -> Callable:
+def emit_one(kind: str) -> ASGIEndpoint:
     """POST /events/emit/{kind}: one event."""
     async def emit(scope: dict, receive: Callable, send: Callable) -> None:
         state = scope["app"].state
@@ -1467,9 +1775,9 @@ def emit_endpoint(kind: str) -> Callable:
         event = prepare_event(kind, body, ["body"], errors, state.fields)
         if errors:
             raise Problem(422, errors)
-        [result] = await stored(state.store.append([event]))
-        await send_json(send, emit_reply(kind, event["name"], result))
-    return emit
+        [receipt] = await state.store.append([event])
+        await send_json(send, emit_reply(event, receipt))
+    return ASGIEndpoint(emit)
 
 
 async def emit_batch(scope: dict, receive: Callable, send: Callable) -> None:
@@ -1502,43 +1810,23 @@ async def emit_batch(scope: dict, receive: Callable, send: Callable) -> None:
         events.append(prepare_event(kind, item, loc, errors, fields))
     if errors:
         raise Problem(422, errors)
-    results = await stored(state.store.append(events))
-    replies = ",".join([emit_reply(event["kind"], event["name"], result) for event, result in zip(events, results)])
+    receipts = await state.store.append(events)
+    replies = ",".join([emit_reply(event, receipt) for event, receipt in zip(events, receipts)])
     await send_json(send, '{"success":true,"events":[' + replies + "]}")
 
 
-EMIT_ROUTES = {f"/events/emit/{kind}": emit_endpoint(kind) for kind in KINDS}
-EMIT_ROUTES["/events/emit/batch"] = emit_batch
-
-
-def emit_routes(app: Callable) -> Callable:
-    """ASGI wrapper that serves the emit routes itself and passes the rest on to routing.
-    Errors are answered here as Problem replies; anything else is a bug and reaches
-    Starlette's ServerErrorMiddleware (500)."""
-    async def route(scope: dict, receive: Callable, send: Callable) -> None:
-        if scope["type"] != "http":
-            return await app(scope, receive, send)
-        path, root = scope["path"], scope.get("root_path", "")
-        if root and path.startswith(root):  # behind `--root-path`, routes match below it, as Starlette's do
-            path = path[len(root):]
-        endpoint = EMIT_ROUTES.get(path)
-        if endpoint is None:
-            return await app(scope, receive, send)
-        if scope["method"] != "POST":
-            return await send_json(send, '{"detail":"Method Not Allowed"}', 405, [(b"allow", b"POST")])
-        try:
-            await endpoint(scope, receive, send)
-        except Problem as exc:
-            await send_json(send, problem_json(exc), exc.status)
-
-    return route
-
-
-def list_reply(page: dict, params: dict) -> Response:
-    body = ('{"events":[' + ",".join(page["items"]) + "]," +
-            compact_json({"total": page["total"], "limit": params["limit"], "offset": params["offset"],
-                          "next": page["next"]})[1:])
+def list_reply(page: Page, params: dict) -> Response:
+    body = ('{"events":[' + ",".join([event.json for event in page.items]) + "]," +
+            compact_json({"total": page.total, "limit": params["limit"], "offset": params["offset"],
+                          "next": page.next})[1:])
     return Response(body, media_type=JSON_TYPE)
+
+
+def page_query(params: dict, agent: str | None = None, workflow: str | None = None) -> Query:
+    return Query(filters={name: params.get(name) for name in STREAM_FILTERS}, since=params.get("since"),
+                 until=params.get("until"), after=params.get("after"), before=params.get("before"),
+                 order=params["order"], limit=params["limit"], offset=params["offset"], agent=agent,
+                 workflow=workflow)
 
 
 def path_id(request: Request, name: str) -> str:
@@ -1553,35 +1841,34 @@ def path_id(request: Request, name: str) -> str:
 async def list_events(request: Request) -> Response:
     state = request.app.state
     params = check_query(request, state.list_params)
-    return list_reply(await state.store.read(query_events, params), params)
+    return list_reply(await state.store.query(page_query(params)), params)
 
 
 async def agent_events(request: Request) -> Response:
     state = request.app.state
     params = check_query(request, state.list_params)
-    return list_reply(await state.store.read(query_events, params, path_id(request, "agent_id")), params)
+    return list_reply(await state.store.query(page_query(params, agent=path_id(request, "agent_id"))), params)
 
 
 async def workflow_events(request: Request) -> Response:
     state = request.app.state
     params = check_query(request, state.list_params)
-    workflow_id = path_id(request, "workflow_id")
-    return list_reply(await state.store.read(query_events, params, None, workflow_id), params)
+    return list_reply(await state.store.query(page_query(params, workflow=path_id(request, "workflow_id"))), params)
 
 
 async def workflow_agents_handler(request: Request) -> Response:
     state = request.app.state
     check_query(request, {})
-    agents = await state.store.read(workflow_agents, path_id(request, "workflow_id"))
+    agents = await state.store.workflow_agents(path_id(request, "workflow_id"))
     return json_response({"agents": agents})
 
 
-async def store_health(store: Store) -> tuple:
+async def store_health(store: EventStore) -> tuple:
     """(connected, events, latency_ms, problem): read and commit a write, timed."""
     started = time.perf_counter()
     try:
-        events = await store.read(last_position)
-        await store.probe()
+        events = await store.last_position()
+        await store.check_writable()
     except StoreError as exc:
         return False, None, round((time.perf_counter() - started) * 1000, 3), str(exc)
     return True, events, round((time.perf_counter() - started) * 1000, 3), None
@@ -1603,7 +1890,7 @@ async def health_database(request: Request) -> Response:
     check_query(request, {})
     connected, events, latency, problem = await store_health(state.store)
     reply = {"status": "healthy" if connected else "unhealthy", "timestamp": utc_now(),
-             "connected": connected, "path": os.path.abspath(state.store.path), "events": events,
+             "connected": connected, "path": state.store.location, "events": events,
              "latency_ms": latency, "streams": len(state.hub.subscribers)}
     if problem:
         reply["detail"] = problem
@@ -1634,7 +1921,7 @@ async def stream(request: Request) -> Response:
     hub: Hub = state.hub
     if len(hub.subscribers) >= state.config.max_streams:
         raise Problem(503, f"too many open streams (at most {state.config.max_streams}); try again later")
-    live_from = await state.store.read(last_position)
+    live_from = await state.store.last_position()
     sub = hub.subscribe(filters, live_from)
     start = after if after is not None else live_from
     return SSEResponse(sub, filters, hub, state.store, start, state.config.sse_ping)
@@ -1643,7 +1930,7 @@ async def stream(request: Request) -> Response:
 class SSEResponse(Response):
     """Sends a subscriber's events until the client leaves or the server stops."""
 
-    def __init__(self, sub: Subscriber, filters: dict, hub: Hub, store: Store, start: int, ping: float) -> None:
+    def __init__(self, sub: Subscriber, filters: dict, hub: Hub, store: EventStore, start: int, ping: float) -> None:
         self.sub, self.filters, self.hub, self.store = sub, filters, hub, store
         self.start, self.ping = start, ping
         self.status_code = 200
@@ -1694,21 +1981,21 @@ class SSEResponse(Response):
                 sub.buffer.clear()
                 while not sub.closed:  # stored events first, in bounded pages
                     try:
-                        rows = await self.store.read(read_after, last, filters)
+                        events = await self.store.events_after(last, filters, PAGE)
                     except StoreError as exc:
                         yield f"event: error\ndata: {json.dumps({'detail': str(exc)})}\n\n".encode()
                         return
-                    if rows:
-                        last = rows[-1][0]
-                        yield b"".join(sse_message(row)[-1] for row in rows)
-                    if len(rows) < PAGE:
+                    if events:
+                        last = events[-1].position
+                        yield b"".join([sse_bytes(event) for event in events])
+                    if len(events) < PAGE:
                         break
             chunk = []
             while sub.buffer:
-                message = sub.buffer.popleft()
-                if message[0] > last:  # skip what the catch-up already sent
-                    last = message[0]
-                    chunk.append(message[-1])
+                position, data = sub.buffer.popleft()
+                if position > last:  # skip what the catch-up already sent
+                    last = position
+                    chunk.append(data)
             if chunk:
                 yield b"".join(chunk)
                 continue
@@ -1732,7 +2019,7 @@ async def http_error_handler(request: Request, exc: HTTPException) -> Response:
 
 
 async def store_error_handler(request: Request, exc: StoreError) -> Response:
-    return json_response({"detail": str(exc)}, 503)
+    return await problem_handler(request, store_problem(exc))
 
 
 async def server_error_handler(request: Request, exc: Exception) -> Response:
@@ -1740,23 +2027,18 @@ async def server_error_handler(request: Request, exc: Exception) -> Response:
     return json_response({"detail": "Internal Server Error"}, 500)
 
 
-PUBLIC_PATHS = ("/", "/health", "/health/", "/health/database", "/docs", "/openapi.json", "/ui")
-
-
-def require_key(app: Callable, key: str) -> Callable:
-    """ASGI wrapper: event routes need `Authorization: Bearer <key>` (or ?access_token= on the stream)."""
+def require_key(app: Callable, key: str, token_in_query: bool) -> Callable:
+    """A route's ASGI app behind `Authorization: Bearer <key>` (or ?access_token=<key>
+    where token_in_query: browsers' EventSource cannot send headers)."""
     expected = key.encode()
 
     async def guard(scope: dict, receive: Callable, send: Callable) -> None:
-        if scope["type"] != "http" or scope["path"] in PUBLIC_PATHS or scope["method"] == "OPTIONS":
-            return await app(scope, receive, send)
         token = b""
         for name, value in scope["headers"]:
             if name == b"authorization" and value[:7].lower() == b"bearer ":
                 token = value[7:].strip()
-        if not token and scope["path"] == "/events/stream":
-            query = Request(scope).query_params.get("access_token", "")
-            token = query.encode()
+        if not token and token_in_query:
+            token = Request(scope).query_params.get("access_token", "").encode()
         if hmac.compare_digest(token, expected):
             return await app(scope, receive, send)
         detail = "missing or wrong API key: send 'Authorization: Bearer <key>'"
@@ -1825,13 +2107,55 @@ def chain_signals(hub: Hub, loop: asyncio.AbstractEventLoop) -> Callable[[], Non
     return restore
 
 
+# The pages and documents built in section 6.
+def openapi_handler(request: Request) -> Response:
+    return json_response(openapi(request.app.state.config))
+
+
+def docs_handler(request: Request) -> Response:
+    return HTMLResponse(docs_html(request.app.state.config))
+
+
+def ui_handler(request: Request) -> Response:
+    return HTMLResponse(UI_PAGE)
+
+
+class ApiRoute(NamedTuple):
+    path: str
+    method: str
+    endpoint: Callable
+    operation: str  # its operationId; OPERATIONS describes it in the OpenAPI document
+    public: bool = False  # open without the API key
+
+
+# The one list of routes: it drives routing, the API key's reach and the OpenAPI paths.
+# The emit routes come first, where routing finds them soonest.
+ROUTES = [
+    *[ApiRoute(f"/events/emit/{kind}", "POST", emit_one(kind), f"emit_{kind}") for kind in KINDS],
+    ApiRoute("/events/emit/batch", "POST", ASGIEndpoint(emit_batch), "emit_batch"),
+    ApiRoute("/", "GET", root, "root", public=True),
+    ApiRoute("/health", "GET", health, "health_no_slash", public=True),
+    ApiRoute("/health/", "GET", health, "health", public=True),
+    ApiRoute("/health/database", "GET", health_database, "health_database", public=True),
+    ApiRoute("/events", "GET", list_events, "list_events_no_slash"),
+    ApiRoute("/events/", "GET", list_events, "list_events"),
+    ApiRoute("/events/stream", "GET", stream, "stream_events"),
+    ApiRoute("/events/agents/{agent_id}", "GET", agent_events, "agent_events"),
+    ApiRoute("/events/workflows/{workflow_id}", "GET", workflow_events, "workflow_events"),
+    ApiRoute("/events/workflows/{workflow_id}/agents", "GET", workflow_agents_handler, "workflow_agents"),
+    ApiRoute("/openapi.json", "GET", openapi_handler, "openapi", public=True),
+    ApiRoute("/docs", "GET", docs_handler, "docs", public=True),
+    ApiRoute("/ui", "GET", ui_handler, "live_view", public=True),
+]
+
+
 def create_app(config: APIServerConfig | None = None) -> Starlette:
     """The Starlette application; `config` defaults to get_config()."""
     config = config or get_config()
 
     @asynccontextmanager
     async def lifespan(app: Starlette) -> AsyncIterator[None]:
-        store = Store(config)
+        store = make_store(config)
         await store.start()
         hub = Hub(store)
         hub.start()
@@ -1853,30 +2177,18 @@ def create_app(config: APIServerConfig | None = None) -> Starlette:
             await hub.stop()
             await store.stop()
 
-    routes = [  # the emit routes are served in front of these: see emit_routes
-        Route("/", root),
-        Route("/health", health),
-        Route("/health/", health),
-        Route("/health/database", health_database),
-        Route("/events", list_events),
-        Route("/events/", list_events),
-        Route("/events/stream", stream),
-        Route("/events/agents/{agent_id}", agent_events),
-        Route("/events/workflows/{workflow_id}", workflow_events),
-        Route("/events/workflows/{workflow_id}/agents", workflow_agents_handler),
-        Route("/openapi.json", openapi_handler),
-        Route("/docs", docs_handler),
-        Route("/ui", ui_handler),
-    ]
+    routes = []
+    for api_route in ROUTES:
+        route = Route(api_route.path, api_route.endpoint, methods=[api_route.method])
+        if config.api_key and not api_route.public:
+            route.app = require_key(route.app, config.api_key, token_in_query=api_route.path == "/events/stream")
+        routes.append(route)
     middleware = [Middleware(
         cors_when_origin, allow_origins=config.cors_origins,
         allow_credentials=config.cors_allow_credentials,
         allow_methods=["GET", "POST", "OPTIONS"],
         allow_headers=["Authorization", "Content-Type", "Last-Event-ID", "Accept", "Cache-Control"],
     )]
-    if config.api_key:
-        middleware.append(Middleware(require_key, key=config.api_key))
-    middleware.append(Middleware(emit_routes))
     handlers = {Problem: problem_handler, HTTPException: http_error_handler, StoreError: store_error_handler,
                 Exception: server_error_handler}
     application = Starlette(routes=routes, middleware=middleware, exception_handlers=handlers,
@@ -1906,18 +2218,6 @@ def lazy_app() -> Callable:
 # =============================================================================
 # 6. OpenAPI and docs HTML
 # =============================================================================
-
-def openapi_handler(request: Request) -> Response:
-    return json_response(openapi(request.app.state.config))
-
-
-def docs_handler(request: Request) -> Response:
-    return HTMLResponse(docs_html(request.app.state.config))
-
-
-def ui_handler(request: Request) -> Response:
-    return HTMLResponse(UI_PAGE)
-
 
 def _nullable(spec: dict) -> dict:
     spec = {k: v for k, v in spec.items() if not k.startswith("x-")}
@@ -2048,93 +2348,92 @@ def _schemas(config: APIServerConfig) -> dict:
     }
 
 
-def openapi(config: APIServerConfig) -> dict:
-    """The OpenAPI 3.1 document, built from the same specs that validate requests."""
-    guarded = [{"bearer": []}] if config.api_key else None
+def operations(config: APIServerConfig) -> dict:
+    """Every route's OpenAPI operation, by operationId (ROUTES names them)."""
     lists = _parameters(list_params(config))
 
     def op(summary: str, tag: str, replies: dict, *codes: int, **extra: Any) -> dict:
-        operation = {"summary": summary, "tags": [tag], "operationId": extra.pop("operation_id"),
-                     "responses": {**replies, **_errors(*codes)}, **extra}
-        if guarded and tag == "events":
-            operation["security"] = guarded
-            operation["responses"].update(_errors(401))
-        return operation
+        return {"summary": summary, "tags": [tag], "responses": {**replies, **_errors(*codes)}, **extra}
 
     def emit_op(kind: str) -> dict:
         label = KINDS[kind][2]
         return op(f"Emit a {kind} event", "events", {"200": _json(_ref("EmitReply"), "Stored and committed.")},
-                  409, 413, 415, 422, 503, operation_id=f"emit_{kind}",
+                  409, 413, 415, 422, 503,
                   description=f"Appends one {label.lower()} event (`aggregate_type` {KINDS[kind][0]}, "
                               f"`event_type` {KINDS[kind][1]}). The reply comes after the commit.",
                   requestBody={"required": True, "content": {JSON_TYPE: {
                       "schema": _ref("EventRequest"), "example": SEED_EXAMPLES[kind]}}})
 
-    def list_op(summary: str, operation_id: str, description: str, path_param: str | None = None) -> dict:
+    def list_op(summary: str, description: str, path_param: str | None = None) -> dict:
         params = ([_path_parameter(path_param, config)] if path_param else []) + lists
         return op(summary, "events", {"200": _json(_ref("EventList"), "A page of events.")},
-                  *((404,) if path_param else ()), 422, 503, operation_id=operation_id,
-                  description=description, parameters=params)
+                  *((404,) if path_param else ()), 422, 503, description=description, parameters=params)
 
-    events_list = list_op("Query events", "list_events", "Events with filters, newest first by default.")
+    events_list = list_op("Query events", "Events with filters, newest first by default.")
     health_op = op("Health of the API and its database", "health",
                    {"200": _json(_ref("Health"), "Healthy."),
-                    "503": _json(_ref("Health"), "Unhealthy: the database cannot be read and written.")},
-                   422, operation_id="health")
-    paths = {
-        "/": {"get": op("Server information", "info", {"200": _json(_ref("Root"), "Name, version, endpoints.")},
-                        operation_id="root")},
-        "/health": {"get": {**health_op, "operationId": "health_no_slash"}},
-        "/health/": {"get": health_op},
-        "/health/database": {"get": op(
+                    "503": _json(_ref("Health"), "Unhealthy: the database cannot be read and written.")}, 422)
+    return {
+        "root": op("Server information", "info", {"200": _json(_ref("Root"), "Name, version, endpoints.")}),
+        "health_no_slash": health_op,
+        "health": health_op,
+        "health_database": op(
             "Database health", "health", {"200": _json(_ref("DatabaseHealth"), "Healthy."),
-                                          "503": _json(_ref("DatabaseHealth"), "Unhealthy.")},
-            422, operation_id="health_database")},
-        "/events": {"get": {**events_list, "operationId": "list_events_no_slash"}},
-        "/events/": {"get": events_list},
-        "/events/emit/agent": {"post": emit_op("agent")},
-        "/events/emit/workflow": {"post": emit_op("workflow")},
-        "/events/emit/system": {"post": emit_op("system")},
-        "/events/emit/batch": {"post": op(
+                                          "503": _json(_ref("DatabaseHealth"), "Unhealthy.")}, 422),
+        "list_events_no_slash": events_list,
+        "list_events": events_list,
+        **{f"emit_{kind}": emit_op(kind) for kind in KINDS},
+        "emit_batch": op(
             "Emit several events atomically", "events", {"200": _json(_ref("BatchReply"), "All stored.")},
-            409, 413, 415, 422, 503, operation_id="emit_batch",
+            409, 413, 415, 422, 503,
             description=f"1 to {config.max_batch} events of any kind, all or nothing, in one transaction. "
                         "`expected_version` is checked against the version at that point in the batch.",
             requestBody={"required": True, "content": {JSON_TYPE: {"schema": _ref("BatchRequest"), "example": {
-                "events": [{"kind": kind, **example} for kind, example in SEED_EXAMPLES.items()]}}}})},
-        "/events/agents/{agent_id}": {"get": list_op(
-            "An agent's events", "agent_events", "Events of the agent aggregate with this id.", "agent_id")},
-        "/events/workflows/{workflow_id}": {"get": list_op(
-            "A workflow's timeline", "workflow_events", "The workflow's own events and every event whose "
-            "`correlation_id` is the workflow id.", "workflow_id")},
-        "/events/workflows/{workflow_id}/agents": {"get": op(
+                "events": [{"kind": kind, **example} for kind, example in SEED_EXAMPLES.items()]}}}}),
+        "agent_events": list_op(
+            "An agent's events", "Events of the agent aggregate with this id.", "agent_id"),
+        "workflow_events": list_op(
+            "A workflow's timeline", "The workflow's own events and every event whose "
+            "`correlation_id` is the workflow id.", "workflow_id"),
+        "workflow_agents": op(
             "Agents of a workflow", "events", {"200": _json(_ref("AgentList"), "In order of first appearance.")},
-            404, 422, 503, operation_id="workflow_agents", parameters=[_path_parameter("workflow_id", config)],
-            description="Agents with an event correlated to the workflow; `status` is the latest event name.")},
-        "/events/stream": {"get": op(
+            404, 422, 503, parameters=[_path_parameter("workflow_id", config)],
+            description="Agents with an event correlated to the workflow; `status` is the latest event name."),
+        "stream_events": op(
             "Live events (Server-Sent Events)", "events",
             {"200": {"description": "`retry: 3000` and a comment at once; then per event `id: <position>`, "
                                     "`event: event`, `data: <event item JSON>`; a `: ping` comment every "
                                     f"{config.sse_ping:g} s. If the store fails, `event: error` with "
                                     "`data: {\"detail\": ...}`, and the stream ends.",
                      "content": {"text/event-stream": {"schema": _ref("StreamEvent")}}}},
-            422, 503, operation_id="stream_events", parameters=[
+            422, 503, parameters=[
                 *_parameters(stream_params(config)),
                 {"name": "Last-Event-ID", "in": "header", "required": False, "schema": {"type": "string",
                  "pattern": "^([0-9]{1,19})?$"}, "description": "Resume after this position (browsers send "
                  "it); empty means none, as when it is left out."}],
             description="Resume with `Last-Event-ID` or `after`: stored events after that position first, then "
                         "live ones, without gap or duplicate. A client that reads too slowly is caught up "
-                        "from the store; it never misses an event.")},
-        "/openapi.json": {"get": op("This document", "docs", {"200": _json({"type": "object"}, "OpenAPI 3.1.")},
-                                    operation_id="openapi")},
-        "/docs": {"get": op("Swagger UI", "docs", {"200": {"description": "HTML page.",
-                                                            "content": {"text/html": {"schema": {"type": "string"}}}}},
-                            operation_id="docs")},
-        "/ui": {"get": op("Live view of events, workflows and agents", "docs", {"200": {
+                        "from the store; it never misses an event."),
+        "openapi": op("This document", "docs", {"200": _json({"type": "object"}, "OpenAPI 3.1.")}),
+        "docs": op("Swagger UI", "docs", {"200": {"description": "HTML page.",
+                                                   "content": {"text/html": {"schema": {"type": "string"}}}}}),
+        "live_view": op("Live view of events, workflows and agents", "docs", {"200": {
             "description": "HTML page (asks for the API key when the server has one).",
-            "content": {"text/html": {"schema": {"type": "string"}}}}}, operation_id="live_view")},
+            "content": {"text/html": {"schema": {"type": "string"}}}}}),
     }
+
+
+def openapi(config: APIServerConfig) -> dict:
+    """The OpenAPI 3.1 document: a path for every route of ROUTES, its schemas built from
+    the same specs that validate requests."""
+    described = operations(config)
+    paths: dict = {}
+    for route in ROUTES:
+        operation = {**described[route.operation], "operationId": route.operation}
+        if config.api_key and not route.public:
+            operation["security"] = [{"bearer": []}]
+            operation["responses"] = {**operation["responses"], **_errors(401)}
+        paths.setdefault(route.path, {})[route.method.lower()] = operation
     return {
         "openapi": "3.1.0",
         "info": {"title": config.title, "version": config.version, "description": config.description,
@@ -2401,25 +2700,6 @@ def resolve_config(argv: Sequence[str] | None, environ: dict | None = None) -> A
     return config_from_env(environ, **overrides)
 
 
-def backup(source: str, dest: str, timeout: float) -> int:
-    """Copy the live database to `dest` with SQLite's online backup API; returns the event
-    count of the copy. Writers go on meanwhile: the copy holds every event committed when
-    it began, consistent as of one moment."""
-    if os.path.exists(dest):
-        raise StoreError(f"{dest} exists; backup writes a new file")
-    if not os.path.exists(source):
-        raise StoreError(f"no database at {source}")
-    src = connect(source, timeout, readonly=True)
-    os.close(os.open(dest, os.O_CREAT | os.O_WRONLY, 0o600))
-    dst = sqlite3.connect(dest)
-    try:
-        src.backup(dst)
-        return last_position(dst)
-    finally:
-        dst.close()
-        src.close()
-
-
 def backup_main(argv: Sequence[str]) -> None:
     parser = argparse.ArgumentParser(
         prog="eventuali-api-server backup",
@@ -2431,11 +2711,12 @@ def backup_main(argv: Sequence[str]) -> None:
     args = parser.parse_args(argv)
     try:
         config = config_from_env(data_dir=args.data_dir)
-        events = backup(config.database_path, args.dest, config.database_timeout)
-    except (ConfigError, StoreError, sqlite3.Error, OSError) as exc:
+        store = make_store(config)
+        events = store.backup(args.dest)
+    except (ConfigError, StoreError, OSError) as exc:
         print(f"eventuali-api-server backup: error: {exc}", file=sys.stderr)
         sys.exit(1)
-    print(f"backed up {events} events from {os.path.abspath(config.database_path)} to {args.dest}")
+    print(f"backed up {events} events from {store.location} to {args.dest}")
 
 
 def main(argv: Sequence[str] | None = None) -> None:
@@ -2451,9 +2732,8 @@ def main(argv: Sequence[str] | None = None) -> None:
         print(f"eventuali-api-server: error: {exc}", file=sys.stderr)
         sys.exit(2)
     try:
-        conn = open_database(config.database_path, config.database_timeout, config.durability)
-        conn.close()
-    except (OSError, sqlite3.Error, StoreError) as exc:
+        make_store(config).prepare()
+    except (OSError, StoreError) as exc:
         print(f"eventuali-api-server: error: cannot use data dir {config.data_dir!r}: {exc}", file=sys.stderr)
         sys.exit(1)
     set_config(config)

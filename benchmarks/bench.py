@@ -3,6 +3,8 @@
     python benchmarks/bench.py                 # everything, at full sizes
     python benchmarks/bench.py --quick         # tiny sizes: a smoke run (used by the tests)
     python benchmarks/bench.py --only emit,sse # a subset: emit, batch, reads, sse, size
+    python benchmarks/bench.py --only emit,batch --against ../other-checkout
+                                               # A/B: the same load, alternating, on both
 
 Each part starts the server from this checkout on a free port with a fresh data dir,
 prints a table, and writes every figure to --json (default benchmarks/results/latest.json).
@@ -25,7 +27,7 @@ import sys
 import tempfile
 import time
 from concurrent.futures import ThreadPoolExecutor
-from contextlib import contextmanager
+from contextlib import contextmanager, nullcontext
 from pathlib import Path
 from typing import Iterator
 
@@ -45,6 +47,15 @@ def free_port() -> int:
         return sock.getsockname()[1]
 
 
+PIDS: dict = {}  # url -> the pid of the server process serving it
+
+
+def cpu_seconds(pid: int) -> float:
+    """User + system CPU time the process has used so far (/proc/PID/stat, Linux)."""
+    fields = Path(f"/proc/{pid}/stat").read_text().rsplit(")", 1)[1].split()
+    return (int(fields[11]) + int(fields[12])) / os.sysconf("SC_CLK_TCK")
+
+
 @contextmanager
 def serve(app: str, cwd: Path, env: dict | None = None) -> Iterator[str]:
     """`uvicorn app` on a free port; the same uvicorn settings for every app measured."""
@@ -52,6 +63,7 @@ def serve(app: str, cwd: Path, env: dict | None = None) -> Iterator[str]:
     proc = subprocess.Popen([*UVICORN, "--port", str(port), app], cwd=cwd, env={**os.environ, **(env or {})},
                             stdout=subprocess.DEVNULL, stderr=subprocess.PIPE)
     url = f"http://127.0.0.1:{port}"
+    PIDS[url] = proc.pid
     try:
         deadline = time.time() + 20
         while True:
@@ -69,9 +81,10 @@ def serve(app: str, cwd: Path, env: dict | None = None) -> Iterator[str]:
 
 
 @contextmanager
-def events_server(env: dict | None = None) -> Iterator[str]:
+def events_server(env: dict | None = None, code: Path = ROOT) -> Iterator[str]:
+    """The server of the checkout at `code` (this one by default), on a fresh data dir."""
     with tempfile.TemporaryDirectory() as data:
-        with serve("eventuali_api_server:app", ROOT, {"DATA_DIR": data, **(env or {})}) as url:
+        with serve("eventuali_api_server:app", code, {"DATA_DIR": data, **(env or {})}) as url:
             yield url
 
 
@@ -82,7 +95,7 @@ def percentile(values: list, q: float) -> float:
 
 # -- load generation ------------------------------------------------------------
 
-def wrk_post(url: str, body: dict, connections: int, seconds: float) -> float:
+def wrk_post(url: str, body: dict, connections: int, seconds: float) -> tuple:
     script = Path(tempfile.mkstemp(suffix=".lua")[1])
     script.write_text('wrk.method = "POST"\nwrk.headers["Content-Type"] = "application/json"\n'
                       f"wrk.body = {json.dumps(json.dumps(body))}\n")
@@ -94,10 +107,12 @@ def wrk_post(url: str, body: dict, connections: int, seconds: float) -> float:
     errors = [line for line in out.splitlines() if "Non-2xx" in line or "Socket errors" in line]
     if errors:
         raise RuntimeError(f"wrk saw errors: {errors}")
-    return float(next(line for line in out.splitlines() if line.startswith("Requests/sec")).split()[1])
+    rate = float(next(line for line in out.splitlines() if line.startswith("Requests/sec")).split()[1])
+    requests = int(next(line for line in out.splitlines() if "requests in" in line).split()[0])
+    return rate, requests
 
 
-async def _python_post(url: str, body: bytes, connections: int, seconds: float) -> float:
+async def _python_post(url: str, body: bytes, connections: int, seconds: float) -> tuple:
     host, port = url.split("//")[1].split("/")[0].split(":")
     path = "/" + url.split("//")[1].split("/", 1)[1]
     request = (f"POST {path} HTTP/1.1\r\nHost: {host}\r\nContent-Type: application/json\r\n"
@@ -121,37 +136,60 @@ async def _python_post(url: str, body: bytes, connections: int, seconds: float) 
 
     started = time.perf_counter()
     await asyncio.gather(*(worker() for _ in range(connections)))
-    return done / (time.perf_counter() - started)
+    return done / (time.perf_counter() - started), done
 
 
-def post_rate(url: str, body: dict, connections: int, seconds: float) -> float:
+def post_load(url: str, body: dict, connections: int, seconds: float) -> tuple:
+    """(requests per second, server CPU seconds per request) under a fixed POST load."""
+    pid = PIDS.get(url.split("/events")[0])
+    before = cpu_seconds(pid) if pid else 0.0
     if shutil.which("wrk"):
-        return wrk_post(url, body, connections, seconds)
-    return asyncio.run(_python_post(url, json.dumps(body).encode(), connections, seconds))
+        rate, requests = wrk_post(url, body, connections, seconds)
+    else:
+        rate, requests = asyncio.run(_python_post(url, json.dumps(body).encode(), connections, seconds))
+    cpu = (cpu_seconds(pid) - before) / max(1, requests) if pid else float("nan")
+    return rate, cpu
 
 
 # -- parts ------------------------------------------------------------------------------
 
 def bench_emit(args: argparse.Namespace, results: dict) -> None:
-    """POST /events/emit/agent vs the bare endpoint, in alternating runs: the ratio is the headline."""
-    rates: dict = {"bare": [], "server": []}
-    with serve("bare:app", HERE) as bare, events_server({"DURABILITY": args.durability}) as server:
-        targets = {"bare": bare, "server": server}
-        for name in targets:  # warm up both
-            post_rate(targets[name] + "/events/emit/agent", SEED_AGENT, args.connections, 1)
+    """POST /events/emit/agent vs the bare endpoint (and --against's server), in alternating
+    runs: the ratio of rates, and the server's CPU time per request."""
+    names = ["bare", "server"] + (["against"] if args.against else [])
+    rates: dict = {name: [] for name in names}
+    cpus: dict = {name: [] for name in names}
+    with serve("bare:app", HERE) as bare, events_server({"DURABILITY": args.durability}) as server, \
+            (events_server({"DURABILITY": args.durability}, args.against) if args.against else nullcontext()) as other:
+        targets = dict(zip(names, [bare, server, other]))
+        for url in targets.values():  # warm up each
+            post_load(url + "/events/emit/agent", SEED_AGENT, args.connections, 1)
         for _ in range(args.runs):
             for name, url in targets.items():
-                rates[name].append(post_rate(url + "/events/emit/agent", SEED_AGENT, args.connections, args.seconds))
-    bare_rate, server_rate = statistics.median(rates["bare"]), statistics.median(rates["server"])
+                rate, cpu = post_load(url + "/events/emit/agent", SEED_AGENT, args.connections, args.seconds)
+                rates[name].append(rate)
+                cpus[name].append(cpu)
+    median = {name: statistics.median(rates[name]) for name in names}
+    cpu_us = {name: statistics.median(cpus[name]) * 1e6 for name in names}
     ratios = [s / b for s, b in zip(rates["server"], rates["bare"])]
     results["emit"] = {"connections": args.connections, "seconds_per_run": args.seconds, "runs": args.runs,
                        "durability": args.durability, "bare_rps": rates["bare"], "server_rps": rates["server"],
-                       "bare_median": bare_rate, "server_median": server_rate,
-                       "ratio_of_medians": server_rate / bare_rate, "ratio_per_run": ratios,
-                       "ratio_median": statistics.median(ratios)}
+                       "bare_median": median["bare"], "server_median": median["server"],
+                       "ratio_of_medians": median["server"] / median["bare"], "ratio_per_run": ratios,
+                       "ratio_median": statistics.median(ratios),
+                       "cpu_us_per_request": {name: cpus[name] for name in names},
+                       "cpu_us_per_request_median": cpu_us}
     print(f"emit, {args.connections} connections, durability={args.durability}: "
-          f"server {server_rate:,.0f}/s, bare endpoint {bare_rate:,.0f}/s, "
-          f"ratio {server_rate / bare_rate:.2f} (per run: {', '.join(f'{r:.2f}' for r in ratios)})")
+          f"server {median['server']:,.0f}/s, bare endpoint {median['bare']:,.0f}/s, "
+          f"ratio {median['server'] / median['bare']:.2f} (per run: {', '.join(f'{r:.2f}' for r in ratios)})")
+    print("  server CPU per request (median of runs): " +
+          ", ".join(f"{name} {cpu_us[name]:.0f} µs" for name in names))
+    if args.against:
+        per_run = [a / b for a, b in zip(cpus["server"], cpus["against"])]
+        results["emit"]["against"] = {"path": str(args.against), "rps": rates["against"],
+                                      "median": median["against"], "cpu_ratio_per_run": per_run}
+        print(f"  against {args.against}: {median['against']:,.0f}/s; CPU per request, this / that: "
+              f"{cpu_us['server'] / cpu_us['against']:.3f} (per run: {', '.join(f'{r:.2f}' for r in per_run)})")
 
 
 def make_events(start: int, stop: int, workflows: int = 100) -> list:
@@ -176,6 +214,12 @@ def make_events(start: int, stop: int, workflows: int = 100) -> list:
 def load_events(url: str, count: int, batch: int = 1000, senders: int = 3) -> float:
     """Append `count` events in batches from a few concurrent senders (so that the client's
     own JSON encoding overlaps the server's work); returns events per second."""
+    return timed_load(url, count, batch, senders)[0]
+
+
+def timed_load(url: str, count: int, batch: int = 1000, senders: int = 3) -> tuple:
+    """load_events, and the server's CPU seconds per event."""
+    pid = PIDS.get(url)
     bodies = [json.dumps({"events": make_events(i, min(count, i + batch))}).encode()
               for i in range(0, count, batch)]
 
@@ -184,17 +228,38 @@ def load_events(url: str, count: int, batch: int = 1000, senders: int = 3) -> fl
             for body in chunk:
                 client.post("/events/emit/batch", content=body).raise_for_status()
 
-    started = time.perf_counter()
+    started, cpu = time.perf_counter(), cpu_seconds(pid) if pid else 0.0
     with ThreadPoolExecutor(senders) as pool:
         list(pool.map(send, [bodies[i::senders] for i in range(senders)]))
-    return count / (time.perf_counter() - started)
+    rate = count / (time.perf_counter() - started)
+    return rate, (cpu_seconds(pid) - cpu) / count if pid else float("nan")
 
 
 def bench_batch(args: argparse.Namespace, results: dict) -> None:
-    with events_server({"DURABILITY": args.durability}) as url:
-        rate = load_events(url, args.batch_events)
-    results["batch"] = {"events": args.batch_events, "events_per_second": rate}
-    print(f"batch load: {rate:,.0f} events/s ({args.batch_events:,} events in batches of 1000)")
+    """The batch load; with --against, alternating rounds on both servers."""
+    names = ["server"] + (["against"] if args.against else [])
+    rates: dict = {name: [] for name in names}
+    cpus: dict = {name: [] for name in names}
+    rounds = args.runs if args.against else 1
+    with events_server({"DURABILITY": args.durability}) as server, \
+            (events_server({"DURABILITY": args.durability}, args.against) if args.against else nullcontext()) as other:
+        targets = dict(zip(names, [server, other]))
+        for _ in range(rounds):
+            for name, url in targets.items():
+                rate, cpu = timed_load(url, args.batch_events // rounds)
+                rates[name].append(rate)
+                cpus[name].append(cpu)
+    rate = statistics.median(rates["server"])
+    cpu_us = {name: statistics.median(cpus[name]) * 1e6 for name in names}
+    results["batch"] = {"events": args.batch_events, "events_per_second": rate, "rounds": rates,
+                        "cpu_us_per_event": cpu_us}
+    print(f"batch load: {rate:,.0f} events/s ({args.batch_events:,} events in batches of 1000); "
+          f"server CPU {cpu_us['server']:.1f} µs per event")
+    if args.against:
+        print(f"  against {args.against}: {statistics.median(rates['against']):,.0f} events/s, "
+              f"CPU {cpu_us['against']:.1f} µs per event; rounds this: "
+              f"{', '.join(f'{r:,.0f}' for r in rates['server'])}; that: "
+              f"{', '.join(f'{r:,.0f}' for r in rates['against'])}")
 
 
 READS = [
@@ -206,6 +271,8 @@ READS = [
     ("/events/", {"event_name": "agent.started"}),
     ("/events/", {"since": "2000-01-01T00:00:00Z"}),
     ("/events/", {"since": "2999-01-01T00:00:00Z"}),
+    ("/events/", {"since": "MID"}),
+    ("/events/", {"until": "MID"}),
     ("/events/", {"offset": "DEEP"}),
     ("/events/", {"order": "asc", "after": "DEEP"}),
     ("/events/agents/agent-7", {}),
@@ -213,6 +280,20 @@ READS = [
     ("/events/workflows/wf-3/agents", {}),
     ("/health/database", {}),
 ]
+# Every pair of the seven filters; MID is the timestamp of the middle event, where a time
+# window splits the log in halves (the most work for an exact count), and a window of both
+# covers the middle half.
+FILTERS = {"event_type": "AgentEvent", "aggregate_type": "agent_aggregate", "aggregate_id": "agent-7",
+           "correlation_id": "wf-3", "event_name": "agent.started", "since": "MID", "until": "MID"}
+PAIRS = [("/events/", {a: FILTERS[a], b: FILTERS[b]})
+         for i, a in enumerate(FILTERS) for b in list(FILTERS)[i + 1:] if (a, b) != ("since", "until")]
+PAIRS.append(("/events/", {"since": "1/4", "until": "3/4"}))
+
+
+def timestamp_at(client: httpx.Client, fraction: float, size: int) -> str:
+    position = max(1, int(size * fraction))
+    return client.get("/events/", params={"order": "asc", "after": position - 1, "limit": 1}).json()["events"][0][
+        "timestamp"]
 
 
 def bench_reads(args: argparse.Namespace, results: dict) -> None:
@@ -222,10 +303,13 @@ def bench_reads(args: argparse.Namespace, results: dict) -> None:
         for size in args.read_sizes:
             load_events(url, size - loaded)
             loaded = size
-            for path, params in READS:
-                params = {k: (str(size // 2) if v == "DEEP" else v) for k, v in params.items()}
-                label = path + ("?" + "&".join(f"{k}={v if k not in ('offset', 'after') else 'n/2'}"
-                                               for k, v in params.items()) if params else "")
+            marks = {"MID": timestamp_at(client, 0.5, size), "1/4": timestamp_at(client, 0.25, size),
+                     "3/4": timestamp_at(client, 0.75, size)}
+            for path, params in READS + (PAIRS if args.pairs else []):
+                given = params
+                params = {k: (str(size // 2) if v == "DEEP" else marks.get(v, v)) for k, v in params.items()}
+                label = path + ("?" + "&".join(f"{k}={'n/2' if v == 'DEEP' else v}" for k, v in given.items())
+                                if given else "")
                 timings = []
                 for _ in range(args.read_repeats):
                     started = time.perf_counter()
@@ -233,12 +317,13 @@ def bench_reads(args: argparse.Namespace, results: dict) -> None:
                     timings.append((time.perf_counter() - started) * 1000)
                     reply.raise_for_status()
                 table.setdefault(label, {})[size] = {"p50_ms": percentile(timings, 50),
-                                                     "p99_ms": percentile(timings, 99)}
+                                                     "p99_ms": percentile(timings, 99),
+                                                     "total": reply.json().get("total")}
     results["reads"] = table
     sizes = args.read_sizes
     print("read latency, ms (p50 / p99) at " + ", ".join(f"{s:,}" for s in sizes) + " events:")
     for label, row in table.items():
-        print(f"  {label:58s} " + "  ".join(f"{row[s]['p50_ms']:7.2f} / {row[s]['p99_ms']:7.2f}" for s in sizes))
+        print(f"  {label:70s} " + "  ".join(f"{row[s]['p50_ms']:7.2f} / {row[s]['p99_ms']:7.2f}" for s in sizes))
 
 
 async def _sse_latency(url: str, subscribers: int, events: int) -> dict:
@@ -287,15 +372,6 @@ def _rss_kib(pid: int) -> int:
     return 0
 
 
-def _server_pid(url: str) -> int | None:
-    port = url.rsplit(":", 1)[1]
-    out = subprocess.run(["ps", "-eo", "pid,args"], capture_output=True, text=True).stdout
-    for line in out.splitlines():
-        if f"--port {port}" in line and "eventuali_api_server:app" in line:
-            return int(line.split()[0])
-    return None
-
-
 async def _idle_streams(url: str, count: int) -> list:
     host, port = url.split("//")[1].split(":")
     conns = []
@@ -313,7 +389,7 @@ def bench_sse(args: argparse.Namespace, results: dict) -> None:
         with events_server() as url:
             rows.append(asyncio.run(_sse_latency(url, count, args.sse_events)))
     with events_server() as url:
-        pid = _server_pid(url)
+        pid = PIDS.get(url)
 
         async def measure() -> tuple:
             before = _rss_kib(pid) if pid else 0
@@ -371,6 +447,10 @@ def main(argv: list | None = None) -> dict:
     parser.add_argument("--only", default=",".join(PARTS), help="comma-separated parts: " + ", ".join(PARTS))
     parser.add_argument("--json", default=str(HERE / "results" / "latest.json"))
     parser.add_argument("--durability", default="full", choices=["full", "normal"])
+    parser.add_argument("--no-pairs", dest="pairs", action="store_false",
+                        help="reads: leave out the pairs of filters")
+    parser.add_argument("--against", type=Path, default=None, metavar="CHECKOUT",
+                        help="another checkout of the server to measure emit and batch against (A/B)")
     args = parser.parse_args(argv)
     quick = args.quick
     args.connections = 32
