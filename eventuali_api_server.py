@@ -43,7 +43,7 @@ from collections import deque
 from concurrent.futures import ThreadPoolExecutor
 from contextlib import asynccontextmanager
 from datetime import datetime, timedelta, timezone
-from typing import Any, AsyncIterator, Callable, Iterable, NamedTuple, Sequence
+from typing import Any, AsyncIterator, Callable, Iterable, NamedTuple, Protocol, Sequence
 
 from starlette.applications import Starlette
 from starlette.exceptions import HTTPException
@@ -82,6 +82,7 @@ class APIServerConfig:
     reload: bool = False
     log_level: str = "info"
     data_dir: str = ".events"
+    database_url: str = ""
     database_timeout: float = 10.0
     cors_origins: list = dataclasses.field(default_factory=lambda: list(DEFAULT_CORS_ORIGINS))
     cors_allow_credentials: bool = True
@@ -161,6 +162,8 @@ SETTINGS = [
     ("reload", "RELOAD", "--reload", _parse_bool, "restart when the code changes"),
     ("log_level", "LOG_LEVEL", "--log-level", _parse_choice(*LOG_LEVELS), "debug|info|warning|error|critical"),
     ("data_dir", "DATA_DIR", "--data-dir", str, "folder of the SQLite database (default .events)"),
+    ("database_url", "DATABASE_URL", "--database-url", str,
+     "a PostgreSQL database instead of SQLite: postgresql://user:password@host:port/dbname"),
     ("cors_origins", "CORS_ORIGINS", "--cors-origins", _parse_origins, "comma-separated allowed origins, or *"),
     ("cors_allow_credentials", "CORS_ALLOW_CREDENTIALS", "--cors-allow-credentials", _parse_bool,
      "allow credentials in CORS requests (never with *)"),
@@ -280,8 +283,15 @@ def invalid(loc: Sequence, msg: str, kind: str) -> dict:
     return {"loc": list(loc), "msg": msg, "type": kind}
 
 
-def id_field(description: str, limit: int, example: str | None = None) -> dict:
+# Text the stores keep as text: PostgreSQL's text cannot hold the NUL character.
+NO_NUL = "^[^\\u0000]*$"
+
+
+def id_field(description: str, limit: int, example: str | None = None, stored: bool = True) -> dict:
+    """A name or id; one that is stored may not contain NUL (one that filters may: it matches nothing)."""
     spec = {"type": "string", "minLength": 1, "maxLength": limit, "description": description}
+    if stored:
+        spec["pattern"] = NO_NUL
     if example:
         spec["examples"] = [example]
     return spec
@@ -298,6 +308,7 @@ def event_fields(config: APIServerConfig) -> dict:
                            "`attributes.agent_name` (agents) and `attributes.user_prompt` (workflows) "
                            "are also shown as item fields.",
             "x-max-depth": config.max_depth,
+            "properties": {key: {"pattern": NO_NUL} for key in ATTRIBUTE_FIELDS},
             "default": {},
         },
         "timestamp": {"type": "string", "format": "date-time", "description": "When it happened; default: "
@@ -389,6 +400,9 @@ def check_value(spec: dict, value: Any, loc: Sequence, errors: list, key: Any = 
                 problem = ("must not be empty", "value_error.any_str.min_length")
         elif len(value) > spec.get("maxLength", len(value)):
             problem = (f"must be at most {spec['maxLength']} characters", "value_error.any_str.max_length")
+        elif "pattern" in spec and not compiled(spec["pattern"]).search(value):
+            problem = (NUL_MESSAGE if spec["pattern"] == NO_NUL else f"must match {spec['pattern']}",
+                       "value_error.str.regex")
     elif kind == "integer":
         if isinstance(value, float) and value.is_integer():  # JSON Schema: 3.0 is an integer
             value = int(value)
@@ -407,6 +421,10 @@ def check_value(spec: dict, value: Any, loc: Sequence, errors: list, key: Any = 
     if problem:
         errors.append(invalid([*loc, key] if key is not None else loc, *problem))
     return value
+
+
+compiled = functools.lru_cache(maxsize=None)(re.compile)
+NUL_MESSAGE = "must not contain the NUL character (U+0000)"
 
 
 def check_object(body: Any, fields: dict, required: Iterable[str], loc: Sequence, errors: list) -> dict:
@@ -497,6 +515,10 @@ def prepare_event(kind: str, body: Any, loc: Sequence, errors: list, fields: dic
         return None
     aggregate_type, event_type, _label = KINDS[kind]
     attributes = clean.get("attributes", {})
+    for key in ATTRIBUTE_FIELDS:  # shown as fields of their own: stored as text
+        if "\x00" in (_string_attr(attributes, key) or ""):
+            errors.append(invalid([*loc, "attributes", key], NUL_MESSAGE, "value_error.str.regex"))
+            return None
     attributes_json = compact_json(attributes)
     given_id = clean.get("aggregate_id")
     content_hash = None
@@ -523,6 +545,9 @@ def prepare_event(kind: str, body: Any, loc: Sequence, errors: list, fields: dic
         expected_version=clean.get("expected_version"),
         content_hash=content_hash,
     )
+
+
+ATTRIBUTE_FIELDS = ("agent_name", "user_prompt")  # attributes an item shows as fields of its own
 
 
 def uuid7() -> str:
@@ -553,11 +578,11 @@ def list_params(config: APIServerConfig) -> dict:
                   "description": "Cursor: only events with a position above this (use with order=asc)."},
         "before": {"type": "integer", "minimum": 0, "maximum": MAX_INT,
                    "description": "Cursor: only events with a position below this (use with order=desc)."},
-        "event_type": id_field("`AgentEvent`, `WorkflowEvent` or `SystemEvent`.", n),
-        "aggregate_type": id_field("`agent_aggregate`, `workflow_aggregate` or `system_aggregate`.", n),
-        "aggregate_id": id_field("Only this aggregate's events.", n),
-        "correlation_id": id_field("Only events with this correlation id.", n),
-        "event_name": id_field("Only events with this name, e.g. `agent.started`.", n),
+        "event_type": id_field("`AgentEvent`, `WorkflowEvent` or `SystemEvent`.", n, stored=False),
+        "aggregate_type": id_field("`agent_aggregate`, `workflow_aggregate` or `system_aggregate`.", n, stored=False),
+        "aggregate_id": id_field("Only this aggregate's events.", n, stored=False),
+        "correlation_id": id_field("Only events with this correlation id.", n, stored=False),
+        "event_name": id_field("Only events with this name, e.g. `agent.started`.", n, stored=False),
         "since": {"type": "string", "format": "date-time",
                   "description": "Only events whose timestamp is after this instant. " + TIMESTAMP_FORMS},
         "until": {"type": "string", "format": "date-time",
@@ -614,8 +639,9 @@ def check_query(request: Request, specs: dict) -> dict:
 # 3.2 Planning a group of appends: a pure function every backend shares.
 # 3.3 SQLite: schema and migrations.
 # 3.4 SQLite: the writer.
-# 3.5 SQLite: the queries.
-# 3.6 SQLiteStore: the interface on top of them.
+# 3.5 The queries (SQLite and PostgreSQL).
+# 3.6 Stores served by threads: what both backends share, and SQLiteStore.
+# 3.7 PostgreSQL: schema, writer, listener, PostgresStore.
 
 # -- 3.1 the interface ---------------------------------------------------------------
 
@@ -686,6 +712,8 @@ def normalize_filters(filters: dict) -> dict | None:
     """The equality filters on stored columns, None if they can match nothing. An event's
     event_type follows from its aggregate_type (KINDS), so it becomes that filter."""
     clean = {name: value for name, value in filters.items() if value is not None}
+    if any("\x00" in value for value in clean.values()):  # no stored text holds NUL (NO_NUL)
+        return None
     if "event_type" in clean:
         implied = EVENT_TYPE_AGGREGATES.get(clean.pop("event_type"))
         if implied is None or clean.setdefault("aggregate_type", implied) != implied:
@@ -1025,10 +1053,10 @@ def values_sql(head: str, width: int, rows: int, tail: str) -> str:
     return f"{head} VALUES " + ", ".join(["(" + ", ".join("?" * width) + ")"] * rows) + tail
 
 
-def insert_rows(conn: sqlite3.Connection, head: str, rows: list, tail: str = "") -> None:
+def insert_rows(conn: Any, head: str, rows: list, tail: str = "", max_params: int = MAX_PARAMS) -> None:
     """Execute `head VALUES (...), ... tail` for the rows, in few statements (see EXACT_ROWS)."""
     width = len(rows[0]) if rows else 1
-    most = 1 << ((MAX_PARAMS // width).bit_length() - 1)
+    most = 1 << ((max_params // width).bit_length() - 1)
     start = 0
     while start < len(rows):
         left = len(rows) - start
@@ -1067,9 +1095,10 @@ SUMMARY_COLUMNS = ("position", "aggregate_type", "aggregate_id", "event_name", "
 summary_of = operator.itemgetter(*[ROW_COLUMNS.index(name) for name in SUMMARY_COLUMNS])  # from a row
 
 
-def record_summaries(conn: sqlite3.Connection, events: Iterable, through: int, counted: int) -> None:
+def record_summaries(conn: Any, events: Iterable, through: int, counted: int, insert: str = "INSERT OR ROLLBACK INTO",
+                     max_params: int = MAX_PARAMS) -> None:
     """Count new events, given as SUMMARY_COLUMNS, which take the counters from position
-    `counted` to `through`."""
+    `counted` to `through`. `insert` is the backend's INSERT (see INSERT_EVENTS)."""
     counts: collections.Counter = collections.Counter({("log", "counted_through", ""): through - counted})
     members: dict = {}
     for position, aggregate_type, aggregate_id, name, correlation_id in events:
@@ -1079,22 +1108,24 @@ def record_summaries(conn: sqlite3.Connection, events: Iterable, through: int, c
             counts["correlation_id", correlation_id, aggregate_type] += 1
             if aggregate_type == "agent_aggregate":
                 members.setdefault((correlation_id, aggregate_id), position)
-    insert_rows(conn, "INSERT OR ROLLBACK INTO counts", [(*key, n) for key, n in counts.items()],
-                " ON CONFLICT DO UPDATE SET n = n + excluded.n")
-    insert_rows(conn, "INSERT OR IGNORE INTO workflow_agents", [(*key, position) for key, position in members.items()])
+    insert_rows(conn, f"{insert} counts", [(*key, n) for key, n in counts.items()],
+                " ON CONFLICT (field, value, aggregate_type) DO UPDATE SET n = counts.n + excluded.n", max_params)
+    insert_rows(conn, f"{insert} workflow_agents", [(*key, position) for key, position in members.items()],
+                " ON CONFLICT DO NOTHING", max_params)
 
 
-def count_stored(conn: sqlite3.Connection, counted: int, position: int) -> None:
+def count_stored(conn: Any, counted: int, position: int, insert: str = "INSERT OR ROLLBACK INTO",
+                 max_params: int = MAX_PARAMS) -> None:
     """Count the events after `counted` up to `position` that no writer of ours counted."""
     while counted < position:
         rows = conn.execute(f"SELECT {', '.join(SUMMARY_COLUMNS)} FROM events WHERE position > ? AND position <= ? "
                             "ORDER BY position LIMIT 10000", (counted, position)).fetchall()
         through = rows[-1][0] if rows else position
-        record_summaries(conn, rows, through, counted)
+        record_summaries(conn, rows, through, counted, insert, max_params)
         counted = through
 
 
-def read_receipts(conn: sqlite3.Connection, event_ids: list) -> dict:
+def read_receipts(conn: Any, event_ids: list) -> dict:
     """{event_id: (content_hash, Receipt)} for those of `event_ids` already stored."""
     found = {}
     for start in range(0, len(event_ids), MAX_PARAMS):
@@ -1110,17 +1141,18 @@ class SeenVersions:
     writes, that is while the log still ends where this writer left it, which it checks
     under the write lock: then it reads only the versions it has not seen."""
 
-    def __init__(self, limit: int = 100_000) -> None:
+    def __init__(self, read_state: Callable, limit: int = 100_000) -> None:
+        self.read_state = read_state  # the backend's: (conn, keys) -> (position, counted, versions)
         self.position: int | None = None  # where the log ended after this writer's last commit
         self.versions: dict = {}
         self.limit = limit
 
-    def read(self, conn: sqlite3.Connection, keys: list) -> tuple:
+    def read(self, conn: Any, keys: list) -> tuple:
         """read_state(conn, keys), from what it knows where that is still true."""
-        position, counted, found = read_state(conn, [key for key in keys if key not in self.versions])
+        position, counted, found = self.read_state(conn, [key for key in keys if key not in self.versions])
         if position != self.position:  # another process has written since
             self.versions.clear()
-            position, counted, found = read_state(conn, keys)
+            position, counted, found = self.read_state(conn, keys)
         return position, counted, {**{key: self.versions[key] for key in keys if key in self.versions}, **found}
 
     def commit(self, position: int, versions: dict, rows: list) -> None:
@@ -1168,8 +1200,15 @@ def commit_group(conn: sqlite3.Connection, requests: list, seen: SeenVersions) -
     return outcomes
 
 
-# -- 3.5 SQLite: the queries ----------------------------------------------------------
-# Each runs on a reader thread: fn(conn, ...).
+# -- 3.5 the queries ----------------------------------------------------------------------
+# Each runs on a reader thread: fn(conn, ...), with a connection to SQLite or, through
+# PgConnection (section 3.7), to PostgreSQL: the SQL is what both understand, with `?`
+# placeholders; only SQLite gets index hints.
+
+class Connection(Protocol):
+    """What the queries need of a connection: sqlite3's, or PgConnection."""
+
+    def execute(self, sql: str, args: Sequence = ...) -> Any: ...
 
 def item_json(row: tuple) -> str:
     """One event item as JSON; the stored attributes text is spliced in, not re-parsed."""
@@ -1206,15 +1245,15 @@ def where(filters: dict, since: str | None = None, until: str | None = None) -> 
     return clauses, args
 
 
-def count(conn: sqlite3.Connection, clauses: list, args: list, cap: int | None = None) -> int:
+def count(conn: Connection, clauses: list, args: list, cap: int | None = None) -> int:
     """Events matching every clause; with a cap, counting stops there."""
     sql = "SELECT 1 FROM events" + (" WHERE " + " AND ".join(clauses) if clauses else "")
     if cap is not None:
         sql += f" LIMIT {int(cap)}"
-    return conn.execute(f"SELECT count(*) FROM ({sql})", args).fetchone()[0]
+    return conn.execute(f"SELECT count(*) FROM ({sql}) AS matches", args).fetchone()[0]
 
 
-def counted(conn: sqlite3.Connection, filters: dict) -> int | None:
+def counted(conn: Connection, filters: dict) -> int | None:
     """The exact total from counters and versions, when they hold it; else None. Counters
     are kept per (column, value, aggregate_type) for event_name and correlation_id, and
     per aggregate_type; an aggregate's events are numbered by its versions."""
@@ -1235,7 +1274,7 @@ def counted(conn: sqlite3.Connection, filters: dict) -> int | None:
     else:
         sql = f"SELECT sum(n) FROM counts WHERE field = ? AND value = ? AND aggregate_type IN ({marks})"
         args = [field, value, *types]
-    return conn.execute(sql, args).fetchone()[0] or 0
+    return int(conn.execute(sql, args).fetchone()[0] or 0)
 
 
 FEW = 20000  # time windows with at most this many events are read through a time index
@@ -1253,7 +1292,7 @@ def time_index(filters: dict) -> tuple:
     return "events_type_time", f"aggregate_type IN ({', '.join(repr(t) for t in AGGREGATE_KINDS)})"
 
 
-def time_span(conn: sqlite3.Connection, filters: dict) -> tuple:
+def time_span(conn: Connection, filters: dict) -> tuple:
     """About the first and last timestamps (as seconds) of the events matching `filters`
     (aggregate_type, event_name or none: see time_index), from a few index lookups."""
     if "event_name" in filters:
@@ -1269,7 +1308,7 @@ def time_span(conn: sqlite3.Connection, filters: dict) -> tuple:
     return (min(moments), max(moments)) if moments else (0.0, 0.0)
 
 
-def count_window(conn: sqlite3.Connection, filters: dict, since: str | None, until: str | None) -> int:
+def count_window(conn: Connection, filters: dict, since: str | None, until: str | None) -> int:
     """Events matching `filters` in the time window, exact. Where a (column, timestamp) index
     and a counter serve the filters, it counts whichever side of the window seems to hold
     fewer events (the total from the counter minus the other side): judged by the share of
@@ -1297,6 +1336,8 @@ def scope_arms(query: Query, filters: dict | None) -> list:
     """The query's filters as arms whose results are disjoint and together make the answer:
     one, or for a workflow's timeline two (its own events; the rest of those correlated
     with it), which SQLite reads as two index-ordered scans and merges."""
+    if "\x00" in (query.agent or query.workflow or ""):
+        return []
     if query.agent is not None:
         return [(narrow(filters, aggregate_type="agent_aggregate", aggregate_id=query.agent), [], [])]
     if query.workflow is not None:
@@ -1307,7 +1348,7 @@ def scope_arms(query: Query, filters: dict | None) -> list:
     return [(filters, [], [])]
 
 
-def arm_total(conn: sqlite3.Connection, query: Query, filters: dict, extra: list, extra_args: list) -> int:
+def arm_total(conn: Connection, query: Query, filters: dict, extra: list, extra_args: list) -> int:
     timed = query.since is not None or query.until is not None
     if extra:  # a workflow's correlated events but its own: from the counters, less its own
         known = None if timed else counted(conn, filters)
@@ -1322,7 +1363,7 @@ def arm_total(conn: sqlite3.Connection, query: Query, filters: dict, extra: list
     return count(conn, *where(filters)) if known is None else known
 
 
-def read_plan(conn: sqlite3.Connection, query: Query, filters: dict, total: int) -> tuple:
+def read_plan(conn: Connection, query: Query, filters: dict, total: int) -> tuple:
     """How to find a page of `total` matching events: (index hint, extra condition). By
     aggregate_id or correlation_id, their own indexes. Otherwise whichever reads fewer
     entries: the (column, timestamp) index, all of whose matches are sorted by position, or
@@ -1331,13 +1372,15 @@ def read_plan(conn: sqlite3.Connection, query: Query, filters: dict, total: int)
     index, condition = time_index(filters)
     if index is None:
         return "", None
+    if not isinstance(conn, sqlite3.Connection):  # PostgreSQL's planner keeps statistics of its own
+        return "", condition
     wanted = query.limit + query.offset
     if total <= FEW or total * total <= wanted * counted(conn, {}):
         return f" INDEXED BY {index}", condition
     return " NOT INDEXED", None
 
 
-def query_page(conn: sqlite3.Connection, query: Query) -> Page:
+def query_page(conn: Connection, query: Query) -> Page:
     arms = [arm for arm in scope_arms(query, normalize_filters(query.filters)) if arm[0] is not None]
     total = sum(arm_total(conn, query, *arm) for arm in arms)
     if total == 0:
@@ -1359,7 +1402,7 @@ def query_page(conn: sqlite3.Connection, query: Query) -> Page:
     return Page([stored_event(row) for row in rows], total, rows[-1][0] if len(rows) == query.limit else None)
 
 
-def read_after(conn: sqlite3.Connection, position: int, filters: dict, limit: int) -> list:
+def read_after(conn: Connection, position: int, filters: dict, limit: int) -> list:
     clean = normalize_filters(filters)
     if clean is None:
         return []
@@ -1369,7 +1412,12 @@ def read_after(conn: sqlite3.Connection, position: int, filters: dict, limit: in
     return [stored_event(row) for row in rows]
 
 
-def last_position(conn: sqlite3.Connection) -> int:
+def stored_rows(conn: Connection, position: int, limit: int) -> list:
+    return conn.execute(f"SELECT {', '.join(ROW_COLUMNS)} FROM events WHERE position > ? ORDER BY position LIMIT ?",
+                        (position, limit)).fetchall()
+
+
+def last_position(conn: Connection) -> int:
     return conn.execute("SELECT max(position) FROM events").fetchone()[0] or 0
 
 
@@ -1386,10 +1434,12 @@ FROM workflow_agents m WHERE m.workflow_id = ? ORDER BY m.first_position
 """
 
 
-def workflow_agents(conn: sqlite3.Connection, workflow_id: str) -> list:
+def workflow_agents(conn: Connection, workflow_id: str) -> list:
     """Agents with an event correlated to the workflow, in order of their first such event.
     Their figures cover all their events: the first's and the latest's times, the count,
     and the latest event's name as status."""
+    if "\x00" in workflow_id:  # no stored id holds NUL
+        return []
     return [
         {"agent_id": agent_id, "agent_name": name, "workflow_id": workflow_id, "parent_agent_id": parent,
          "first_event_time": first, "last_event_time": last, "event_count": count, "status": status}
@@ -1416,18 +1466,19 @@ def backup_database(source: str, dest: str, timeout: float) -> int:
         src.close()
 
 
-# -- 3.6 SQLiteStore ----------------------------------------------------------------------
+# -- 3.6 stores served by threads ---------------------------------------------------------
 
-class SQLiteStore(EventStore):
-    """The log in one SQLite file (WAL mode): one writer thread commits each waiting group
-    of requests in one transaction (section 3.4); reader threads each keep a connection.
-    Several processes may share the file: SQLite's write lock orders their commits."""
+class ThreadedStore(EventStore):
+    """What both backends share: one writer thread that commits each waiting group of
+    requests in one transaction (GROUP_EVENTS), and reader threads that each keep a
+    connection and run the queries of section 3.5. A backend provides the connections, the
+    commit of a group, and how it hears of other processes' commits."""
 
-    def __init__(self, config: APIServerConfig) -> None:
-        self.path = config.database_path
-        self.location = os.path.abspath(self.path)
-        self.timeout = config.database_timeout
-        self.durability = config.durability
+    errors: tuple = ()  # the driver's exceptions, which become StoreUnavailable
+    poll: float | None = None  # seconds between looks for other processes' commits, if it must look
+
+    def __init__(self, location: str) -> None:
+        self.location = location
         self._queue: queue.SimpleQueue = queue.SimpleQueue()
         self._readers = ThreadPoolExecutor(4, thread_name_prefix="eventuali-read")
         self._local = threading.local()
@@ -1437,21 +1488,35 @@ class SQLiteStore(EventStore):
         self._committed: asyncio.Event | None = None
         self._in_flight = 0  # events queued and not yet answered; changed on the event loop only
 
-    # -- lifecycle
-    def _open(self) -> sqlite3.Connection:
-        try:
-            return open_database(self.path, self.timeout, self.durability)
-        except sqlite3.Error as exc:
-            raise StoreUnavailable(f"cannot open {self.path}: {unavailable(exc)}") from None
+    # -- what a backend provides
+    def open_writer(self) -> None:
+        """Create or migrate the log, and open what commit_group writes with (blocking)."""
+        raise NotImplementedError
 
+    def close_writer(self) -> None:
+        raise NotImplementedError
+
+    def connect_reader(self) -> Any:
+        raise NotImplementedError
+
+    def commit_group(self, requests: list) -> list:
+        """Store the requests (lists of NewEvents) in one transaction: each one's Receipts,
+        or the StoreError that failed it. Runs on the writer thread."""
+        raise NotImplementedError
+
+    def unavailable(self, exc: Exception) -> StoreUnavailable:
+        return StoreUnavailable(str(exc))
+
+    # -- lifecycle
     def prepare(self) -> None:
-        self._open().close()
+        self.open_writer()
+        self.close_writer()
 
     async def start(self) -> None:
         self._loop = asyncio.get_running_loop()
         self._committed = asyncio.Event()
-        conn = await self._loop.run_in_executor(self._readers, self._open)
-        self._writer = threading.Thread(target=self._write_loop, args=(conn,), name="eventuali-write", daemon=True)
+        await self._loop.run_in_executor(self._readers, self.open_writer)
+        self._writer = threading.Thread(target=self._write_loop, name="eventuali-write", daemon=True)
         self._writer.start()
 
     async def stop(self) -> None:
@@ -1464,19 +1529,23 @@ class SQLiteStore(EventStore):
             conn.close()
 
     # -- reading
-    def _read_now(self, fn: Callable, *args: Any) -> Any:
+    def read_now(self, fn: Callable, *args: Any) -> Any:
+        """fn(connection, *args) with this thread's reader connection (a query of section 3.5)."""
         conn = getattr(self._local, "conn", None)
         try:
             if conn is None:
-                conn = self._local.conn = connect(self.path, self.timeout, readonly=True)
+                conn = self._local.conn = self.connect_reader()
                 self._read_conns.append(conn)
             return fn(conn, *args)
-        except sqlite3.Error as exc:
-            raise unavailable(exc) from None
+        except self.errors as exc:
+            if getattr(conn, "closed", False):  # a lost connection: the next read opens another
+                self._local.conn = None
+                self._read_conns.remove(conn)
+            raise self.unavailable(exc) from None
 
     async def _read(self, fn: Callable, *args: Any) -> Any:
         return await asyncio.get_running_loop().run_in_executor(
-            self._readers, functools.partial(self._read_now, fn, *args))
+            self._readers, functools.partial(self.read_now, fn, *args))
 
     async def query(self, query: Query) -> Page:
         return await self._read(query_page, query)
@@ -1490,19 +1559,23 @@ class SQLiteStore(EventStore):
     async def workflow_agents(self, workflow_id: str) -> list:
         return await self._read(workflow_agents, workflow_id)
 
+    def read_rows(self, position: int, limit: int) -> list:
+        """Up to `limit` stored rows (ROW_COLUMNS) after `position`, oldest first (blocking:
+        for the copy command)."""
+        return self.read_now(stored_rows, position, limit)
+
     async def wait_for_commit(self, timeout: float) -> None:
-        # This process's commits set the event; other processes' are found by polling.
+        # This process's commits set the event, and so does a backend that hears of others';
+        # one that cannot hear of them looks every `poll` seconds.
         try:
-            await asyncio.wait_for(self._committed.wait(), min(timeout, POLL))
+            await asyncio.wait_for(self._committed.wait(), min(timeout, self.poll or timeout))
         except asyncio.TimeoutError:
             pass
         self._committed.clear()
 
-    def backup(self, dest: str) -> int:
-        try:
-            return backup_database(self.path, dest, self.timeout)
-        except sqlite3.Error as exc:
-            raise unavailable(exc) from None
+    def _wake_followers(self) -> None:
+        """Say that the log has grown (from any thread)."""
+        self._loop.call_soon_threadsafe(self._committed.set)
 
     # -- writing
     async def append(self, events: list) -> list:
@@ -1529,19 +1602,18 @@ class SQLiteStore(EventStore):
             events += len(pending.events)
         return group
 
-    def _write_loop(self, conn: sqlite3.Connection) -> None:
-        seen = SeenVersions()
+    def _write_loop(self) -> None:
         while True:
             group = self._take_group()
             if group is None:
                 break
             try:
-                outcomes = commit_group(conn, [pending.events for pending in group], seen)
+                outcomes = self.commit_group([pending.events for pending in group])
             except Exception as exc:  # a bug: fail this group (500), keep the writer alive
                 logger.exception("writer failed")
                 outcomes = [exc] * len(group)
             self._loop.call_soon_threadsafe(self._settle, group, outcomes)
-        conn.close()
+        self.close_writer()
 
     def _settle(self, group: list, outcomes: list) -> None:
         """Complete a group's requests (on the event loop)."""
@@ -1556,9 +1628,299 @@ class SQLiteStore(EventStore):
                 pending.future.set_result(outcome)
 
 
+class SQLiteStore(ThreadedStore):
+    """The log in one SQLite file (WAL mode), which several processes may share: SQLite's
+    write lock orders their commits, and each looks for the others' every POLL seconds."""
+
+    errors = (sqlite3.Error,)
+    poll = POLL
+
+    def __init__(self, config: APIServerConfig, path: str | None = None) -> None:
+        self.path = path or config.database_path  # by default events.db in the data dir
+        super().__init__(os.path.abspath(self.path))
+        self.timeout = config.database_timeout
+        self.durability = config.durability
+        self._conn: sqlite3.Connection | None = None
+        self._seen = SeenVersions(read_state)
+
+    def open_writer(self) -> None:
+        try:
+            self._conn = open_database(self.path, self.timeout, self.durability)
+        except sqlite3.Error as exc:
+            raise StoreUnavailable(f"cannot open {self.path}: {unavailable(exc)}") from None
+
+    def close_writer(self) -> None:
+        self._conn.close()
+
+    def connect_reader(self) -> sqlite3.Connection:
+        return connect(self.path, self.timeout, readonly=True)
+
+    def commit_group(self, requests: list) -> list:
+        return commit_group(self._conn, requests, self._seen)
+
+    def unavailable(self, exc: Exception) -> StoreUnavailable:
+        return unavailable(exc)
+
+    def backup(self, dest: str) -> int:
+        try:
+            return backup_database(self.path, dest, self.timeout)
+        except sqlite3.Error as exc:
+            raise unavailable(exc) from None
+
+
+# -- 3.7 PostgreSQL -------------------------------------------------------------------------
+# The same log in a PostgreSQL database, shared by server processes on any hosts. Positions
+# come from one head row, updated in the transaction that inserts the events: its row lock
+# makes commits take turns, a rollback undoes it, and PostgreSQL makes a commit visible before
+# it releases its locks, so a reader that sees position p sees every position below p. Each
+# commit NOTIFYs the new last position; every process LISTENs on a connection of its own and
+# then reads the new events by position, so a lost notification delays an event, never loses it.
+# Tables live in the schema `eventuali`, beside whatever else the database holds.
+
+PG_SCHEMA_VERSION = 1
+PG_SCHEMA = """
+CREATE SCHEMA IF NOT EXISTS eventuali;
+CREATE TABLE IF NOT EXISTS meta (key text PRIMARY KEY, value text NOT NULL);
+CREATE TABLE IF NOT EXISTS events (
+    position          bigint PRIMARY KEY,
+    event_id          text NOT NULL,
+    aggregate_type    text NOT NULL,
+    aggregate_id      text NOT NULL,
+    aggregate_version bigint NOT NULL,
+    event_type        text NOT NULL,
+    event_name        text NOT NULL,
+    timestamp         text NOT NULL,
+    attributes        text NOT NULL,
+    correlation_id    text,
+    causation_id      text,
+    agent_name        text,
+    user_prompt       text,
+    session_id        text,
+    content_hash      text
+);
+CREATE UNIQUE INDEX IF NOT EXISTS events_event_id ON events (event_id);
+CREATE UNIQUE INDEX IF NOT EXISTS events_stream ON events (aggregate_type, aggregate_id, aggregate_version);
+CREATE INDEX IF NOT EXISTS events_aggregate_id ON events (aggregate_id, position);
+CREATE INDEX IF NOT EXISTS events_correlation ON events (correlation_id, position);
+CREATE INDEX IF NOT EXISTS events_type_time ON events (aggregate_type, timestamp);
+CREATE INDEX IF NOT EXISTS events_name_time ON events (event_name, timestamp);
+CREATE TABLE IF NOT EXISTS head (id integer PRIMARY KEY CHECK (id = 1), position bigint NOT NULL);
+INSERT INTO head VALUES (1, 0) ON CONFLICT DO NOTHING;
+CREATE TABLE IF NOT EXISTS counts (
+    field text NOT NULL, value text NOT NULL, aggregate_type text NOT NULL, n bigint NOT NULL,
+    PRIMARY KEY (field, value, aggregate_type)
+);
+CREATE TABLE IF NOT EXISTS workflow_agents (
+    workflow_id text NOT NULL, agent_id text NOT NULL, first_position bigint NOT NULL,
+    PRIMARY KEY (workflow_id, agent_id)
+);
+"""
+PG_CHANNEL = "eventuali"
+PG_MAX_PARAMS = 65535
+PG_INSERT = "INSERT INTO"
+
+
+def pg_driver() -> Any:
+    """psycopg, imported only when a database URL is given."""
+    try:
+        import psycopg
+    except ImportError:
+        raise ConfigError("--database-url needs the PostgreSQL driver: "
+                          "pip install 'eventuali-api-server[postgres]'") from None
+    return psycopg
+
+
+def redact_url(url: str) -> str:
+    """The URL without its password, for logs and replies."""
+    return re.sub(r"(password=)[^&]*", r"\1***", re.sub(r"(://[^:/@]*:)[^@]*@", r"\1***@", url))
+
+
+class PgConnection:
+    """A psycopg connection that takes the `?` placeholders of the queries (section 3.5)."""
+
+    def __init__(self, raw: Any) -> None:
+        self.raw = raw
+
+    def execute(self, sql: str, args: Sequence = ()) -> Any:
+        return self.raw.execute(sql.replace("?", "%s"), args)
+
+    @property
+    def closed(self) -> bool:
+        return self.raw.closed
+
+    def close(self) -> None:
+        self.raw.close()
+
+
+def pg_connect(url: str, timeout: float, autocommit: bool = True, durability: str = "full") -> PgConnection:
+    psycopg = pg_driver()
+    raw = psycopg.connect(url, autocommit=autocommit, connect_timeout=max(1, int(timeout)))
+    raw.execute("SET search_path TO eventuali")
+    # A statement that waits longer than --database-timeout (for a lock, a slow disk) fails
+    # with a 503 rather than holding its request.
+    raw.execute(f"SET statement_timeout = {int(timeout * 1000)}")
+    if durability == "normal":  # an acknowledged commit may be lost if PostgreSQL's host fails
+        raw.execute("SET synchronous_commit = off")
+    if not autocommit:
+        raw.commit()
+    return PgConnection(raw)
+
+
+# SQLSTATE classes and codes of faults that may clear by themselves.
+PG_FAULTS = {"08": "PostgreSQL cannot be reached", "53": "PostgreSQL is out of resources (disk, memory, connections)",
+             "57P": "PostgreSQL is shutting down or starting", "25006": "the database is read-only",
+             "57014": "the database took longer than --database-timeout", "55P03": "the database is locked"}
+
+
+def pg_unavailable(exc: Exception) -> StoreUnavailable:
+    code = getattr(exc, "sqlstate", None) or ("08" if isinstance(exc, pg_driver().OperationalError) else "")
+    reason = next((text for prefix, text in PG_FAULTS.items() if code.startswith(prefix)), "database error")
+    detail = str(exc).strip().splitlines()[0] if str(exc).strip() else type(exc).__name__
+    return StoreUnavailable(f"{reason} ({detail})")
+
+
+def open_pg_database(url: str, timeout: float, durability: str) -> PgConnection:
+    """Create the schema if needed (one process at a time) and return the writer's connection."""
+    conn = pg_connect(url, timeout, autocommit=False, durability=durability)
+    with conn.raw.transaction():
+        conn.execute("SELECT pg_advisory_xact_lock(hashtext('eventuali schema'))")
+        for statement in PG_SCHEMA.split(";"):
+            if statement.strip():
+                conn.execute(statement)
+        conn.execute("INSERT INTO meta VALUES ('schema_version', ?) ON CONFLICT DO NOTHING", (str(PG_SCHEMA_VERSION),))
+        version = int(conn.execute("SELECT value FROM meta WHERE key = 'schema_version'").fetchone()[0])
+    if version > PG_SCHEMA_VERSION:
+        conn.close()
+        raise StoreUnavailable(f"the database has schema version {version}; this server ({__version__}) knows "
+                               f"versions up to {PG_SCHEMA_VERSION}: upgrade the server")
+    return conn
+
+
+def pg_read_state(conn: PgConnection, keys: list) -> tuple:
+    """read_state's PostgreSQL twin (inside the transaction that holds the head row)."""
+    position, counted = conn.execute(f"SELECT (SELECT position FROM head WHERE id = 1), "
+                                     f"(SELECT n FROM counts WHERE {COUNTED_THROUGH})").fetchone()
+    versions = {}
+    if keys:
+        rows = conn.execute("SELECT k.t, k.id, (SELECT coalesce(max(aggregate_version), 0) FROM events "
+                            "WHERE aggregate_type = k.t AND aggregate_id = k.id) "
+                            "FROM unnest(?::text[], ?::text[]) AS k (t, id)",
+                            ([t for t, _ in keys], [i for _, i in keys])).fetchall()
+        versions = {(t, i): version for t, i, version in rows}
+    return position, counted or 0, versions
+
+
+def pg_commit_group(conn: PgConnection, requests: list, seen: SeenVersions) -> list:
+    """commit_group's PostgreSQL twin: the head row's lock is the write lock."""
+    psycopg = pg_driver()
+    try:
+        with conn.raw.transaction():
+            try:
+                conn.execute("SELECT position FROM head WHERE id = 1 FOR UPDATE")
+                keys, event_ids = lookups(requests)
+                position, counted, versions = seen.read(conn, keys)
+                count_stored(conn, counted, position, PG_INSERT, PG_MAX_PARAMS)
+                stored = read_receipts(conn, event_ids) if event_ids else {}
+                outcomes, rows = plan_appends(requests, position, versions, stored, utc_now())
+                with conn.raw.pipeline():
+                    insert_rows(conn, f"{PG_INSERT} events ({', '.join(ROW_COLUMNS)})", rows, "", PG_MAX_PARAMS)
+                    record_summaries(conn, map(summary_of, rows), position + len(rows), position, PG_INSERT,
+                                     PG_MAX_PARAMS)
+                    conn.execute("UPDATE head SET position = ? WHERE id = 1", (position + len(rows),))
+                    conn.execute(f"SELECT pg_notify('{PG_CHANNEL}', ?)", (str(position + len(rows)),))
+            except BaseException:
+                seen.forget()
+                raise
+        seen.commit(position, versions, rows)
+    except psycopg.IntegrityError:
+        if len(requests) > 1:  # find the request that broke a constraint, and fail it alone
+            return [outcome for events in requests for outcome in pg_commit_group(conn, [events], seen)]
+        return [Conflict("event conflicts with a stored event")]
+    except psycopg.Error as exc:
+        error = pg_unavailable(exc)
+        logger.warning("write failed: %s", error)
+        return [error] * len(requests)
+    return outcomes
+
+
+class PostgresStore(ThreadedStore):
+    """The log in a PostgreSQL database (see above), for any number of server processes."""
+
+    poll = None  # the listener hears of every commit
+
+    def __init__(self, config: APIServerConfig) -> None:
+        super().__init__(redact_url(config.database_url))
+        self.errors = (pg_driver().Error,)
+        self.url = config.database_url
+        self.timeout = config.database_timeout
+        self.durability = config.durability
+        self._conn: PgConnection | None = None
+        self._seen = SeenVersions(pg_read_state)
+        self._listening = threading.Event()  # cleared to stop the listener
+        self._listener: threading.Thread | None = None
+
+    def open_writer(self) -> None:
+        try:
+            self._conn = open_pg_database(self.url, self.timeout, self.durability)
+        except self.errors as exc:
+            raise StoreUnavailable(f"cannot open {self.location}: {pg_unavailable(exc)}") from None
+
+    def close_writer(self) -> None:
+        if self._conn is not None:
+            self._conn.close()
+
+    def connect_reader(self) -> PgConnection:
+        return pg_connect(self.url, self.timeout)
+
+    def unavailable(self, exc: Exception) -> StoreUnavailable:
+        return pg_unavailable(exc)
+
+    def commit_group(self, requests: list) -> list:
+        if self._conn is None or self._conn.closed:  # lost with PostgreSQL: connect again
+            try:
+                self._conn = pg_connect(self.url, self.timeout, autocommit=False, durability=self.durability)
+            except self.errors as exc:
+                return [pg_unavailable(exc)] * len(requests)
+            self._seen.forget()
+        return pg_commit_group(self._conn, requests, self._seen)
+
+    async def start(self) -> None:
+        await super().start()
+        self._listening.set()
+        self._listener = threading.Thread(target=self._listen, name="eventuali-listen", daemon=True)
+        self._listener.start()
+
+    async def stop(self) -> None:
+        self._listening.clear()
+        if self._listener is not None:
+            await asyncio.get_running_loop().run_in_executor(None, self._listener.join)
+        await super().stop()
+
+    def _listen(self) -> None:
+        """Wake the followers at every commit of any process. After a lost connection it
+        listens again and wakes them, so that they read what they may have missed."""
+        psycopg = pg_driver()
+        while self._listening.is_set():
+            try:
+                with psycopg.connect(self.url, autocommit=True, connect_timeout=max(1, int(self.timeout))) as conn:
+                    conn.execute(f"LISTEN {PG_CHANNEL}")
+                    self._wake_followers()
+                    while self._listening.is_set():
+                        for _notify in conn.notifies(timeout=0.1):
+                            self._wake_followers()
+            except psycopg.Error as exc:
+                if self._listening.is_set():
+                    logger.warning("listening for commits: %s; trying again", pg_unavailable(exc))
+                    time.sleep(0.5)
+
+    def backup(self, dest: str) -> int:
+        raise StoreUnavailable(f"on PostgreSQL, back up with pg_dump: pg_dump --format=custom --schema=eventuali "
+                               f"--file={dest} '{self.location}' (with the password in PGPASSWORD or ~/.pgpass)")
+
+
 def make_store(config: APIServerConfig) -> EventStore:
-    """The store the settings name."""
-    return SQLiteStore(config)
+    """The store the settings name: PostgreSQL with a database URL, else SQLite in the data dir."""
+    return PostgresStore(config) if config.database_url else SQLiteStore(config)
 
 
 # =============================================================================
@@ -2165,7 +2527,7 @@ def create_app(config: APIServerConfig | None = None) -> Starlette:
         access_log.addFilter(redact_token)  # added here: uvicorn sets up its loggers before startup
         url = f"http://{config.host}:{config.port}"
         logger.info("Eventuali API Server %s on %s (docs: %s/docs), database: %s",
-                    config.version, url, url, os.path.abspath(store.path))
+                    config.version, url, url, store.location)
         if not config.api_key and not is_loopback(config.host):
             logger.warning("listening on %s without an API key: anyone who can reach it can read and "
                            "write events; set --api-key (API_KEY)", config.host)
@@ -2678,7 +3040,11 @@ def build_parser() -> argparse.ArgumentParser:
         prog="eventuali-api-server",
         description="Append-only event log for AI-agent workflows, over REST and Server-Sent Events. "
                     "Every option can also be set by the environment variable named in brackets; "
-                    "an option given here beats its variable.")
+                    "an option given here beats its variable.",
+        epilog="commands (each with its own --help): "
+               "'eventuali-api-server backup DEST' writes a consistent copy of the live SQLite database; "
+               "'eventuali-api-server copy --from SOURCE --to TARGET' moves a whole log between SQLite and "
+               "PostgreSQL.")
     parser.add_argument("--version", action="version", version=f"%(prog)s {__version__}")
     for field, env, flag, parse, help_text in SETTINGS:
         extra = {"nargs": "?", "const": "true"} if parse is _parse_bool else {}
@@ -2708,9 +3074,11 @@ def backup_main(argv: Sequence[str]) -> None:
                     "(removing events.db-wal and events.db-shm), start the server.")
     parser.add_argument("dest", help="file to create")
     parser.add_argument("--data-dir", default=None, metavar="DATA_DIR", help="folder of events.db [DATA_DIR]")
+    parser.add_argument("--database-url", default=None, metavar="DATABASE_URL",
+                        help="a PostgreSQL database: says how to back it up [DATABASE_URL]")
     args = parser.parse_args(argv)
     try:
-        config = config_from_env(data_dir=args.data_dir)
+        config = config_from_env(data_dir=args.data_dir, database_url=args.database_url)
         store = make_store(config)
         events = store.backup(args.dest)
     except (ConfigError, StoreError, OSError) as exc:
@@ -2719,22 +3087,102 @@ def backup_main(argv: Sequence[str]) -> None:
     print(f"backed up {events} events from {store.location} to {args.dest}")
 
 
+def store_at(where: str) -> ThreadedStore:
+    """The store a command line names: a PostgreSQL URL, an SQLite file, or a data dir."""
+    if where.startswith(("postgresql://", "postgres://")):
+        return PostgresStore(config_from_env(database_url=where))
+    if os.path.isfile(where) or where.endswith(".db"):
+        return SQLiteStore(config_from_env(database_url=""), path=where)
+    return SQLiteStore(config_from_env(data_dir=where, database_url=""))
+
+
+def copied_event(row: tuple) -> NewEvent:
+    """A stored row (ROW_COLUMNS) as an event to append elsewhere, the same in every field:
+    its event_id makes a second copy of it a retry, and expected_version checks that the
+    target holds the same history before it."""
+    (_position, version, timestamp, event_id, aggregate_type, aggregate_id, event_type, name, attributes,
+     correlation_id, causation_id, agent_name, user_prompt, session_id, content_hash) = row
+    return NewEvent(AGGREGATE_KINDS.get(aggregate_type, "system"), event_id, True, aggregate_type, aggregate_id,
+                    False, event_type, name, timestamp, attributes, correlation_id, causation_id, agent_name,
+                    user_prompt, session_id, version - 1, content_hash)
+
+
+COPY_PAGE = 5000  # events a transaction when copying
+
+
+def copy_log(source: ThreadedStore, target: ThreadedStore, progress: Callable[[int, int], None]) -> int:
+    """Append the source's events to the target, each in the same position with the same
+    version, id, timestamp and content, a page a transaction. The target must be empty, or
+    hold a beginning of the source's log (an interrupted copy, which this resumes). Returns
+    the events the target holds."""
+    total = source.read_now(last_position)
+    target.open_writer()
+    try:
+        position = 0
+        while True:
+            rows = source.read_rows(position, COPY_PAGE)
+            if not rows:
+                return position
+            [outcome] = target.commit_group([[copied_event(row) for row in rows]])
+            if isinstance(outcome, BaseException):
+                raise StoreUnavailable(f"at position {rows[0][0]}: {outcome}")
+            if [receipt.position for receipt in outcome] != [row[0] for row in rows]:
+                raise StoreUnavailable(f"the target holds other events than the source from position "
+                                       f"{rows[0][0]} on: copy into an empty log")
+            position = rows[-1][0]
+            progress(position, total)
+    finally:
+        target.close_writer()
+
+
+def copy_main(argv: Sequence[str]) -> None:
+    parser = argparse.ArgumentParser(
+        prog="eventuali-api-server copy",
+        description="Copy a whole log to another store (SQLite to PostgreSQL, or back), keeping every event's "
+                    "position, version, id, timestamp and content; the counters are rebuilt. Run it again to "
+                    "resume an interrupted copy. Stop the servers that write to the source first.")
+    parser.add_argument("--from", dest="source", required=True, metavar="SOURCE",
+                        help="a PostgreSQL URL, an SQLite file, or a data dir")
+    parser.add_argument("--to", dest="target", required=True, metavar="TARGET",
+                        help="a PostgreSQL URL, an SQLite file, or a data dir (created if needed)")
+    args = parser.parse_args(argv)
+
+    def progress(done: int, total: int) -> None:
+        print(f"copied {done:,} of {total:,} events ({done * 100 // max(total, 1)}%)", file=sys.stderr, flush=True)
+
+    try:
+        source, target = store_at(args.source), store_at(args.target)
+        events = copy_log(source, target, progress)
+    except (ConfigError, StoreError, OSError) as exc:
+        print(f"eventuali-api-server copy: error: {exc}", file=sys.stderr)
+        sys.exit(1)
+    print(f"copied: {target.location} holds the {events:,} events of {source.location}")
+
+
+SUBCOMMANDS = {"backup": backup_main, "copy": copy_main}
+
+
 def main(argv: Sequence[str] | None = None) -> None:
-    """The `eventuali-api-server` command (and `eventuali-api-server backup DEST`)."""
+    """The `eventuali-api-server` command, and its subcommands (SUBCOMMANDS)."""
     import uvicorn
 
     argv = list(sys.argv[1:] if argv is None else argv)
-    if argv[:1] == ["backup"]:
-        return backup_main(argv[1:])
+    if argv[:1] and argv[0] in SUBCOMMANDS:
+        return SUBCOMMANDS[argv[0]](argv[1:])
     try:
         config = resolve_config(argv)
     except ConfigError as exc:
         print(f"eventuali-api-server: error: {exc}", file=sys.stderr)
         sys.exit(2)
     try:
-        make_store(config).prepare()
+        store = make_store(config)
+        store.prepare()
+    except ConfigError as exc:
+        print(f"eventuali-api-server: error: {exc}", file=sys.stderr)
+        sys.exit(2)
     except (OSError, StoreError) as exc:
-        print(f"eventuali-api-server: error: cannot use data dir {config.data_dir!r}: {exc}", file=sys.stderr)
+        where = redact_url(config.database_url) if config.database_url else f"data dir {config.data_dir!r}"
+        print(f"eventuali-api-server: error: cannot use {where}: {exc}", file=sys.stderr)
         sys.exit(1)
     set_config(config)
     logging.basicConfig(level=config.log_level.upper(), format="%(levelname)s:     %(message)s")

@@ -27,6 +27,11 @@ import httpx
 import pytest
 import uvicorn
 
+try:
+    import psycopg
+except ImportError:  # the PostgreSQL tests say so and skip
+    psycopg = None
+
 import eventuali_api_server as eas
 
 HERE = Path(__file__).resolve().parent
@@ -47,7 +52,7 @@ def free_port() -> int:
 class ThreadServer:
     """A real uvicorn server on a free port, in a thread of the test process."""
 
-    def __init__(self, data_dir: Path, root_path: str = "", **settings) -> None:
+    def __init__(self, data_dir: Path | str, root_path: str = "", **settings) -> None:
         self.port = free_port()
         self.config = eas.APIServerConfig(data_dir=str(data_dir), port=self.port, **settings)
         self.app = eas.create_app(self.config)
@@ -75,10 +80,137 @@ class ThreadServer:
         self.thread.join(10)
 
 
+# -- PostgreSQL: a throwaway cluster for the session, a fresh database for each test --------
+
+class PostgresCluster:
+    """initdb and pg_ctl on a Unix socket in a temporary folder, run as the `postgres` user
+    when the tests run as root (initdb refuses root)."""
+
+    def __init__(self) -> None:
+        self.dir = tempfile.mkdtemp(prefix="eventuali-pg-")  # short: a socket path has a length limit
+        self.port = free_port()
+        self.databases = 0
+        found = sorted(Path("/usr/lib/postgresql").glob("*/bin/initdb")) or \
+            [Path(p) for p in [shutil.which("initdb")] if p]
+        if not found:
+            raise RuntimeError("PostgreSQL is not installed (no initdb; Debian: apt-get install postgresql)")
+        self.bin = found[-1].parent
+        self.as_user = ["runuser", "-u", "postgres", "--"] if os.geteuid() == 0 else []
+        if self.as_user:
+            shutil.chown(self.dir, "postgres")
+        self._run("initdb", "-D", f"{self.dir}/data", "-A", "trust", "-N", "-U", "postgres")
+        self.start()
+
+    def start(self) -> None:
+        self._run("pg_ctl", "-D", f"{self.dir}/data", "-w", "-l", f"{self.dir}/log", "-o",
+                  f"-c listen_addresses='' -k {self.dir} -p {self.port} -c fsync=off -c max_connections=300", "start")
+
+    def _run(self, tool: str, *args: str) -> None:
+        done = subprocess.run([*self.as_user, str(self.bin / tool), *args], capture_output=True, text=True)
+        if done.returncode != 0:
+            raise RuntimeError(f"{tool} failed: {done.stderr.strip()[-500:]}")
+
+    def url(self, database: str = "postgres") -> str:
+        return f"postgresql:///{database}?host={self.dir}&port={self.port}&user=postgres"
+
+    def new_database(self) -> str:
+        self.databases += 1
+        name = f"t{self.databases}"
+        with psycopg.connect(self.url(), autocommit=True) as conn:
+            conn.execute(f"CREATE DATABASE {name}")
+        return self.url(name)
+
+    def stop(self, remove: bool = True) -> None:
+        with contextlib.suppress(RuntimeError):  # already stopped
+            self._run("pg_ctl", "-D", f"{self.dir}/data", "-m", "immediate", "stop")
+        if remove:
+            shutil.rmtree(self.dir, ignore_errors=True)
+
+
+@pytest.fixture(scope="session")
+def pg_cluster():
+    if psycopg is None:
+        pytest.skip("psycopg is not installed: the PostgreSQL tests are not run")
+    try:
+        cluster = PostgresCluster()
+    except (RuntimeError, OSError) as exc:
+        pytest.skip(f"no PostgreSQL here: {exc}")
+    yield cluster
+    cluster.stop()
+
+
+BACKENDS = ["sqlite", "postgres"]
+
+
+@pytest.fixture(params=BACKENDS)
+def backend(request, tmp_path) -> dict:
+    """The settings of a fresh store on each backend: a data dir, or a new PostgreSQL database."""
+    return backend_settings(request.param, request, tmp_path)
+
+
 @pytest.fixture
-def srv(tmp_path):
+def srv(backend):
+    with ThreadServer(**backend) as server:
+        yield server
+
+
+def backend_settings(name: str, request, folder: Path) -> dict:
+    if name == "sqlite":
+        return {"data_dir": str(folder / "data")}
+    return {"data_dir": str(folder / "unused"), "database_url": request.getfixturevalue("pg_cluster").new_database()}
+
+
+@pytest.fixture(scope="module", params=BACKENDS)
+def shared(request, tmp_path_factory):
+    """One server per backend and module, for the tests that only add events and read back
+    their own: starting a server and a database costs more than such a test."""
+    with ThreadServer(**backend_settings(request.param, request, tmp_path_factory.mktemp("shared"))) as server:
+        yield server
+
+
+@pytest.fixture(scope="module")
+def front(tmp_path_factory):
+    """One server for the tests of what the server refuses before it asks any store."""
+    with ThreadServer(tmp_path_factory.mktemp("front")) as server:
+        yield server.client
+
+
+@pytest.fixture
+def sqlite_srv(tmp_path):
+    """For what only SQLite has: its files, its locks, its query plans."""
     with ThreadServer(tmp_path / "data") as server:
         yield server
+
+
+class hold_write_lock:
+    """Take the store's write lock from outside, as another writer would, until release()."""
+
+    def __init__(self, server: ThreadServer) -> None:
+        if server.config.database_url:
+            self.conn = psycopg.connect(server.config.database_url)  # in a transaction until released
+            self.conn.execute("SELECT position FROM eventuali.head FOR UPDATE")
+        else:
+            self.conn = sqlite3.connect(server.config.database_path, isolation_level=None)
+            self.conn.execute("BEGIN IMMEDIATE")
+
+    def release(self) -> None:
+        self.conn.execute("ROLLBACK")
+        self.conn.close()
+
+
+def direct(where: ThreadServer | dict) -> Any:
+    """A connection to a server's store (or to the store that backend settings name), for
+    checks of what it holds; queries take `?` placeholders on both backends."""
+    settings = vars(where.config) if isinstance(where, ThreadServer) else where
+    if settings.get("database_url"):
+        return eas.pg_connect(settings["database_url"], 10)
+    return sqlite3.connect(Path(settings["data_dir"]) / "events.db", isolation_level=None)
+
+
+def store_args(settings: dict) -> list:
+    """The command-line options that name the store of backend settings."""
+    url = settings.get("database_url")
+    return ["--database-url", url] if url else []
 
 
 @pytest.fixture
@@ -363,7 +495,7 @@ def test_health_database(client, srv):
     emit(client, name="a")
     body = client.get("/health/database").json()
     assert body["status"] == "healthy" and body["connected"] is True
-    assert body["path"] == os.path.abspath(srv.config.database_path)
+    assert body["path"] == (srv.config.database_url or os.path.abspath(srv.config.database_path))
     assert body["events"] == 1 and body["latency_ms"] >= 0 and body["streams"] == 0
 
 
@@ -534,10 +666,10 @@ def test_explicit_null_means_absent(client):
     ("2026-01-02T03:04", "2026-01-02T03:04:00.000000+00:00"),
     ("2026-01-02", "2026-01-02T00:00:00.000000+00:00"),
 ])
-def test_timestamp_forms(client, given, stored):
-    reply = emit(client, name="t", timestamp=given)
+def test_timestamp_forms(shared, given, stored):
+    reply = emit(shared.client, name="t", timestamp=given)
     assert reply["timestamp"] == stored
-    assert events_of(client)["events"][0]["timestamp"] == stored
+    assert events_of(shared.client, before=reply["position"] + 1, limit=1)["events"][0]["timestamp"] == stored
 
 
 def test_default_timestamp_is_now_utc(client):
@@ -570,11 +702,11 @@ def test_default_timestamp_is_now_utc(client):
     ({"name": "x" * 257}, ["body", "name"]),
     ({"name": "x", "aggregate_id": "a" * 257}, ["body", "aggregate_id"]),
 ])
-def test_emit_validation(client, body, loc):
-    detail = assert_invalid(client.post("/events/emit/agent", json=body), *loc)
+def test_emit_validation(front, body, loc):
+    detail = assert_invalid(front.post("/events/emit/agent", json=body), *loc)
     if loc[-1] == "surprise":
         assert "allowed: name, attributes" in detail[0]["msg"]
-    assert events_of(client)["total"] == 0
+    assert events_of(front)["total"] == 0
 
 
 def test_integral_float_is_an_integer(client):
@@ -595,8 +727,8 @@ def test_every_problem_is_listed(client):
                                  b'{"name": "x", "attributes": {"n": 1e999}}',
                                  b'{"name": "\xff\xfe"}', b'{"name": "\\ud800"}',
                                  b'{"name": "x", "attributes": {"n": ' + b"1" * 5000 + b"}}"])
-def test_malformed_bodies_are_422(client, raw):
-    reply = client.post("/events/emit/agent", content=raw, headers={"content-type": "application/json"})
+def test_malformed_bodies_are_422(front, raw):
+    reply = front.post("/events/emit/agent", content=raw, headers={"content-type": "application/json"})
     assert reply.status_code == 422, reply.text
     assert reply.json()["detail"][0]["loc"][0] == "body"
 
@@ -694,9 +826,15 @@ def test_body_limit_is_413(tmp_path):
 
 # -- reading ---------------------------------------------------------------------------------
 
-@pytest.fixture
-def log(client):
-    """A small history: two workflows, agents (one a child of another), a session."""
+@pytest.fixture(scope="module", params=BACKENDS)
+def log(request, tmp_path_factory):
+    """A small history: two workflows, agents (one a child of another), a session. Built
+    once per backend and module: the tests that use it only read."""
+    with ThreadServer(**backend_settings(request.param, request, tmp_path_factory.mktemp("log"))) as server:
+        yield write_log(server.client)
+
+
+def write_log(client):
     emit(client, "workflow", name="workflow.started", aggregate_id="w1", attributes={"user_prompt": "p"},
          timestamp="2026-01-01T00:00:00Z")
     emit(client, name="agent.started", aggregate_id="a1", correlation_id="w1", timestamp="2026-01-01T00:00:01Z",
@@ -768,13 +906,13 @@ def test_list_filters(log, params, expected):
     ({"until": "2026-02-30"}, "until"), ({"after": "x"}, "after"), ({"before": -2}, "before"),
     ({"event_type": ""}, "event_type"), ({"bogus": 1}, "bogus"), ({"limit": "9" * 30}, "limit"),
 ])
-def test_list_bad_parameters(log, params, name):
+def test_list_bad_parameters(front, params, name):
     for path in ("/events/", "/events/agents/a1", "/events/workflows/w1"):
-        assert_invalid(log.get(path, params=params), "query", name)
+        assert_invalid(front.get(path, params=params), "query", name)
 
 
-def test_repeated_parameter_is_422(log):
-    assert_invalid(log.get("/events/?limit=1&limit=2"), "query", "limit")
+def test_repeated_parameter_is_422(front):
+    assert_invalid(front.get("/events/?limit=1&limit=2"), "query", "limit")
 
 
 def test_agent_events_are_that_agents_only(log):
@@ -825,8 +963,8 @@ def test_totals_from_summaries_equal_direct_counts(srv):
     assert c.post("/events/emit/batch", json={"events": [bodies[0], {**bodies[1], "expected_version": 0}]}).status_code == 409
     post_many(srv.url, [{k: v for k, v in b.items() if k != "kind"} for b in bodies[60:]], "agent", 8)
     emit(c, "workflow", name="own", aggregate_id="w1", correlation_id="w1")  # both timeline arms at once
-    conn = sqlite3.connect(srv.config.database_path)
-    count = lambda where="1", args=(): conn.execute(f"SELECT count(*) FROM events WHERE {where}", args).fetchone()[0]
+    conn = direct(srv)
+    count = lambda where="true", args=(): conn.execute(f"SELECT count(*) FROM events WHERE {where}", args).fetchone()[0]
     cases = [({}, count()), ({"event_type": "AgentEvent"}, count("event_type = 'AgentEvent'")),
              ({"aggregate_type": "system_aggregate"}, count("aggregate_type = 'system_aggregate'")),
              ({"aggregate_id": "g3"}, count("aggregate_id = 'g3'")), ({"event_name": "n2"}, count("event_name = 'n2'")),
@@ -908,11 +1046,11 @@ def test_path_id_length_limit(client):
     assert_invalid(client.get("/events/agents/" + "a" * 300), "path", "agent_id")
 
 
-def test_store_schema(srv, log):
+def test_store_schema(sqlite_srv):
     """aggregate_id and correlation_id have indexes that serve them in position order; the
     low-cardinality columns, and time windows, (column, timestamp) indexes that count them
     from the index alone."""
-    conn = sqlite3.connect(srv.config.database_path)
+    conn = sqlite3.connect(sqlite_srv.config.database_path)
     assert conn.execute("PRAGMA user_version").fetchone()[0] == eas.SCHEMA_VERSION
     assert conn.execute("PRAGMA journal_mode").fetchone()[0] == "wal"
     queries = []
@@ -1070,19 +1208,20 @@ V3_ITEMS = [  # its every event item, oldest first
 ]
 
 
-def test_events_stored_by_another_program_are_counted_by_the_next_commit(srv):
+def test_events_stored_by_another_program_are_counted_by_the_next_commit(sqlite_srv):
     """Counters and workflow membership are written by the server's writers; an event that
-    a script inserts into the table directly is counted by the next commit of any writer."""
-    emit(srv.client, name="agent.started", aggregate_id="a1", correlation_id="w")
-    conn = sqlite3.connect(srv.config.database_path, isolation_level=None)
+    a script inserts into SQLite's table directly is counted by the next commit of any writer.
+    (On PostgreSQL positions come from the head row: events go in through a server.)"""
+    emit(sqlite_srv.client, name="agent.started", aggregate_id="a1", correlation_id="w")
+    conn = sqlite3.connect(sqlite_srv.config.database_path, isolation_level=None)
     conn.execute(f"INSERT INTO events ({eas.COLUMNS}) VALUES (2, 'e2', 'agent_aggregate', 'a2', 1, 'AgentEvent', "
                  "'agent.started', '2026-01-01T00:00:00.000000+00:00', '{}', 'w', NULL, NULL, NULL, NULL)")
     conn.close()
-    emit(srv.client, "system", name="session.tick")
-    assert events_of(srv.client, event_name="agent.started")["total"] == 2
-    assert events_of(srv.client, correlation_id="w", event_type="AgentEvent")["total"] == 2
-    assert [a["agent_id"] for a in srv.client.get("/events/workflows/w/agents").json()["agents"]] == ["a1", "a2"]
-    assert events_of(srv.client)["total"] == 3
+    emit(sqlite_srv.client, "system", name="session.tick")
+    assert events_of(sqlite_srv.client, event_name="agent.started")["total"] == 2
+    assert events_of(sqlite_srv.client, correlation_id="w", event_type="AgentEvent")["total"] == 2
+    assert [a["agent_id"] for a in sqlite_srv.client.get("/events/workflows/w/agents").json()["agents"]] == ["a1", "a2"]
+    assert events_of(sqlite_srv.client)["total"] == 3
 
 
 def test_log_of_the_previous_version_opens_and_reads_the_same(tmp_path):
@@ -1246,8 +1385,8 @@ def test_batch_conflict_stores_nothing(client):
     ({}, ("body", "events")), ({"events": []}, ("body", "events")), ({"events": {}}, ("body", "events")),
     ({"events": [{"kind": "agent", "name": "x"}], "more": 1}, ("body", "more")), ([], ("body",)),
 ])
-def test_batch_shape_errors(client, body, loc):
-    assert_invalid(client.post("/events/emit/batch", json=body), *loc)
+def test_batch_shape_errors(front, body, loc):
+    assert_invalid(front.post("/events/emit/batch", json=body), *loc)
 
 
 def test_batch_size_limit(tmp_path):
@@ -1298,7 +1437,7 @@ def test_absent_values_are_stored_as_null(srv):
     for body in bodies:
         emit(srv.client, **body)
     assert srv.client.post("/events/emit/batch", json={"events": [{"kind": "agent", **b} for b in bodies]}).status_code == 200
-    conn = sqlite3.connect(srv.config.database_path)
+    conn = direct(srv)
     rows = conn.execute("SELECT agent_name, correlation_id, causation_id, user_prompt, session_id, content_hash "
                         "FROM events ORDER BY position").fetchall()
     assert rows == [("", None, None, None, None, None), (None, None, "0", None, None, None)] * 2
@@ -1334,8 +1473,7 @@ def test_groups_of_any_size_store_each_event_once(tmp_path, sizes):
 def test_failing_append_fails_only_its_own_request(srv):
     """Hold the write lock so requests pile up into one group, with a conflict among them."""
     emit(srv.client, name="seed", aggregate_id="x")
-    blocker = sqlite3.connect(srv.config.database_path, isolation_level=None)
-    blocker.execute("BEGIN IMMEDIATE")
+    blocker = hold_write_lock(srv)
     with ThreadPoolExecutor(8) as pool:
         first = pool.submit(post_many, srv.url, [{"name": "warm", "aggregate_id": "w"}])
         time.sleep(0.3)  # the writer now waits for the lock with a group of one
@@ -1343,8 +1481,7 @@ def test_failing_append_fails_only_its_own_request(srv):
         bodies.insert(2, {"name": "stale", "aggregate_id": "x", "expected_version": 0})
         rest = pool.submit(post_many, srv.url, bodies, "agent", 6)
         time.sleep(0.3)  # these queue up behind it and form the next group
-        blocker.execute("ROLLBACK")
-        blocker.close()
+        blocker.release()
         assert first.result()[0][0] == 200
         replies = rest.result()
     assert [status for status, _ in replies] == [200, 200, 409, 200, 200, 200]
@@ -1356,15 +1493,13 @@ def test_a_group_takes_at_most_half_of_the_events_in_flight(srv):
     """Hold the write lock while 8 requests queue up behind a group of one: they then commit
     in groups of at most 4, so that the event loop answers one group while the next commits.
     A group's events share the timestamp the writer gave them, which shows the groups."""
-    blocker = sqlite3.connect(srv.config.database_path, isolation_level=None)
-    blocker.execute("BEGIN IMMEDIATE")
+    blocker = hold_write_lock(srv)
     with ThreadPoolExecutor(2) as pool:
         first = pool.submit(post_many, srv.url, [{"name": "first"}])
         time.sleep(0.3)  # the writer now waits for the lock with a group of one
         rest = pool.submit(post_many, srv.url, [{"name": f"e{i}"} for i in range(8)], "agent", 8)
         time.sleep(0.3)  # 9 events in flight
-        blocker.execute("ROLLBACK")
-        blocker.close()
+        blocker.release()
         replies = rest.result()
         assert first.result()[0][0] == 200
     assert [status for status, _ in replies] == [200] * 8
@@ -1383,9 +1518,9 @@ def test_durability_setting_sets_synchronous(tmp_path):
 
 
 @pytest.mark.slow
-def test_two_processes_share_one_log(tmp_path):
-    data = tmp_path / "shared"
-    (p1, url1), (p2, url2) = start_process(data), start_process(data)
+def test_two_processes_share_one_log(backend):
+    data = backend["data_dir"]
+    (p1, url1), (p2, url2) = start_process(data, *store_args(backend)), start_process(data, *store_args(backend))
     try:
         bodies = [{"name": f"e{i}", "aggregate_id": "shared"} for i in range(60)]
         with ThreadPoolExecutor(2) as pool:
@@ -1419,11 +1554,10 @@ def test_two_processes_share_one_log(tmp_path):
 
 
 @pytest.mark.slow
-def test_two_processes_under_mixed_load_keep_every_invariant(tmp_path):
+def test_two_processes_under_mixed_load_keep_every_invariant(backend):
     """Singles, batches, retries and expected_version races from two processes at once: every
     figure stays exact."""
-    data = tmp_path / "mixed"
-    servers = [start_process(data) for _ in range(2)]
+    servers = [start_process(backend["data_dir"], *store_args(backend)) for _ in range(2)]
     event_ids = [str(uuid.uuid4()) for _ in range(20)]
 
     def load(n: int) -> list:
@@ -1454,11 +1588,11 @@ def test_two_processes_under_mixed_load_keep_every_invariant(tmp_path):
         for proc, _url in servers:
             stop_process(proc)
     assert set(statuses) <= {200, 409} and statuses.count(200) > 200
-    conn = sqlite3.connect(data / "events.db")
+    conn = direct(backend)
     count, last = conn.execute("SELECT count(*), max(position) FROM events").fetchone()
     assert count == last  # positions 1..n
     assert conn.execute("SELECT count(*) FROM (SELECT 1 FROM events GROUP BY aggregate_type, aggregate_id "
-                        "HAVING count(*) != max(aggregate_version))").fetchone()[0] == 0  # versions 1..k
+                        "HAVING count(*) != max(aggregate_version)) AS bad").fetchone()[0] == 0  # versions 1..k
     assert conn.execute("SELECT count(DISTINCT event_id) FROM events WHERE event_name = 'once'").fetchone()[0] == \
         conn.execute("SELECT count(*) FROM events WHERE event_name = 'once'").fetchone()[0]
     assert conn.execute(f"SELECT n FROM counts WHERE {eas.COUNTED_THROUGH}").fetchone() == (last,)
@@ -1473,15 +1607,53 @@ def test_two_processes_under_mixed_load_keep_every_invariant(tmp_path):
     conn.close()
 
 
+def assert_log_is_whole(conn: Any, acked: list) -> list:
+    """Positions 1..n without a gap, each aggregate's versions 1..k, every acknowledged event
+    stored once; the positions, in order."""
+    stored = [row[0] for row in conn.execute("SELECT event_id FROM events")]
+    assert len(stored) == len(set(stored)) and set(acked) <= set(stored)
+    positions_ = [row[0] for row in conn.execute("SELECT position FROM events ORDER BY position")]
+    assert positions_ == list(range(1, len(positions_) + 1))
+    assert conn.execute("SELECT count(*) FROM (SELECT 1 FROM events GROUP BY aggregate_type, aggregate_id "
+                        "HAVING count(*) != max(aggregate_version)) AS bad").fetchone()[0] == 0
+    return positions_
+
+
+class Follower(threading.Thread):
+    """Reads a server's stream from the start, and keeps every position it is sent."""
+
+    def __init__(self, url: str) -> None:
+        super().__init__(daemon=True)
+        self.stream = open_stream(url, "?after=0")
+        self.stream.sock.settimeout(30)
+        self.positions: list = []
+
+    def run(self) -> None:
+        with contextlib.suppress(OSError, EOFError):
+            while True:
+                self.positions.append(int(self.stream.event()["id"]))
+
+    def wait_for(self, position: int, timeout: float = 20) -> list:
+        deadline = time.time() + timeout
+        while (not self.positions or self.positions[-1] < position) and time.time() < deadline:
+            time.sleep(0.05)
+        return self.positions
+
+
 @pytest.mark.slow
-def test_kill_9_under_concurrent_writers_loses_no_acknowledged_event(tmp_path):
-    data = tmp_path / "crash"
-    proc, url = start_process(data)
+def test_kill_9_of_one_of_two_servers_loses_no_acknowledged_event(backend):
+    """Writers on two servers of one log; one server is killed with SIGKILL: every event
+    either of them acknowledged is stored exactly once, positions have no gap, the other
+    server's stream has sent all of them, and the killed one starts again on the log."""
+    data, args = backend["data_dir"], store_args(backend)
+    (victim, url1), (other, url2) = start_process(data, *args), start_process(data, *args)
+    follower = Follower(url2)
+    follower.start()
     acked: list = []
     stop = threading.Event()
 
     def writer(n: int) -> None:
-        with httpx.Client(base_url=url, timeout=10) as c:
+        with httpx.Client(base_url=(url1, url2)[n % 2], timeout=10) as c:
             i = 0
             while not stop.is_set():
                 try:
@@ -1495,29 +1667,215 @@ def test_kill_9_under_concurrent_writers_loses_no_acknowledged_event(tmp_path):
     threads = [threading.Thread(target=writer, args=(n,)) for n in range(8)]
     for t in threads:
         t.start()
-    time.sleep(1.5)
-    proc.kill()
-    proc.wait()
-    stop.set()
-    for t in threads:
-        t.join()
-    assert len(acked) > 50
-    conn = sqlite3.connect(data / "events.db")
-    assert conn.execute("PRAGMA integrity_check").fetchone()[0] == "ok"
-    stored = {row[0] for row in conn.execute("SELECT event_id FROM events")}
-    assert set(acked) <= stored
-    positions_ = [row[0] for row in conn.execute("SELECT position FROM events ORDER BY position")]
-    assert positions_ == list(range(1, len(positions_) + 1))
-    for (agg,) in conn.execute("SELECT DISTINCT aggregate_id FROM events"):
-        versions = [r[0] for r in conn.execute("SELECT aggregate_version FROM events WHERE aggregate_id = ? "
-                                               "ORDER BY position", (agg,))]
-        assert versions == list(range(1, len(versions) + 1))
-    conn.close()
-    proc, url = start_process(data)  # and the server starts again on it
     try:
-        assert httpx.get(url + "/events/").json()["total"] == len(positions_)
+        time.sleep(1.5)
+        victim.kill()
+        victim.wait()
+        time.sleep(0.5)  # the other server's writers go on
     finally:
-        stop_process(proc)
+        stop.set()
+        for t in threads:
+            t.join()
+    try:
+        assert len(acked) > 50
+        conn = direct(backend)
+        positions_ = assert_log_is_whole(conn, acked)
+        conn.close()
+        assert follower.wait_for(positions_[-1]) == positions_
+        victim, url1 = start_process(data, *args)  # and the killed server starts again on it
+        assert httpx.get(url1 + "/events/").json()["total"] == len(positions_)
+    finally:
+        follower.stream.close()
+        stop_process(victim)
+        stop_process(other)
+
+
+@pytest.mark.slow
+def test_two_servers_under_every_kind_of_write_stream_every_position_to_both(backend):
+    """Two server processes on one log, 16 writers on each: single events, batches, the same
+    event_ids sent to both servers at once, expected_version races. A stream reader on each
+    server gets every position, in order, once, and the log has no gap and no duplicate."""
+    data, args = backend["data_dir"], store_args(backend)
+    servers = [start_process(data, *args) for _ in range(2)]
+    urls = [url for _proc, url in servers]
+    followers = [Follower(url) for url in urls]
+    for follower in followers:
+        follower.start()
+    shared_ids = [str(uuid.uuid4()) for _ in range(40)]
+    acked: list = []
+    statuses: list = []
+
+    def writer(n: int) -> None:
+        rng = random.Random(n)
+        clients = [httpx.Client(base_url=url, timeout=30) for url in urls]
+        mine = clients[n % 2]
+        for i in range(25):
+            roll = rng.random()
+            if roll < 0.25:  # a retry, to both servers at once
+                body = {"name": "retried", "aggregate_id": "r", "event_id": shared_ids[(n // 2 + i) % 40]}
+                with ThreadPoolExecutor(2) as pool:
+                    replies = list(pool.map(lambda c: c.post("/events/emit/agent", json=body), clients))
+            elif roll < 0.45:
+                agg = f"cas{rng.randrange(3)}"
+                current = events_of(mine, aggregate_id=agg, limit=1)["total"]
+                replies = [mine.post("/events/emit/workflow", json={"name": "cas", "aggregate_id": agg,
+                                                                   "expected_version": current})]
+            elif roll < 0.6:
+                batch = [{"kind": "agent", "name": "b", "aggregate_id": f"a{rng.randrange(5)}", "correlation_id": "w"}
+                         for _ in range(rng.randrange(1, 30))]
+                replies = [mine.post("/events/emit/batch", json={"events": batch})]
+            else:
+                replies = [mine.post("/events/emit/system", json={"name": "single", "correlation_id": "w"})]
+            for reply in replies:
+                statuses.append(reply.status_code)
+                if reply.status_code == 200:
+                    body = reply.json()
+                    acked.extend(item["event_id"] for item in body.get("events", [body]))
+        for c in clients:
+            c.close()
+
+    try:
+        with ThreadPoolExecutor(32) as pool:
+            list(pool.map(writer, range(32)))
+        assert set(statuses) <= {200, 409} and statuses.count(200) > 500
+        conn = direct(backend)
+        positions_ = assert_log_is_whole(conn, acked)
+        assert conn.execute("SELECT count(*) FROM events WHERE event_name = 'retried'").fetchone()[0] == \
+            len({event_id for event_id in shared_ids if event_id in set(acked)})
+        conn.close()
+        for follower in followers:
+            assert follower.wait_for(positions_[-1]) == positions_
+    finally:
+        for follower in followers:
+            follower.stream.close()
+        for proc, _url in servers:
+            stop_process(proc)
+
+
+# -- PostgreSQL: what only it has ----------------------------------------------------------------
+
+@pytest.fixture
+def pg_url(pg_cluster) -> str:
+    return pg_cluster.new_database()
+
+
+@pytest.mark.slow
+def test_postgres_stopped_under_load_is_503_then_recovers_by_itself(tmp_path, pg_cluster):
+    """PostgreSQL stops under a running server: emits and reads answer 503 with the reason,
+    /health/ says unhealthy, an open stream stays open; when PostgreSQL is back, everything
+    works again without a restart, and the stream gets the new events."""
+    cluster = PostgresCluster()  # its own, to stop and start
+    try:
+        with ThreadServer(tmp_path, database_url=cluster.new_database(), database_timeout=2, sse_ping=0.3) as server:
+            c = server.client
+            emit(c, name="before")
+            stream = open_stream(server.url, "?after=0")
+            assert json.loads(stream.event()["data"])["event_name"] == "before"
+            cluster.stop(remove=False)
+            for reply in (c.post("/events/emit/agent", json={"name": "while down"}), c.get("/events/")):
+                assert reply.status_code == 503 and "PostgreSQL" in reply.json()["detail"], reply.text
+            health = c.get("/health/")
+            assert health.status_code == 503 and health.json()["status"] == "unhealthy"
+            assert stream.message() == {"": "ping"}  # still open
+            cluster.start()
+            deadline = time.time() + 15
+            while c.post("/events/emit/agent", json={"name": "after"}).status_code != 200:
+                assert time.time() < deadline, "the server did not recover"
+                time.sleep(0.2)
+            assert json.loads(stream.event()["data"])["event_name"] == "after"
+            assert c.get("/health/").json()["status"] == "healthy"
+            assert [e["event_name"] for e in events_of(c)["events"]] == ["after", "before"]
+            stream.close()
+    finally:
+        cluster.stop()
+
+
+def test_lost_listener_connection_misses_no_event(tmp_path, pg_url):
+    with ThreadServer(tmp_path, database_url=pg_url) as server:
+        stream = open_stream(server.url)
+        emit(server.client, name="first")
+        assert json.loads(stream.event()["data"])["event_name"] == "first"
+        with psycopg.connect(pg_url, autocommit=True) as admin:
+            killed = admin.execute("SELECT pg_terminate_backend(pid) FROM pg_stat_activity "
+                                   "WHERE query LIKE 'LISTEN%' AND datname = current_database()").fetchall()
+        assert killed == [(True,)]
+        for i in range(3):
+            emit(server.client, name=f"later{i}")
+        stream.sock.settimeout(5)
+        assert [json.loads(m["data"])["event_name"] for m in stream.events(3)] == ["later0", "later1", "later2"]
+        stream.close()
+
+
+@pytest.mark.slow
+def test_database_password_never_shown(tmp_path, pg_cluster):
+    secret = "pa55word-never-logged"
+    url = pg_cluster.new_database().replace("postgresql://", f"postgresql://postgres:{secret}@")
+    proc, base = start_process(tmp_path, "--database-url", url, "--log-level", "debug")
+    try:
+        shown = [httpx.get(base + path).text for path in ("/", "/health/database", "/health/")]
+        assert "***" in httpx.get(base + "/health/database").json()["path"]
+    finally:
+        err = stop_process(proc)
+    assert secret not in "".join(shown) + err + output(proc, "out")
+    wrong = url.replace(f"port={pg_cluster.port}", f"port={free_port()}")
+    done = subprocess.run([sys.executable, SERVER, "--database-url", wrong, "--port", str(free_port()),
+                           "--database-timeout", "1"], capture_output=True, text=True, timeout=60)
+    assert done.returncode == 1 and secret not in done.stderr and "***" in done.stderr
+    assert len(done.stderr.strip().splitlines()) == 1, done.stderr
+
+
+def test_without_the_driver_the_command_names_the_extra(tmp_path):
+    hide = "import sys, runpy; sys.modules['psycopg'] = None; sys.argv[0] = 'eventuali-api-server'; " \
+           f"runpy.run_path({SERVER!r}, run_name='__main__')"
+    done = subprocess.run([sys.executable, "-c", hide, "--database-url", "postgresql://localhost/x"],
+                          capture_output=True, text=True, timeout=30)
+    assert done.returncode == 2 and "eventuali-api-server[postgres]" in done.stderr
+    assert len(done.stderr.strip().splitlines()) == 1 and "Traceback" not in done.stderr
+    sqlite_only = subprocess.run([sys.executable, "-c", hide.replace("'__main__'", "'not_main'") +
+                                  "; import eventuali_api_server"], capture_output=True, text=True, timeout=30,
+                                 cwd=HERE)
+    assert sqlite_only.returncode == 0, sqlite_only.stderr  # the module needs no driver without a URL
+
+
+def test_backup_on_postgres_says_to_use_pg_dump(tmp_path, pg_url):
+    done = subprocess.run([sys.executable, SERVER, "backup", str(tmp_path / "x.dump"), "--database-url", pg_url],
+                          capture_output=True, text=True, timeout=30)
+    assert done.returncode == 1 and "pg_dump" in done.stderr and len(done.stderr.strip().splitlines()) == 1
+
+
+@pytest.mark.slow
+def test_copy_moves_a_whole_log_both_ways_and_resumes(tmp_path, pg_url):
+    """SQLite to PostgreSQL and back: every row as it was, counters and membership the same;
+    a second run after more events copies only those; a target that holds other events is refused."""
+    source = tmp_path / "source"
+    with ThreadServer(source) as server:
+        events = [{"kind": ("agent", "workflow", "system")[i % 3], "name": f"n{i % 4}", "aggregate_id": f"g{i % 7}",
+                   "correlation_id": f"w{i % 2}" if i % 5 else None, "attributes": {"i": i, "agent_name": f"x{i}"},
+                   **({"event_id": str(uuid.uuid4())} if i % 4 == 0 else {})} for i in range(12000)]
+        for start in range(0, len(events), 1000):
+            assert server.client.post("/events/emit/batch", json={"events": events[start:start + 1000]}).status_code == 200
+
+    def copy(frm: str, to: str) -> subprocess.CompletedProcess:
+        return subprocess.run([sys.executable, SERVER, "copy", "--from", frm, "--to", to], capture_output=True,
+                              text=True, timeout=120)
+
+    done = copy(str(source), pg_url)
+    assert done.returncode == 0, done.stderr
+    assert "copied 12,000 of 12,000 events (100%)" in done.stderr and "12,000 events" in done.stdout
+    with ThreadServer(source) as server:  # more events, then the copy again: only they are added
+        emit(server.client, name="late", aggregate_id="g1")
+    done = copy(str(source), pg_url)
+    assert done.returncode == 0 and "copied 12,001 of 12,001" in done.stderr, done.stderr
+    back = tmp_path / "back.db"
+    assert copy(pg_url, str(back)).returncode == 0
+    original, copied = sqlite3.connect(source / "events.db"), sqlite3.connect(back)
+    for sql in ("SELECT * FROM events ORDER BY position", "SELECT * FROM counts ORDER BY 1, 2, 3",
+                "SELECT * FROM workflow_agents ORDER BY 1, 2"):
+        assert copied.execute(sql).fetchall() == original.execute(sql).fetchall(), sql
+    with ThreadServer(tmp_path / "other") as server:
+        emit(server.client, name="something else")
+    refused = copy(str(source), str(tmp_path / "other"))
+    assert refused.returncode == 1 and "other events" in refused.stderr
 
 
 # -- live streaming -------------------------------------------------------------------------------
@@ -1561,7 +1919,8 @@ def test_stream_heartbeat(tmp_path):
     ("?event_name=agent.completed", ["agent.completed"]),
     ("?event_type=AgentEvent&correlation_id=w1", ["agent.started"]),
 ])
-def test_stream_filters(srv, query, expected):
+def test_stream_filters(shared, query, expected):
+    srv = shared
     stream = open_stream(srv.url, query)
     try:
         emit(srv.client, "workflow", name="workflow.started", aggregate_id="w1")
@@ -1572,9 +1931,9 @@ def test_stream_filters(srv, query, expected):
         names = []
         marker = open_stream(srv.url)
         emit(srv.client, "system", name="marker")
-        marker.events(1)
+        marker.events(1)  # in position order: what the stream gets is on its way by now
         marker.close()
-        stream.sock.settimeout(0.5)
+        stream.sock.settimeout(0.2)
         with contextlib.suppress(socket.timeout, EOFError):
             while True:
                 names.append(json.loads(stream.event()["data"])["event_name"])
@@ -1606,7 +1965,7 @@ def test_stream_that_cannot_read_the_store_ends_with_an_error_event(srv):
     fails here because another connection renamed a column that reads need (and the log's
     last position, read before the stream starts, does not)."""
     emit(srv.client, name="stored")
-    conn = sqlite3.connect(srv.config.database_path, isolation_level=None)
+    conn = direct(srv)
     conn.execute("ALTER TABLE events RENAME COLUMN agent_name TO renamed")
     conn.close()
     stream = open_stream(srv.url, "?after=0")
@@ -1671,9 +2030,9 @@ def test_batch_reaches_subscribers_in_order(srv):
 
 
 @pytest.mark.slow
-def test_stream_sees_commits_of_other_processes(tmp_path):
-    data = tmp_path / "multi"
-    (p1, url1), (p2, url2) = start_process(data), start_process(data)
+def test_stream_sees_commits_of_other_processes(backend):
+    data = backend["data_dir"]
+    (p1, url1), (p2, url2) = start_process(data, *store_args(backend)), start_process(data, *store_args(backend))
     try:
         stream = open_stream(url1)
         for i in range(5):
