@@ -1043,9 +1043,9 @@ class Pending(NamedTuple):
     future: asyncio.Future
 
 
-# OR ROLLBACK: a broken constraint ends the transaction (the writer then retries the group's
-# requests one by one), so SQLite keeps no statement journal to undo a single statement.
-INSERT_EVENTS = f"INSERT OR ROLLBACK INTO events ({', '.join(ROW_COLUMNS)})"
+EVENTS_TABLE = f"events ({', '.join(ROW_COLUMNS)})"
+COUNTS_UPSERT = " ON CONFLICT (field, value, aggregate_type) DO UPDATE SET n = counts.n + excluded.n"
+MEMBERS_UPSERT = " ON CONFLICT DO NOTHING"
 
 
 @functools.lru_cache(maxsize=None)
@@ -1053,10 +1053,13 @@ def values_sql(head: str, width: int, rows: int, tail: str) -> str:
     return f"{head} VALUES " + ", ".join(["(" + ", ".join("?" * width) + ")"] * rows) + tail
 
 
-def insert_rows(conn: Any, head: str, rows: list, tail: str = "", max_params: int = MAX_PARAMS) -> None:
-    """Execute `head VALUES (...), ... tail` for the rows, in few statements (see EXACT_ROWS)."""
+def insert_rows(conn: sqlite3.Connection, table: str, rows: list, tail: str = "") -> None:
+    """INSERT the rows into `table` (its name and columns) in few statements (see EXACT_ROWS).
+    OR ROLLBACK: a broken constraint ends the transaction (the writer then retries the group's
+    requests one by one), so SQLite keeps no statement journal to undo a single statement."""
+    head = f"INSERT OR ROLLBACK INTO {table}"
     width = len(rows[0]) if rows else 1
-    most = 1 << ((max_params // width).bit_length() - 1)
+    most = 1 << ((MAX_PARAMS // width).bit_length() - 1)
     start = 0
     while start < len(rows):
         left = len(rows) - start
@@ -1095,10 +1098,9 @@ SUMMARY_COLUMNS = ("position", "aggregate_type", "aggregate_id", "event_name", "
 summary_of = operator.itemgetter(*[ROW_COLUMNS.index(name) for name in SUMMARY_COLUMNS])  # from a row
 
 
-def record_summaries(conn: Any, events: Iterable, through: int, counted: int, insert: str = "INSERT OR ROLLBACK INTO",
-                     max_params: int = MAX_PARAMS) -> None:
+def record_summaries(conn: Any, events: Iterable, through: int, counted: int, insert: Callable = insert_rows) -> None:
     """Count new events, given as SUMMARY_COLUMNS, which take the counters from position
-    `counted` to `through`. `insert` is the backend's INSERT (see INSERT_EVENTS)."""
+    `counted` to `through`. `insert` is the backend's insert_rows."""
     counts: collections.Counter = collections.Counter({("log", "counted_through", ""): through - counted})
     members: dict = {}
     for position, aggregate_type, aggregate_id, name, correlation_id in events:
@@ -1108,20 +1110,17 @@ def record_summaries(conn: Any, events: Iterable, through: int, counted: int, in
             counts["correlation_id", correlation_id, aggregate_type] += 1
             if aggregate_type == "agent_aggregate":
                 members.setdefault((correlation_id, aggregate_id), position)
-    insert_rows(conn, f"{insert} counts", [(*key, n) for key, n in counts.items()],
-                " ON CONFLICT (field, value, aggregate_type) DO UPDATE SET n = counts.n + excluded.n", max_params)
-    insert_rows(conn, f"{insert} workflow_agents", [(*key, position) for key, position in members.items()],
-                " ON CONFLICT DO NOTHING", max_params)
+    insert(conn, "counts", [(*key, n) for key, n in counts.items()], COUNTS_UPSERT)
+    insert(conn, "workflow_agents", [(*key, position) for key, position in members.items()], MEMBERS_UPSERT)
 
 
-def count_stored(conn: Any, counted: int, position: int, insert: str = "INSERT OR ROLLBACK INTO",
-                 max_params: int = MAX_PARAMS) -> None:
+def count_stored(conn: Any, counted: int, position: int, insert: Callable = insert_rows) -> None:
     """Count the events after `counted` up to `position` that no writer of ours counted."""
     while counted < position:
         rows = conn.execute(f"SELECT {', '.join(SUMMARY_COLUMNS)} FROM events WHERE position > ? AND position <= ? "
                             "ORDER BY position LIMIT 10000", (counted, position)).fetchall()
         through = rows[-1][0] if rows else position
-        record_summaries(conn, rows, through, counted, insert, max_params)
+        record_summaries(conn, rows, through, counted, insert)
         counted = through
 
 
@@ -1178,7 +1177,7 @@ def commit_group(conn: sqlite3.Connection, requests: list, seen: SeenVersions) -
             count_stored(conn, counted, position)
             stored = read_receipts(conn, event_ids) if event_ids else {}
             outcomes, rows = plan_appends(requests, position, versions, stored, utc_now())
-            insert_rows(conn, INSERT_EVENTS, rows)
+            insert_rows(conn, EVENTS_TABLE, rows)
             record_summaries(conn, map(summary_of, rows), position + len(rows), position)
             if not all(requests):  # a writability check: a write, however small
                 conn.execute("INSERT OR REPLACE INTO meta VALUES ('checked', ?)", (utc_now(),))
@@ -1716,8 +1715,6 @@ CREATE TABLE IF NOT EXISTS workflow_agents (
 );
 """
 PG_CHANNEL = "eventuali"
-PG_MAX_PARAMS = 65535
-PG_INSERT = "INSERT INTO"
 
 
 def pg_driver() -> Any:
@@ -1796,6 +1793,14 @@ def open_pg_database(url: str, timeout: float, durability: str) -> PgConnection:
     return conn
 
 
+def pg_insert_rows(conn: PgConnection, table: str, rows: list, tail: str = "") -> None:
+    """insert_rows' PostgreSQL twin: one short statement, executed for each row in a pipeline
+    (psycopg parses a long statement's placeholders anew each time)."""
+    if rows:
+        marks = ", ".join(["%s"] * len(rows[0]))
+        conn.raw.cursor().executemany(f"INSERT INTO {table} VALUES ({marks}){tail}", rows)
+
+
 def pg_read_state(conn: PgConnection, keys: list) -> tuple:
     """read_state's PostgreSQL twin (inside the transaction that holds the head row)."""
     position, counted = conn.execute(f"SELECT (SELECT position FROM head WHERE id = 1), "
@@ -1819,13 +1824,14 @@ def pg_commit_group(conn: PgConnection, requests: list, seen: SeenVersions) -> l
                 conn.execute("SELECT position FROM head WHERE id = 1 FOR UPDATE")
                 keys, event_ids = lookups(requests)
                 position, counted, versions = seen.read(conn, keys)
-                count_stored(conn, counted, position, PG_INSERT, PG_MAX_PARAMS)
+                count_stored(conn, counted, position, pg_insert_rows)
                 stored = read_receipts(conn, event_ids) if event_ids else {}
                 outcomes, rows = plan_appends(requests, position, versions, stored, utc_now())
+                with conn.raw.cursor().copy(f"COPY {EVENTS_TABLE} FROM STDIN") as copy:  # PostgreSQL's fastest way in
+                    for row in rows:
+                        copy.write_row(row)
                 with conn.raw.pipeline():
-                    insert_rows(conn, f"{PG_INSERT} events ({', '.join(ROW_COLUMNS)})", rows, "", PG_MAX_PARAMS)
-                    record_summaries(conn, map(summary_of, rows), position + len(rows), position, PG_INSERT,
-                                     PG_MAX_PARAMS)
+                    record_summaries(conn, map(summary_of, rows), position + len(rows), position, pg_insert_rows)
                     conn.execute("UPDATE head SET position = ? WHERE id = 1", (position + len(rows),))
                     conn.execute(f"SELECT pg_notify('{PG_CHANNEL}', ?)", (str(position + len(rows)),))
             except BaseException:
@@ -1902,7 +1908,8 @@ class PostgresStore(ThreadedStore):
         psycopg = pg_driver()
         while self._listening.is_set():
             try:
-                with psycopg.connect(self.url, autocommit=True, connect_timeout=max(1, int(self.timeout))) as conn:
+                # A short connect timeout: stopping the server waits for this thread.
+                with psycopg.connect(self.url, autocommit=True, connect_timeout=2) as conn:
                     conn.execute(f"LISTEN {PG_CHANNEL}")
                     self._wake_followers()
                     while self._listening.is_set():

@@ -2,7 +2,7 @@
 
     python benchmarks/bench.py                 # everything, at full sizes
     python benchmarks/bench.py --quick         # tiny sizes: a smoke run (used by the tests)
-    python benchmarks/bench.py --only emit,sse # a subset: emit, batch, reads, sse, size
+    python benchmarks/bench.py --only emit,sse # a subset: emit, batch, reads, sse, size, postgres
     python benchmarks/bench.py --only emit,batch --against ../other-checkout
                                                # A/B: the same load, alternating, on both
 
@@ -296,9 +296,9 @@ def timestamp_at(client: httpx.Client, fraction: float, size: int) -> str:
         "timestamp"]
 
 
-def bench_reads(args: argparse.Namespace, results: dict) -> None:
+def bench_reads(args: argparse.Namespace, results: dict, env: dict | None = None, key: str = "reads") -> None:
     table = {}
-    with events_server({"DURABILITY": "normal"}) as url, httpx.Client(base_url=url, timeout=120) as client:
+    with events_server({"DURABILITY": "normal", **(env or {})}) as url, httpx.Client(base_url=url, timeout=120) as client:
         loaded = 0
         for size in args.read_sizes:
             load_events(url, size - loaded)
@@ -319,14 +319,15 @@ def bench_reads(args: argparse.Namespace, results: dict) -> None:
                 table.setdefault(label, {})[size] = {"p50_ms": percentile(timings, 50),
                                                      "p99_ms": percentile(timings, 99),
                                                      "total": reply.json().get("total")}
-    results["reads"] = table
+    results[key] = table
     sizes = args.read_sizes
-    print("read latency, ms (p50 / p99) at " + ", ".join(f"{s:,}" for s in sizes) + " events:")
+    print(f"{key}: read latency, ms (p50 / p99) at " + ", ".join(f"{s:,}" for s in sizes) + " events:")
     for label, row in table.items():
         print(f"  {label:70s} " + "  ".join(f"{row[s]['p50_ms']:7.2f} / {row[s]['p99_ms']:7.2f}" for s in sizes))
 
 
-async def _sse_latency(url: str, subscribers: int, events: int) -> dict:
+async def _sse_latency(url: str, subscribers: int, events: int, post_url: str | None = None) -> dict:
+    """Subscribers on `url`; events POSTed to `post_url` (another server of the same log), or to `url`."""
     host, port = url.split("//")[1].split(":")
     sent: dict = {}
     latencies: list = []
@@ -353,7 +354,7 @@ async def _sse_latency(url: str, subscribers: int, events: int) -> dict:
 
     tasks = [asyncio.ensure_future(subscriber(i)) for i in range(subscribers)]
     await asyncio.wait_for(ready.wait(), 60)
-    async with httpx.AsyncClient(base_url=url) as client:
+    async with httpx.AsyncClient(base_url=post_url or url) as client:
         for i in range(events):
             name = f"e{i}"
             sent[name] = time.perf_counter()
@@ -438,7 +439,103 @@ def bench_size(args: argparse.Namespace, results: dict) -> None:
     print(f"database size: {size / args.size_events:.0f} bytes per event ({args.size_events:,} events)")
 
 
-PARTS = {"emit": bench_emit, "batch": bench_batch, "reads": bench_reads, "sse": bench_sse, "size": bench_size}
+# -- PostgreSQL ---------------------------------------------------------------------------------
+
+@contextmanager
+def postgres_cluster() -> Iterator:
+    """A throwaway PostgreSQL (initdb, pg_ctl) on a Unix socket, fsync on as in production;
+    yields a function that makes a new database and returns its URL."""
+    import psycopg
+    found = sorted(Path("/usr/lib/postgresql").glob("*/bin/initdb")) or [Path(p) for p in [shutil.which("initdb")] if p]
+    if not found:
+        raise RuntimeError("PostgreSQL is not installed (Debian: apt-get install postgresql)")
+    binaries = found[-1].parent
+    folder = tempfile.mkdtemp(prefix="eventuali-bench-pg-")
+    as_user = ["runuser", "-u", "postgres", "--"] if os.geteuid() == 0 else []
+    if as_user:
+        shutil.chown(folder, "postgres")
+    port = free_port()
+
+    def run(tool: str, *args: str) -> None:
+        subprocess.run([*as_user, str(binaries / tool), *args], check=True, capture_output=True)
+
+    run("initdb", "-D", f"{folder}/data", "-A", "trust", "-N", "-U", "postgres")
+    run("pg_ctl", "-D", f"{folder}/data", "-w", "-l", f"{folder}/log", "-o",
+        f"-c listen_addresses='' -k {folder} -p {port} -c max_connections=200 -c shared_buffers=256MB", "start")
+    made = []
+
+    def new_database() -> str:
+        name = f"bench{len(made)}"
+        with psycopg.connect(f"postgresql:///postgres?host={folder}&port={port}&user=postgres", autocommit=True) as c:
+            c.execute(f"CREATE DATABASE {name}")
+        made.append(name)
+        return f"postgresql:///{name}?host={folder}&port={port}&user=postgres"
+
+    try:
+        yield new_database
+    finally:
+        run("pg_ctl", "-D", f"{folder}/data", "-m", "fast", "stop")
+        shutil.rmtree(folder, ignore_errors=True)
+
+
+def post_load_on(urls: list, body: dict, connections: int, seconds: float) -> tuple:
+    """post_load on several servers at once, the connections shared out: (requests per
+    second in all, the servers' CPU seconds per request in all)."""
+    pids = [PIDS[url.split("/events")[0]] for url in urls]
+    before = [cpu_seconds(pid) for pid in pids]
+    with ThreadPoolExecutor(len(urls)) as pool:
+        runs = list(pool.map(lambda url: (wrk_post(url, body, connections // len(urls), seconds)
+                                          if shutil.which("wrk") else
+                                          asyncio.run(_python_post(url, json.dumps(body).encode(),
+                                                                   connections // len(urls), seconds))), urls))
+    requests = sum(done for _rate, done in runs)
+    cpu = sum(cpu_seconds(pid) - start for pid, start in zip(pids, before))
+    return sum(rate for rate, _done in runs), cpu / max(1, requests)
+
+
+def bench_postgres(args: argparse.Namespace, results: dict) -> None:
+    """The same figures on PostgreSQL (a throwaway server of this machine, fsync on): emit with
+    one and two server processes next to SQLite, in alternating runs; a batch load; an event
+    emitted on one server and received on a stream of another; reads at each size."""
+    figures: dict = {}
+    with postgres_cluster() as new_database:
+        one_url, two_url = new_database(), new_database()
+        with events_server() as lite, events_server({"DATABASE_URL": one_url}) as pg1, \
+                events_server({"DATABASE_URL": two_url}) as pg2a, events_server({"DATABASE_URL": two_url}) as pg2b:
+            targets = {"sqlite": [lite], "postgres, 1 process": [pg1], "postgres, 2 processes": [pg2a, pg2b]}
+            rates: dict = {name: [] for name in targets}
+            cpus: dict = {name: [] for name in targets}
+            for name, urls in targets.items():  # warm up
+                post_load_on([u + "/events/emit/agent" for u in urls], SEED_AGENT, args.connections, 1)
+            for _ in range(args.runs):
+                for name, urls in targets.items():
+                    rate, cpu = post_load_on([u + "/events/emit/agent" for u in urls], SEED_AGENT,
+                                             args.connections, args.seconds)
+                    rates[name].append(rate)
+                    cpus[name].append(cpu)
+            figures["emit"] = {name: {"rps": rates[name], "median_rps": statistics.median(rates[name]),
+                                      "cpu_us_per_request": statistics.median(cpus[name]) * 1e6} for name in targets}
+            latency = asyncio.run(_sse_latency(pg2b, 1, args.sse_events, post_url=pg2a))
+            latency20 = asyncio.run(_sse_latency(pg2b, 20, args.sse_events, post_url=pg2a))
+            figures["across_servers"] = [latency, latency20]
+        with events_server({"DATABASE_URL": new_database()}) as url:
+            rate, cpu = timed_load(url, args.batch_events)
+            figures["batch"] = {"events_per_second": rate, "cpu_us_per_event": cpu * 1e6}
+        results["postgres"] = figures
+        print("postgres: emit, 32 connections (requests/s, server CPU per request; median of "
+              f"{args.runs} alternating runs):")
+        for name, row in figures["emit"].items():
+            print(f"  {name:24s} {row['median_rps']:8,.0f}/s  {row['cpu_us_per_request']:6.0f} µs")
+        print(f"postgres: batch load {rate:,.0f} events/s, server CPU {cpu * 1e6:.1f} µs per event")
+        for row in figures["across_servers"]:
+            print(f"postgres: emitted on server A, received on a stream of server B ({row['subscribers']} "
+                  f"subscribers): p50 {row['p50_ms']:.2f} ms, p99 {row['p99_ms']:.2f} ms, "
+                  f"delivered {row['delivered']}/{row['expected']}")
+        bench_reads(args, results, {"DATABASE_URL": new_database()}, key="postgres reads")
+
+
+PARTS = {"emit": bench_emit, "batch": bench_batch, "reads": bench_reads, "sse": bench_sse, "size": bench_size,
+         "postgres": bench_postgres}
 
 
 def main(argv: list | None = None) -> dict:
