@@ -90,6 +90,7 @@ class PostgresCluster:
         self.dir = tempfile.mkdtemp(prefix="eventuali-pg-")  # short: a socket path has a length limit
         self.port = free_port()
         self.databases = 0
+        self.released: list = []
         found = sorted(Path("/usr/lib/postgresql").glob("*/bin/initdb")) or \
             [Path(p) for p in [shutil.which("initdb")] if p]
         if not found:
@@ -114,11 +115,21 @@ class PostgresCluster:
         return f"postgresql:///{database}?host={self.dir}&port={self.port}&user=postgres"
 
     def new_database(self) -> str:
+        """An empty database: one a finished test gave back, emptied, or a new one."""
+        if self.released:
+            url = self.released.pop()
+            with psycopg.connect(url, autocommit=True) as conn:
+                conn.execute("DROP SCHEMA IF EXISTS eventuali CASCADE")
+            return url
         self.databases += 1
         name = f"t{self.databases}"
         with psycopg.connect(self.url(), autocommit=True) as conn:
             conn.execute(f"CREATE DATABASE {name}")
         return self.url(name)
+
+    def release(self, url: str) -> None:
+        """A database whose servers have stopped, for new_database to use again."""
+        self.released.append(url)
 
     def stop(self, remove: bool = True) -> None:
         with contextlib.suppress(RuntimeError):  # already stopped
@@ -144,8 +155,11 @@ BACKENDS = ["sqlite", "postgres"]
 
 @pytest.fixture(params=BACKENDS)
 def backend(request, tmp_path) -> dict:
-    """The settings of a fresh store on each backend: a data dir, or a new PostgreSQL database."""
-    return backend_settings(request.param, request, tmp_path)
+    """The settings of a fresh store on each backend: a data dir, or an empty PostgreSQL database."""
+    settings = backend_settings(request.param, request, tmp_path)
+    yield settings
+    if "database_url" in settings:  # torn down after the servers that use it
+        request.getfixturevalue("pg_cluster").release(settings["database_url"])
 
 
 @pytest.fixture
@@ -475,16 +489,16 @@ def test_unusable_data_dir_exits_1_with_one_line(tmp_path):
 
 # -- info, health, docs ---------------------------------------------------------------
 
-def test_root(client):
-    body = client.get("/").json()
+def test_root(front):
+    body = front.get("/").json()
     assert body["name"] == "Eventuali API Server" and body["version"] == eas.__version__
     assert body["endpoints"] == {"events": "/events", "health": "/health", "docs": "/docs",
                                  "openapi": "/openapi.json", "ui": "/ui"}
 
 
 @pytest.mark.parametrize("path", ["/health", "/health/"])
-def test_health_answers_directly(client, path):
-    reply = client.get(path)
+def test_health_answers_directly(shared, path):
+    reply = shared.client.get(path)
     assert reply.status_code == 200 and not reply.is_redirect
     body = reply.json()
     assert body["status"] == "healthy" and body["api_connected"] and body["database_connected"]
@@ -499,9 +513,9 @@ def test_health_database(client, srv):
     assert body["events"] == 1 and body["latency_ms"] >= 0 and body["streams"] == 0
 
 
-def test_openapi_is_valid_and_complete(client):
+def test_openapi_is_valid_and_complete(front):
     from openapi_spec_validator import validate
-    doc = client.get("/openapi.json").json()
+    doc = front.get("/openapi.json").json()
     validate(doc)
     assert doc["openapi"].startswith("3.1")
     for path in ["/events/emit/agent", "/events/emit/workflow", "/events/emit/system", "/events/emit/batch",
@@ -516,8 +530,8 @@ def test_openapi_is_valid_and_complete(client):
     assert params["limit"] == {"type": "integer", "minimum": 1, "maximum": 1000, "default": 100}
 
 
-def test_docs_page(client):
-    reply = client.get("/docs")
+def test_docs_page(front):
+    reply = front.get("/docs")
     assert reply.status_code == 200 and "text/html" in reply.headers["content-type"]
     assert "swagger-ui-bundle.js" in reply.text and "/openapi.json" in reply.text
 
@@ -527,13 +541,13 @@ def test_docs_assets_setting(tmp_path):
         assert 'src="/static/swagger/swagger-ui-bundle.js"' in server.client.get("/docs").text
 
 
-def test_unknown_path_and_wrong_method_are_json(client):
-    reply = client.get("/nope")
+def test_unknown_path_and_wrong_method_are_json(front):
+    reply = front.get("/nope")
     assert reply.status_code == 404 and reply.json() == {"detail": "Not Found"}
-    reply = client.delete("/events/")
+    reply = front.delete("/events/")
     assert reply.status_code == 405 and reply.json() == {"detail": "Method Not Allowed"}
     for path in ("/events/emit/agent", "/events/emit/batch"):
-        reply = client.get(path)
+        reply = front.get(path)
         assert reply.status_code == 405 and reply.json() == {"detail": "Method Not Allowed"}
         assert reply.headers["allow"] == "POST"
 
@@ -566,18 +580,18 @@ def test_events_without_slash_answers_directly(client):
         assert reply.status_code == 200 and reply.json()["total"] == 1
 
 
-def test_cors_preflight_for_default_origin(client):
-    reply = client.options("/events/emit/agent", headers={
+def test_cors_preflight_for_default_origin(shared):
+    reply = shared.client.options("/events/emit/agent", headers={
         "Origin": "http://localhost:3000", "Access-Control-Request-Method": "POST",
         "Access-Control-Request-Headers": "content-type, authorization, last-event-id"})
     assert reply.status_code == 200
     assert reply.headers["access-control-allow-origin"] == "http://localhost:3000"
     assert reply.headers["access-control-allow-credentials"] == "true"
-    reply = client.options("/events/", headers={"Origin": "http://evil.example",
+    reply = shared.client.options("/events/", headers={"Origin": "http://evil.example",
                                                 "Access-Control-Request-Method": "GET"})
     assert reply.status_code == 400
     # the emit routes are served ahead of routing, but still inside CORS
-    reply = client.post("/events/emit/agent", json={"name": "x"}, headers={"Origin": "http://localhost:3000"})
+    reply = shared.client.post("/events/emit/agent", json={"name": "x"}, headers={"Origin": "http://localhost:3000"})
     assert reply.status_code == 200 and reply.headers["access-control-allow-origin"] == "http://localhost:3000"
 
 
@@ -715,8 +729,8 @@ def test_integral_float_is_an_integer(client):
                    "body", "expected_version")
 
 
-def test_every_problem_is_listed(client):
-    reply = client.post("/events/emit/workflow", json={"name": "", "attributes": 1, "extra": 2})
+def test_every_problem_is_listed(front):
+    reply = front.post("/events/emit/workflow", json={"name": "", "attributes": 1, "extra": 2})
     locs = [item["loc"] for item in reply.json()["detail"]]
     assert sorted(map(tuple, locs)) == [("body", "attributes"), ("body", "extra"), ("body", "name")]
 
@@ -800,10 +814,10 @@ def test_limits_at_their_edges(tmp_path):
         assert_invalid(c.get("/events/agents/" + "a" * 9), "path", "agent_id")
 
 
-def test_wrong_content_type_is_415(client):
-    reply = client.post("/events/emit/agent", content=b'{"name": "x"}', headers={"content-type": "text/plain"})
+def test_wrong_content_type_is_415(shared):
+    reply = shared.client.post("/events/emit/agent", content=b'{"name": "x"}', headers={"content-type": "text/plain"})
     assert reply.status_code == 415 and "application/json" in reply.json()["detail"]
-    reply = client.post("/events/emit/agent", content=b'{"name": "x"}',
+    reply = shared.client.post("/events/emit/agent", content=b'{"name": "x"}',
                         headers={"content-type": "application/vnd.api+json; charset=utf-8"})
     assert reply.status_code == 200
 
@@ -1042,8 +1056,8 @@ def test_unknown_ids_are_empty_not_errors(log):
     assert_invalid(log.get("/events/workflows/w1/agents?limit=5"), "query", "limit")
 
 
-def test_path_id_length_limit(client):
-    assert_invalid(client.get("/events/agents/" + "a" * 300), "path", "agent_id")
+def test_path_id_length_limit(front):
+    assert_invalid(front.get("/events/agents/" + "a" * 300), "path", "agent_id")
 
 
 def test_store_schema(sqlite_srv):
@@ -1942,10 +1956,10 @@ def test_stream_filters(shared, query, expected):
         stream.close()
 
 
-def test_stream_bad_parameters(client):
-    assert_invalid(client.get("/events/stream?limit=5"), "query", "limit")
-    assert_invalid(client.get("/events/stream?after=x"), "query", "after")
-    assert_invalid(client.get("/events/stream", headers={"Last-Event-ID": "abc"}), "header", "last-event-id")
+def test_stream_bad_parameters(front):
+    assert_invalid(front.get("/events/stream?limit=5"), "query", "limit")
+    assert_invalid(front.get("/events/stream?after=x"), "query", "after")
+    assert_invalid(front.get("/events/stream", headers={"Last-Event-ID": "abc"}), "header", "last-event-id")
 
 
 def test_empty_last_event_id_means_none(srv):
@@ -2216,14 +2230,14 @@ def test_stream_takes_access_token(keyed):
     stream.close()
 
 
-def test_openapi_documents_the_key(keyed, client):
+def test_openapi_documents_the_key(keyed, front):
     doc = keyed.client.get("/openapi.json").json()
     scheme = doc["components"]["securitySchemes"]["bearer"]
     assert (scheme["type"], scheme["scheme"]) == ("http", "bearer") and "access_token" in scheme["description"]
     assert doc["paths"]["/events/emit/agent"]["post"]["security"] == [{"bearer": []}]
     assert "401" in doc["paths"]["/events/"]["get"]["responses"]
     assert "security" not in doc["paths"]["/health/"]["get"]
-    assert "security" not in client.get("/openapi.json").json()["paths"]["/events/"]["get"]
+    assert "security" not in front.get("/openapi.json").json()["paths"]["/events/"]["get"]
 
 
 def test_preflight_needs_no_key_and_allows_auth_headers(keyed):
@@ -2255,17 +2269,17 @@ def test_key_and_token_never_logged_and_open_bind_warns(tmp_path):
 
 # -- hardening: bad input never gets a 5xx ---------------------------------------------------------
 
-def test_odd_requests_get_4xx_json(client):
+def test_odd_requests_get_4xx_json(front):
     cases = [
-        client.post("/events/emit/agent", content=b'{"name": "x"}', headers={"content-type": "application/xml"}),
-        client.post("/events/emit/agent", content=b"\x00\x01\x02", headers={"content-type": "application/json"}),
-        client.post("/events/emit/agent", content=b'{"name": "x", "name": 5}', headers={"content-type": "application/json"}),
-        client.get("/events/?limit=%FF"),
-        client.get("/events/?since=2026-01-01T00:00:00%2B99:99"),
-        client.get("/events/?&&=&limit="),
-        client.put("/events/emit/agent", json={"name": "x"}),
-        client.get("/events/agents/" + "a" * 300),
-        client.get("/events/?event_name=" + "x" * 300),
+        front.post("/events/emit/agent", content=b'{"name": "x"}', headers={"content-type": "application/xml"}),
+        front.post("/events/emit/agent", content=b"\x00\x01\x02", headers={"content-type": "application/json"}),
+        front.post("/events/emit/agent", content=b'{"name": "x", "name": 5}', headers={"content-type": "application/json"}),
+        front.get("/events/?limit=%FF"),
+        front.get("/events/?since=2026-01-01T00:00:00%2B99:99"),
+        front.get("/events/?&&=&limit="),
+        front.put("/events/emit/agent", json={"name": "x"}),
+        front.get("/events/agents/" + "a" * 300),
+        front.get("/events/?event_name=" + "x" * 300),
     ]
     for reply in cases:
         assert 400 <= reply.status_code < 500, (reply.request.url, reply.status_code, reply.text)
