@@ -23,6 +23,7 @@ import abc
 import argparse
 import asyncio
 import collections
+import contextlib
 import dataclasses
 import functools
 import hashlib
@@ -40,18 +41,20 @@ import threading
 import time
 import uuid
 from collections import deque
+from collections.abc import AsyncIterator, Iterable, Mapping, Sequence
 from concurrent.futures import ThreadPoolExecutor
 from contextlib import asynccontextmanager
 from datetime import datetime, timedelta, timezone
-from typing import Any, AsyncIterator, Callable, Iterable, NamedTuple, Protocol, Sequence
+from typing import Any, Callable, NamedTuple, Protocol, TypedDict
 
 from starlette.applications import Starlette
 from starlette.exceptions import HTTPException
 from starlette.middleware import Middleware
 from starlette.middleware.cors import CORSMiddleware
 from starlette.requests import Request
-from starlette.responses import HTMLResponse, JSONResponse, Response
+from starlette.responses import HTMLResponse, Response
 from starlette.routing import Route
+from starlette.types import ASGIApp, Receive, Scope, Send
 
 __version__ = "1.1.0"
 __all__ = ["APIServerConfig", "get_config", "set_config", "create_app", "app", "main"]
@@ -108,7 +111,7 @@ class APIServerConfig:
         return os.path.join(self.data_dir, "events.db")
 
     @classmethod
-    def from_env(cls, environ: dict | None = None) -> "APIServerConfig":
+    def from_env(cls, environ: dict | None = None) -> APIServerConfig:
         """Settings from the environment (kept from the original's API)."""
         return config_from_env(environ)
 
@@ -132,6 +135,7 @@ def _parse_int(low: int, high: int = 2**31 - 1) -> Callable[[str], int]:
         if not low <= value <= high:
             raise ValueError(f"expected an integer from {low} to {high}")
         return value
+
     return parse
 
 
@@ -148,6 +152,7 @@ def _parse_choice(*choices: str) -> Callable[[str], str]:
         if value not in choices:
             raise ValueError("expected one of " + ", ".join(choices))
         return value
+
     return parse
 
 
@@ -156,38 +161,68 @@ def _parse_origins(text: str) -> list:
 
 
 # (field, environment variable, flag, parser, help). Drives from_env and argparse alike.
-SETTINGS = [
+SETTINGS: list[tuple[str, str, str, Callable[[str], Any], str]] = [
     ("host", "HOST", "--host", str, "address to bind (default 127.0.0.1)"),
     ("port", "PORT", "--port", _parse_int(0, 65535), "port to bind (default 8765)"),
     ("reload", "RELOAD", "--reload", _parse_bool, "restart when the code changes"),
     ("log_level", "LOG_LEVEL", "--log-level", _parse_choice(*LOG_LEVELS), "debug|info|warning|error|critical"),
     ("data_dir", "DATA_DIR", "--data-dir", str, "folder of the SQLite database (default .events)"),
-    ("database_url", "DATABASE_URL", "--database-url", str,
-     "a PostgreSQL database instead of SQLite: postgresql://user:password@host:port/dbname"),
+    (
+        "database_url",
+        "DATABASE_URL",
+        "--database-url",
+        str,
+        "a PostgreSQL database instead of SQLite: postgresql://user:password@host:port/dbname",
+    ),
     ("cors_origins", "CORS_ORIGINS", "--cors-origins", _parse_origins, "comma-separated allowed origins, or *"),
-    ("cors_allow_credentials", "CORS_ALLOW_CREDENTIALS", "--cors-allow-credentials", _parse_bool,
-     "allow credentials in CORS requests (never with *)"),
-    ("database_timeout", "DATABASE_TIMEOUT", "--database-timeout", _parse_seconds,
-     "seconds to wait for a database lock before answering 503 (default 10)"),
-    ("durability", "DURABILITY", "--durability", _parse_choice("full", "normal"),
-     "full: an acknowledged event survives power loss; normal: it survives a process crash"),
+    (
+        "cors_allow_credentials",
+        "CORS_ALLOW_CREDENTIALS",
+        "--cors-allow-credentials",
+        _parse_bool,
+        "allow credentials in CORS requests (never with *)",
+    ),
+    (
+        "database_timeout",
+        "DATABASE_TIMEOUT",
+        "--database-timeout",
+        _parse_seconds,
+        "seconds to wait for a database lock before answering 503 (default 10)",
+    ),
+    (
+        "durability",
+        "DURABILITY",
+        "--durability",
+        _parse_choice("full", "normal"),
+        "full: an acknowledged event survives power loss; normal: it survives a process crash",
+    ),
     ("api_key", "API_KEY", "--api-key", str, "require 'Authorization: Bearer KEY' on event routes"),
     ("sse_ping", "SSE_PING", "--sse-ping", _parse_seconds, "seconds between stream heartbeats (default 15)"),
     ("max_streams", "MAX_STREAMS", "--max-streams", _parse_int(1), "open streams at most (default 1000)"),
     ("max_batch", "MAX_BATCH", "--max-batch", _parse_int(1, 100000), "events per batch at most (default 1000)"),
     ("max_body", "MAX_BODY", "--max-body", _parse_int(1024), "request body bytes at most (default 1 MiB)"),
     ("max_depth", "MAX_DEPTH", "--max-depth", _parse_int(1, 1000), "attributes nesting depth at most (default 32)"),
-    ("max_id_length", "MAX_ID_LENGTH", "--max-id-length", _parse_int(1, 65536),
-     "characters in a name or id at most (default 256)"),
-    ("docs_assets_url", "DOCS_ASSETS_URL", "--docs-assets-url", str,
-     "where /docs loads swagger-ui-dist from (default: a CDN)"),
+    (
+        "max_id_length",
+        "MAX_ID_LENGTH",
+        "--max-id-length",
+        _parse_int(1, 65536),
+        "characters in a name or id at most (default 256)",
+    ),
+    (
+        "docs_assets_url",
+        "DOCS_ASSETS_URL",
+        "--docs-assets-url",
+        str,
+        "where /docs loads swagger-ui-dist from (default: a CDN)",
+    ),
 ]
 
 
-def config_from_env(environ: dict | None = None, **overrides: Any) -> APIServerConfig:
+def config_from_env(environ: Mapping[str, str] | None = None, **overrides: Any) -> APIServerConfig:
     """Settings from environment variables, then `overrides` (already parsed) on top."""
     environ = os.environ if environ is None else environ
-    values: dict = {}
+    values: dict[str, Any] = {}
     for field, env, _flag, parse, _help in SETTINGS:
         if env in environ:
             try:
@@ -260,10 +295,12 @@ def _compact_encoder() -> Callable[[Any], str]:
     a new C encoder on every call, which costs twice the encoding of a small object; this
     one is made once (it runs for every event stored, listed and streamed)."""
     encoder = json.JSONEncoder(ensure_ascii=False, separators=(",", ":"), allow_nan=False)
+    make = getattr(json.encoder, "c_make_encoder", None)  # None where json has no C accelerator
+    if make is None:
+        return encoder.encode
     try:  # the arguments JSONEncoder.iterencode passes; no cycle check: values come from JSON
-        encode = json.encoder.c_make_encoder(None, encoder.default, json.encoder.encode_basestring,
-                                             None, ":", ",", False, False, False)
-    except TypeError:  # no C encoder (None), or one this code does not know
+        encode = make(None, encoder.default, json.encoder.encode_basestring, None, ":", ",", False, False, False)
+    except TypeError:  # a C encoder of other arguments than this code knows
         return encoder.encode
     return lambda value: "".join(encode(value, 0))
 
@@ -305,24 +342,38 @@ def event_fields(config: APIServerConfig) -> dict:
         "attributes": {
             "type": "object",
             "description": f"Any JSON object (nesting depth at most {config.max_depth}). "
-                           "`attributes.agent_name` (agents) and `attributes.user_prompt` (workflows) "
-                           "are also shown as item fields.",
+            "`attributes.agent_name` (agents) and `attributes.user_prompt` (workflows) "
+            "are also shown as item fields.",
             "x-max-depth": config.max_depth,
             "properties": {key: {"pattern": NO_NUL} for key in ATTRIBUTE_FIELDS},
             "default": {},
         },
-        "timestamp": {"type": "string", "format": "date-time", "description": "When it happened; default: "
-                      "when the server stores it. Accepted forms: " + TIMESTAMP_FORMS},
-        "aggregate_id": id_field("The agent, workflow or session this event belongs to. Default: a new "
-                                 "UUID for agents and workflows, `system` for system events.", n),
+        "timestamp": {
+            "type": "string",
+            "format": "date-time",
+            "description": "When it happened; default: when the server stores it. Accepted forms: " + TIMESTAMP_FORMS,
+        },
+        "aggregate_id": id_field(
+            "The agent, workflow or session this event belongs to. Default: a new "
+            "UUID for agents and workflows, `system` for system events.",
+            n,
+        ),
         "causation_id": id_field("What caused it; for agents, the parent agent's id.", n),
         "correlation_id": id_field("What it belongs to; for agents and system events, the workflow id.", n),
-        "event_id": {"type": "string", "format": "uuid", "description": "A client-chosen UUID that makes "
-                     "retries idempotent: the same id with the same content returns the original reply "
-                     "and stores nothing; with other content it is a 409. Default: a new UUID."},
-        "expected_version": {"type": "integer", "minimum": 0, "maximum": MAX_INT, "description":
-                             "Optimistic concurrency: the aggregate's current version must be this "
-                             "(0: the aggregate must not exist yet), else 409 and nothing is stored."},
+        "event_id": {
+            "type": "string",
+            "format": "uuid",
+            "description": "A client-chosen UUID that makes "
+            "retries idempotent: the same id with the same content returns the original reply "
+            "and stores nothing; with other content it is a 409. Default: a new UUID.",
+        },
+        "expected_version": {
+            "type": "integer",
+            "minimum": 0,
+            "maximum": MAX_INT,
+            "description": "Optimistic concurrency: the aggregate's current version must be this "
+            "(0: the aggregate must not exist yet), else 409 and nothing is stored.",
+        },
     }
 
 
@@ -393,24 +444,31 @@ def check_value(spec: dict, value: Any, loc: Sequence, errors: list, key: Any = 
                     return format_timestamp(parse_timestamp(value))
                 return str(uuid.UUID(value))
             except (ValueError, OverflowError) as exc:
-                problem = ((f"invalid timestamp ({exc}); accepted: {TIMESTAMP_FORMS}", "value_error.datetime")
-                           if spec["format"] == "date-time" else ("must be a UUID", "value_error.uuid"))
+                problem = (
+                    (f"invalid timestamp ({exc}); accepted: {TIMESTAMP_FORMS}", "value_error.datetime")
+                    if spec["format"] == "date-time"
+                    else ("must be a UUID", "value_error.uuid")
+                )
         elif not value:
             if spec.get("minLength"):
                 problem = ("must not be empty", "value_error.any_str.min_length")
         elif len(value) > spec.get("maxLength", len(value)):
             problem = (f"must be at most {spec['maxLength']} characters", "value_error.any_str.max_length")
         elif "pattern" in spec and not compiled(spec["pattern"]).search(value):
-            problem = (NUL_MESSAGE if spec["pattern"] == NO_NUL else f"must match {spec['pattern']}",
-                       "value_error.str.regex")
+            problem = (
+                NUL_MESSAGE if spec["pattern"] == NO_NUL else f"must match {spec['pattern']}",
+                "value_error.str.regex",
+            )
     elif kind == "integer":
         if isinstance(value, float) and value.is_integer():  # JSON Schema: 3.0 is an integer
             value = int(value)
         if not isinstance(value, int) or isinstance(value, bool):
             problem = ("must be an integer", "type_error.integer")
         elif not spec.get("minimum", value) <= value <= spec.get("maximum", value):
-            problem = (f"must be from {spec.get('minimum')} to {spec.get('maximum')}",
-                       "value_error.number.not_in_range")
+            problem = (
+                f"must be from {spec.get('minimum')} to {spec.get('maximum')}",
+                "value_error.number.not_in_range",
+            )
     elif kind == "object":
         if not isinstance(value, dict):
             problem = ("must be a JSON object", "type_error.dict")
@@ -436,8 +494,7 @@ def check_object(body: Any, fields: dict, required: Iterable[str], loc: Sequence
     for key, value in body.items():
         spec = fields.get(key)
         if spec is None:
-            errors.append(invalid([*loc, key], "unknown field; allowed: " + ", ".join(fields),
-                                  "value_error.extra"))
+            errors.append(invalid([*loc, key], "unknown field; allowed: " + ", ".join(fields), "value_error.extra"))
         elif value is not None:  # an explicit null means the same as leaving it out
             clean[key] = check_value(spec, value, loc, errors, key)
     for key in required:
@@ -461,7 +518,7 @@ _SURROGATE = re.compile(r"\\u[dD][89a-fA-F]")
 _decode = json.JSONDecoder(parse_constant=_reject_constant, parse_float=_parse_float).decode
 
 
-def parse_json(body: bytes, max_depth: int) -> Any:
+def parse_json(body: bytes | bytearray, max_depth: int) -> Any:
     """Strict JSON: UTF-8 only, no NaN or Infinity, no lone surrogates, bounded nesting."""
     try:
         text = body.decode("utf-8")
@@ -469,11 +526,13 @@ def parse_json(body: bytes, max_depth: int) -> Any:
         if "\\u" in text and _SURROGATE.search(text):
             json.dumps(value, ensure_ascii=False).encode("utf-8")  # raises on a lone surrogate
     except UnicodeError:
-        raise Problem(422, [invalid(["body"], "not valid UTF-8 or has a lone surrogate", "value_error.unicode")])
+        raise Problem(
+            422, [invalid(["body"], "not valid UTF-8 or has a lone surrogate", "value_error.unicode")]
+        ) from None
     except RecursionError:
-        raise Problem(422, [invalid(["body"], f"nested deeper than {max_depth} levels", "value_error.depth")])
+        raise Problem(422, [invalid(["body"], f"nested deeper than {max_depth} levels", "value_error.depth")]) from None
     except ValueError as exc:
-        raise Problem(422, [invalid(["body"], f"invalid JSON: {exc}", "value_error.jsondecode")])
+        raise Problem(422, [invalid(["body"], f"invalid JSON: {exc}", "value_error.jsondecode")]) from None
     return value
 
 
@@ -503,9 +562,20 @@ class NewEvent:
     values: tuple = dataclasses.field(init=False, repr=False)
 
     def __post_init__(self) -> None:
-        self.values = (self.event_id, self.aggregate_type, self.aggregate_id, self.event_type, self.name,
-                       self.attributes, self.correlation_id, self.causation_id, self.agent_name, self.user_prompt,
-                       self.session_id, self.content_hash)
+        self.values = (
+            self.event_id,
+            self.aggregate_type,
+            self.aggregate_id,
+            self.event_type,
+            self.name,
+            self.attributes,
+            self.correlation_id,
+            self.causation_id,
+            self.agent_name,
+            self.user_prompt,
+            self.session_id,
+            self.content_hash,
+        )
 
 
 def prepare_event(kind: str, body: Any, loc: Sequence, errors: list, fields: dict) -> NewEvent | None:
@@ -523,8 +593,15 @@ def prepare_event(kind: str, body: Any, loc: Sequence, errors: list, fields: dic
     given_id = clean.get("aggregate_id")
     content_hash = None
     if "event_id" in clean:
-        content = [kind, clean["name"], attributes_json, clean.get("timestamp"), given_id,
-                   clean.get("correlation_id"), clean.get("causation_id")]
+        content = [
+            kind,
+            clean["name"],
+            attributes_json,
+            clean.get("timestamp"),
+            given_id,
+            clean.get("correlation_id"),
+            clean.get("causation_id"),
+        ]
         content_hash = hashlib.sha256(json.dumps(content).encode()).hexdigest()
     return NewEvent(
         kind=kind,
@@ -568,25 +645,47 @@ def _string_attr(attributes: dict, key: str) -> str | None:
 def list_params(config: APIServerConfig) -> dict:
     n = config.max_id_length
     return {
-        "limit": {"type": "integer", "minimum": 1, "maximum": 1000, "default": 100,
-                  "description": "Events per page."},
-        "offset": {"type": "integer", "minimum": 0, "maximum": MAX_INT, "default": 0,
-                   "description": "Events to skip. Deep offsets get slow: prefer the `after`/`before` cursor."},
-        "order": {"type": "string", "enum": ["desc", "asc"], "default": "desc",
-                  "description": "By position: `desc` newest first, `asc` oldest first."},
-        "after": {"type": "integer", "minimum": 0, "maximum": MAX_INT,
-                  "description": "Cursor: only events with a position above this (use with order=asc)."},
-        "before": {"type": "integer", "minimum": 0, "maximum": MAX_INT,
-                   "description": "Cursor: only events with a position below this (use with order=desc)."},
+        "limit": {"type": "integer", "minimum": 1, "maximum": 1000, "default": 100, "description": "Events per page."},
+        "offset": {
+            "type": "integer",
+            "minimum": 0,
+            "maximum": MAX_INT,
+            "default": 0,
+            "description": "Events to skip. Deep offsets get slow: prefer the `after`/`before` cursor.",
+        },
+        "order": {
+            "type": "string",
+            "enum": ["desc", "asc"],
+            "default": "desc",
+            "description": "By position: `desc` newest first, `asc` oldest first.",
+        },
+        "after": {
+            "type": "integer",
+            "minimum": 0,
+            "maximum": MAX_INT,
+            "description": "Cursor: only events with a position above this (use with order=asc).",
+        },
+        "before": {
+            "type": "integer",
+            "minimum": 0,
+            "maximum": MAX_INT,
+            "description": "Cursor: only events with a position below this (use with order=desc).",
+        },
         "event_type": id_field("`AgentEvent`, `WorkflowEvent` or `SystemEvent`.", n, stored=False),
         "aggregate_type": id_field("`agent_aggregate`, `workflow_aggregate` or `system_aggregate`.", n, stored=False),
         "aggregate_id": id_field("Only this aggregate's events.", n, stored=False),
         "correlation_id": id_field("Only events with this correlation id.", n, stored=False),
         "event_name": id_field("Only events with this name, e.g. `agent.started`.", n, stored=False),
-        "since": {"type": "string", "format": "date-time",
-                  "description": "Only events whose timestamp is after this instant. " + TIMESTAMP_FORMS},
-        "until": {"type": "string", "format": "date-time",
-                  "description": "Only events whose timestamp is at or before this instant."},
+        "since": {
+            "type": "string",
+            "format": "date-time",
+            "description": "Only events whose timestamp is after this instant. " + TIMESTAMP_FORMS,
+        },
+        "until": {
+            "type": "string",
+            "format": "date-time",
+            "description": "Only events whose timestamp is at or before this instant.",
+        },
     }
 
 
@@ -595,11 +694,17 @@ STREAM_FILTERS = ("event_type", "aggregate_type", "aggregate_id", "correlation_i
 
 def stream_params(config: APIServerConfig) -> dict:
     params = {name: spec for name, spec in list_params(config).items() if name in STREAM_FILTERS}
-    params["after"] = {"type": "integer", "minimum": 0, "maximum": MAX_INT,
-                       "description": "Resume: first send the stored events after this position "
-                                      "(the `Last-Event-ID` header does the same)."}
-    params["access_token"] = {"type": "string", "description": "The API key, for browsers' EventSource, "
-                              "which cannot send an Authorization header."}
+    params["after"] = {
+        "type": "integer",
+        "minimum": 0,
+        "maximum": MAX_INT,
+        "description": "Resume: first send the stored events after this position "
+        "(the `Last-Event-ID` header does the same).",
+    }
+    params["access_token"] = {
+        "type": "string",
+        "description": "The API key, for browsers' EventSource, which cannot send an Authorization header.",
+    }
     return params
 
 
@@ -645,6 +750,7 @@ def check_query(request: Request, specs: dict) -> dict:
 
 # -- 3.1 the interface ---------------------------------------------------------------
 
+
 class Receipt(NamedTuple):
     """What an append tells about each stored event."""
 
@@ -672,7 +778,7 @@ class Query:
     """A page of the log: equality filters (STREAM_FILTERS), a time window, a position
     cursor, order and paging; scoped to one agent's events or to a workflow's timeline."""
 
-    filters: dict = dataclasses.field(default_factory=dict)
+    filters: dict[str, str | None] = dataclasses.field(default_factory=dict)
     since: str | None = None  # timestamp > since
     until: str | None = None  # timestamp <= until
     after: int | None = None
@@ -685,9 +791,22 @@ class Query:
 
 
 class Page(NamedTuple):
-    items: list  # of StoredEvent
+    items: list[StoredEvent]
     total: int  # every event the query matches, cursor and paging aside
     next: int | None  # the cursor for the next page, when this one is full
+
+
+class AgentSummary(TypedDict):
+    """An agent of a workflow, as /events/workflows/{id}/agents lists it."""
+
+    agent_id: str
+    agent_name: str | None
+    workflow_id: str
+    parent_agent_id: str | None
+    first_event_time: str
+    last_event_time: str
+    event_count: int
+    status: str
 
 
 class StoreError(Exception):
@@ -708,7 +827,7 @@ class VersionConflict(Conflict):
         self.current_version = current_version
 
 
-def normalize_filters(filters: dict) -> dict | None:
+def normalize_filters(filters: Mapping[str, str | None]) -> dict[str, str] | None:
     """The equality filters on stored columns, None if they can match nothing. An event's
     event_type follows from its aggregate_type (KINDS), so it becomes that filter."""
     clean = {name: value for name, value in filters.items() if value is not None}
@@ -721,7 +840,7 @@ def normalize_filters(filters: dict) -> dict | None:
     return clean
 
 
-def narrow(filters: dict | None, **scope: str) -> dict | None:
+def narrow(filters: dict[str, str] | None, **scope: str) -> dict[str, str] | None:
     """filters AND scope's equalities; None if they contradict each other."""
     if filters is None or any(filters.get(name, value) != value for name, value in scope.items()):
         return None
@@ -747,7 +866,7 @@ class EventStore(abc.ABC):
         """Finish what was acknowledged as accepted, then release everything."""
 
     @abc.abstractmethod
-    async def append(self, events: list) -> list:
+    async def append(self, events: list[NewEvent]) -> list[Receipt]:
         """Store the NewEvents atomically, in order; return a Receipt for each once they are
         committed. Raises Conflict (nothing stored) or StoreUnavailable. An empty list
         stores nothing but still commits a write: the writability check."""
@@ -761,7 +880,7 @@ class EventStore(abc.ABC):
         """A page of events and the exact total."""
 
     @abc.abstractmethod
-    async def events_after(self, position: int, filters: dict, limit: int) -> list:
+    async def events_after(self, position: int, filters: dict[str, str | None], limit: int) -> list[StoredEvent]:
         """Up to `limit` StoredEvents after `position` that match the equality filters, oldest first."""
 
     @abc.abstractmethod
@@ -769,7 +888,7 @@ class EventStore(abc.ABC):
         """The position of the newest committed event (0 for an empty log)."""
 
     @abc.abstractmethod
-    async def workflow_agents(self, workflow_id: str) -> list:
+    async def workflow_agents(self, workflow_id: str) -> list[AgentSummary]:
         """The workflow's agents, in order of their first correlated event (see WORKFLOW_AGENTS)."""
 
     @abc.abstractmethod
@@ -784,12 +903,32 @@ class EventStore(abc.ABC):
 
 # -- 3.2 planning a group of appends ---------------------------------------------------
 
-ROW_COLUMNS = ("position", "aggregate_version", "timestamp", "event_id", "aggregate_type", "aggregate_id",
-               "event_type", "event_name", "attributes", "correlation_id", "causation_id", "agent_name",
-               "user_prompt", "session_id", "content_hash")
+ROW_COLUMNS = (
+    "position",
+    "aggregate_version",
+    "timestamp",
+    "event_id",
+    "aggregate_type",
+    "aggregate_id",
+    "event_type",
+    "event_name",
+    "attributes",
+    "correlation_id",
+    "causation_id",
+    "agent_name",
+    "user_prompt",
+    "session_id",
+    "content_hash",
+)
 
 
-def plan_appends(requests: Sequence[list], position: int, versions: dict, stored: dict, now: str) -> tuple:
+def plan_appends(
+    requests: Sequence[list[NewEvent]],
+    position: int,
+    versions: dict[tuple[str, str], int],
+    stored: dict[str, tuple[str | None, Receipt]],
+    now: str,
+) -> tuple[list[list[Receipt] | Conflict], list[tuple]]:
     """Decide each request's outcome, given the log's last position, the current version of
     every aggregate the requests name ({(aggregate_type, aggregate_id): version}, missing
     means 0) and the receipts of their client-chosen event_ids already stored ({event_id:
@@ -809,17 +948,26 @@ def plan_appends(requests: Sequence[list], position: int, versions: dict, stored
                     earlier = staged_ids.get(event.event_id) or stored.get(event.event_id)
                     if earlier:
                         if earlier[0] != event.content_hash:
-                            raise Conflict(f"event_id {event.event_id} was already used for an event with other content")
+                            raise Conflict(
+                                f"event_id {event.event_id} was already used for an event with other content"
+                            )
                         receipts.append(earlier[1])
                         continue
                 key = (event.aggregate_type, event.aggregate_id)
                 current = staged_versions.get(key, versions.get(key, 0))
                 if event.expected_version is not None and event.expected_version != current:
-                    raise VersionConflict(f"{key[0]} {key[1]!r} is at version {current}, "
-                                          f"not the expected {event.expected_version}", current)
+                    raise VersionConflict(
+                        f"{key[0]} {key[1]!r} is at version {current}, not the expected {event.expected_version}",
+                        current,
+                    )
                 version = staged_versions[key] = current + 1
-                receipt = Receipt(event.event_id, position + len(rows) + len(staged_rows) + 1, version,
-                                  event.timestamp or now, event.aggregate_id)
+                receipt = Receipt(
+                    event.event_id,
+                    position + len(rows) + len(staged_rows) + 1,
+                    version,
+                    event.timestamp or now,
+                    event.aggregate_id,
+                )
                 staged_rows.append((receipt.position, version, receipt.timestamp, *event.values))
                 if event.client_event_id:
                     staged_ids[event.event_id] = (event.content_hash, receipt)
@@ -923,8 +1071,10 @@ MIGRATIONS = {
         ('events', 'events_name_time', '1000000 20000 2');
     """,
 }
-COLUMNS = ("position, event_id, aggregate_type, aggregate_id, aggregate_version, event_type, event_name, "
-           "timestamp, attributes, correlation_id, causation_id, agent_name, user_prompt, session_id")
+COLUMNS = (
+    "position, event_id, aggregate_type, aggregate_id, aggregate_version, event_type, event_name, "
+    "timestamp, attributes, correlation_id, causation_id, agent_name, user_prompt, session_id"
+)
 
 
 def sql_statements(script: str) -> list:
@@ -950,22 +1100,30 @@ SQLITE_FAULTS = {
     26: "the file is not an SQLite database",  # SQLITE_NOTADB
 }
 # sqlite3_errstr() of those codes, for Python before 3.11, whose errors carry no code.
-SQLITE_MESSAGES = {"database is locked": 5, "database table is locked": 6, "attempt to write a readonly database": 8,
-                   "disk I/O error": 10, "database disk image is malformed": 11, "database or disk is full": 13,
-                   "unable to open database file": 14, "file is not a database": 26}
+SQLITE_MESSAGES = {
+    "database is locked": 5,
+    "database table is locked": 6,
+    "attempt to write a readonly database": 8,
+    "disk I/O error": 10,
+    "database disk image is malformed": 11,
+    "database or disk is full": 13,
+    "unable to open database file": 14,
+    "file is not a database": 26,
+}
 
 
-def unavailable(exc: sqlite3.Error) -> StoreUnavailable:
+def unavailable(exc: Exception) -> StoreUnavailable:
     """A StoreUnavailable that names the fault and keeps SQLite's own words."""
     code = getattr(exc, "sqlite_errorcode", None)
-    code = SQLITE_MESSAGES.get(str(exc)) if code is None else code & 0xFF
+    code = SQLITE_MESSAGES.get(str(exc), 0) if code is None else code & 0xFF
     return StoreUnavailable(f"{SQLITE_FAULTS.get(code, 'database error')} ({exc})")
 
 
 def connect(path: str, timeout: float, durability: str = "full", readonly: bool = False) -> sqlite3.Connection:
     # The writer keeps a statement of each size insert_rows uses, for three tables.
-    conn = sqlite3.connect(path, timeout=timeout, isolation_level=None, check_same_thread=False,
-                           cached_statements=64 if readonly else 512)
+    conn = sqlite3.connect(
+        path, timeout=timeout, isolation_level=None, check_same_thread=False, cached_statements=64 if readonly else 512
+    )
     conn.execute(f"PRAGMA busy_timeout = {int(timeout * 1000)}")
     if readonly:
         conn.execute("PRAGMA query_only = ON")
@@ -994,8 +1152,10 @@ def open_database(path: str, timeout: float, durability: str) -> sqlite3.Connect
     version = conn.execute("PRAGMA user_version").fetchone()[0]
     if version > SCHEMA_VERSION:
         conn.close()
-        raise StoreUnavailable(f"{path} has schema version {version}; this server ({__version__}) "
-                               f"knows versions up to {SCHEMA_VERSION}: upgrade the server")
+        raise StoreUnavailable(
+            f"{path} has schema version {version}; this server ({__version__}) "
+            f"knows versions up to {SCHEMA_VERSION}: upgrade the server"
+        )
     while version < SCHEMA_VERSION:
         conn.execute("BEGIN IMMEDIATE")
         if conn.execute("PRAGMA user_version").fetchone()[0] == version:  # another process may have migrated
@@ -1039,8 +1199,8 @@ POLL = 0.05  # seconds between looks for commits of other processes
 class Pending(NamedTuple):
     """A request in the writer's queue."""
 
-    events: list
-    future: asyncio.Future
+    events: list[NewEvent]
+    future: asyncio.Future[list[Receipt]]
 
 
 EVENTS_TABLE = f"events ({', '.join(ROW_COLUMNS)})"
@@ -1048,7 +1208,7 @@ COUNTS_UPSERT = " ON CONFLICT (field, value, aggregate_type) DO UPDATE SET n = c
 MEMBERS_UPSERT = " ON CONFLICT DO NOTHING"
 
 
-@functools.lru_cache(maxsize=None)
+@functools.cache
 def values_sql(head: str, width: int, rows: int, tail: str) -> str:
     return f"{head} VALUES " + ", ".join(["(" + ", ".join("?" * width) + ")"] * rows) + tail
 
@@ -1064,7 +1224,9 @@ def insert_rows(conn: sqlite3.Connection, table: str, rows: list, tail: str = ""
     while start < len(rows):
         left = len(rows) - start
         size = left if left <= min(EXACT_ROWS, most) else min(1 << (left.bit_length() - 1), most)
-        conn.execute(values_sql(head, width, size, tail), [value for row in rows[start:start + size] for value in row])
+        conn.execute(
+            values_sql(head, width, size, tail), [value for row in rows[start : start + size] for value in row]
+        )
         start += size
 
 
@@ -1075,12 +1237,17 @@ def read_state(conn: sqlite3.Connection, keys: list) -> tuple:
     position, counted, versions = 0, 0, {}
     step = MAX_PARAMS // 3
     for start in range(0, max(len(keys), 1), step):
-        chunk = keys[start:start + step]
+        chunk = keys[start : start + step]
         sql = f"SELECT (SELECT max(position) FROM events), (SELECT n FROM counts WHERE {COUNTED_THROUGH})"
         if chunk:
-            sql = ("WITH k (i, t, id) AS (VALUES " + ", ".join(["(?, ?, ?)"] * len(chunk)) + ") " + sql +
-                   ", (SELECT group_concat(i || ' ' || (SELECT coalesce(max(aggregate_version), 0) FROM events "
-                   "WHERE aggregate_type = k.t AND aggregate_id = k.id)) FROM k)")
+            sql = (
+                "WITH k (i, t, id) AS (VALUES "
+                + ", ".join(["(?, ?, ?)"] * len(chunk))
+                + ") "
+                + sql
+                + ", (SELECT group_concat(i || ' ' || (SELECT coalesce(max(aggregate_version), 0) FROM events "
+                "WHERE aggregate_type = k.t AND aggregate_id = k.id)) FROM k)"
+            )
         row = conn.execute(sql, [value for i, key in enumerate(chunk) for value in (i, *key)]).fetchone()
         position, counted = row[0] or 0, row[1] or 0
         for pair in row[2].split(",") if chunk else ():
@@ -1117,8 +1284,11 @@ def record_summaries(conn: Any, events: Iterable, through: int, counted: int, in
 def count_stored(conn: Any, counted: int, position: int, insert: Callable = insert_rows) -> None:
     """Count the events after `counted` up to `position` that no writer of ours counted."""
     while counted < position:
-        rows = conn.execute(f"SELECT {', '.join(SUMMARY_COLUMNS)} FROM events WHERE position > ? AND position <= ? "
-                            "ORDER BY position LIMIT 10000", (counted, position)).fetchall()
+        rows = conn.execute(
+            f"SELECT {', '.join(SUMMARY_COLUMNS)} FROM events WHERE position > ? AND position <= ? "
+            "ORDER BY position LIMIT 10000",
+            (counted, position),
+        ).fetchall()
         through = rows[-1][0] if rows else position
         record_summaries(conn, rows, through, counted, insert)
         counted = through
@@ -1128,9 +1298,12 @@ def read_receipts(conn: Any, event_ids: list) -> dict:
     """{event_id: (content_hash, Receipt)} for those of `event_ids` already stored."""
     found = {}
     for start in range(0, len(event_ids), MAX_PARAMS):
-        chunk = event_ids[start:start + MAX_PARAMS]
-        for row in conn.execute("SELECT content_hash, event_id, position, aggregate_version, timestamp, aggregate_id "
-                                f"FROM events WHERE event_id IN ({', '.join('?' * len(chunk))})", chunk):
+        chunk = event_ids[start : start + MAX_PARAMS]
+        for row in conn.execute(
+            "SELECT content_hash, event_id, position, aggregate_version, timestamp, aggregate_id "
+            f"FROM events WHERE event_id IN ({', '.join('?' * len(chunk))})",
+            chunk,
+        ):
             found[row[1]] = (row[0], Receipt(*row[1:]))
     return found
 
@@ -1204,26 +1377,56 @@ def commit_group(conn: sqlite3.Connection, requests: list, seen: SeenVersions) -
 # PgConnection (section 3.7), to PostgreSQL: the SQL is what both understand, with `?`
 # placeholders; only SQLite gets index hints.
 
+
 class Connection(Protocol):
     """What the queries need of a connection: sqlite3's, or PgConnection."""
 
     def execute(self, sql: str, args: Sequence = ...) -> Any: ...
 
+
 def item_json(row: tuple) -> str:
     """One event item as JSON; the stored attributes text is spliced in, not re-parsed."""
-    (position, event_id, aggregate_type, aggregate_id, version, event_type, name, timestamp, attributes,
-     correlation_id, causation_id, agent_name, user_prompt, session_id) = row
+    (
+        position,
+        event_id,
+        aggregate_type,
+        aggregate_id,
+        version,
+        event_type,
+        name,
+        timestamp,
+        attributes,
+        correlation_id,
+        causation_id,
+        agent_name,
+        user_prompt,
+        session_id,
+    ) = row
     kind = AGGREGATE_KINDS.get(aggregate_type)
-    head = compact_json({
-        "event_id": event_id, "position": position, "aggregate_id": aggregate_id,
-        "aggregate_type": aggregate_type, "aggregate_version": version, "event_type": event_type,
-        "event_name": name, "timestamp": timestamp})
-    tail = compact_json({
-        "correlation_id": correlation_id, "causation_id": causation_id, "agent_name": agent_name,
-        "agent_id": aggregate_id if kind == "agent" else None,
-        "parent_agent_id": causation_id if kind == "agent" else None,
-        "workflow_id": aggregate_id if kind == "workflow" else correlation_id,
-        "user_prompt": user_prompt, "session_id": session_id})
+    head = compact_json(
+        {
+            "event_id": event_id,
+            "position": position,
+            "aggregate_id": aggregate_id,
+            "aggregate_type": aggregate_type,
+            "aggregate_version": version,
+            "event_type": event_type,
+            "event_name": name,
+            "timestamp": timestamp,
+        }
+    )
+    tail = compact_json(
+        {
+            "correlation_id": correlation_id,
+            "causation_id": causation_id,
+            "agent_name": agent_name,
+            "agent_id": aggregate_id if kind == "agent" else None,
+            "parent_agent_id": causation_id if kind == "agent" else None,
+            "workflow_id": aggregate_id if kind == "workflow" else correlation_id,
+            "user_prompt": user_prompt,
+            "session_id": session_id,
+        }
+    )
     return head[:-1] + ',"attributes":' + attributes + "," + tail[1:]
 
 
@@ -1326,8 +1529,9 @@ def count_window(conn: Connection, filters: dict, since: str | None, until: str 
     if last <= first or (end - start) / (last - first) <= 0.5:
         return count(conn, clauses + extra_clauses, args)
     base, base_args = where(filters)
-    outside = ([(base + extra_clauses + ["timestamp <= ?"], base_args + [since])] if since is not None else []) + \
-              ([(base + extra_clauses + ["timestamp > ?"], base_args + [until])] if until is not None else [])
+    outside = ([(base + extra_clauses + ["timestamp <= ?"], base_args + [since])] if since is not None else []) + (
+        [(base + extra_clauses + ["timestamp > ?"], base_args + [until])] if until is not None else []
+    )
     return total - sum(count(conn, c, a) for c, a in outside)
 
 
@@ -1341,9 +1545,14 @@ def scope_arms(query: Query, filters: dict | None) -> list:
         return [(narrow(filters, aggregate_type="agent_aggregate", aggregate_id=query.agent), [], [])]
     if query.workflow is not None:
         wf = query.workflow
-        return [(narrow(filters, aggregate_type="workflow_aggregate", aggregate_id=wf), [], []),
-                (narrow(filters, correlation_id=wf),
-                 ["NOT (aggregate_type = 'workflow_aggregate' AND aggregate_id = ?)"], [wf])]
+        return [
+            (narrow(filters, aggregate_type="workflow_aggregate", aggregate_id=wf), [], []),
+            (
+                narrow(filters, correlation_id=wf),
+                ["NOT (aggregate_type = 'workflow_aggregate' AND aggregate_id = ?)"],
+                [wf],
+            ),
+        ]
     return [(filters, [], [])]
 
 
@@ -1374,7 +1583,7 @@ def read_plan(conn: Connection, query: Query, filters: dict, total: int) -> tupl
     if not isinstance(conn, sqlite3.Connection):  # PostgreSQL's planner keeps statistics of its own
         return "", condition
     wanted = query.limit + query.offset
-    if total <= FEW or total * total <= wanted * counted(conn, {}):
+    if total <= FEW or total * total <= wanted * (counted(conn, {}) or 0):
         return f" INDEXED BY {index}", condition
     return " NOT INDEXED", None
 
@@ -1384,8 +1593,11 @@ def query_page(conn: Connection, query: Query) -> Page:
     total = sum(arm_total(conn, query, *arm) for arm in arms)
     if total == 0:
         return Page([], 0, None)
-    cursor = [(clause, value) for clause, value in (("position > ?", query.after), ("position < ?", query.before))
-              if value is not None]
+    cursor = [
+        (clause, value)
+        for clause, value in (("position > ?", query.after), ("position < ?", query.before))
+        if value is not None
+    ]
     order = "ASC" if query.order == "asc" else "DESC"
     parts, args = [], []
     for filters, extra, extra_args in arms:
@@ -1395,25 +1607,30 @@ def query_page(conn: Connection, query: Query) -> Page:
         parts.append(f"SELECT position FROM events{hint}" + (" WHERE " + " AND ".join(clauses) if clauses else ""))
         args += arm_args + extra_args + [value for _clause, value in cursor]
     # Positions first, from indexes alone where they serve; then only the page's rows.
-    sql = (f"SELECT {COLUMNS} FROM events WHERE position IN ({' UNION ALL '.join(parts)} "
-           f"ORDER BY position {order} LIMIT ? OFFSET ?) ORDER BY position {order}")
+    sql = (
+        f"SELECT {COLUMNS} FROM events WHERE position IN ({' UNION ALL '.join(parts)} "
+        f"ORDER BY position {order} LIMIT ? OFFSET ?) ORDER BY position {order}"
+    )
     rows = conn.execute(sql, [*args, query.limit, query.offset]).fetchall()
     return Page([stored_event(row) for row in rows], total, rows[-1][0] if len(rows) == query.limit else None)
 
 
-def read_after(conn: Connection, position: int, filters: dict, limit: int) -> list:
+def read_after(conn: Connection, position: int, filters: dict[str, str | None], limit: int) -> list[StoredEvent]:
     clean = normalize_filters(filters)
     if clean is None:
         return []
     clauses, args = where(clean)
-    rows = conn.execute(f"SELECT {COLUMNS} FROM events WHERE {' AND '.join(['position > ?', *clauses])} "
-                        "ORDER BY position LIMIT ?", [position, *args, limit]).fetchall()
+    rows = conn.execute(
+        f"SELECT {COLUMNS} FROM events WHERE {' AND '.join(['position > ?', *clauses])} ORDER BY position LIMIT ?",
+        [position, *args, limit],
+    ).fetchall()
     return [stored_event(row) for row in rows]
 
 
 def stored_rows(conn: Connection, position: int, limit: int) -> list:
-    return conn.execute(f"SELECT {', '.join(ROW_COLUMNS)} FROM events WHERE position > ? ORDER BY position LIMIT ?",
-                        (position, limit)).fetchall()
+    return conn.execute(
+        f"SELECT {', '.join(ROW_COLUMNS)} FROM events WHERE position > ? ORDER BY position LIMIT ?", (position, limit)
+    ).fetchall()
 
 
 def last_position(conn: Connection) -> int:
@@ -1433,15 +1650,23 @@ FROM workflow_agents m WHERE m.workflow_id = ? ORDER BY m.first_position
 """
 
 
-def workflow_agents(conn: Connection, workflow_id: str) -> list:
+def workflow_agents(conn: Connection, workflow_id: str) -> list[AgentSummary]:
     """Agents with an event correlated to the workflow, in order of their first such event.
     Their figures cover all their events: the first's and the latest's times, the count,
     and the latest event's name as status."""
     if "\x00" in workflow_id:  # no stored id holds NUL
         return []
     return [
-        {"agent_id": agent_id, "agent_name": name, "workflow_id": workflow_id, "parent_agent_id": parent,
-         "first_event_time": first, "last_event_time": last, "event_count": count, "status": status}
+        {
+            "agent_id": agent_id,
+            "agent_name": name,
+            "workflow_id": workflow_id,
+            "parent_agent_id": parent,
+            "first_event_time": first,
+            "last_event_time": last,
+            "event_count": count,
+            "status": status,
+        }
         for agent_id, name, parent, first, last, count, status in conn.execute(WORKFLOW_AGENTS, (workflow_id,))
     ]
 
@@ -1467,6 +1692,7 @@ def backup_database(source: str, dest: str, timeout: float) -> int:
 
 # -- 3.6 stores served by threads ---------------------------------------------------------
 
+
 class ThreadedStore(EventStore):
     """What both backends share: one writer thread that commits each waiting group of
     requests in one transaction (GROUP_EVENTS), and reader threads that each keep a
@@ -1475,6 +1701,8 @@ class ThreadedStore(EventStore):
 
     errors: tuple = ()  # the driver's exceptions, which become StoreUnavailable
     poll: float | None = None  # seconds between looks for other processes' commits, if it must look
+    _loop: asyncio.AbstractEventLoop  # the server's, from start() on
+    _committed: asyncio.Event  # set at every commit this process hears of
 
     def __init__(self, location: str) -> None:
         self.location = location
@@ -1482,9 +1710,7 @@ class ThreadedStore(EventStore):
         self._readers = ThreadPoolExecutor(4, thread_name_prefix="eventuali-read")
         self._local = threading.local()
         self._read_conns: list = []
-        self._loop: asyncio.AbstractEventLoop | None = None
         self._writer: threading.Thread | None = None
-        self._committed: asyncio.Event | None = None
         self._in_flight = 0  # events queued and not yet answered; changed on the event loop only
 
     # -- what a backend provides
@@ -1544,18 +1770,19 @@ class ThreadedStore(EventStore):
 
     async def _read(self, fn: Callable, *args: Any) -> Any:
         return await asyncio.get_running_loop().run_in_executor(
-            self._readers, functools.partial(self.read_now, fn, *args))
+            self._readers, functools.partial(self.read_now, fn, *args)
+        )
 
     async def query(self, query: Query) -> Page:
         return await self._read(query_page, query)
 
-    async def events_after(self, position: int, filters: dict, limit: int) -> list:
+    async def events_after(self, position: int, filters: dict[str, str | None], limit: int) -> list[StoredEvent]:
         return await self._read(read_after, position, filters, limit)
 
     async def last_position(self) -> int:
         return await self._read(last_position)
 
-    async def workflow_agents(self, workflow_id: str) -> list:
+    async def workflow_agents(self, workflow_id: str) -> list[AgentSummary]:
         return await self._read(workflow_agents, workflow_id)
 
     def read_rows(self, position: int, limit: int) -> list:
@@ -1566,10 +1793,8 @@ class ThreadedStore(EventStore):
     async def wait_for_commit(self, timeout: float) -> None:
         # This process's commits set the event, and so does a backend that hears of others';
         # one that cannot hear of them looks every `poll` seconds.
-        try:
+        with contextlib.suppress(asyncio.TimeoutError):
             await asyncio.wait_for(self._committed.wait(), min(timeout, self.poll or timeout))
-        except asyncio.TimeoutError:
-            pass
         self._committed.clear()
 
     def _wake_followers(self) -> None:
@@ -1577,7 +1802,7 @@ class ThreadedStore(EventStore):
         self._loop.call_soon_threadsafe(self._committed.set)
 
     # -- writing
-    async def append(self, events: list) -> list:
+    async def append(self, events: list[NewEvent]) -> list[Receipt]:
         pending = Pending(events, self._loop.create_future())
         self._in_flight += len(events) or 1
         self._queue.put(pending)
@@ -1639,7 +1864,7 @@ class SQLiteStore(ThreadedStore):
         super().__init__(os.path.abspath(self.path))
         self.timeout = config.database_timeout
         self.durability = config.durability
-        self._conn: sqlite3.Connection | None = None
+        self._conn: sqlite3.Connection  # from open_writer() on
         self._seen = SeenVersions(read_state)
 
     def open_writer(self) -> None:
@@ -1722,8 +1947,9 @@ def pg_driver() -> Any:
     try:
         import psycopg
     except ImportError:
-        raise ConfigError("--database-url needs the PostgreSQL driver: "
-                          "pip install 'eventuali-api-server[postgres]'") from None
+        raise ConfigError(
+            "--database-url needs the PostgreSQL driver: pip install 'eventuali-api-server[postgres]'"
+        ) from None
     return psycopg
 
 
@@ -1764,9 +1990,14 @@ def pg_connect(url: str, timeout: float, autocommit: bool = True, durability: st
 
 
 # SQLSTATE classes and codes of faults that may clear by themselves.
-PG_FAULTS = {"08": "PostgreSQL cannot be reached", "53": "PostgreSQL is out of resources (disk, memory, connections)",
-             "57P": "PostgreSQL is shutting down or starting", "25006": "the database is read-only",
-             "57014": "the database took longer than --database-timeout", "55P03": "the database is locked"}
+PG_FAULTS = {
+    "08": "PostgreSQL cannot be reached",
+    "53": "PostgreSQL is out of resources (disk, memory, connections)",
+    "57P": "PostgreSQL is shutting down or starting",
+    "25006": "the database is read-only",
+    "57014": "the database took longer than --database-timeout",
+    "55P03": "the database is locked",
+}
 
 
 def pg_unavailable(exc: Exception) -> StoreUnavailable:
@@ -1788,8 +2019,10 @@ def open_pg_database(url: str, timeout: float, durability: str) -> PgConnection:
         version = int(conn.execute("SELECT value FROM meta WHERE key = 'schema_version'").fetchone()[0])
     if version > PG_SCHEMA_VERSION:
         conn.close()
-        raise StoreUnavailable(f"the database has schema version {version}; this server ({__version__}) knows "
-                               f"versions up to {PG_SCHEMA_VERSION}: upgrade the server")
+        raise StoreUnavailable(
+            f"the database has schema version {version}; this server ({__version__}) knows "
+            f"versions up to {PG_SCHEMA_VERSION}: upgrade the server"
+        )
     return conn
 
 
@@ -1803,14 +2036,17 @@ def pg_insert_rows(conn: PgConnection, table: str, rows: list, tail: str = "") -
 
 def pg_read_state(conn: PgConnection, keys: list) -> tuple:
     """read_state's PostgreSQL twin (inside the transaction that holds the head row)."""
-    position, counted = conn.execute(f"SELECT (SELECT position FROM head WHERE id = 1), "
-                                     f"(SELECT n FROM counts WHERE {COUNTED_THROUGH})").fetchone()
+    position, counted = conn.execute(
+        f"SELECT (SELECT position FROM head WHERE id = 1), (SELECT n FROM counts WHERE {COUNTED_THROUGH})"
+    ).fetchone()
     versions = {}
     if keys:
-        rows = conn.execute("SELECT k.t, k.id, (SELECT coalesce(max(aggregate_version), 0) FROM events "
-                            "WHERE aggregate_type = k.t AND aggregate_id = k.id) "
-                            "FROM unnest(?::text[], ?::text[]) AS k (t, id)",
-                            ([t for t, _ in keys], [i for _, i in keys])).fetchall()
+        rows = conn.execute(
+            "SELECT k.t, k.id, (SELECT coalesce(max(aggregate_version), 0) FROM events "
+            "WHERE aggregate_type = k.t AND aggregate_id = k.id) "
+            "FROM unnest(?::text[], ?::text[]) AS k (t, id)",
+            ([t for t, _ in keys], [i for _, i in keys]),
+        ).fetchall()
         versions = {(t, i): version for t, i, version in rows}
     return position, counted or 0, versions
 
@@ -1921,8 +2157,10 @@ class PostgresStore(ThreadedStore):
                     time.sleep(0.5)
 
     def backup(self, dest: str) -> int:
-        raise StoreUnavailable(f"on PostgreSQL, back up with pg_dump: pg_dump --format=custom --schema=eventuali "
-                               f"--file={dest} '{self.location}' (with the password in PGPASSWORD or ~/.pgpass)")
+        raise StoreUnavailable(
+            f"on PostgreSQL, back up with pg_dump: pg_dump --format=custom --schema=eventuali "
+            f"--file={dest} '{self.location}' (with the password in PGPASSWORD or ~/.pgpass)"
+        )
 
 
 def make_store(config: APIServerConfig) -> EventStore:
@@ -1970,9 +2208,10 @@ class Hub:
         self.store = store
         self.subscribers: set = set()
         self.overflows = 0  # times a subscriber fell behind and was caught up from the store
-        self.loop: asyncio.AbstractEventLoop | None = None
-        self._wanted: asyncio.Event | None = None  # set while there are subscribers to feed
         self._task: asyncio.Future | None = None
+        # from start() on:
+        self.loop: asyncio.AbstractEventLoop
+        self._wanted: asyncio.Event  # set while there are subscribers to feed
 
     def start(self) -> None:
         self.loop = asyncio.get_running_loop()
@@ -2017,12 +2256,13 @@ class Hub:
             floor = min(sub.live_from for sub in self.subscribers)
             cursor = floor if cursor is None else max(cursor, floor)
             try:
-                events = [None] * PAGE
-                while len(events) == PAGE:
+                while True:
                     events = await self.store.events_after(cursor, {}, PAGE)
                     if events:
                         cursor = events[-1].position
                         self._fan_out(events)
+                    if len(events) < PAGE:
+                        break
             except StoreError as exc:  # the store is failing: streams wait, then go on from the cursor
                 logger.warning("stream follower: %s", exc)
             except Exception:  # a bug: say so, and keep following
@@ -2078,7 +2318,7 @@ def store_problem(exc: StoreError) -> Problem:
 json_string = json.encoder.encode_basestring  # a JSON string literal, non-ASCII kept as is
 
 
-async def receive_json(scope: dict, receive: Callable, config: APIServerConfig) -> Any:
+async def receive_json(scope: Scope, receive: Receive, config: APIServerConfig) -> Any:
     """The request's JSON body: 415 unless it is JSON, 413 as soon as it passes max_body."""
     content_type, length = b"application/json", b""
     for name, value in scope["headers"]:
@@ -2105,10 +2345,15 @@ async def receive_json(scope: dict, receive: Callable, config: APIServerConfig) 
             return parse_json(body, config.max_depth)
 
 
-async def send_json(send: Callable, body: str, status: int = 200, headers: Sequence = ()) -> None:
+async def send_json(send: Send, body: str, status: int = 200, headers: Sequence = ()) -> None:
     data = body.encode()
-    await send({"type": "http.response.start", "status": status, "headers": [
-        (b"content-type", b"application/json"), (b"content-length", b"%d" % len(data)), *headers]})
+    await send(
+        {
+            "type": "http.response.start",
+            "status": status,
+            "headers": [(b"content-type", b"application/json"), (b"content-length", b"%d" % len(data)), *headers],
+        }
+    )
     await send({"type": "http.response.body", "body": data})
 
 
@@ -2119,9 +2364,11 @@ def problem_json(exc: Problem) -> str:
 def emit_reply(event: NewEvent, receipt: Receipt) -> str:
     """The original's emit reply, as JSON text (ids, timestamps and numbers need no escaping)."""
     message = json_string(f"{KINDS[event.kind][2]} event '{event.name}' emitted successfully")
-    return (f'{{"success":true,"event_id":"{receipt.event_id}","message":{message},'
-            f'"timestamp":"{receipt.timestamp}","position":{receipt.position},'
-            f'"aggregate_id":{json_string(receipt.aggregate_id)},"aggregate_version":{receipt.version}}}')
+    return (
+        f'{{"success":true,"event_id":"{receipt.event_id}","message":{message},'
+        f'"timestamp":"{receipt.timestamp}","position":{receipt.position},'
+        f'"aggregate_id":{json_string(receipt.aggregate_id)},"aggregate_version":{receipt.version}}}'
+    )
 
 
 class ASGIEndpoint:
@@ -2131,25 +2378,27 @@ class ASGIEndpoint:
     def __init__(self, app: Callable) -> None:
         self.app = app
 
-    def __call__(self, scope: dict, receive: Callable, send: Callable) -> Any:
+    def __call__(self, scope: Scope, receive: Receive, send: Send) -> Any:
         return self.app(scope, receive, send)
 
 
 def emit_one(kind: str) -> ASGIEndpoint:
     """POST /events/emit/{kind}: one event."""
-    async def emit(scope: dict, receive: Callable, send: Callable) -> None:
+
+    async def emit(scope: Scope, receive: Receive, send: Send) -> None:
         state = scope["app"].state
         body = await receive_json(scope, receive, state.config)
         errors: list = []
         event = prepare_event(kind, body, ["body"], errors, state.fields)
-        if errors:
+        if event is None:
             raise Problem(422, errors)
         [receipt] = await state.store.append([event])
         await send_json(send, emit_reply(event, receipt))
+
     return ASGIEndpoint(emit)
 
 
-async def emit_batch(scope: dict, receive: Callable, send: Callable) -> None:
+async def emit_batch(scope: Scope, receive: Receive, send: Send) -> None:
     """POST /events/emit/batch: 1 to max_batch events, stored all or nothing."""
     state = scope["app"].state
     config = state.config
@@ -2164,19 +2413,20 @@ async def emit_batch(scope: dict, receive: Callable, send: Callable) -> None:
     if isinstance(body, dict) and not isinstance(items, list):
         errors.append(invalid(["body", "events"], "must be a list of events", "type_error.list"))
     elif isinstance(items, list) and not 1 <= len(items) <= config.max_batch:
-        errors.append(invalid(["body", "events"], f"must hold 1 to {config.max_batch} events",
-                              "value_error.list.size"))
+        errors.append(invalid(["body", "events"], f"must hold 1 to {config.max_batch} events", "value_error.list.size"))
     if errors:
         raise Problem(422, errors)
     fields = state.batch_fields
-    events = []
-    for index, item in enumerate(items):
+    events: list[NewEvent] = []
+    for index, item in enumerate(body["events"]):
         loc = ["body", "events", index]
         kind = item.get("kind") if isinstance(item, dict) else None
         if not isinstance(kind, str) or kind not in KINDS:  # the kind's spec names the problem
             check_object(item, fields, ("kind", *REQUIRED_FIELDS), loc, errors)
             continue
-        events.append(prepare_event(kind, item, loc, errors, fields))
+        event = prepare_event(kind, item, loc, errors, fields)
+        if event is not None:
+            events.append(event)
     if errors:
         raise Problem(422, errors)
     receipts = await state.store.append(events)
@@ -2185,25 +2435,39 @@ async def emit_batch(scope: dict, receive: Callable, send: Callable) -> None:
 
 
 def list_reply(page: Page, params: dict) -> Response:
-    body = ('{"events":[' + ",".join([event.json for event in page.items]) + "]," +
-            compact_json({"total": page.total, "limit": params["limit"], "offset": params["offset"],
-                          "next": page.next})[1:])
+    body = (
+        '{"events":['
+        + ",".join([event.json for event in page.items])
+        + "],"
+        + compact_json({"total": page.total, "limit": params["limit"], "offset": params["offset"], "next": page.next})[
+            1:
+        ]
+    )
     return Response(body, media_type=JSON_TYPE)
 
 
 def page_query(params: dict, agent: str | None = None, workflow: str | None = None) -> Query:
-    return Query(filters={name: params.get(name) for name in STREAM_FILTERS}, since=params.get("since"),
-                 until=params.get("until"), after=params.get("after"), before=params.get("before"),
-                 order=params["order"], limit=params["limit"], offset=params["offset"], agent=agent,
-                 workflow=workflow)
+    return Query(
+        filters={name: params.get(name) for name in STREAM_FILTERS},
+        since=params.get("since"),
+        until=params.get("until"),
+        after=params.get("after"),
+        before=params.get("before"),
+        order=params["order"],
+        limit=params["limit"],
+        offset=params["offset"],
+        agent=agent,
+        workflow=workflow,
+    )
 
 
 def path_id(request: Request, name: str) -> str:
     value = request.path_params[name]
     limit = request.app.state.config.max_id_length
     if len(value) > limit:
-        raise Problem(422, [invalid(["path", name], f"must be at most {limit} characters",
-                                    "value_error.any_str.max_length")])
+        raise Problem(
+            422, [invalid(["path", name], f"must be at most {limit} characters", "value_error.any_str.max_length")]
+        )
     return value
 
 
@@ -2247,8 +2511,13 @@ async def health(request: Request) -> Response:
     state = request.app.state
     check_query(request, {})
     connected, _events, _latency, problem = await store_health(state.store)
-    reply = {"status": "healthy" if connected else "unhealthy", "timestamp": utc_now(),
-             "api_connected": True, "database_connected": connected, "version": state.config.version}
+    reply = {
+        "status": "healthy" if connected else "unhealthy",
+        "timestamp": utc_now(),
+        "api_connected": True,
+        "database_connected": connected,
+        "version": state.config.version,
+    }
     if problem:
         reply["detail"] = problem
     return json_response(reply, 200 if connected else 503)
@@ -2258,9 +2527,15 @@ async def health_database(request: Request) -> Response:
     state = request.app.state
     check_query(request, {})
     connected, events, latency, problem = await store_health(state.store)
-    reply = {"status": "healthy" if connected else "unhealthy", "timestamp": utc_now(),
-             "connected": connected, "path": state.store.location, "events": events,
-             "latency_ms": latency, "streams": len(state.hub.subscribers)}
+    reply = {
+        "status": "healthy" if connected else "unhealthy",
+        "timestamp": utc_now(),
+        "connected": connected,
+        "path": state.store.location,
+        "events": events,
+        "latency_ms": latency,
+        "streams": len(state.hub.subscribers),
+    }
     if problem:
         reply["detail"] = problem
     return json_response(reply, 200 if connected else 503)
@@ -2268,9 +2543,20 @@ async def health_database(request: Request) -> Response:
 
 async def root(request: Request) -> Response:
     config = request.app.state.config
-    return json_response({"name": config.title, "version": config.version, "description": config.description,
-                          "endpoints": {"events": "/events", "health": "/health", "docs": "/docs",
-                                        "openapi": "/openapi.json", "ui": "/ui"}})
+    return json_response(
+        {
+            "name": config.title,
+            "version": config.version,
+            "description": config.description,
+            "endpoints": {
+                "events": "/events",
+                "health": "/health",
+                "docs": "/docs",
+                "openapi": "/openapi.json",
+                "ui": "/ui",
+            },
+        }
+    )
 
 
 SSE_HEADERS = {"cache-control": "no-cache", "x-accel-buffering": "no", "connection": "keep-alive"}
@@ -2284,8 +2570,10 @@ async def stream(request: Request) -> Response:
     last_id = request.headers.get("last-event-id", "").strip()
     if last_id:
         if not re.fullmatch(r"\d{1,19}", last_id):
-            raise Problem(422, [invalid(["header", "last-event-id"], "must be an event position (an integer)",
-                                        "type_error.integer")])
+            raise Problem(
+                422,
+                [invalid(["header", "last-event-id"], "must be an event position (an integer)", "type_error.integer")],
+            )
         after = int(last_id)
     hub: Hub = state.hub
     if len(hub.subscribers) >= state.config.max_streams:
@@ -2308,7 +2596,7 @@ class SSEResponse(Response):
         self.headers.update(SSE_HEADERS)
         self.headers["content-type"] = "text/event-stream; charset=utf-8"
 
-    async def __call__(self, scope: dict, receive: Callable, send: Callable) -> None:
+    async def __call__(self, scope: Scope, receive: Receive, send: Send) -> None:
         sub = self.sub
 
         async def watch_disconnect() -> None:
@@ -2379,6 +2667,7 @@ class SSEResponse(Response):
 
 # -- errors, access, app -------------------------------------------------------
 
+
 async def problem_handler(request: Request, exc: Problem) -> Response:
     return Response(problem_json(exc), status_code=exc.status, media_type=JSON_TYPE)
 
@@ -2396,12 +2685,12 @@ async def server_error_handler(request: Request, exc: Exception) -> Response:
     return json_response({"detail": "Internal Server Error"}, 500)
 
 
-def require_key(app: Callable, key: str, token_in_query: bool) -> Callable:
+def require_key(app: ASGIApp, key: str, token_in_query: bool) -> ASGIApp:
     """A route's ASGI app behind `Authorization: Bearer <key>` (or ?access_token=<key>
     where token_in_query: browsers' EventSource cannot send headers)."""
     expected = key.encode()
 
-    async def guard(scope: dict, receive: Callable, send: Callable) -> None:
+    async def guard(scope: Scope, receive: Receive, send: Send) -> None:
         token = b""
         for name, value in scope["headers"]:
             if name == b"authorization" and value[:7].lower() == b"bearer ":
@@ -2419,6 +2708,7 @@ def require_key(app: Callable, key: str, token_in_query: bool) -> Callable:
 
 def is_loopback(host: str) -> bool:
     import ipaddress
+
     if host == "localhost":
         return True
     try:
@@ -2437,12 +2727,12 @@ def redact_token(record: logging.LogRecord) -> bool:
     return True
 
 
-def cors_when_origin(app: Callable, **options: Any) -> Callable:
+def cors_when_origin(app: ASGIApp, /, **options: Any) -> ASGIApp:
     """CORSMiddleware, skipped for requests without an Origin header (agents, scripts):
     it has nothing to add to those and costs a header parse and a send wrapper each."""
     cors = CORSMiddleware(app, **options)
 
-    async def route(scope: dict, receive: Callable, send: Callable) -> None:
+    async def route(scope: Scope, receive: Receive, send: Send) -> None:
         if scope["type"] == "http" and any(name == b"origin" for name, _ in scope["headers"]):
             return await cors(scope, receive, send)
         await app(scope, receive, send)
@@ -2453,7 +2743,7 @@ def cors_when_origin(app: Callable, **options: Any) -> Callable:
 def chain_signals(hub: Hub, loop: asyncio.AbstractEventLoop) -> Callable[[], None]:
     """Close every stream as soon as SIGINT/SIGTERM arrives, then let the server's own
     handler run: uvicorn waits for open responses, so streams would hold shutdown up."""
-    previous = {}
+    previous: dict[int, Any] = {}
 
     def handler(sig: int, frame: Any) -> None:
         loop.call_soon_threadsafe(hub.close_all)
@@ -2533,11 +2823,15 @@ def create_app(config: APIServerConfig | None = None) -> Starlette:
         access_log = logging.getLogger("uvicorn.access")
         access_log.addFilter(redact_token)  # added here: uvicorn sets up its loggers before startup
         url = f"http://{config.host}:{config.port}"
-        logger.info("Eventuali API Server %s on %s (docs: %s/docs), database: %s",
-                    config.version, url, url, store.location)
+        logger.info(
+            "Eventuali API Server %s on %s (docs: %s/docs), database: %s", config.version, url, url, store.location
+        )
         if not config.api_key and not is_loopback(config.host):
-            logger.warning("listening on %s without an API key: anyone who can reach it can read and "
-                           "write events; set --api-key (API_KEY)", config.host)
+            logger.warning(
+                "listening on %s without an API key: anyone who can reach it can read and "
+                "write events; set --api-key (API_KEY)",
+                config.host,
+            )
         try:
             yield
         finally:
@@ -2552,16 +2846,22 @@ def create_app(config: APIServerConfig | None = None) -> Starlette:
         if config.api_key and not api_route.public:
             route.app = require_key(route.app, config.api_key, token_in_query=api_route.path == "/events/stream")
         routes.append(route)
-    middleware = [Middleware(
-        cors_when_origin, allow_origins=config.cors_origins,
-        allow_credentials=config.cors_allow_credentials,
-        allow_methods=["GET", "POST", "OPTIONS"],
-        allow_headers=["Authorization", "Content-Type", "Last-Event-ID", "Accept", "Cache-Control"],
-    )]
-    handlers = {Problem: problem_handler, HTTPException: http_error_handler, StoreError: store_error_handler,
-                Exception: server_error_handler}
-    application = Starlette(routes=routes, middleware=middleware, exception_handlers=handlers,
-                            lifespan=lifespan)
+    middleware = [
+        Middleware(
+            cors_when_origin,
+            allow_origins=config.cors_origins,
+            allow_credentials=config.cors_allow_credentials,
+            allow_methods=["GET", "POST", "OPTIONS"],
+            allow_headers=["Authorization", "Content-Type", "Last-Event-ID", "Accept", "Cache-Control"],
+        )
+    ]
+    handlers: dict[Any, Callable[..., Any]] = {
+        Problem: problem_handler,
+        HTTPException: http_error_handler,
+        StoreError: store_error_handler,
+        Exception: server_error_handler,
+    }
+    application = Starlette(routes=routes, middleware=middleware, exception_handlers=handlers, lifespan=lifespan)
     application.router.redirect_slashes = False  # the original's 307s broke its own client
     application.state.config = config
     application.state.fields = event_fields(config)
@@ -2571,12 +2871,12 @@ def create_app(config: APIServerConfig | None = None) -> Starlette:
     return application
 
 
-def lazy_app() -> Callable:
+def lazy_app() -> ASGIApp:
     """The module-level `app`: built on first use, so that set_config() and the
     environment of `uvicorn eventuali_api_server:app` both take effect."""
     built: list = []
 
-    async def app(scope: dict, receive: Callable, send: Callable) -> None:
+    async def app(scope: Scope, receive: Receive, send: Send) -> None:
         if not built:
             built.append(create_app())
         await built[0](scope, receive, send)
@@ -2588,6 +2888,7 @@ def lazy_app() -> Callable:
 # 6. OpenAPI and docs HTML
 # =============================================================================
 
+
 def _nullable(spec: dict) -> dict:
     spec = {k: v for k, v in spec.items() if not k.startswith("x-")}
     spec["type"] = [spec["type"], "null"]
@@ -2595,20 +2896,38 @@ def _nullable(spec: dict) -> dict:
 
 
 def _request_schema(fields: dict, required: Sequence[str], description: str) -> dict:
-    return {"type": "object", "description": description, "additionalProperties": False,
-            "required": list(required),
-            "properties": {name: ({k: v for k, v in spec.items() if not k.startswith("x-")}
-                                  if name in required else _nullable(spec)) for name, spec in fields.items()}}
+    return {
+        "type": "object",
+        "description": description,
+        "additionalProperties": False,
+        "required": list(required),
+        "properties": {
+            name: ({k: v for k, v in spec.items() if not k.startswith("x-")} if name in required else _nullable(spec))
+            for name, spec in fields.items()
+        },
+    }
 
 
 def _parameters(specs: dict) -> list:
-    return [{"name": name, "in": "query", "required": False, "description": spec.get("description", ""),
-             "schema": {k: v for k, v in spec.items() if k != "description"}} for name, spec in specs.items()]
+    return [
+        {
+            "name": name,
+            "in": "query",
+            "required": False,
+            "description": spec.get("description", ""),
+            "schema": {k: v for k, v in spec.items() if k != "description"},
+        }
+        for name, spec in specs.items()
+    ]
 
 
 def _path_parameter(name: str, config: APIServerConfig) -> dict:
-    return {"name": name, "in": "path", "required": True,
-            "schema": {"type": "string", "minLength": 1, "maxLength": config.max_id_length}}
+    return {
+        "name": name,
+        "in": "path",
+        "required": True,
+        "schema": {"type": "string", "minLength": 1, "maxLength": config.max_id_length},
+    }
 
 
 def _ref(name: str) -> dict:
@@ -2623,8 +2942,10 @@ STRING_OR_NULL = {"type": ["string", "null"]}
 ERRORS = {
     401: ("Error", "Missing or wrong API key (only when the server has one)."),
     404: ("Error", "No such path."),
-    409: ("Conflict", "Version conflict (`expected_version`) or an `event_id` reused with other content; "
-                      "nothing was stored."),
+    409: (
+        "Conflict",
+        "Version conflict (`expected_version`) or an `event_id` reused with other content; nothing was stored.",
+    ),
     413: ("Error", "Request body too large."),
     415: ("Error", "Content type is not application/json."),
     422: ("ValidationError", "Invalid request: every problem is listed with its location."),
@@ -2637,83 +2958,170 @@ def _errors(*codes: int) -> dict:
 
 
 SEED_EXAMPLES = {
-    "agent": {"name": "agent.started", "attributes": {"agent_name": "url-cacher",
-              "message": "Agent started successfully"}, "aggregate_id": "url-cacher-abc123",
-              "correlation_id": "workflow-def456", "causation_id": "parent-agent-789"},
-    "workflow": {"name": "workflow.started", "attributes": {"user_prompt": "Cache the documentation page"},
-                 "aggregate_id": "workflow-def456"},
-    "system": {"name": "session.started", "attributes": {"session_type": "interactive"},
-               "aggregate_id": "session-ghi789"},
+    "agent": {
+        "name": "agent.started",
+        "attributes": {"agent_name": "url-cacher", "message": "Agent started successfully"},
+        "aggregate_id": "url-cacher-abc123",
+        "correlation_id": "workflow-def456",
+        "causation_id": "parent-agent-789",
+    },
+    "workflow": {
+        "name": "workflow.started",
+        "attributes": {"user_prompt": "Cache the documentation page"},
+        "aggregate_id": "workflow-def456",
+    },
+    "system": {
+        "name": "session.started",
+        "attributes": {"session_type": "interactive"},
+        "aggregate_id": "session-ghi789",
+    },
 }
 
 
 def _schemas(config: APIServerConfig) -> dict:
     fields = event_fields(config)
     item_props = {
-        "event_id": {"type": "string"}, "position": {"type": "integer", "minimum": 1},
-        "aggregate_id": {"type": "string"}, "aggregate_type": {"type": "string"},
-        "aggregate_version": {"type": "integer", "minimum": 1}, "event_type": {"type": "string"},
-        "event_name": {"type": "string"}, "timestamp": {"type": "string", "format": "date-time"},
+        "event_id": {"type": "string"},
+        "position": {"type": "integer", "minimum": 1},
+        "aggregate_id": {"type": "string"},
+        "aggregate_type": {"type": "string"},
+        "aggregate_version": {"type": "integer", "minimum": 1},
+        "event_type": {"type": "string"},
+        "event_name": {"type": "string"},
+        "timestamp": {"type": "string", "format": "date-time"},
         "attributes": {"type": "object"},
-        **{name: STRING_OR_NULL for name in ("correlation_id", "causation_id", "agent_name", "agent_id",
-                                             "parent_agent_id", "workflow_id", "user_prompt", "session_id")},
+        **{
+            name: STRING_OR_NULL
+            for name in (
+                "correlation_id",
+                "causation_id",
+                "agent_name",
+                "agent_id",
+                "parent_agent_id",
+                "workflow_id",
+                "user_prompt",
+                "session_id",
+            )
+        },
     }
-    emit_props = {"success": {"type": "boolean"}, "event_id": {"type": "string"}, "message": {"type": "string"},
-                  "timestamp": {"type": "string", "format": "date-time"}, "position": {"type": "integer"},
-                  "aggregate_id": {"type": "string"}, "aggregate_version": {"type": "integer"}}
-    agent_props = {"agent_id": {"type": "string"}, "agent_name": STRING_OR_NULL, "workflow_id": {"type": "string"},
-                   "parent_agent_id": STRING_OR_NULL, "first_event_time": {"type": "string"},
-                   "last_event_time": {"type": "string"}, "event_count": {"type": "integer"},
-                   "status": {"type": "string", "description": "The agent's latest event name."}}
-    health_props = {"status": {"type": "string", "enum": ["healthy", "unhealthy"]},
-                    "timestamp": {"type": "string"}, "api_connected": {"type": "boolean"},
-                    "database_connected": {"type": "boolean"}, "version": {"type": "string"},
-                    "detail": {"type": "string"}}
-    db_props = {"status": {"type": "string", "enum": ["healthy", "unhealthy"]}, "timestamp": {"type": "string"},
-                "connected": {"type": "boolean"}, "path": {"type": "string"},
-                "events": {"type": ["integer", "null"]}, "latency_ms": {"type": "number"},
-                "streams": {"type": "integer", "description": "Streams open on this process."},
-                "detail": {"type": "string"}}
+    emit_props = {
+        "success": {"type": "boolean"},
+        "event_id": {"type": "string"},
+        "message": {"type": "string"},
+        "timestamp": {"type": "string", "format": "date-time"},
+        "position": {"type": "integer"},
+        "aggregate_id": {"type": "string"},
+        "aggregate_version": {"type": "integer"},
+    }
+    agent_props = {
+        "agent_id": {"type": "string"},
+        "agent_name": STRING_OR_NULL,
+        "workflow_id": {"type": "string"},
+        "parent_agent_id": STRING_OR_NULL,
+        "first_event_time": {"type": "string"},
+        "last_event_time": {"type": "string"},
+        "event_count": {"type": "integer"},
+        "status": {"type": "string", "description": "The agent's latest event name."},
+    }
+    health_props = {
+        "status": {"type": "string", "enum": ["healthy", "unhealthy"]},
+        "timestamp": {"type": "string"},
+        "api_connected": {"type": "boolean"},
+        "database_connected": {"type": "boolean"},
+        "version": {"type": "string"},
+        "detail": {"type": "string"},
+    }
+    db_props = {
+        "status": {"type": "string", "enum": ["healthy", "unhealthy"]},
+        "timestamp": {"type": "string"},
+        "connected": {"type": "boolean"},
+        "path": {"type": "string"},
+        "events": {"type": ["integer", "null"]},
+        "latency_ms": {"type": "number"},
+        "streams": {"type": "integer", "description": "Streams open on this process."},
+        "detail": {"type": "string"},
+    }
 
     def obj(props: dict, optional: Sequence[str] = ()) -> dict:
         return {"type": "object", "properties": props, "required": [k for k in props if k not in optional]}
 
     return {
         "EventRequest": _request_schema(fields, REQUIRED_FIELDS, "An event to append."),
-        "BatchEvent": _request_schema({"kind": KIND_FIELD, **fields},
-                                      ("kind", *REQUIRED_FIELDS), "An event of a batch, with its kind."),
-        "BatchRequest": {"type": "object", "additionalProperties": False, "required": ["events"],
-                         "properties": {"events": {"type": "array", "minItems": 1, "maxItems": config.max_batch,
-                                                   "items": _ref("BatchEvent")}}},
+        "BatchEvent": _request_schema(
+            {"kind": KIND_FIELD, **fields}, ("kind", *REQUIRED_FIELDS), "An event of a batch, with its kind."
+        ),
+        "BatchRequest": {
+            "type": "object",
+            "additionalProperties": False,
+            "required": ["events"],
+            "properties": {
+                "events": {"type": "array", "minItems": 1, "maxItems": config.max_batch, "items": _ref("BatchEvent")}
+            },
+        },
         "EmitReply": obj(emit_props),
         "BatchReply": obj({"success": {"type": "boolean"}, "events": {"type": "array", "items": _ref("EmitReply")}}),
         "EventItem": obj(item_props),
-        "EventList": obj({"events": {"type": "array", "items": _ref("EventItem")},
-                          "total": {"type": "integer", "description": "Events matching the filters "
-                                    "(the cursor and paging aside)."},
-                          "limit": {"type": "integer"}, "offset": {"type": "integer"},
-                          "next": {"type": ["integer", "null"], "description": "When the page is full: the "
-                                   "cursor for the next page (`after` with order=asc, `before` with desc)."}}),
+        "EventList": obj(
+            {
+                "events": {"type": "array", "items": _ref("EventItem")},
+                "total": {
+                    "type": "integer",
+                    "description": "Events matching the filters (the cursor and paging aside).",
+                },
+                "limit": {"type": "integer"},
+                "offset": {"type": "integer"},
+                "next": {
+                    "type": ["integer", "null"],
+                    "description": "When the page is full: the "
+                    "cursor for the next page (`after` with order=asc, `before` with desc).",
+                },
+            }
+        ),
         "WorkflowAgent": obj(agent_props),
         "AgentList": obj({"agents": {"type": "array", "items": _ref("WorkflowAgent")}}),
         "Health": obj(health_props, ("detail",)),
         "DatabaseHealth": obj(db_props, ("detail",)),
-        "Root": obj({"name": {"type": "string"}, "version": {"type": "string"}, "description": {"type": "string"},
-                     "endpoints": {"type": "object", "additionalProperties": {"type": "string"}}}),
+        "Root": obj(
+            {
+                "name": {"type": "string"},
+                "version": {"type": "string"},
+                "description": {"type": "string"},
+                "endpoints": {"type": "object", "additionalProperties": {"type": "string"}},
+            }
+        ),
         "Error": obj({"detail": {"type": "string"}}),
         # One Server-Sent Event as a client parses it (before OpenAPI 3.2, the schema of a
         # text/event-stream reply describes each event): its data is the JSON text of an event
         # item, or of an error when the store fails mid-stream.
-        "StreamEvent": {"type": "object", "required": ["event", "data"], "properties": {
-            "event": {"type": "string", "enum": ["event", "error"]},
-            "id": {"type": "string", "pattern": "^[0-9]{1,19}$", "description": "The event's position."},
-            "retry": {"type": "integer", "minimum": 0},
-            "data": {"type": "string", "contentMediaType": JSON_TYPE,
-                     "contentSchema": {"anyOf": [_ref("EventItem"), _ref("Error")]}}}},
+        "StreamEvent": {
+            "type": "object",
+            "required": ["event", "data"],
+            "properties": {
+                "event": {"type": "string", "enum": ["event", "error"]},
+                "id": {"type": "string", "pattern": "^[0-9]{1,19}$", "description": "The event's position."},
+                "retry": {"type": "integer", "minimum": 0},
+                "data": {
+                    "type": "string",
+                    "contentMediaType": JSON_TYPE,
+                    "contentSchema": {"anyOf": [_ref("EventItem"), _ref("Error")]},
+                },
+            },
+        },
         "Conflict": obj({"detail": {"type": "string"}, "current_version": {"type": "integer"}}, ("current_version",)),
-        "ValidationError": obj({"detail": {"type": "array", "items": obj({
-            "loc": {"type": "array", "items": {"type": ["string", "integer"]}},
-            "msg": {"type": "string"}, "type": {"type": "string"}})}}),
+        "ValidationError": obj(
+            {
+                "detail": {
+                    "type": "array",
+                    "items": obj(
+                        {
+                            "loc": {"type": "array", "items": {"type": ["string", "integer"]}},
+                            "msg": {"type": "string"},
+                            "type": {"type": "string"},
+                        }
+                    ),
+                }
+            }
+        ),
     }
 
 
@@ -2726,69 +3134,141 @@ def operations(config: APIServerConfig) -> dict:
 
     def emit_op(kind: str) -> dict:
         label = KINDS[kind][2]
-        return op(f"Emit a {kind} event", "events", {"200": _json(_ref("EmitReply"), "Stored and committed.")},
-                  409, 413, 415, 422, 503,
-                  description=f"Appends one {label.lower()} event (`aggregate_type` {KINDS[kind][0]}, "
-                              f"`event_type` {KINDS[kind][1]}). The reply comes after the commit.",
-                  requestBody={"required": True, "content": {JSON_TYPE: {
-                      "schema": _ref("EventRequest"), "example": SEED_EXAMPLES[kind]}}})
+        return op(
+            f"Emit a {kind} event",
+            "events",
+            {"200": _json(_ref("EmitReply"), "Stored and committed.")},
+            409,
+            413,
+            415,
+            422,
+            503,
+            description=f"Appends one {label.lower()} event (`aggregate_type` {KINDS[kind][0]}, "
+            f"`event_type` {KINDS[kind][1]}). The reply comes after the commit.",
+            requestBody={
+                "required": True,
+                "content": {JSON_TYPE: {"schema": _ref("EventRequest"), "example": SEED_EXAMPLES[kind]}},
+            },
+        )
 
     def list_op(summary: str, description: str, path_param: str | None = None) -> dict:
         params = ([_path_parameter(path_param, config)] if path_param else []) + lists
-        return op(summary, "events", {"200": _json(_ref("EventList"), "A page of events.")},
-                  *((404,) if path_param else ()), 422, 503, description=description, parameters=params)
+        return op(
+            summary,
+            "events",
+            {"200": _json(_ref("EventList"), "A page of events.")},
+            *((404,) if path_param else ()),
+            422,
+            503,
+            description=description,
+            parameters=params,
+        )
 
     events_list = list_op("Query events", "Events with filters, newest first by default.")
-    health_op = op("Health of the API and its database", "health",
-                   {"200": _json(_ref("Health"), "Healthy."),
-                    "503": _json(_ref("Health"), "Unhealthy: the database cannot be read and written.")}, 422)
+    health_op = op(
+        "Health of the API and its database",
+        "health",
+        {
+            "200": _json(_ref("Health"), "Healthy."),
+            "503": _json(_ref("Health"), "Unhealthy: the database cannot be read and written."),
+        },
+        422,
+    )
     return {
         "root": op("Server information", "info", {"200": _json(_ref("Root"), "Name, version, endpoints.")}),
         "health_no_slash": health_op,
         "health": health_op,
         "health_database": op(
-            "Database health", "health", {"200": _json(_ref("DatabaseHealth"), "Healthy."),
-                                          "503": _json(_ref("DatabaseHealth"), "Unhealthy.")}, 422),
+            "Database health",
+            "health",
+            {"200": _json(_ref("DatabaseHealth"), "Healthy."), "503": _json(_ref("DatabaseHealth"), "Unhealthy.")},
+            422,
+        ),
         "list_events_no_slash": events_list,
         "list_events": events_list,
         **{f"emit_{kind}": emit_op(kind) for kind in KINDS},
         "emit_batch": op(
-            "Emit several events atomically", "events", {"200": _json(_ref("BatchReply"), "All stored.")},
-            409, 413, 415, 422, 503,
+            "Emit several events atomically",
+            "events",
+            {"200": _json(_ref("BatchReply"), "All stored.")},
+            409,
+            413,
+            415,
+            422,
+            503,
             description=f"1 to {config.max_batch} events of any kind, all or nothing, in one transaction. "
-                        "`expected_version` is checked against the version at that point in the batch.",
-            requestBody={"required": True, "content": {JSON_TYPE: {"schema": _ref("BatchRequest"), "example": {
-                "events": [{"kind": kind, **example} for kind, example in SEED_EXAMPLES.items()]}}}}),
-        "agent_events": list_op(
-            "An agent's events", "Events of the agent aggregate with this id.", "agent_id"),
+            "`expected_version` is checked against the version at that point in the batch.",
+            requestBody={
+                "required": True,
+                "content": {
+                    JSON_TYPE: {
+                        "schema": _ref("BatchRequest"),
+                        "example": {"events": [{"kind": kind, **example} for kind, example in SEED_EXAMPLES.items()]},
+                    }
+                },
+            },
+        ),
+        "agent_events": list_op("An agent's events", "Events of the agent aggregate with this id.", "agent_id"),
         "workflow_events": list_op(
-            "A workflow's timeline", "The workflow's own events and every event whose "
-            "`correlation_id` is the workflow id.", "workflow_id"),
+            "A workflow's timeline",
+            "The workflow's own events and every event whose `correlation_id` is the workflow id.",
+            "workflow_id",
+        ),
         "workflow_agents": op(
-            "Agents of a workflow", "events", {"200": _json(_ref("AgentList"), "In order of first appearance.")},
-            404, 422, 503, parameters=[_path_parameter("workflow_id", config)],
-            description="Agents with an event correlated to the workflow; `status` is the latest event name."),
+            "Agents of a workflow",
+            "events",
+            {"200": _json(_ref("AgentList"), "In order of first appearance.")},
+            404,
+            422,
+            503,
+            parameters=[_path_parameter("workflow_id", config)],
+            description="Agents with an event correlated to the workflow; `status` is the latest event name.",
+        ),
         "stream_events": op(
-            "Live events (Server-Sent Events)", "events",
-            {"200": {"description": "`retry: 3000` and a comment at once; then per event `id: <position>`, "
-                                    "`event: event`, `data: <event item JSON>`; a `: ping` comment every "
-                                    f"{config.sse_ping:g} s. If the store fails, `event: error` with "
-                                    "`data: {\"detail\": ...}`, and the stream ends.",
-                     "content": {"text/event-stream": {"schema": _ref("StreamEvent")}}}},
-            422, 503, parameters=[
+            "Live events (Server-Sent Events)",
+            "events",
+            {
+                "200": {
+                    "description": "`retry: 3000` and a comment at once; then per event `id: <position>`, "
+                    "`event: event`, `data: <event item JSON>`; a `: ping` comment every "
+                    f"{config.sse_ping:g} s. If the store fails, `event: error` with "
+                    '`data: {"detail": ...}`, and the stream ends.',
+                    "content": {"text/event-stream": {"schema": _ref("StreamEvent")}},
+                }
+            },
+            422,
+            503,
+            parameters=[
                 *_parameters(stream_params(config)),
-                {"name": "Last-Event-ID", "in": "header", "required": False, "schema": {"type": "string",
-                 "pattern": "^([0-9]{1,19})?$"}, "description": "Resume after this position (browsers send "
-                 "it); empty means none, as when it is left out."}],
+                {
+                    "name": "Last-Event-ID",
+                    "in": "header",
+                    "required": False,
+                    "schema": {"type": "string", "pattern": "^([0-9]{1,19})?$"},
+                    "description": "Resume after this position (browsers send "
+                    "it); empty means none, as when it is left out.",
+                },
+            ],
             description="Resume with `Last-Event-ID` or `after`: stored events after that position first, then "
-                        "live ones, without gap or duplicate. A client that reads too slowly is caught up "
-                        "from the store; it never misses an event."),
+            "live ones, without gap or duplicate. A client that reads too slowly is caught up "
+            "from the store; it never misses an event.",
+        ),
         "openapi": op("This document", "docs", {"200": _json({"type": "object"}, "OpenAPI 3.1.")}),
-        "docs": op("Swagger UI", "docs", {"200": {"description": "HTML page.",
-                                                   "content": {"text/html": {"schema": {"type": "string"}}}}}),
-        "live_view": op("Live view of events, workflows and agents", "docs", {"200": {
-            "description": "HTML page (asks for the API key when the server has one).",
-            "content": {"text/html": {"schema": {"type": "string"}}}}}),
+        "docs": op(
+            "Swagger UI",
+            "docs",
+            {"200": {"description": "HTML page.", "content": {"text/html": {"schema": {"type": "string"}}}}},
+        ),
+        "live_view": op(
+            "Live view of events, workflows and agents",
+            "docs",
+            {
+                "200": {
+                    "description": "HTML page (asks for the API key when the server has one).",
+                    "content": {"text/html": {"schema": {"type": "string"}}},
+                }
+            },
+        ),
     }
 
 
@@ -2805,13 +3285,23 @@ def openapi(config: APIServerConfig) -> dict:
         paths.setdefault(route.path, {})[route.method.lower()] = operation
     return {
         "openapi": "3.1.0",
-        "info": {"title": config.title, "version": config.version, "description": config.description,
-                 "license": {"name": "MIT", "identifier": "MIT"}},
+        "info": {
+            "title": config.title,
+            "version": config.version,
+            "description": config.description,
+            "license": {"name": "MIT", "identifier": "MIT"},
+        },
         "paths": paths,
-        "components": {"schemas": _schemas(config),
-                       "securitySchemes": {"bearer": {"type": "http", "scheme": "bearer", "description":
-                                                      "The server's --api-key; the stream also takes it as "
-                                                      "?access_token=."}}},
+        "components": {
+            "schemas": _schemas(config),
+            "securitySchemes": {
+                "bearer": {
+                    "type": "http",
+                    "scheme": "bearer",
+                    "description": "The server's --api-key; the stream also takes it as ?access_token=.",
+                }
+            },
+        },
     }
 
 
@@ -2827,6 +3317,7 @@ DOCS_PAGE = """<!doctype html>
 
 def docs_html(config: APIServerConfig) -> str:
     from html import escape
+
     return DOCS_PAGE.format(title=escape(config.title), assets=escape(config.docs_assets_url.rstrip("/")))
 
 
@@ -2839,9 +3330,11 @@ UI_PAGE = r"""<!doctype html>
 <style>
 :root { font: 13px/1.4 system-ui, sans-serif; color: #1d2433; background: #f5f6f8; }
 body { margin: 0; display: grid; grid-template-rows: auto 1fr; height: 100vh; }
-header { display: flex; gap: .5rem; align-items: center; padding: .5rem .8rem; background: #1d2433; color: #fff; flex-wrap: wrap; }
+header { display: flex; gap: .5rem; align-items: center; padding: .5rem .8rem; background: #1d2433; color: #fff;
+         flex-wrap: wrap; }
 header h1 { font-size: 15px; margin: 0 1rem 0 0; }
-header input, header select, header button { font: inherit; padding: .2rem .4rem; border-radius: 4px; border: 1px solid #888; }
+header input, header select, header button { font: inherit; padding: .2rem .4rem; border-radius: 4px;
+                                             border: 1px solid #888; }
 #status { margin-left: auto; font-size: 12px; }
 #status.live::before { content: "\25CF "; color: #3ddc84; }
 #status.down::before { content: "\25CF "; color: #ff6b6b; }
@@ -2849,7 +3342,8 @@ main { display: grid; grid-template-columns: minmax(0, 3fr) minmax(0, 2fr); gap:
 section { background: #fff; border-radius: 6px; box-shadow: 0 1px 2px #0002; overflow: auto; min-height: 0; }
 section h2 { font-size: 13px; margin: 0; padding: .4rem .6rem; position: sticky; top: 0; background: #eef0f4; }
 table { border-collapse: collapse; width: 100%; }
-td { padding: .2rem .5rem; border-bottom: 1px solid #eee; white-space: nowrap; overflow: hidden; text-overflow: ellipsis; max-width: 16rem; }
+td { padding: .2rem .5rem; border-bottom: 1px solid #eee; white-space: nowrap; overflow: hidden;
+     text-overflow: ellipsis; max-width: 16rem; }
 tr.event { cursor: pointer; } tr.event:hover { background: #f0f6ff; } tr.selected { background: #dbe9ff; }
 .k-AgentEvent { color: #0b62d6; } .k-WorkflowEvent { color: #8a3ffc; } .k-SystemEvent { color: #6f6f6f; }
 #side { display: grid; grid-template-rows: 1fr auto; gap: .6rem; min-height: 0; }
@@ -2931,7 +3425,10 @@ function remember(e) {
   if (e.aggregate_type === "workflow_aggregate") wf.status = e.event_name;
   if (e.aggregate_type === "agent_aggregate") {
     let a = wf.agents.get(e.aggregate_id);
-    if (!a) { a = {name: "", parent: null, status: "", count: 0, first: e.timestamp, last: e.timestamp}; wf.agents.set(e.aggregate_id, a); }
+    if (!a) {
+      a = {name: "", parent: null, status: "", count: 0, first: e.timestamp, last: e.timestamp};
+      wf.agents.set(e.aggregate_id, a);
+    }
     a.count += 1; a.status = e.event_name; a.last = e.timestamp;
     if (e.agent_name) a.name = e.agent_name;
     if (e.parent_agent_id) a.parent = e.parent_agent_id;
@@ -2956,7 +3453,9 @@ let drawPending = false;
 function draw() {
   if (drawPending) return;
   drawPending = true;
-  requestAnimationFrame(() => { drawPending = false; drawWorkflows(); $("count").textContent = "(" + events.length + ")"; });
+  requestAnimationFrame(() => {
+    drawPending = false; drawWorkflows(); $("count").textContent = "(" + events.length + ")";
+  });
 }
 function drawWorkflows() {
   const box = $("workflows"); box.textContent = "";
@@ -2977,7 +3476,8 @@ function drawWorkflows() {
         if (depth > 20) break;
         const a = wf.agents.get(agentId), li = document.createElement("li");
         li.dataset.agent = agentId;
-        li.textContent = (a.name || agentId) + " — " + a.status + " · " + a.count + (a.count === 1 ? " event" : " events") +
+        li.textContent = (a.name || agentId) + " — " + a.status + " · " + a.count +
+                         (a.count === 1 ? " event" : " events") +
                          (duration(a.first, a.last) ? " · " + duration(a.first, a.last) : "");
         const sub = build(agentId, depth + 1);
         if (sub.children.length) li.append(sub);
@@ -3013,7 +3513,8 @@ function connect() {
   source.addEventListener("event", (m) => receive(JSON.parse(m.data)));
   source.addEventListener("error", () => {
     setStatus("reconnecting", false);
-    if (source.readyState === EventSource.CLOSED) setTimeout(connect, 3000);  // else the browser retries with Last-Event-ID
+    // else the browser retries by itself, with Last-Event-ID
+    if (source.readyState === EventSource.CLOSED) setTimeout(connect, 3000);
   });
 }
 async function start() {
@@ -3042,19 +3543,21 @@ start().catch((err) => setStatus(String(err), false));
 # 7. CLI
 # =============================================================================
 
+
 def build_parser() -> argparse.ArgumentParser:
     parser = argparse.ArgumentParser(
         prog="eventuali-api-server",
         description="Append-only event log for AI-agent workflows, over REST and Server-Sent Events. "
-                    "Every option can also be set by the environment variable named in brackets; "
-                    "an option given here beats its variable.",
+        "Every option can also be set by the environment variable named in brackets; "
+        "an option given here beats its variable.",
         epilog="commands (each with its own --help): "
-               "'eventuali-api-server backup DEST' writes a consistent copy of the live SQLite database; "
-               "'eventuali-api-server copy --from SOURCE --to TARGET' moves a whole log between SQLite and "
-               "PostgreSQL.")
+        "'eventuali-api-server backup DEST' writes a consistent copy of the live SQLite database; "
+        "'eventuali-api-server copy --from SOURCE --to TARGET' moves a whole log between SQLite and "
+        "PostgreSQL.",
+    )
     parser.add_argument("--version", action="version", version=f"%(prog)s {__version__}")
     for field, env, flag, parse, help_text in SETTINGS:
-        extra = {"nargs": "?", "const": "true"} if parse is _parse_bool else {}
+        extra: dict[str, Any] = {"nargs": "?", "const": "true"} if parse is _parse_bool else {}
         parser.add_argument(flag, dest=field, default=None, metavar=env, help=f"{help_text} [{env}]", **extra)
     return parser
 
@@ -3063,7 +3566,7 @@ def resolve_config(argv: Sequence[str] | None, environ: dict | None = None) -> A
     """Flags beat environment variables, which beat defaults. ConfigError names the setting."""
     args = build_parser().parse_args(argv)
     overrides = {}
-    for field, env, flag, parse, _help in SETTINGS:
+    for field, _env, flag, parse, _help in SETTINGS:
         text = getattr(args, field)
         if text is not None:
             try:
@@ -3077,12 +3580,17 @@ def backup_main(argv: Sequence[str]) -> None:
     parser = argparse.ArgumentParser(
         prog="eventuali-api-server backup",
         description="Write a consistent copy of the live database to DEST while the server keeps serving. "
-                    "To restore: stop the server, put the copy in place as DATA_DIR/events.db "
-                    "(removing events.db-wal and events.db-shm), start the server.")
+        "To restore: stop the server, put the copy in place as DATA_DIR/events.db "
+        "(removing events.db-wal and events.db-shm), start the server.",
+    )
     parser.add_argument("dest", help="file to create")
     parser.add_argument("--data-dir", default=None, metavar="DATA_DIR", help="folder of events.db [DATA_DIR]")
-    parser.add_argument("--database-url", default=None, metavar="DATABASE_URL",
-                        help="a PostgreSQL database: says how to back it up [DATABASE_URL]")
+    parser.add_argument(
+        "--database-url",
+        default=None,
+        metavar="DATABASE_URL",
+        help="a PostgreSQL database: says how to back it up [DATABASE_URL]",
+    )
     args = parser.parse_args(argv)
     try:
         config = config_from_env(data_dir=args.data_dir, database_url=args.database_url)
@@ -3107,11 +3615,42 @@ def copied_event(row: tuple) -> NewEvent:
     """A stored row (ROW_COLUMNS) as an event to append elsewhere, the same in every field:
     its event_id makes a second copy of it a retry, and expected_version checks that the
     target holds the same history before it."""
-    (_position, version, timestamp, event_id, aggregate_type, aggregate_id, event_type, name, attributes,
-     correlation_id, causation_id, agent_name, user_prompt, session_id, content_hash) = row
-    return NewEvent(AGGREGATE_KINDS.get(aggregate_type, "system"), event_id, True, aggregate_type, aggregate_id,
-                    False, event_type, name, timestamp, attributes, correlation_id, causation_id, agent_name,
-                    user_prompt, session_id, version - 1, content_hash)
+    (
+        _position,
+        version,
+        timestamp,
+        event_id,
+        aggregate_type,
+        aggregate_id,
+        event_type,
+        name,
+        attributes,
+        correlation_id,
+        causation_id,
+        agent_name,
+        user_prompt,
+        session_id,
+        content_hash,
+    ) = row
+    return NewEvent(
+        AGGREGATE_KINDS.get(aggregate_type, "system"),
+        event_id,
+        True,
+        aggregate_type,
+        aggregate_id,
+        False,
+        event_type,
+        name,
+        timestamp,
+        attributes,
+        correlation_id,
+        causation_id,
+        agent_name,
+        user_prompt,
+        session_id,
+        version - 1,
+        content_hash,
+    )
 
 
 COPY_PAGE = 5000  # events a transaction when copying
@@ -3134,8 +3673,10 @@ def copy_log(source: ThreadedStore, target: ThreadedStore, progress: Callable[[i
             if isinstance(outcome, BaseException):
                 raise StoreUnavailable(f"at position {rows[0][0]}: {outcome}")
             if [receipt.position for receipt in outcome] != [row[0] for row in rows]:
-                raise StoreUnavailable(f"the target holds other events than the source from position "
-                                       f"{rows[0][0]} on: copy into an empty log")
+                raise StoreUnavailable(
+                    f"the target holds other events than the source from position "
+                    f"{rows[0][0]} on: copy into an empty log"
+                )
             position = rows[-1][0]
             progress(position, total)
     finally:
@@ -3146,12 +3687,19 @@ def copy_main(argv: Sequence[str]) -> None:
     parser = argparse.ArgumentParser(
         prog="eventuali-api-server copy",
         description="Copy a whole log to another store (SQLite to PostgreSQL, or back), keeping every event's "
-                    "position, version, id, timestamp and content; the counters are rebuilt. Run it again to "
-                    "resume an interrupted copy. Stop the servers that write to the source first.")
-    parser.add_argument("--from", dest="source", required=True, metavar="SOURCE",
-                        help="a PostgreSQL URL, an SQLite file, or a data dir")
-    parser.add_argument("--to", dest="target", required=True, metavar="TARGET",
-                        help="a PostgreSQL URL, an SQLite file, or a data dir (created if needed)")
+        "position, version, id, timestamp and content; the counters are rebuilt. Run it again to "
+        "resume an interrupted copy. Stop the servers that write to the source first.",
+    )
+    parser.add_argument(
+        "--from", dest="source", required=True, metavar="SOURCE", help="a PostgreSQL URL, an SQLite file, or a data dir"
+    )
+    parser.add_argument(
+        "--to",
+        dest="target",
+        required=True,
+        metavar="TARGET",
+        help="a PostgreSQL URL, an SQLite file, or a data dir (created if needed)",
+    )
     args = parser.parse_args(argv)
 
     def progress(done: int, total: int) -> None:
@@ -3196,12 +3744,23 @@ def main(argv: Sequence[str] | None = None) -> None:
     if config.reload:
         # The reloader imports the module afresh in a child: hand it the settings.
         os.environ.update(config_to_env(config))
-        uvicorn.run("eventuali_api_server:app", host=config.host, port=config.port, reload=True,
-                    log_level=config.log_level, timeout_graceful_shutdown=1,
-                    reload_dirs=[os.path.dirname(os.path.abspath(__file__))])
+        uvicorn.run(
+            "eventuali_api_server:app",
+            host=config.host,
+            port=config.port,
+            reload=True,
+            log_level=config.log_level,
+            timeout_graceful_shutdown=1,
+            reload_dirs=[os.path.dirname(os.path.abspath(__file__))],
+        )
     else:
-        uvicorn.run(create_app(config), host=config.host, port=config.port, log_level=config.log_level,
-                    timeout_graceful_shutdown=1)
+        uvicorn.run(
+            create_app(config),
+            host=config.host,
+            port=config.port,
+            log_level=config.log_level,
+            timeout_graceful_shutdown=1,
+        )
 
 
 app = lazy_app()

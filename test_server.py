@@ -36,12 +36,17 @@ import eventuali_api_server as eas
 
 HERE = Path(__file__).resolve().parent
 SERVER = str(HERE / "eventuali_api_server.py")
-AGENT = {"name": "agent.started", "attributes": {"agent_name": "url-cacher", "message": "Agent started"},
-         "aggregate_id": "url-cacher-abc123", "correlation_id": "workflow-def456",
-         "causation_id": "parent-agent-789"}
+AGENT = {
+    "name": "agent.started",
+    "attributes": {"agent_name": "url-cacher", "message": "Agent started"},
+    "aggregate_id": "url-cacher-abc123",
+    "correlation_id": "workflow-def456",
+    "causation_id": "parent-agent-789",
+}
 
 
 # -- harness ---------------------------------------------------------------------
+
 
 def free_port() -> int:
     with socket.socket() as sock:
@@ -56,13 +61,19 @@ class ThreadServer:
         self.port = free_port()
         self.config = eas.APIServerConfig(data_dir=str(data_dir), port=self.port, **settings)
         self.app = eas.create_app(self.config)
-        uv_config = uvicorn.Config(self.app, host="127.0.0.1", port=self.port, log_level="warning",
-                                   timeout_graceful_shutdown=1, root_path=root_path)
+        uv_config = uvicorn.Config(
+            self.app,
+            host="127.0.0.1",
+            port=self.port,
+            log_level="warning",
+            timeout_graceful_shutdown=1,
+            root_path=root_path,
+        )
         self.server = uvicorn.Server(uv_config)
         self.url = f"http://127.0.0.1:{self.port}"
         self.thread = threading.Thread(target=self.server.run, daemon=True)
 
-    def __enter__(self) -> "ThreadServer":
+    def __enter__(self) -> ThreadServer:
         self.thread.start()
         deadline = time.time() + 10
         while not self.server.started:
@@ -82,6 +93,7 @@ class ThreadServer:
 
 # -- PostgreSQL: a throwaway cluster for the session, a fresh database for each test --------
 
+
 class PostgresCluster:
     """initdb and pg_ctl on a Unix socket in a temporary folder, run as the `postgres` user
     when the tests run as root (initdb refuses root)."""
@@ -91,8 +103,9 @@ class PostgresCluster:
         self.port = free_port()
         self.databases = 0
         self.released: list = []
-        found = sorted(Path("/usr/lib/postgresql").glob("*/bin/initdb")) or \
-            [Path(p) for p in [shutil.which("initdb")] if p]
+        found = sorted(Path("/usr/lib/postgresql").glob("*/bin/initdb")) or [
+            Path(p) for p in [shutil.which("initdb")] if p
+        ]
         if not found:
             raise RuntimeError("PostgreSQL is not installed (no initdb; Debian: apt-get install postgresql)")
         self.bin = found[-1].parent
@@ -103,8 +116,17 @@ class PostgresCluster:
         self.start()
 
     def start(self) -> None:
-        self._run("pg_ctl", "-D", f"{self.dir}/data", "-w", "-l", f"{self.dir}/log", "-o",
-                  f"-c listen_addresses='' -k {self.dir} -p {self.port} -c fsync=off -c max_connections=300", "start")
+        self._run(
+            "pg_ctl",
+            "-D",
+            f"{self.dir}/data",
+            "-w",
+            "-l",
+            f"{self.dir}/log",
+            "-o",
+            f"-c listen_addresses='' -k {self.dir} -p {self.port} -c fsync=off -c max_connections=300",
+            "start",
+        )
 
     def _run(self, tool: str, *args: str) -> None:
         done = subprocess.run([*self.as_user, str(self.bin / tool), *args], capture_output=True, text=True)
@@ -235,8 +257,10 @@ def client(srv):
 def start_process(data_dir: Path, *args: str, env: dict | None = None, port: int | None = None):
     """The server as a real process, started like a user would: python eventuali_api_server.py."""
     port = port or free_port()
-    proc = spawn([sys.executable, SERVER, "--port", str(port), "--data-dir", str(data_dir), *args],
-                 env={**os.environ, **(env or {})})
+    proc = spawn(
+        [sys.executable, SERVER, "--port", str(port), "--data-dir", str(data_dir), *args],
+        env={**os.environ, **(env or {})},
+    )
     url = f"http://127.0.0.1:{port}"
     wait_healthy(url, proc)
     return proc, url
@@ -245,7 +269,7 @@ def start_process(data_dir: Path, *args: str, env: dict | None = None, port: int
 def spawn(args: list, **options: Any) -> subprocess.Popen:
     """A server process whose output goes to files: a pipe that nobody reads would block
     the server once it has logged ~64 KB (the access log of a few hundred requests)."""
-    logs = {"out": tempfile.TemporaryFile("w+"), "err": tempfile.TemporaryFile("w+")}
+    logs = {"out": tempfile.TemporaryFile("w+"), "err": tempfile.TemporaryFile("w+")}  # noqa: SIM115 (open while the process lives)
     proc = subprocess.Popen(args, stdout=logs["out"], stderr=logs["err"], **options)
     proc.logs = logs
     return proc
@@ -318,8 +342,10 @@ class SSE:
         self.buf = b""
         head = self._until(b"\r\n\r\n")
         self.status = int(head.split(b" ")[1])
-        self.headers = {k.strip().lower(): v.strip() for k, v in
-                        (line.split(":", 1) for line in head.decode().split("\r\n")[1:] if ":" in line)}
+        self.headers = {
+            k.strip().lower(): v.strip()
+            for k, v in (line.split(":", 1) for line in head.decode().split("\r\n")[1:] if ":" in line)
+        }
         self.chunked = self.headers.get("transfer-encoding") == "chunked"
         self.body = b""
         self.ended = False
@@ -352,7 +378,7 @@ class SSE:
                 raise EOFError
             self.buf += data
         self.body += self.buf[:size]
-        self.buf = self.buf[size + 2:]
+        self.buf = self.buf[size + 2 :]
 
     def message(self) -> dict:
         """The next message (a dict of its fields; comments under ':')."""
@@ -380,31 +406,54 @@ class SSE:
 
 # -- configuration -----------------------------------------------------------------
 
+
 def test_config_defaults_match_the_original():
     config = eas.resolve_config([], environ={})
     assert (config.host, config.port, config.reload, config.log_level) == ("127.0.0.1", 8765, False, "info")
     assert config.data_dir == ".events" and config.database_timeout == 10.0
-    assert config.cors_origins == ["http://localhost:3210", "http://127.0.0.1:3210",
-                                   "http://localhost:3000", "http://127.0.0.1:3000"]
+    assert config.cors_origins == [
+        "http://localhost:3210",
+        "http://127.0.0.1:3210",
+        "http://localhost:3000",
+        "http://127.0.0.1:3000",
+    ]
     assert config.database_path == os.path.join(".events", "events.db")
 
 
 def test_config_flag_beats_env_beats_default():
-    env = {"PORT": "9000", "HOST": "0.0.0.0", "LOG_LEVEL": "DEBUG", "RELOAD": "true", "DATA_DIR": "/x",
-           "CORS_ORIGINS": "http://a, http://b", "DATABASE_TIMEOUT": "2.5"}
+    env = {
+        "PORT": "9000",
+        "HOST": "0.0.0.0",
+        "LOG_LEVEL": "DEBUG",
+        "RELOAD": "true",
+        "DATA_DIR": "/x",
+        "CORS_ORIGINS": "http://a, http://b",
+        "DATABASE_TIMEOUT": "2.5",
+    }
     from_env = eas.resolve_config([], environ=env)
     assert (from_env.port, from_env.host, from_env.log_level, from_env.reload) == (9000, "0.0.0.0", "debug", True)
     assert from_env.cors_origins == ["http://a", "http://b"] and from_env.database_timeout == 2.5
-    flags = eas.resolve_config(["--port", "9100", "--log-level", "error", "--data-dir", "/y", "--reload"],
-                               environ=env)
-    assert (flags.port, flags.log_level, flags.data_dir, flags.reload, flags.host) == (9100, "error", "/y", True,
-                                                                                       "0.0.0.0")
+    flags = eas.resolve_config(["--port", "9100", "--log-level", "error", "--data-dir", "/y", "--reload"], environ=env)
+    assert (flags.port, flags.log_level, flags.data_dir, flags.reload, flags.host) == (
+        9100,
+        "error",
+        "/y",
+        True,
+        "0.0.0.0",
+    )
 
 
-@pytest.mark.parametrize("env, name", [({"PORT": "abc"}, "PORT"), ({"PORT": "70000"}, "PORT"),
-                                       ({"LOG_LEVEL": "loud"}, "LOG_LEVEL"), ({"RELOAD": "maybe"}, "RELOAD"),
-                                       ({"DATABASE_TIMEOUT": "-1"}, "DATABASE_TIMEOUT"),
-                                       ({"DURABILITY": "some"}, "DURABILITY")])
+@pytest.mark.parametrize(
+    "env, name",
+    [
+        ({"PORT": "abc"}, "PORT"),
+        ({"PORT": "70000"}, "PORT"),
+        ({"LOG_LEVEL": "loud"}, "LOG_LEVEL"),
+        ({"RELOAD": "maybe"}, "RELOAD"),
+        ({"DATABASE_TIMEOUT": "-1"}, "DATABASE_TIMEOUT"),
+        ({"DURABILITY": "some"}, "DURABILITY"),
+    ],
+)
 def test_bad_env_value_names_the_setting(env, name):
     with pytest.raises(eas.ConfigError, match=name):
         eas.resolve_config([], environ=env)
@@ -416,8 +465,9 @@ def test_wildcard_cors_drops_credentials():
 
 
 def test_programmatic_config_roundtrip():
-    config = eas.APIServerConfig(host="0.0.0.0", port=8765, data_dir="/custom", cors_origins=["https://a"],
-                                 log_level="debug")
+    config = eas.APIServerConfig(
+        host="0.0.0.0", port=8765, data_dir="/custom", cors_origins=["https://a"], log_level="debug"
+    )
     eas.set_config(config)
     try:
         assert eas.get_config() is config
@@ -429,17 +479,24 @@ def test_programmatic_config_roundtrip():
 
 # -- CLI as a real process -------------------------------------------------------------
 
+
 def test_cli_bad_port_exits_2_with_one_line(tmp_path):
-    proc = subprocess.run([sys.executable, SERVER], env={**os.environ, "PORT": "abc"}, capture_output=True,
-                          text=True, timeout=30)
+    proc = subprocess.run(
+        [sys.executable, SERVER], env={**os.environ, "PORT": "abc"}, capture_output=True, text=True, timeout=30
+    )
     assert proc.returncode == 2
     lines = proc.stderr.strip().splitlines()
     assert len(lines) == 1 and "PORT" in lines[0] and "Traceback" not in proc.stderr
 
 
 def test_cli_version_and_module_entry_point():
-    out = subprocess.run([sys.executable, "-m", "eventuali_api_server", "--version"], capture_output=True,
-                         text=True, timeout=30, cwd=HERE)
+    out = subprocess.run(
+        [sys.executable, "-m", "eventuali_api_server", "--version"],
+        capture_output=True,
+        text=True,
+        timeout=30,
+        cwd=HERE,
+    )
     assert out.returncode == 0 and eas.__version__ in out.stdout
 
 
@@ -467,8 +524,11 @@ def test_cli_env_settings_apply(tmp_path):
 
 def test_uvicorn_module_app_reads_environment(tmp_path):
     port = free_port()
-    proc = spawn([sys.executable, "-m", "uvicorn", "eventuali_api_server:app", "--port", str(port)],
-                 cwd=HERE, env={**os.environ, "DATA_DIR": str(tmp_path / "uv")})
+    proc = spawn(
+        [sys.executable, "-m", "uvicorn", "eventuali_api_server:app", "--port", str(port)],
+        cwd=HERE,
+        env={**os.environ, "DATA_DIR": str(tmp_path / "uv")},
+    )
     try:
         url = f"http://127.0.0.1:{port}"
         wait_healthy(url, proc)
@@ -481,19 +541,29 @@ def test_uvicorn_module_app_reads_environment(tmp_path):
 def test_unusable_data_dir_exits_1_with_one_line(tmp_path):
     blocker = tmp_path / "file"
     blocker.write_text("in the way")
-    proc = subprocess.run([sys.executable, SERVER, "--data-dir", str(blocker), "--port", str(free_port())],
-                          capture_output=True, text=True, timeout=30)
+    proc = subprocess.run(
+        [sys.executable, SERVER, "--data-dir", str(blocker), "--port", str(free_port())],
+        capture_output=True,
+        text=True,
+        timeout=30,
+    )
     assert proc.returncode == 1
     assert len(proc.stderr.strip().splitlines()) == 1 and "Traceback" not in proc.stderr
 
 
 # -- info, health, docs ---------------------------------------------------------------
 
+
 def test_root(front):
     body = front.get("/").json()
     assert body["name"] == "Eventuali API Server" and body["version"] == eas.__version__
-    assert body["endpoints"] == {"events": "/events", "health": "/health", "docs": "/docs",
-                                 "openapi": "/openapi.json", "ui": "/ui"}
+    assert body["endpoints"] == {
+        "events": "/events",
+        "health": "/health",
+        "docs": "/docs",
+        "openapi": "/openapi.json",
+        "ui": "/ui",
+    }
 
 
 @pytest.mark.parametrize("path", ["/health", "/health/"])
@@ -515,13 +585,28 @@ def test_health_database(client, srv):
 
 def test_openapi_is_valid_and_complete(front):
     from openapi_spec_validator import validate
+
     doc = front.get("/openapi.json").json()
     validate(doc)
     assert doc["openapi"].startswith("3.1")
-    for path in ["/events/emit/agent", "/events/emit/workflow", "/events/emit/system", "/events/emit/batch",
-                 "/events/", "/events", "/events/agents/{agent_id}", "/events/workflows/{workflow_id}",
-                 "/events/workflows/{workflow_id}/agents", "/events/stream", "/health/", "/health",
-                 "/health/database", "/", "/docs", "/openapi.json"]:
+    for path in [
+        "/events/emit/agent",
+        "/events/emit/workflow",
+        "/events/emit/system",
+        "/events/emit/batch",
+        "/events/",
+        "/events",
+        "/events/agents/{agent_id}",
+        "/events/workflows/{workflow_id}",
+        "/events/workflows/{workflow_id}/agents",
+        "/events/stream",
+        "/health/",
+        "/health",
+        "/health/database",
+        "/",
+        "/docs",
+        "/openapi.json",
+    ]:
         assert path in doc["paths"], path
     request = doc["components"]["schemas"]["EventRequest"]
     assert request["additionalProperties"] is False and request["required"] == ["name"]
@@ -555,8 +640,10 @@ def test_unknown_path_and_wrong_method_are_json(front):
 def test_emit_cut_short_stores_nothing(srv, caplog):
     # the client sends half a body and hangs up: no reply is owed, nothing is stored, nothing is logged as an error
     with socket.create_connection(("127.0.0.1", srv.port)) as sock:
-        sock.sendall(b"POST /events/emit/agent HTTP/1.1\r\nHost: x\r\nContent-Type: application/json\r\n"
-                     b"Content-Length: 500\r\n\r\n{\"name\": \"cut")
+        sock.sendall(
+            b"POST /events/emit/agent HTTP/1.1\r\nHost: x\r\nContent-Type: application/json\r\n"
+            b'Content-Length: 500\r\n\r\n{"name": "cut'
+        )
         time.sleep(0.2)
     time.sleep(0.2)
     assert events_of(srv.client)["total"] == 0
@@ -581,14 +668,20 @@ def test_events_without_slash_answers_directly(client):
 
 
 def test_cors_preflight_for_default_origin(shared):
-    reply = shared.client.options("/events/emit/agent", headers={
-        "Origin": "http://localhost:3000", "Access-Control-Request-Method": "POST",
-        "Access-Control-Request-Headers": "content-type, authorization, last-event-id"})
+    reply = shared.client.options(
+        "/events/emit/agent",
+        headers={
+            "Origin": "http://localhost:3000",
+            "Access-Control-Request-Method": "POST",
+            "Access-Control-Request-Headers": "content-type, authorization, last-event-id",
+        },
+    )
     assert reply.status_code == 200
     assert reply.headers["access-control-allow-origin"] == "http://localhost:3000"
     assert reply.headers["access-control-allow-credentials"] == "true"
-    reply = shared.client.options("/events/", headers={"Origin": "http://evil.example",
-                                                "Access-Control-Request-Method": "GET"})
+    reply = shared.client.options(
+        "/events/", headers={"Origin": "http://evil.example", "Access-Control-Request-Method": "GET"}
+    )
     assert reply.status_code == 400
     # the emit routes are served ahead of routing, but still inside CORS
     reply = shared.client.post("/events/emit/agent", json={"name": "x"}, headers={"Origin": "http://localhost:3000"})
@@ -604,6 +697,7 @@ def test_cors_wildcard_never_with_credentials(tmp_path):
 
 # -- emitting --------------------------------------------------------------------------
 
+
 def test_emit_agent_maps_fields_like_the_original(client):
     reply = emit(client, **AGENT)
     assert reply["success"] is True and uuid.UUID(reply["event_id"])
@@ -612,20 +706,47 @@ def test_emit_agent_maps_fields_like_the_original(client):
     assert reply["aggregate_id"] == "url-cacher-abc123"
     [item] = events_of(client)["events"]
     assert item == {
-        "event_id": reply["event_id"], "position": 1, "aggregate_id": "url-cacher-abc123",
-        "aggregate_type": "agent_aggregate", "aggregate_version": 1, "event_type": "AgentEvent",
-        "event_name": "agent.started", "timestamp": reply["timestamp"], "attributes": AGENT["attributes"],
-        "correlation_id": "workflow-def456", "causation_id": "parent-agent-789", "agent_name": "url-cacher",
-        "agent_id": "url-cacher-abc123", "parent_agent_id": "parent-agent-789", "workflow_id": "workflow-def456",
-        "user_prompt": None, "session_id": None}
+        "event_id": reply["event_id"],
+        "position": 1,
+        "aggregate_id": "url-cacher-abc123",
+        "aggregate_type": "agent_aggregate",
+        "aggregate_version": 1,
+        "event_type": "AgentEvent",
+        "event_name": "agent.started",
+        "timestamp": reply["timestamp"],
+        "attributes": AGENT["attributes"],
+        "correlation_id": "workflow-def456",
+        "causation_id": "parent-agent-789",
+        "agent_name": "url-cacher",
+        "agent_id": "url-cacher-abc123",
+        "parent_agent_id": "parent-agent-789",
+        "workflow_id": "workflow-def456",
+        "user_prompt": None,
+        "session_id": None,
+    }
 
 
 def test_emit_workflow_and_system_mapping(client):
-    wf = emit(client, "workflow", name="workflow.started", attributes={"user_prompt": "Cache the page"},
-              aggregate_id="workflow-def456")
+    wf = emit(
+        client,
+        "workflow",
+        name="workflow.started",
+        attributes={"user_prompt": "Cache the page"},
+        aggregate_id="workflow-def456",
+    )
     assert wf["message"] == "Workflow event 'workflow.started' emitted successfully"
-    sys_given = emit(client, "system", name="session.started", attributes={"session_type": "interactive"},
-                     aggregate_id="session-ghi789", correlation_id="workflow-def456")
+    given = emit(
+        client,
+        "system",
+        name="session.started",
+        attributes={"session_type": "interactive"},
+        aggregate_id="session-ghi789",
+        correlation_id="workflow-def456",
+    )
+    assert (
+        given["aggregate_id"] == "session-ghi789"
+        and given["message"] == "System event 'session.started' emitted successfully"
+    )
     sys_default = emit(client, "system", name="system.tick")
     assert sys_default["aggregate_id"] == "system" and sys_default["message"].startswith("System event")
     items = {item["position"]: item for item in events_of(client)["events"]}
@@ -665,21 +786,33 @@ def test_versions_count_per_aggregate_and_positions_are_global(client):
 
 
 def test_explicit_null_means_absent(client):
-    reply = emit(client, name="agent.started", attributes=None, timestamp=None, aggregate_id=None,
-                 causation_id=None, correlation_id=None, event_id=None, expected_version=None)
+    reply = emit(
+        client,
+        name="agent.started",
+        attributes=None,
+        timestamp=None,
+        aggregate_id=None,
+        causation_id=None,
+        correlation_id=None,
+        event_id=None,
+        expected_version=None,
+    )
     assert uuid.UUID(reply["aggregate_id"])
     assert events_of(client)["events"][0]["attributes"] == {}
 
 
-@pytest.mark.parametrize("given, stored", [
-    ("2026-01-02T03:04:05Z", "2026-01-02T03:04:05.000000+00:00"),
-    ("2026-01-02T03:04:05.123456789z", "2026-01-02T03:04:05.123456+00:00"),
-    ("2026-01-02T05:04:05+02:00", "2026-01-02T03:04:05.000000+00:00"),
-    ("2026-01-02T01:34:05-0130", "2026-01-02T03:04:05.000000+00:00"),
-    ("2026-01-02 03:04:05.5", "2026-01-02T03:04:05.500000+00:00"),
-    ("2026-01-02T03:04", "2026-01-02T03:04:00.000000+00:00"),
-    ("2026-01-02", "2026-01-02T00:00:00.000000+00:00"),
-])
+@pytest.mark.parametrize(
+    "given, stored",
+    [
+        ("2026-01-02T03:04:05Z", "2026-01-02T03:04:05.000000+00:00"),
+        ("2026-01-02T03:04:05.123456789z", "2026-01-02T03:04:05.123456+00:00"),
+        ("2026-01-02T05:04:05+02:00", "2026-01-02T03:04:05.000000+00:00"),
+        ("2026-01-02T01:34:05-0130", "2026-01-02T03:04:05.000000+00:00"),
+        ("2026-01-02 03:04:05.5", "2026-01-02T03:04:05.500000+00:00"),
+        ("2026-01-02T03:04", "2026-01-02T03:04:00.000000+00:00"),
+        ("2026-01-02", "2026-01-02T00:00:00.000000+00:00"),
+    ],
+)
 def test_timestamp_forms(shared, given, stored):
     reply = emit(shared.client, name="t", timestamp=given)
     assert reply["timestamp"] == stored
@@ -692,30 +825,33 @@ def test_default_timestamp_is_now_utc(client):
     assert before - 1 <= stamp <= time.time() + 1
 
 
-@pytest.mark.parametrize("body, loc", [
-    ({}, ["body", "name"]),
-    ({"name": ""}, ["body", "name"]),
-    ({"name": 5}, ["body", "name"]),
-    ({"name": "x", "attributes": []}, ["body", "attributes"]),
-    ({"name": "x", "attributes": "s"}, ["body", "attributes"]),
-    ({"name": "x", "timestamp": "yesterday"}, ["body", "timestamp"]),
-    ({"name": "x", "timestamp": "2026-13-01T00:00:00"}, ["body", "timestamp"]),
-    ({"name": "x", "timestamp": "2026-01-01T00:00:00+25:00"}, ["body", "timestamp"]),
-    ({"name": "x", "timestamp": "0001-01-01T00:00:00+01:00"}, ["body", "timestamp"]),
-    ({"name": "x", "timestamp": 1700000000}, ["body", "timestamp"]),
-    ({"name": "x", "aggregate_id": 7}, ["body", "aggregate_id"]),
-    ({"name": "x", "aggregate_id": ""}, ["body", "aggregate_id"]),
-    ({"name": "x", "causation_id": ["a"]}, ["body", "causation_id"]),
-    ({"name": "x", "correlation_id": {"a": 1}}, ["body", "correlation_id"]),
-    ({"name": "x", "event_id": "not-a-uuid"}, ["body", "event_id"]),
-    ({"name": "x", "expected_version": -1}, ["body", "expected_version"]),
-    ({"name": "x", "expected_version": "1"}, ["body", "expected_version"]),
-    ({"name": "x", "expected_version": True}, ["body", "expected_version"]),
-    ({"name": "x", "expected_version": 2**64}, ["body", "expected_version"]),
-    ({"name": "x", "surprise": 1}, ["body", "surprise"]),
-    ({"name": "x" * 257}, ["body", "name"]),
-    ({"name": "x", "aggregate_id": "a" * 257}, ["body", "aggregate_id"]),
-])
+@pytest.mark.parametrize(
+    "body, loc",
+    [
+        ({}, ["body", "name"]),
+        ({"name": ""}, ["body", "name"]),
+        ({"name": 5}, ["body", "name"]),
+        ({"name": "x", "attributes": []}, ["body", "attributes"]),
+        ({"name": "x", "attributes": "s"}, ["body", "attributes"]),
+        ({"name": "x", "timestamp": "yesterday"}, ["body", "timestamp"]),
+        ({"name": "x", "timestamp": "2026-13-01T00:00:00"}, ["body", "timestamp"]),
+        ({"name": "x", "timestamp": "2026-01-01T00:00:00+25:00"}, ["body", "timestamp"]),
+        ({"name": "x", "timestamp": "0001-01-01T00:00:00+01:00"}, ["body", "timestamp"]),
+        ({"name": "x", "timestamp": 1700000000}, ["body", "timestamp"]),
+        ({"name": "x", "aggregate_id": 7}, ["body", "aggregate_id"]),
+        ({"name": "x", "aggregate_id": ""}, ["body", "aggregate_id"]),
+        ({"name": "x", "causation_id": ["a"]}, ["body", "causation_id"]),
+        ({"name": "x", "correlation_id": {"a": 1}}, ["body", "correlation_id"]),
+        ({"name": "x", "event_id": "not-a-uuid"}, ["body", "event_id"]),
+        ({"name": "x", "expected_version": -1}, ["body", "expected_version"]),
+        ({"name": "x", "expected_version": "1"}, ["body", "expected_version"]),
+        ({"name": "x", "expected_version": True}, ["body", "expected_version"]),
+        ({"name": "x", "expected_version": 2**64}, ["body", "expected_version"]),
+        ({"name": "x", "surprise": 1}, ["body", "surprise"]),
+        ({"name": "x" * 257}, ["body", "name"]),
+        ({"name": "x", "aggregate_id": "a" * 257}, ["body", "aggregate_id"]),
+    ],
+)
 def test_emit_validation(front, body, loc):
     detail = assert_invalid(front.post("/events/emit/agent", json=body), *loc)
     if loc[-1] == "surprise":
@@ -725,8 +861,9 @@ def test_emit_validation(front, body, loc):
 
 def test_integral_float_is_an_integer(client):
     assert emit(client, name="a", aggregate_id="f", expected_version=0.0)["aggregate_version"] == 1
-    assert_invalid(client.post("/events/emit/agent", json={"name": "b", "expected_version": 1.5}),
-                   "body", "expected_version")
+    assert_invalid(
+        client.post("/events/emit/agent", json={"name": "b", "expected_version": 1.5}), "body", "expected_version"
+    )
 
 
 def test_every_problem_is_listed(front):
@@ -735,12 +872,22 @@ def test_every_problem_is_listed(front):
     assert sorted(map(tuple, locs)) == [("body", "attributes"), ("body", "extra"), ("body", "name")]
 
 
-@pytest.mark.parametrize("raw", [b"{not json", b"[1, 2]", b'"name"', b"null", b"",
-                                 b'{"name": "x", "attributes": {"n": NaN}}',
-                                 b'{"name": "x", "attributes": {"n": Infinity}}',
-                                 b'{"name": "x", "attributes": {"n": 1e999}}',
-                                 b'{"name": "\xff\xfe"}', b'{"name": "\\ud800"}',
-                                 b'{"name": "x", "attributes": {"n": ' + b"1" * 5000 + b"}}"])
+@pytest.mark.parametrize(
+    "raw",
+    [
+        b"{not json",
+        b"[1, 2]",
+        b'"name"',
+        b"null",
+        b"",
+        b'{"name": "x", "attributes": {"n": NaN}}',
+        b'{"name": "x", "attributes": {"n": Infinity}}',
+        b'{"name": "x", "attributes": {"n": 1e999}}',
+        b'{"name": "\xff\xfe"}',
+        b'{"name": "\\ud800"}',
+        b'{"name": "x", "attributes": {"n": ' + b"1" * 5000 + b"}}",
+    ],
+)
 def test_malformed_bodies_are_422(front, raw):
     reply = front.post("/events/emit/agent", content=raw, headers={"content-type": "application/json"})
     assert reply.status_code == 422, reply.text
@@ -755,8 +902,11 @@ def test_compact_json_without_the_c_encoder(monkeypatch):
     monkeypatch.setattr(json.encoder, "c_make_encoder", None)
     slow = eas._compact_encoder()
     assert isinstance(getattr(slow, "__self__", None), json.JSONEncoder)  # the fallback was taken
-    assert [fast(v) for v in values] == [slow(v) for v in values] == \
-        [json.dumps(v, ensure_ascii=False, separators=(",", ":")) for v in values]
+    assert (
+        [fast(v) for v in values]
+        == [slow(v) for v in values]
+        == [json.dumps(v, ensure_ascii=False, separators=(",", ":")) for v in values]
+    )
     with pytest.raises(ValueError):
         slow(float("nan"))
     with pytest.raises(ValueError):
@@ -767,7 +917,7 @@ def test_surrogate_pairs_are_fine(client):
     raw = b'{"name": "smile \\ud83d\\ude00"}'
     reply = client.post("/events/emit/agent", content=raw, headers={"content-type": "application/json"})
     assert reply.status_code == 200 and reply.json()["position"] == 1
-    assert events_of(client)["events"][0]["event_name"] == "smile \U0001F600"
+    assert events_of(client)["events"][0]["event_name"] == "smile \U0001f600"
 
 
 def test_attributes_any_json_inside_and_depth_limit(client):
@@ -781,8 +931,7 @@ def test_attributes_any_json_inside_and_depth_limit(client):
         node = node["d"]
     emit(client, name="ok", attributes=deep)
     node["d"] = {}
-    assert_invalid(client.post("/events/emit/agent", json={"name": "deep", "attributes": deep}),
-                   "body", "attributes")
+    assert_invalid(client.post("/events/emit/agent", json={"name": "deep", "attributes": deep}), "body", "attributes")
     lists: list = []
     deep = {"l": lists, "flat": [1, {"a": 2}]}
     for _ in range(30):  # 31 lists inside attributes: 32 levels again
@@ -790,12 +939,12 @@ def test_attributes_any_json_inside_and_depth_limit(client):
         lists = lists[0]
     emit(client, name="ok", attributes=deep)
     lists.append([0])
-    assert_invalid(client.post("/events/emit/agent", json={"name": "deep", "attributes": deep}),
-                   "body", "attributes")
+    assert_invalid(client.post("/events/emit/agent", json={"name": "deep", "attributes": deep}), "body", "attributes")
     very_deep = b'{"name": "x", "attributes": ' + b"[" * 100000 + b"]" * 100000 + b"}"
     assert len(very_deep) < eas.APIServerConfig().max_body  # so the depth is what is refused
-    assert_invalid(client.post("/events/emit/agent", content=very_deep, headers={"content-type": "application/json"}),
-                   "body")
+    assert_invalid(
+        client.post("/events/emit/agent", content=very_deep, headers={"content-type": "application/json"}), "body"
+    )
 
 
 def test_limits_at_their_edges(tmp_path):
@@ -807,9 +956,13 @@ def test_limits_at_their_edges(tmp_path):
         body = json.dumps({"name": "x", "attributes": {"pad": ""}}).encode()
         exact = body.replace(b'"pad": ""', b'"pad": "' + b"p" * (1024 - len(body)) + b'"')
         assert len(exact) == 1024
-        assert c.post("/events/emit/agent", content=exact, headers={"content-type": "application/json"}).status_code == 200
+        assert (
+            c.post("/events/emit/agent", content=exact, headers={"content-type": "application/json"}).status_code == 200
+        )
         over = exact.replace(b'"pad": "', b'"pad": "p')
-        assert c.post("/events/emit/agent", content=over, headers={"content-type": "application/json"}).status_code == 413
+        assert (
+            c.post("/events/emit/agent", content=over, headers={"content-type": "application/json"}).status_code == 413
+        )
         assert events_of(c, limit=1000)["limit"] == 1000
         assert_invalid(c.get("/events/agents/" + "a" * 9), "path", "agent_id")
 
@@ -817,8 +970,11 @@ def test_limits_at_their_edges(tmp_path):
 def test_wrong_content_type_is_415(shared):
     reply = shared.client.post("/events/emit/agent", content=b'{"name": "x"}', headers={"content-type": "text/plain"})
     assert reply.status_code == 415 and "application/json" in reply.json()["detail"]
-    reply = shared.client.post("/events/emit/agent", content=b'{"name": "x"}',
-                        headers={"content-type": "application/vnd.api+json; charset=utf-8"})
+    reply = shared.client.post(
+        "/events/emit/agent",
+        content=b'{"name": "x"}',
+        headers={"content-type": "application/vnd.api+json; charset=utf-8"},
+    )
     assert reply.status_code == 200
 
 
@@ -832,13 +988,13 @@ def test_body_limit_is_413(tmp_path):
             for _ in range(100):
                 yield b" " * 1000
 
-        reply = server.client.post("/events/emit/agent", content=chunks(),
-                                   headers={"content-type": "application/json"})
+        reply = server.client.post("/events/emit/agent", content=chunks(), headers={"content-type": "application/json"})
         assert reply.status_code == 413
         assert server.client.post("/events/emit/agent", json={"name": "small"}).status_code == 200
 
 
 # -- reading ---------------------------------------------------------------------------------
+
 
 @pytest.fixture(scope="module", params=BACKENDS)
 def log(request, tmp_path_factory):
@@ -849,18 +1005,42 @@ def log(request, tmp_path_factory):
 
 
 def write_log(client):
-    emit(client, "workflow", name="workflow.started", aggregate_id="w1", attributes={"user_prompt": "p"},
-         timestamp="2026-01-01T00:00:00Z")
-    emit(client, name="agent.started", aggregate_id="a1", correlation_id="w1", timestamp="2026-01-01T00:00:01Z",
-         attributes={"agent_name": "planner"})
-    emit(client, name="agent.started", aggregate_id="a2", correlation_id="w1", causation_id="a1",
-         timestamp="2026-01-01T00:00:02Z", attributes={"agent_name": "coder"})
+    emit(
+        client,
+        "workflow",
+        name="workflow.started",
+        aggregate_id="w1",
+        attributes={"user_prompt": "p"},
+        timestamp="2026-01-01T00:00:00Z",
+    )
+    emit(
+        client,
+        name="agent.started",
+        aggregate_id="a1",
+        correlation_id="w1",
+        timestamp="2026-01-01T00:00:01Z",
+        attributes={"agent_name": "planner"},
+    )
+    emit(
+        client,
+        name="agent.started",
+        aggregate_id="a2",
+        correlation_id="w1",
+        causation_id="a1",
+        timestamp="2026-01-01T00:00:02Z",
+        attributes={"agent_name": "coder"},
+    )
     emit(client, name="agent.started", aggregate_id="b1", correlation_id="w2", timestamp="2026-01-01T00:00:03Z")
     emit(client, name="agent.completed", aggregate_id="a2", timestamp="2026-01-01T00:00:04Z")
-    emit(client, "system", name="session.started", aggregate_id="s1", correlation_id="w1",
-         timestamp="2026-01-01T00:00:05Z")
-    emit(client, name="agent.completed", aggregate_id="a1", correlation_id="w1",
-         timestamp="2026-01-01T00:00:06Z")
+    emit(
+        client,
+        "system",
+        name="session.started",
+        aggregate_id="s1",
+        correlation_id="w1",
+        timestamp="2026-01-01T00:00:05Z",
+    )
+    emit(client, name="agent.completed", aggregate_id="a1", correlation_id="w1", timestamp="2026-01-01T00:00:06Z")
     emit(client, "workflow", name="workflow.completed", aggregate_id="w1", timestamp="2026-01-01T00:00:07Z")
     return client
 
@@ -896,30 +1076,44 @@ def test_cursor_walks_every_page(log):
     assert seen == list(range(1, 9))
 
 
-@pytest.mark.parametrize("params, expected", [
-    ({"event_type": "AgentEvent"}, [7, 5, 4, 3, 2]),
-    ({"aggregate_type": "workflow_aggregate"}, [8, 1]),
-    ({"aggregate_id": "a2"}, [5, 3]),
-    ({"correlation_id": "w1"}, [7, 6, 3, 2]),
-    ({"event_name": "agent.completed"}, [7, 5]),
-    ({"event_type": "AgentEvent", "correlation_id": "w1"}, [7, 3, 2]),
-    ({"since": "2026-01-01T00:00:05Z"}, [8, 7]),
-    ({"since": "2026-01-01T02:00:05+02:00"}, [8, 7]),  # an instant, not a string comparison
-    ({"until": "2026-01-01T00:00:01Z"}, [2, 1]),
-    ({"since": "2026-01-01T00:00:01Z", "until": "2026-01-01T00:00:03Z"}, [4, 3]),
-    ({"event_type": "NoSuchEvent"}, []),
-])
+@pytest.mark.parametrize(
+    "params, expected",
+    [
+        ({"event_type": "AgentEvent"}, [7, 5, 4, 3, 2]),
+        ({"aggregate_type": "workflow_aggregate"}, [8, 1]),
+        ({"aggregate_id": "a2"}, [5, 3]),
+        ({"correlation_id": "w1"}, [7, 6, 3, 2]),
+        ({"event_name": "agent.completed"}, [7, 5]),
+        ({"event_type": "AgentEvent", "correlation_id": "w1"}, [7, 3, 2]),
+        ({"since": "2026-01-01T00:00:05Z"}, [8, 7]),
+        ({"since": "2026-01-01T02:00:05+02:00"}, [8, 7]),  # an instant, not a string comparison
+        ({"until": "2026-01-01T00:00:01Z"}, [2, 1]),
+        ({"since": "2026-01-01T00:00:01Z", "until": "2026-01-01T00:00:03Z"}, [4, 3]),
+        ({"event_type": "NoSuchEvent"}, []),
+    ],
+)
 def test_list_filters(log, params, expected):
     page = events_of(log, **params)
     assert positions(page) == expected and page["total"] == len(expected)
 
 
-@pytest.mark.parametrize("params, name", [
-    ({"limit": 0}, "limit"), ({"limit": 1001}, "limit"), ({"limit": "abc"}, "limit"),
-    ({"offset": -1}, "offset"), ({"order": "sideways"}, "order"), ({"since": "soon"}, "since"),
-    ({"until": "2026-02-30"}, "until"), ({"after": "x"}, "after"), ({"before": -2}, "before"),
-    ({"event_type": ""}, "event_type"), ({"bogus": 1}, "bogus"), ({"limit": "9" * 30}, "limit"),
-])
+@pytest.mark.parametrize(
+    "params, name",
+    [
+        ({"limit": 0}, "limit"),
+        ({"limit": 1001}, "limit"),
+        ({"limit": "abc"}, "limit"),
+        ({"offset": -1}, "offset"),
+        ({"order": "sideways"}, "order"),
+        ({"since": "soon"}, "since"),
+        ({"until": "2026-02-30"}, "until"),
+        ({"after": "x"}, "after"),
+        ({"before": -2}, "before"),
+        ({"event_type": ""}, "event_type"),
+        ({"bogus": 1}, "bogus"),
+        ({"limit": "9" * 30}, "limit"),
+    ],
+)
 def test_list_bad_parameters(front, params, name):
     for path in ("/events/", "/events/agents/a1", "/events/workflows/w1"):
         assert_invalid(front.get(path, params=params), "query", name)
@@ -955,12 +1149,26 @@ def test_workflow_timeline(log):
 def test_workflow_agents(log):
     agents = log.get("/events/workflows/w1/agents").json()["agents"]
     assert agents == [
-        {"agent_id": "a1", "agent_name": "planner", "workflow_id": "w1", "parent_agent_id": None,
-         "first_event_time": "2026-01-01T00:00:01.000000+00:00",
-         "last_event_time": "2026-01-01T00:00:06.000000+00:00", "event_count": 2, "status": "agent.completed"},
-        {"agent_id": "a2", "agent_name": "coder", "workflow_id": "w1", "parent_agent_id": "a1",
-         "first_event_time": "2026-01-01T00:00:02.000000+00:00",
-         "last_event_time": "2026-01-01T00:00:04.000000+00:00", "event_count": 2, "status": "agent.completed"},
+        {
+            "agent_id": "a1",
+            "agent_name": "planner",
+            "workflow_id": "w1",
+            "parent_agent_id": None,
+            "first_event_time": "2026-01-01T00:00:01.000000+00:00",
+            "last_event_time": "2026-01-01T00:00:06.000000+00:00",
+            "event_count": 2,
+            "status": "agent.completed",
+        },
+        {
+            "agent_id": "a2",
+            "agent_name": "coder",
+            "workflow_id": "w1",
+            "parent_agent_id": "a1",
+            "first_event_time": "2026-01-01T00:00:02.000000+00:00",
+            "last_event_time": "2026-01-01T00:00:04.000000+00:00",
+            "event_count": 2,
+            "status": "agent.completed",
+        },
     ]
     assert [a["agent_id"] for a in log.get("/events/workflows/w2/agents").json()["agents"]] == ["b1"]
 
@@ -969,25 +1177,46 @@ def test_totals_from_summaries_equal_direct_counts(srv):
     """Totals come from counters and indexes kept with the log; they must equal a plain count,
     also after rejected batches and conflicts (whose events were never stored)."""
     c = srv.client
-    bodies = [{"kind": ("agent", "workflow", "system")[i % 3], "name": f"n{i % 4}", "aggregate_id": f"g{i % 5}",
-               "correlation_id": f"w{i % 2}" if i % 3 else None, "timestamp": f"2026-01-01T00:00:{i % 60:02d}Z"}
-              for i in range(120)]
+    bodies = [
+        {
+            "kind": ("agent", "workflow", "system")[i % 3],
+            "name": f"n{i % 4}",
+            "aggregate_id": f"g{i % 5}",
+            "correlation_id": f"w{i % 2}" if i % 3 else None,
+            "timestamp": f"2026-01-01T00:00:{i % 60:02d}Z",
+        }
+        for i in range(120)
+    ]
     assert c.post("/events/emit/batch", json={"events": bodies[:60]}).status_code == 200
-    assert c.post("/events/emit/batch", json={"events": bodies[60:] + [{"kind": "agent", "name": ""}]}).status_code == 422
-    assert c.post("/events/emit/batch", json={"events": [bodies[0], {**bodies[1], "expected_version": 0}]}).status_code == 409
+    assert (
+        c.post("/events/emit/batch", json={"events": bodies[60:] + [{"kind": "agent", "name": ""}]}).status_code == 422
+    )
+    assert (
+        c.post("/events/emit/batch", json={"events": [bodies[0], {**bodies[1], "expected_version": 0}]}).status_code
+        == 409
+    )
     post_many(srv.url, [{k: v for k, v in b.items() if k != "kind"} for b in bodies[60:]], "agent", 8)
     emit(c, "workflow", name="own", aggregate_id="w1", correlation_id="w1")  # both timeline arms at once
     conn = direct(srv)
-    count = lambda where="true", args=(): conn.execute(f"SELECT count(*) FROM events WHERE {where}", args).fetchone()[0]
-    cases = [({}, count()), ({"event_type": "AgentEvent"}, count("event_type = 'AgentEvent'")),
-             ({"aggregate_type": "system_aggregate"}, count("aggregate_type = 'system_aggregate'")),
-             ({"aggregate_id": "g3"}, count("aggregate_id = 'g3'")), ({"event_name": "n2"}, count("event_name = 'n2'")),
-             ({"correlation_id": "w1"}, count("correlation_id = 'w1'")),
-             ({"event_name": "n1", "aggregate_id": "g1"}, count("event_name = 'n1' AND aggregate_id = 'g1'")),
-             ({"since": "2026-01-01T00:00:30Z"}, count("timestamp > '2026-01-01T00:00:30.000000+00:00'")),
-             ({"until": "2026-01-01T00:00:10Z"}, count("timestamp <= '2026-01-01T00:00:10.000000+00:00'")),
-             ({"since": "2026-01-01T00:00:10Z", "until": "2026-01-01T00:00:20Z"},
-              count("timestamp > '2026-01-01T00:00:10.000000+00:00' AND timestamp <= '2026-01-01T00:00:20.000000+00:00'"))]
+
+    def count(where: str = "true", args: tuple = ()) -> int:
+        return conn.execute(f"SELECT count(*) FROM events WHERE {where}", args).fetchone()[0]
+
+    cases = [
+        ({}, count()),
+        ({"event_type": "AgentEvent"}, count("event_type = 'AgentEvent'")),
+        ({"aggregate_type": "system_aggregate"}, count("aggregate_type = 'system_aggregate'")),
+        ({"aggregate_id": "g3"}, count("aggregate_id = 'g3'")),
+        ({"event_name": "n2"}, count("event_name = 'n2'")),
+        ({"correlation_id": "w1"}, count("correlation_id = 'w1'")),
+        ({"event_name": "n1", "aggregate_id": "g1"}, count("event_name = 'n1' AND aggregate_id = 'g1'")),
+        ({"since": "2026-01-01T00:00:30Z"}, count("timestamp > '2026-01-01T00:00:30.000000+00:00'")),
+        ({"until": "2026-01-01T00:00:10Z"}, count("timestamp <= '2026-01-01T00:00:10.000000+00:00'")),
+        (
+            {"since": "2026-01-01T00:00:10Z", "until": "2026-01-01T00:00:20Z"},
+            count("timestamp > '2026-01-01T00:00:10.000000+00:00' AND timestamp <= '2026-01-01T00:00:20.000000+00:00'"),
+        ),
+    ]
     for params, expected in cases:
         page = events_of(c, **params, limit=1000)
         assert page["total"] == expected == len(page["events"]), params
@@ -1015,32 +1244,47 @@ def test_every_pair_of_filters_matches_a_plain_query(tmp_path, monkeypatch, few)
     events = []
     for i in range(400):
         kind = rng.choice(["agent"] * 6 + ["workflow"] * 3 + ["system"])
-        events.append({"kind": kind, "name": rng.choice(["start", "step", "step", "step", "done", "rare"][:5 + (i % 50 == 0)]),
-                       "aggregate_id": f"g{rng.randrange(12)}", "correlation_id": rng.choice([None, "w1", "w2"]),
-                       "timestamp": moments[max(0, i * len(moments) // 400 - rng.choice([0, 0, 0, 9]))]})
+        events.append(
+            {
+                "kind": kind,
+                "name": rng.choice(["start", "step", "step", "step", "done", "rare"][: 5 + (i % 50 == 0)]),
+                "aggregate_id": f"g{rng.randrange(12)}",
+                "correlation_id": rng.choice([None, "w1", "w2"]),
+                "timestamp": moments[max(0, i * len(moments) // 400 - rng.choice([0, 0, 0, 9]))],
+            }
+        )
     with ThreadServer(tmp_path) as server:
         assert server.client.post("/events/emit/batch", json={"events": events}).status_code == 200
         conn = sqlite3.connect(server.config.database_path)
         mid, late = "2026-01-01T00:05:00Z", "2026-01-01T00:08:00Z"
-        filters = {"event_type": ("AgentEvent", "aggregate_type = 'agent_aggregate'"),
-                   "aggregate_type": ("workflow_aggregate", "aggregate_type = 'workflow_aggregate'"),
-                   "aggregate_id": ("g3", "aggregate_id = 'g3'"), "correlation_id": ("w1", "correlation_id = 'w1'"),
-                   "event_name": ("rare", "event_name = 'rare'"),
-                   "since": (mid, "timestamp > '2026-01-01T00:05:00.000000+00:00'"),
-                   "until": (late, "timestamp <= '2026-01-01T00:08:00.000000+00:00'")}
+        filters = {
+            "event_type": ("AgentEvent", "aggregate_type = 'agent_aggregate'"),
+            "aggregate_type": ("workflow_aggregate", "aggregate_type = 'workflow_aggregate'"),
+            "aggregate_id": ("g3", "aggregate_id = 'g3'"),
+            "correlation_id": ("w1", "correlation_id = 'w1'"),
+            "event_name": ("rare", "event_name = 'rare'"),
+            "since": (mid, "timestamp > '2026-01-01T00:05:00.000000+00:00'"),
+            "until": (late, "timestamp <= '2026-01-01T00:08:00.000000+00:00'"),
+        }
         names = list(filters)
-        combos = [[a] for a in names] + [[a, b] for i, a in enumerate(names) for b in names[i + 1:]]
+        combos = [[a] for a in names] + [[a, b] for i, a in enumerate(names) for b in names[i + 1 :]]
         combos += [["event_name"], ["event_type", "event_name"]]
         for combo in combos:
             params = {name: filters[name][0] for name in combo}
             condition = " AND ".join(filters[name][1] for name in combo)
-            expected = [row[0] for row in conn.execute(f"SELECT position FROM events WHERE {condition} ORDER BY position")]
-            for order, paging in (("desc", {"limit": 7}), ("asc", {"limit": 5, "offset": 3}), ("desc", {"limit": 1000})):
+            expected = [
+                row[0] for row in conn.execute(f"SELECT position FROM events WHERE {condition} ORDER BY position")
+            ]
+            for order, paging in (
+                ("desc", {"limit": 7}),
+                ("asc", {"limit": 5, "offset": 3}),
+                ("desc", {"limit": 1000}),
+            ):
                 page = events_of(server.client, **params, order=order, **paging)
                 want = expected[::-1] if order == "desc" else expected
                 start = paging.get("offset", 0)
                 assert page["total"] == len(expected), (combo, order)
-                assert positions(page) == want[start:start + paging["limit"]], (combo, order, paging)
+                assert positions(page) == want[start : start + paging["limit"]], (combo, order, paging)
             if len(expected) > 2:  # a cursor in the middle
                 cursor = expected[len(expected) // 2]
                 page = events_of(server.client, **params, order="asc", after=cursor, limit=1000)
@@ -1071,8 +1315,11 @@ def test_store_schema(sqlite_srv):
     for column, index in (("aggregate_id", "events_aggregate_id"), ("correlation_id", "events_correlation")):
         clauses, args = eas.where({column: "x"})
         queries.append((f"SELECT * FROM events WHERE {clauses[0]} ORDER BY position DESC LIMIT 5", args, index))
-    for filters, index in (({"event_name": "x"}, "events_name_time"), ({"aggregate_type": "x"}, "events_type_time"),
-                           ({}, "events_type_time")):
+    for filters, index in (
+        ({"event_name": "x"}, "events_name_time"),
+        ({"aggregate_type": "x"}, "events_type_time"),
+        ({}, "events_type_time"),
+    ):
         name, extra = eas.time_index(filters)
         clauses, args = eas.where(filters, since="2026")
         sql = f"SELECT count(*) FROM events WHERE {' AND '.join(clauses + ([extra] if extra else []))}"
@@ -1083,8 +1330,14 @@ def test_store_schema(sqlite_srv):
         assert f"USING INDEX {index}" in plan or f"USING COVERING INDEX {index}" in plan, plan
         assert "TEMP B-TREE" not in plan, plan
     indexes = {row[0] for row in conn.execute("SELECT name FROM sqlite_master WHERE type = 'index'")}
-    assert indexes == {"events_event_id", "events_stream", "events_aggregate_id", "events_correlation",
-                       "events_type_time", "events_name_time"}
+    assert indexes == {
+        "events_event_id",
+        "events_stream",
+        "events_aggregate_id",
+        "events_correlation",
+        "events_type_time",
+        "events_name_time",
+    }
     conn.close()
 
 
@@ -1095,11 +1348,15 @@ def test_older_schema_is_migrated(tmp_path):
     data.mkdir()
     conn = sqlite3.connect(data / "events.db", isolation_level=None)
     conn.executescript(eas.MIGRATIONS[0] + "; PRAGMA user_version = 1;")
-    conn.execute(f"INSERT INTO events ({eas.COLUMNS}, content_hash) VALUES "
-                 "(1, 'e1', 'agent_aggregate', 'a1', 1, 'AgentEvent', 'agent.started', "
-                 "'2026-01-01T00:00:00.000000+00:00', '{}', 'w1', NULL, NULL, NULL, NULL, NULL)")
-    conn.execute("INSERT INTO counts VALUES ('event_type', 'AgentEvent', 1), ('aggregate_type', 'agent_aggregate', 7),"
-                 " ('aggregate_id', 'a1', 1), ('event_name', 'agent.started', 1)")
+    conn.execute(
+        f"INSERT INTO events ({eas.COLUMNS}, content_hash) VALUES "
+        "(1, 'e1', 'agent_aggregate', 'a1', 1, 'AgentEvent', 'agent.started', "
+        "'2026-01-01T00:00:00.000000+00:00', '{}', 'w1', NULL, NULL, NULL, NULL, NULL)"
+    )
+    conn.execute(
+        "INSERT INTO counts VALUES ('event_type', 'AgentEvent', 1), ('aggregate_type', 'agent_aggregate', 7),"
+        " ('aggregate_id', 'a1', 1), ('event_name', 'agent.started', 1)"
+    )
     conn.close()
     with ThreadServer(data) as server:
         reply = events_of(server.client, event_type="AgentEvent")
@@ -1115,10 +1372,15 @@ def test_older_schema_is_migrated(tmp_path):
     assert not {"events_event_type", "events_timestamp", "events_aggregate_type", "events_event_name"} & indexes
     assert {"events_type_time", "events_name_time"} <= indexes
     assert sorted(conn.execute("SELECT * FROM counts")) == [
-        ("aggregate_type", "agent_aggregate", "agent_aggregate", 2), ("correlation_id", "w1", "agent_aggregate", 1),
-        ("event_name", "agent.started", "agent_aggregate", 1), ("event_name", "agent.step", "agent_aggregate", 1),
-        ("log", "counted_through", "", 2)]
-    assert not conn.execute("SELECT 1 FROM sqlite_stat1 WHERE idx IN ('events_event_type', 'events_timestamp')").fetchall()
+        ("aggregate_type", "agent_aggregate", "agent_aggregate", 2),
+        ("correlation_id", "w1", "agent_aggregate", 1),
+        ("event_name", "agent.started", "agent_aggregate", 1),
+        ("event_name", "agent.step", "agent_aggregate", 1),
+        ("log", "counted_through", "", 2),
+    ]
+    assert not conn.execute(
+        "SELECT 1 FROM sqlite_stat1 WHERE idx IN ('events_event_type', 'events_timestamp')"
+    ).fetchall()
     conn.close()
 
 
@@ -1156,17 +1418,40 @@ CREATE TABLE events (
         session_id        TEXT,
         content_hash      TEXT
     );
-INSERT INTO "events" VALUES(1,'01a22fc1-9ded-712a-8830-b74acfd00f4f','workflow_aggregate','wf-1',1,'WorkflowEvent','workflow.started','2026-11-01T10:00:00.000000+00:00','{"user_prompt":"Build it"}',NULL,NULL,NULL,'Build it',NULL,NULL);
-INSERT INTO "events" VALUES(2,'01a22fc1-9df1-71f1-adb9-a34420adf678','agent_aggregate','planner',1,'AgentEvent','agent.started','2026-11-01T10:00:01.000000+00:00','{"agent_name":"planner"}','wf-1','wf-1','planner',NULL,NULL,NULL);
-INSERT INTO "events" VALUES(3,'0b9f6d1e-5f0c-4f6e-9a39-7f0d2d1f0a11','agent_aggregate','coder',1,'AgentEvent','agent.started','2026-11-01T09:00:02.000000+00:00','{"agent_name":"coder","n":[1,2.5,null,true],"s":"é "}','wf-1','planner','coder',NULL,NULL,'951f1aa23d782a31947a2782489f447c1c089f251960ed760cba0f8acabb1a44');
-INSERT INTO "events" VALUES(4,'01a22fc1-9df5-76f2-bb8e-295bf7dfcada','agent_aggregate','coder',2,'AgentEvent','agent.progress','2026-11-01T10:00:03.000000+00:00','{}','wf-1',NULL,NULL,NULL,NULL,NULL);
-INSERT INTO "events" VALUES(5,'01a22fc1-9df7-74fb-a1d0-f7ab5384537b','agent_aggregate','coder',3,'AgentEvent','agent.completed','2026-11-01T10:00:04.000000+00:00','{}','wf-1',NULL,NULL,NULL,NULL,NULL);
-INSERT INTO "events" VALUES(6,'01a22fc1-9df7-7b7b-bdc0-73491d99116d','agent_aggregate','planner',2,'AgentEvent','agent.failed','2026-11-01T10:00:05.000000+00:00','{"error":"boom"}','wf-1',NULL,NULL,NULL,NULL,NULL);
-INSERT INTO "events" VALUES(7,'01a22fc1-9df7-7bba-b4f6-41608890d9f2','workflow_aggregate','wf-1',2,'WorkflowEvent','workflow.failed','2026-11-01T10:00:06.000000+00:00','{}',NULL,NULL,NULL,NULL,NULL,NULL);
-INSERT INTO "events" VALUES(8,'01a22fc1-9df7-7107-9539-cf6ba31369eb','system_aggregate','system',1,'SystemEvent','session.started','2026-11-01T09:00:00.000000+00:00','{}',NULL,NULL,NULL,NULL,NULL,NULL);
-INSERT INTO "events" VALUES(9,'01a22fc1-9df7-79cd-8901-48fe4c07b2d3','system_aggregate','session-9',1,'SystemEvent','session.tick','2026-11-01T10:00:07.000000+00:00','{}','wf-1',NULL,NULL,NULL,'session-9',NULL);
-INSERT INTO "events" VALUES(10,'01a22fc1-9df9-7801-b189-368b6f9bd558','agent_aggregate','solo',1,'AgentEvent','agent.started','2026-11-02T00:00:00.000000+00:00','{"agent_name":""}',NULL,NULL,'',NULL,NULL,NULL);
-INSERT INTO "events" VALUES(11,'01a22fc1-9dfb-7f6d-a6ed-32536c24fc43','workflow_aggregate','coder',1,'WorkflowEvent','workflow.started','2026-11-02T00:00:01.000000+00:00','{}',NULL,NULL,NULL,NULL,NULL,NULL);
+INSERT INTO "events" VALUES(1,'01a22fc1-9ded-712a-8830-b74acfd00f4f','workflow_aggregate',
+'wf-1',1,'WorkflowEvent','workflow.started','2026-11-01T10:00:00.000000+00:00','{"user_prompt":"Build it"}',
+NULL,NULL,NULL,'Build it',NULL,NULL);
+INSERT INTO "events" VALUES(2,'01a22fc1-9df1-71f1-adb9-a34420adf678','agent_aggregate',
+'planner',1,'AgentEvent','agent.started','2026-11-01T10:00:01.000000+00:00','{"agent_name":"planner"}',
+'wf-1','wf-1','planner',NULL,NULL,NULL);
+INSERT INTO "events" VALUES(3,'0b9f6d1e-5f0c-4f6e-9a39-7f0d2d1f0a11','agent_aggregate',
+'coder',1,'AgentEvent','agent.started','2026-11-01T09:00:02.000000+00:00',
+'{"agent_name":"coder",' || '"n":[1,2.5,null,true],"s":"é "}',
+'wf-1','planner','coder',NULL,NULL,'951f1aa23d782a31947a2782489f447c1c089f251960ed760cba0f8acabb1a44');
+INSERT INTO "events" VALUES(4,'01a22fc1-9df5-76f2-bb8e-295bf7dfcada','agent_aggregate',
+'coder',2,'AgentEvent','agent.progress','2026-11-01T10:00:03.000000+00:00','{}','wf-1',
+NULL,NULL,NULL,NULL,NULL);
+INSERT INTO "events" VALUES(5,'01a22fc1-9df7-74fb-a1d0-f7ab5384537b','agent_aggregate',
+'coder',3,'AgentEvent','agent.completed','2026-11-01T10:00:04.000000+00:00','{}',
+'wf-1',NULL,NULL,NULL,NULL,NULL);
+INSERT INTO "events" VALUES(6,'01a22fc1-9df7-7b7b-bdc0-73491d99116d','agent_aggregate',
+'planner',2,'AgentEvent','agent.failed','2026-11-01T10:00:05.000000+00:00','{"error":"boom"}',
+'wf-1',NULL,NULL,NULL,NULL,NULL);
+INSERT INTO "events" VALUES(7,'01a22fc1-9df7-7bba-b4f6-41608890d9f2','workflow_aggregate',
+'wf-1',2,'WorkflowEvent','workflow.failed','2026-11-01T10:00:06.000000+00:00','{}',
+NULL,NULL,NULL,NULL,NULL,NULL);
+INSERT INTO "events" VALUES(8,'01a22fc1-9df7-7107-9539-cf6ba31369eb','system_aggregate',
+'system',1,'SystemEvent','session.started','2026-11-01T09:00:00.000000+00:00','{}',
+NULL,NULL,NULL,NULL,NULL,NULL);
+INSERT INTO "events" VALUES(9,'01a22fc1-9df7-79cd-8901-48fe4c07b2d3','system_aggregate',
+'session-9',1,'SystemEvent','session.tick','2026-11-01T10:00:07.000000+00:00','{}',
+'wf-1',NULL,NULL,NULL,'session-9',NULL);
+INSERT INTO "events" VALUES(10,'01a22fc1-9df9-7801-b189-368b6f9bd558','agent_aggregate',
+'solo',1,'AgentEvent','agent.started','2026-11-02T00:00:00.000000+00:00','{"agent_name":""}',
+NULL,NULL,'',NULL,NULL,NULL);
+INSERT INTO "events" VALUES(11,'01a22fc1-9dfb-7f6d-a6ed-32536c24fc43','workflow_aggregate',
+'coder',1,'WorkflowEvent','workflow.started','2026-11-02T00:00:01.000000+00:00','{}',
+NULL,NULL,NULL,NULL,NULL,NULL);
 CREATE TABLE meta (key TEXT PRIMARY KEY, value TEXT) WITHOUT ROWID;
 ANALYZE "sqlite_master";
 INSERT INTO "sqlite_stat1" VALUES('events',NULL,'1000000');
@@ -1193,32 +1478,257 @@ CREATE INDEX events_timestamp ON events (timestamp);
 COMMIT;
 """
 V3_READS = {  # what the version-3 server answered on that log: path, params, then total and positions
-    'agent_coder': ["/events/agents/coder", {}, 3, [5, 4, 3]],
-    'wf1': ["/events/workflows/wf-1", {}, 8, [9, 7, 6, 5, 4, 3, 2, 1]],
-    'wf1_agents': ["/events/workflows/wf-1/agents", {}, {"agents": [{"agent_id": "planner", "agent_name": "planner", "workflow_id": "wf-1", "parent_agent_id": "wf-1", "first_event_time": "2026-11-01T10:00:01.000000+00:00", "last_event_time": "2026-11-01T10:00:05.000000+00:00", "event_count": 2, "status": "agent.failed"}, {"agent_id": "coder", "agent_name": "coder", "workflow_id": "wf-1", "parent_agent_id": "planner", "first_event_time": "2026-11-01T09:00:02.000000+00:00", "last_event_time": "2026-11-01T10:00:04.000000+00:00", "event_count": 3, "status": "agent.completed"}]}],
-    'type': ["/events/", {"event_type": "AgentEvent"}, 6, [10, 6, 5, 4, 3, 2]],
-    'agg_type': ["/events/", {"aggregate_type": "workflow_aggregate"}, 3, [11, 7, 1]],
-    'id': ["/events/", {"aggregate_id": "coder"}, 4, [11, 5, 4, 3]],
-    'corr': ["/events/", {"correlation_id": "wf-1"}, 6, [9, 6, 5, 4, 3, 2]],
-    'name': ["/events/", {"event_name": "agent.started"}, 3, [10, 3, 2]],
-    'name_type': ["/events/", {"event_name": "agent.started", "event_type": "AgentEvent"}, 3, [10, 3, 2]],
-    'since': ["/events/", {"since": "2026-11-01T10:00:03Z"}, 6, [11, 10, 9, 7, 6, 5]],
-    'until': ["/events/", {"until": "2026-11-01T10:00:03Z"}, 5, [8, 4, 3, 2, 1]],
-    'window': ["/events/", {"since": "2026-11-01T10:00:00Z", "until": "2026-11-01T10:00:05Z"}, 4, [6, 5, 4, 2]],
-    'name_since': ["/events/", {"event_name": "agent.started", "since": "2026-11-01T10:00:01Z"}, 1, [10]],
+    "agent_coder": ["/events/agents/coder", {}, 3, [5, 4, 3]],
+    "wf1": ["/events/workflows/wf-1", {}, 8, [9, 7, 6, 5, 4, 3, 2, 1]],
+    "wf1_agents": [
+        "/events/workflows/wf-1/agents",
+        {},
+        {
+            "agents": [
+                {
+                    "agent_id": "planner",
+                    "agent_name": "planner",
+                    "workflow_id": "wf-1",
+                    "parent_agent_id": "wf-1",
+                    "first_event_time": "2026-11-01T10:00:01.000000+00:00",
+                    "last_event_time": "2026-11-01T10:00:05.000000+00:00",
+                    "event_count": 2,
+                    "status": "agent.failed",
+                },
+                {
+                    "agent_id": "coder",
+                    "agent_name": "coder",
+                    "workflow_id": "wf-1",
+                    "parent_agent_id": "planner",
+                    "first_event_time": "2026-11-01T09:00:02.000000+00:00",
+                    "last_event_time": "2026-11-01T10:00:04.000000+00:00",
+                    "event_count": 3,
+                    "status": "agent.completed",
+                },
+            ]
+        },
+    ],
+    "type": ["/events/", {"event_type": "AgentEvent"}, 6, [10, 6, 5, 4, 3, 2]],
+    "agg_type": ["/events/", {"aggregate_type": "workflow_aggregate"}, 3, [11, 7, 1]],
+    "id": ["/events/", {"aggregate_id": "coder"}, 4, [11, 5, 4, 3]],
+    "corr": ["/events/", {"correlation_id": "wf-1"}, 6, [9, 6, 5, 4, 3, 2]],
+    "name": ["/events/", {"event_name": "agent.started"}, 3, [10, 3, 2]],
+    "name_type": ["/events/", {"event_name": "agent.started", "event_type": "AgentEvent"}, 3, [10, 3, 2]],
+    "since": ["/events/", {"since": "2026-11-01T10:00:03Z"}, 6, [11, 10, 9, 7, 6, 5]],
+    "until": ["/events/", {"until": "2026-11-01T10:00:03Z"}, 5, [8, 4, 3, 2, 1]],
+    "window": ["/events/", {"since": "2026-11-01T10:00:00Z", "until": "2026-11-01T10:00:05Z"}, 4, [6, 5, 4, 2]],
+    "name_since": ["/events/", {"event_name": "agent.started", "since": "2026-11-01T10:00:01Z"}, 1, [10]],
 }
 V3_ITEMS = [  # its every event item, oldest first
-    {"event_id": "01a22fc1-9ded-712a-8830-b74acfd00f4f", "position": 1, "aggregate_id": "wf-1", "aggregate_type": "workflow_aggregate", "aggregate_version": 1, "event_type": "WorkflowEvent", "event_name": "workflow.started", "timestamp": "2026-11-01T10:00:00.000000+00:00", "attributes": {"user_prompt": "Build it"}, "correlation_id": None, "causation_id": None, "agent_name": None, "agent_id": None, "parent_agent_id": None, "workflow_id": "wf-1", "user_prompt": "Build it", "session_id": None},
-    {"event_id": "01a22fc1-9df1-71f1-adb9-a34420adf678", "position": 2, "aggregate_id": "planner", "aggregate_type": "agent_aggregate", "aggregate_version": 1, "event_type": "AgentEvent", "event_name": "agent.started", "timestamp": "2026-11-01T10:00:01.000000+00:00", "attributes": {"agent_name": "planner"}, "correlation_id": "wf-1", "causation_id": "wf-1", "agent_name": "planner", "agent_id": "planner", "parent_agent_id": "wf-1", "workflow_id": "wf-1", "user_prompt": None, "session_id": None},
-    {"event_id": "0b9f6d1e-5f0c-4f6e-9a39-7f0d2d1f0a11", "position": 3, "aggregate_id": "coder", "aggregate_type": "agent_aggregate", "aggregate_version": 1, "event_type": "AgentEvent", "event_name": "agent.started", "timestamp": "2026-11-01T09:00:02.000000+00:00", "attributes": {"agent_name": "coder", "n": [1, 2.5, None, True], "s": "\u00e9\u2028"}, "correlation_id": "wf-1", "causation_id": "planner", "agent_name": "coder", "agent_id": "coder", "parent_agent_id": "planner", "workflow_id": "wf-1", "user_prompt": None, "session_id": None},
-    {"event_id": "01a22fc1-9df5-76f2-bb8e-295bf7dfcada", "position": 4, "aggregate_id": "coder", "aggregate_type": "agent_aggregate", "aggregate_version": 2, "event_type": "AgentEvent", "event_name": "agent.progress", "timestamp": "2026-11-01T10:00:03.000000+00:00", "attributes": {}, "correlation_id": "wf-1", "causation_id": None, "agent_name": None, "agent_id": "coder", "parent_agent_id": None, "workflow_id": "wf-1", "user_prompt": None, "session_id": None},
-    {"event_id": "01a22fc1-9df7-74fb-a1d0-f7ab5384537b", "position": 5, "aggregate_id": "coder", "aggregate_type": "agent_aggregate", "aggregate_version": 3, "event_type": "AgentEvent", "event_name": "agent.completed", "timestamp": "2026-11-01T10:00:04.000000+00:00", "attributes": {}, "correlation_id": "wf-1", "causation_id": None, "agent_name": None, "agent_id": "coder", "parent_agent_id": None, "workflow_id": "wf-1", "user_prompt": None, "session_id": None},
-    {"event_id": "01a22fc1-9df7-7b7b-bdc0-73491d99116d", "position": 6, "aggregate_id": "planner", "aggregate_type": "agent_aggregate", "aggregate_version": 2, "event_type": "AgentEvent", "event_name": "agent.failed", "timestamp": "2026-11-01T10:00:05.000000+00:00", "attributes": {"error": "boom"}, "correlation_id": "wf-1", "causation_id": None, "agent_name": None, "agent_id": "planner", "parent_agent_id": None, "workflow_id": "wf-1", "user_prompt": None, "session_id": None},
-    {"event_id": "01a22fc1-9df7-7bba-b4f6-41608890d9f2", "position": 7, "aggregate_id": "wf-1", "aggregate_type": "workflow_aggregate", "aggregate_version": 2, "event_type": "WorkflowEvent", "event_name": "workflow.failed", "timestamp": "2026-11-01T10:00:06.000000+00:00", "attributes": {}, "correlation_id": None, "causation_id": None, "agent_name": None, "agent_id": None, "parent_agent_id": None, "workflow_id": "wf-1", "user_prompt": None, "session_id": None},
-    {"event_id": "01a22fc1-9df7-7107-9539-cf6ba31369eb", "position": 8, "aggregate_id": "system", "aggregate_type": "system_aggregate", "aggregate_version": 1, "event_type": "SystemEvent", "event_name": "session.started", "timestamp": "2026-11-01T09:00:00.000000+00:00", "attributes": {}, "correlation_id": None, "causation_id": None, "agent_name": None, "agent_id": None, "parent_agent_id": None, "workflow_id": None, "user_prompt": None, "session_id": None},
-    {"event_id": "01a22fc1-9df7-79cd-8901-48fe4c07b2d3", "position": 9, "aggregate_id": "session-9", "aggregate_type": "system_aggregate", "aggregate_version": 1, "event_type": "SystemEvent", "event_name": "session.tick", "timestamp": "2026-11-01T10:00:07.000000+00:00", "attributes": {}, "correlation_id": "wf-1", "causation_id": None, "agent_name": None, "agent_id": None, "parent_agent_id": None, "workflow_id": "wf-1", "user_prompt": None, "session_id": "session-9"},
-    {"event_id": "01a22fc1-9df9-7801-b189-368b6f9bd558", "position": 10, "aggregate_id": "solo", "aggregate_type": "agent_aggregate", "aggregate_version": 1, "event_type": "AgentEvent", "event_name": "agent.started", "timestamp": "2026-11-02T00:00:00.000000+00:00", "attributes": {"agent_name": ""}, "correlation_id": None, "causation_id": None, "agent_name": "", "agent_id": "solo", "parent_agent_id": None, "workflow_id": None, "user_prompt": None, "session_id": None},
-    {"event_id": "01a22fc1-9dfb-7f6d-a6ed-32536c24fc43", "position": 11, "aggregate_id": "coder", "aggregate_type": "workflow_aggregate", "aggregate_version": 1, "event_type": "WorkflowEvent", "event_name": "workflow.started", "timestamp": "2026-11-02T00:00:01.000000+00:00", "attributes": {}, "correlation_id": None, "causation_id": None, "agent_name": None, "agent_id": None, "parent_agent_id": None, "workflow_id": "coder", "user_prompt": None, "session_id": None},
+    {
+        "event_id": "01a22fc1-9ded-712a-8830-b74acfd00f4f",
+        "position": 1,
+        "aggregate_id": "wf-1",
+        "aggregate_type": "workflow_aggregate",
+        "aggregate_version": 1,
+        "event_type": "WorkflowEvent",
+        "event_name": "workflow.started",
+        "timestamp": "2026-11-01T10:00:00.000000+00:00",
+        "attributes": {"user_prompt": "Build it"},
+        "correlation_id": None,
+        "causation_id": None,
+        "agent_name": None,
+        "agent_id": None,
+        "parent_agent_id": None,
+        "workflow_id": "wf-1",
+        "user_prompt": "Build it",
+        "session_id": None,
+    },
+    {
+        "event_id": "01a22fc1-9df1-71f1-adb9-a34420adf678",
+        "position": 2,
+        "aggregate_id": "planner",
+        "aggregate_type": "agent_aggregate",
+        "aggregate_version": 1,
+        "event_type": "AgentEvent",
+        "event_name": "agent.started",
+        "timestamp": "2026-11-01T10:00:01.000000+00:00",
+        "attributes": {"agent_name": "planner"},
+        "correlation_id": "wf-1",
+        "causation_id": "wf-1",
+        "agent_name": "planner",
+        "agent_id": "planner",
+        "parent_agent_id": "wf-1",
+        "workflow_id": "wf-1",
+        "user_prompt": None,
+        "session_id": None,
+    },
+    {
+        "event_id": "0b9f6d1e-5f0c-4f6e-9a39-7f0d2d1f0a11",
+        "position": 3,
+        "aggregate_id": "coder",
+        "aggregate_type": "agent_aggregate",
+        "aggregate_version": 1,
+        "event_type": "AgentEvent",
+        "event_name": "agent.started",
+        "timestamp": "2026-11-01T09:00:02.000000+00:00",
+        "attributes": {"agent_name": "coder", "n": [1, 2.5, None, True], "s": "\u00e9\u2028"},
+        "correlation_id": "wf-1",
+        "causation_id": "planner",
+        "agent_name": "coder",
+        "agent_id": "coder",
+        "parent_agent_id": "planner",
+        "workflow_id": "wf-1",
+        "user_prompt": None,
+        "session_id": None,
+    },
+    {
+        "event_id": "01a22fc1-9df5-76f2-bb8e-295bf7dfcada",
+        "position": 4,
+        "aggregate_id": "coder",
+        "aggregate_type": "agent_aggregate",
+        "aggregate_version": 2,
+        "event_type": "AgentEvent",
+        "event_name": "agent.progress",
+        "timestamp": "2026-11-01T10:00:03.000000+00:00",
+        "attributes": {},
+        "correlation_id": "wf-1",
+        "causation_id": None,
+        "agent_name": None,
+        "agent_id": "coder",
+        "parent_agent_id": None,
+        "workflow_id": "wf-1",
+        "user_prompt": None,
+        "session_id": None,
+    },
+    {
+        "event_id": "01a22fc1-9df7-74fb-a1d0-f7ab5384537b",
+        "position": 5,
+        "aggregate_id": "coder",
+        "aggregate_type": "agent_aggregate",
+        "aggregate_version": 3,
+        "event_type": "AgentEvent",
+        "event_name": "agent.completed",
+        "timestamp": "2026-11-01T10:00:04.000000+00:00",
+        "attributes": {},
+        "correlation_id": "wf-1",
+        "causation_id": None,
+        "agent_name": None,
+        "agent_id": "coder",
+        "parent_agent_id": None,
+        "workflow_id": "wf-1",
+        "user_prompt": None,
+        "session_id": None,
+    },
+    {
+        "event_id": "01a22fc1-9df7-7b7b-bdc0-73491d99116d",
+        "position": 6,
+        "aggregate_id": "planner",
+        "aggregate_type": "agent_aggregate",
+        "aggregate_version": 2,
+        "event_type": "AgentEvent",
+        "event_name": "agent.failed",
+        "timestamp": "2026-11-01T10:00:05.000000+00:00",
+        "attributes": {"error": "boom"},
+        "correlation_id": "wf-1",
+        "causation_id": None,
+        "agent_name": None,
+        "agent_id": "planner",
+        "parent_agent_id": None,
+        "workflow_id": "wf-1",
+        "user_prompt": None,
+        "session_id": None,
+    },
+    {
+        "event_id": "01a22fc1-9df7-7bba-b4f6-41608890d9f2",
+        "position": 7,
+        "aggregate_id": "wf-1",
+        "aggregate_type": "workflow_aggregate",
+        "aggregate_version": 2,
+        "event_type": "WorkflowEvent",
+        "event_name": "workflow.failed",
+        "timestamp": "2026-11-01T10:00:06.000000+00:00",
+        "attributes": {},
+        "correlation_id": None,
+        "causation_id": None,
+        "agent_name": None,
+        "agent_id": None,
+        "parent_agent_id": None,
+        "workflow_id": "wf-1",
+        "user_prompt": None,
+        "session_id": None,
+    },
+    {
+        "event_id": "01a22fc1-9df7-7107-9539-cf6ba31369eb",
+        "position": 8,
+        "aggregate_id": "system",
+        "aggregate_type": "system_aggregate",
+        "aggregate_version": 1,
+        "event_type": "SystemEvent",
+        "event_name": "session.started",
+        "timestamp": "2026-11-01T09:00:00.000000+00:00",
+        "attributes": {},
+        "correlation_id": None,
+        "causation_id": None,
+        "agent_name": None,
+        "agent_id": None,
+        "parent_agent_id": None,
+        "workflow_id": None,
+        "user_prompt": None,
+        "session_id": None,
+    },
+    {
+        "event_id": "01a22fc1-9df7-79cd-8901-48fe4c07b2d3",
+        "position": 9,
+        "aggregate_id": "session-9",
+        "aggregate_type": "system_aggregate",
+        "aggregate_version": 1,
+        "event_type": "SystemEvent",
+        "event_name": "session.tick",
+        "timestamp": "2026-11-01T10:00:07.000000+00:00",
+        "attributes": {},
+        "correlation_id": "wf-1",
+        "causation_id": None,
+        "agent_name": None,
+        "agent_id": None,
+        "parent_agent_id": None,
+        "workflow_id": "wf-1",
+        "user_prompt": None,
+        "session_id": "session-9",
+    },
+    {
+        "event_id": "01a22fc1-9df9-7801-b189-368b6f9bd558",
+        "position": 10,
+        "aggregate_id": "solo",
+        "aggregate_type": "agent_aggregate",
+        "aggregate_version": 1,
+        "event_type": "AgentEvent",
+        "event_name": "agent.started",
+        "timestamp": "2026-11-02T00:00:00.000000+00:00",
+        "attributes": {"agent_name": ""},
+        "correlation_id": None,
+        "causation_id": None,
+        "agent_name": "",
+        "agent_id": "solo",
+        "parent_agent_id": None,
+        "workflow_id": None,
+        "user_prompt": None,
+        "session_id": None,
+    },
+    {
+        "event_id": "01a22fc1-9dfb-7f6d-a6ed-32536c24fc43",
+        "position": 11,
+        "aggregate_id": "coder",
+        "aggregate_type": "workflow_aggregate",
+        "aggregate_version": 1,
+        "event_type": "WorkflowEvent",
+        "event_name": "workflow.started",
+        "timestamp": "2026-11-02T00:00:01.000000+00:00",
+        "attributes": {},
+        "correlation_id": None,
+        "causation_id": None,
+        "agent_name": None,
+        "agent_id": None,
+        "parent_agent_id": None,
+        "workflow_id": "coder",
+        "user_prompt": None,
+        "session_id": None,
+    },
 ]
 
 
@@ -1228,8 +1738,10 @@ def test_events_stored_by_another_program_are_counted_by_the_next_commit(sqlite_
     (On PostgreSQL positions come from the head row: events go in through a server.)"""
     emit(sqlite_srv.client, name="agent.started", aggregate_id="a1", correlation_id="w")
     conn = sqlite3.connect(sqlite_srv.config.database_path, isolation_level=None)
-    conn.execute(f"INSERT INTO events ({eas.COLUMNS}) VALUES (2, 'e2', 'agent_aggregate', 'a2', 1, 'AgentEvent', "
-                 "'agent.started', '2026-01-01T00:00:00.000000+00:00', '{}', 'w', NULL, NULL, NULL, NULL)")
+    conn.execute(
+        f"INSERT INTO events ({eas.COLUMNS}) VALUES (2, 'e2', 'agent_aggregate', 'a2', 1, 'AgentEvent', "
+        "'agent.started', '2026-01-01T00:00:00.000000+00:00', '{}', 'w', NULL, NULL, NULL, NULL)"
+    )
     conn.close()
     emit(sqlite_srv.client, "system", name="session.tick")
     assert events_of(sqlite_srv.client, event_name="agent.started")["total"] == 2
@@ -1270,12 +1782,17 @@ def test_newer_schema_is_refused(tmp_path):
     conn = sqlite3.connect(data / "events.db")
     conn.execute("PRAGMA user_version = 99")
     conn.close()
-    proc = subprocess.run([sys.executable, SERVER, "--data-dir", str(data), "--port", str(free_port())],
-                          capture_output=True, text=True, timeout=30)
+    proc = subprocess.run(
+        [sys.executable, SERVER, "--data-dir", str(data), "--port", str(free_port())],
+        capture_output=True,
+        text=True,
+        timeout=30,
+    )
     assert proc.returncode == 1 and "schema version 99" in proc.stderr and "Traceback" not in proc.stderr
 
 
 # -- write path: versions, concurrency, idempotency, batches -----------------------------------------
+
 
 def post_many(url: str, bodies: list, kind: str = "agent", workers: int = 16) -> list:
     """POST every body concurrently; the (status, json) replies in order."""
@@ -1297,14 +1814,17 @@ def test_expected_version(client):
     assert reply.status_code == 409
     assert reply.json()["current_version"] == 1 and "expected 0" in reply.json()["detail"]
     assert emit(client, name="b", aggregate_id="x", expected_version=1)["aggregate_version"] == 2
-    assert client.post("/events/emit/agent", json={"name": "c", "aggregate_id": "x",
-                                                   "expected_version": 5}).status_code == 409
+    assert (
+        client.post("/events/emit/agent", json={"name": "c", "aggregate_id": "x", "expected_version": 5}).status_code
+        == 409
+    )
     assert events_of(client)["total"] == 2
 
 
 def test_racing_writers_exactly_one_wins(srv):
-    replies = post_many(srv.url, [{"name": f"claim{i}", "aggregate_id": "race", "expected_version": 0}
-                                  for i in range(40)])
+    replies = post_many(
+        srv.url, [{"name": f"claim{i}", "aggregate_id": "race", "expected_version": 0} for i in range(40)]
+    )
     statuses = sorted(status for status, _ in replies)
     assert statuses == [200] + [409] * 39
     assert all(body["current_version"] == 1 for status, body in replies if status == 409)
@@ -1352,13 +1872,23 @@ def test_retries_racing_the_original_store_one_event(srv):
 
 
 def test_batch_appends_all_in_order(client):
-    reply = client.post("/events/emit/batch", json={"events": [
-        {"kind": "workflow", "name": "workflow.started", "aggregate_id": "w"},
-        {"kind": "agent", "name": "agent.started", "aggregate_id": "a", "correlation_id": "w",
-         "expected_version": 0},
-        {"kind": "agent", "name": "agent.completed", "aggregate_id": "a", "expected_version": 1},
-        {"kind": "system", "name": "session.ended"},
-    ]})
+    reply = client.post(
+        "/events/emit/batch",
+        json={
+            "events": [
+                {"kind": "workflow", "name": "workflow.started", "aggregate_id": "w"},
+                {
+                    "kind": "agent",
+                    "name": "agent.started",
+                    "aggregate_id": "a",
+                    "correlation_id": "w",
+                    "expected_version": 0,
+                },
+                {"kind": "agent", "name": "agent.completed", "aggregate_id": "a", "expected_version": 1},
+                {"kind": "system", "name": "session.ended"},
+            ]
+        },
+    )
     assert reply.status_code == 200, reply.text
     body = reply.json()
     assert body["success"] is True
@@ -1366,13 +1896,28 @@ def test_batch_appends_all_in_order(client):
     assert body["events"][1]["message"] == "Agent event 'agent.started' emitted successfully"
     assert body["events"][3]["aggregate_id"] == "system"
     assert [i["event_name"] for i in events_of(client, order="asc")["events"]] == [
-        "workflow.started", "agent.started", "agent.completed", "session.ended"]
+        "workflow.started",
+        "agent.started",
+        "agent.completed",
+        "session.ended",
+    ]
 
 
 def test_batch_invalid_item_stores_nothing(client):
-    reply = client.post("/events/emit/batch", json={"events": [
-        {"kind": "agent", "name": "ok"}, {"kind": "agent", "name": ""}, {"kind": "robot", "name": "x"},
-        {"name": "no kind"}, "not an object", {"kind": {"a": 1}, "name": "x"}, {"kind": ["agent"], "name": "x"}]})
+    reply = client.post(
+        "/events/emit/batch",
+        json={
+            "events": [
+                {"kind": "agent", "name": "ok"},
+                {"kind": "agent", "name": ""},
+                {"kind": "robot", "name": "x"},
+                {"name": "no kind"},
+                "not an object",
+                {"kind": {"a": 1}, "name": "x"},
+                {"kind": ["agent"], "name": "x"},
+            ]
+        },
+    )
     assert reply.status_code == 422
     locs = [tuple(item["loc"]) for item in reply.json()["detail"]]
     assert ("body", "events", 1, "name") in locs and ("body", "events", 2, "kind") in locs
@@ -1383,22 +1928,40 @@ def test_batch_invalid_item_stores_nothing(client):
 
 def test_batch_conflict_stores_nothing(client):
     emit(client, name="a", aggregate_id="x")
-    reply = client.post("/events/emit/batch", json={"events": [
-        {"kind": "agent", "name": "fine", "aggregate_id": "y"},
-        {"kind": "agent", "name": "stale", "aggregate_id": "x", "expected_version": 0}]})
+    reply = client.post(
+        "/events/emit/batch",
+        json={
+            "events": [
+                {"kind": "agent", "name": "fine", "aggregate_id": "y"},
+                {"kind": "agent", "name": "stale", "aggregate_id": "x", "expected_version": 0},
+            ]
+        },
+    )
     assert reply.status_code == 409 and reply.json()["current_version"] == 1
     assert events_of(client)["total"] == 1
-    reply = client.post("/events/emit/batch", json={"events": [
-        {"kind": "agent", "name": "one", "aggregate_id": "z", "expected_version": 0},
-        {"kind": "agent", "name": "two", "aggregate_id": "z", "expected_version": 0}]})
+    reply = client.post(
+        "/events/emit/batch",
+        json={
+            "events": [
+                {"kind": "agent", "name": "one", "aggregate_id": "z", "expected_version": 0},
+                {"kind": "agent", "name": "two", "aggregate_id": "z", "expected_version": 0},
+            ]
+        },
+    )
     assert reply.status_code == 409 and reply.json()["current_version"] == 1  # checked at that point
     assert events_of(client)["total"] == 1
 
 
-@pytest.mark.parametrize("body, loc", [
-    ({}, ("body", "events")), ({"events": []}, ("body", "events")), ({"events": {}}, ("body", "events")),
-    ({"events": [{"kind": "agent", "name": "x"}], "more": 1}, ("body", "more")), ([], ("body",)),
-])
+@pytest.mark.parametrize(
+    "body, loc",
+    [
+        ({}, ("body", "events")),
+        ({"events": []}, ("body", "events")),
+        ({"events": {}}, ("body", "events")),
+        ({"events": [{"kind": "agent", "name": "x"}], "more": 1}, ("body", "more")),
+        ([], ("body",)),
+    ],
+)
 def test_batch_shape_errors(front, body, loc):
     assert_invalid(front.post("/events/emit/batch", json=body), *loc)
 
@@ -1426,8 +1989,16 @@ def test_large_batches_over_many_aggregates(tmp_path, monkeypatch, max_params):
     if max_params:
         monkeypatch.setattr(eas, "MAX_PARAMS", max_params)
     ids = [str(uuid.uuid4()) for _ in range(1000)]
-    first = [{"kind": "agent", "name": f"n{i}", "aggregate_id": f"a{i % 400}", "correlation_id": f"w{i % 7}",
-              "event_id": ids[i]} for i in range(1000)]
+    first = [
+        {
+            "kind": "agent",
+            "name": f"n{i}",
+            "aggregate_id": f"a{i % 400}",
+            "correlation_id": f"w{i % 7}",
+            "event_id": ids[i],
+        }
+        for i in range(1000)
+    ]
     second = [{"kind": "agent", "name": "more", "aggregate_id": f"a{i}"} for i in range(400)]
     with ThreadServer(tmp_path) as server:
         c = server.client
@@ -1450,10 +2021,15 @@ def test_absent_values_are_stored_as_null(srv):
     bodies = [{"name": "a", "attributes": {"agent_name": ""}}, {"name": "b", "aggregate_id": "x", "causation_id": "0"}]
     for body in bodies:
         emit(srv.client, **body)
-    assert srv.client.post("/events/emit/batch", json={"events": [{"kind": "agent", **b} for b in bodies]}).status_code == 200
+    assert (
+        srv.client.post("/events/emit/batch", json={"events": [{"kind": "agent", **b} for b in bodies]}).status_code
+        == 200
+    )
     conn = direct(srv)
-    rows = conn.execute("SELECT agent_name, correlation_id, causation_id, user_prompt, session_id, content_hash "
-                        "FROM events ORDER BY position").fetchall()
+    rows = conn.execute(
+        "SELECT agent_name, correlation_id, causation_id, user_prompt, session_id, content_hash "
+        "FROM events ORDER BY position"
+    ).fetchall()
     assert rows == [("", None, None, None, None, None), (None, None, "0", None, None, None)] * 2
     assert conn.execute("SELECT count(*) FROM counts WHERE field = 'correlation_id'").fetchone() == (0,)
     conn.close()
@@ -1466,11 +2042,17 @@ def test_groups_of_any_size_store_each_event_once(tmp_path, sizes):
     each event is stored once, in order, and the counters and membership count each once."""
     with ThreadServer(tmp_path, max_batch=5000) as server:
         position = 0
-        bodies = [[{"kind": "agent", "name": f"n{i % 3}", "aggregate_id": f"a{i % 7}", "correlation_id": "w"}
-                   for i in range(size)] for size in sizes]
+        bodies = [
+            [
+                {"kind": "agent", "name": f"n{i % 3}", "aggregate_id": f"a{i % 7}", "correlation_id": "w"}
+                for i in range(size)
+            ]
+            for size in sizes
+        ]
         with ThreadPoolExecutor(4) as pool:  # concurrently too, so that requests share groups
-            replies = list(pool.map(lambda events: server.client.post("/events/emit/batch", json={"events": events}),
-                                    bodies))
+            replies = list(
+                pool.map(lambda events: server.client.post("/events/emit/batch", json={"events": events}), bodies)
+            )
         stored = sorted(r["position"] for reply in replies for r in reply.json()["events"])
         position = sum(sizes)
         assert stored == list(range(1, position + 1))
@@ -1547,8 +2129,9 @@ def test_two_processes_share_one_log(backend):
         # idempotency and optimistic concurrency hold across processes too
         retry = {"name": "once", "event_id": str(uuid.uuid4()), "aggregate_id": "solo"}
         assert emit(httpx.Client(base_url=url1), **retry) == emit(httpx.Client(base_url=url2), **retry)
-        stale = httpx.post(url2 + "/events/emit/agent", json={"name": "x", "aggregate_id": "shared",
-                                                              "expected_version": 59})
+        stale = httpx.post(
+            url2 + "/events/emit/agent", json={"name": "x", "aggregate_id": "shared", "expected_version": 59}
+        )
         assert stale.status_code == 409 and stale.json()["current_version"] == 60
         assert httpx.get(url1 + "/events/").json()["total"] == 61
         # each process sees the versions the other made
@@ -1583,15 +2166,21 @@ def test_two_processes_under_mixed_load_keep_every_invariant(backend):
                     reply = c.post("/events/emit/agent", json={"name": "once", "event_id": rng.choice(event_ids)})
                 elif roll < 0.45:
                     current = events_of(c, aggregate_id=agg, limit=1)["total"]
-                    reply = c.post("/events/emit/agent", json={"name": "cas", "aggregate_id": agg,
-                                                               "expected_version": current, "correlation_id": "w1"})
+                    reply = c.post(
+                        "/events/emit/agent",
+                        json={"name": "cas", "aggregate_id": agg, "expected_version": current, "correlation_id": "w1"},
+                    )
                 elif roll < 0.55:
-                    batch = [{"kind": "agent", "name": "b", "aggregate_id": f"a{rng.randrange(4)}",
-                              "correlation_id": "w2"} for _ in range(rng.randrange(1, 80))]
+                    batch = [
+                        {"kind": "agent", "name": "b", "aggregate_id": f"a{rng.randrange(4)}", "correlation_id": "w2"}
+                        for _ in range(rng.randrange(1, 80))
+                    ]
                     reply = c.post("/events/emit/batch", json={"events": batch})
                 else:
-                    reply = c.post("/events/emit/agent", json={"name": "plain", "aggregate_id": agg,
-                                                               "correlation_id": rng.choice(["w1", None])})
+                    reply = c.post(
+                        "/events/emit/agent",
+                        json={"name": "plain", "aggregate_id": agg, "correlation_id": rng.choice(["w1", None])},
+                    )
                 statuses.append(reply.status_code)
         return statuses
 
@@ -1605,18 +2194,29 @@ def test_two_processes_under_mixed_load_keep_every_invariant(backend):
     conn = direct(backend)
     count, last = conn.execute("SELECT count(*), max(position) FROM events").fetchone()
     assert count == last  # positions 1..n
-    assert conn.execute("SELECT count(*) FROM (SELECT 1 FROM events GROUP BY aggregate_type, aggregate_id "
-                        "HAVING count(*) != max(aggregate_version)) AS bad").fetchone()[0] == 0  # versions 1..k
-    assert conn.execute("SELECT count(DISTINCT event_id) FROM events WHERE event_name = 'once'").fetchone()[0] == \
-        conn.execute("SELECT count(*) FROM events WHERE event_name = 'once'").fetchone()[0]
+    assert (
+        conn.execute(
+            "SELECT count(*) FROM (SELECT 1 FROM events GROUP BY aggregate_type, aggregate_id "
+            "HAVING count(*) != max(aggregate_version)) AS bad"
+        ).fetchone()[0]
+        == 0
+    )  # versions 1..k
+    assert (
+        conn.execute("SELECT count(DISTINCT event_id) FROM events WHERE event_name = 'once'").fetchone()[0]
+        == conn.execute("SELECT count(*) FROM events WHERE event_name = 'once'").fetchone()[0]
+    )
     assert conn.execute(f"SELECT n FROM counts WHERE {eas.COUNTED_THROUGH}").fetchone() == (last,)
     for field in ("aggregate_type", "event_name", "correlation_id"):
-        actual = conn.execute(f"SELECT {field}, aggregate_type, count(*) FROM events WHERE {field} IS NOT NULL "
-                              "GROUP BY 1, 2").fetchall()
-        assert sorted(conn.execute("SELECT value, aggregate_type, n FROM counts WHERE field = ?", (field,))) == \
-            sorted(actual), field
-    firsts = conn.execute("SELECT correlation_id, aggregate_id, min(position) FROM events WHERE "
-                          "aggregate_type = 'agent_aggregate' AND correlation_id IS NOT NULL GROUP BY 1, 2").fetchall()
+        actual = conn.execute(
+            f"SELECT {field}, aggregate_type, count(*) FROM events WHERE {field} IS NOT NULL GROUP BY 1, 2"
+        ).fetchall()
+        assert sorted(conn.execute("SELECT value, aggregate_type, n FROM counts WHERE field = ?", (field,))) == sorted(
+            actual
+        ), field
+    firsts = conn.execute(
+        "SELECT correlation_id, aggregate_id, min(position) FROM events WHERE "
+        "aggregate_type = 'agent_aggregate' AND correlation_id IS NOT NULL GROUP BY 1, 2"
+    ).fetchall()
     assert sorted(firsts) == sorted(conn.execute("SELECT * FROM workflow_agents").fetchall())
     conn.close()
 
@@ -1628,8 +2228,13 @@ def assert_log_is_whole(conn: Any, acked: list) -> list:
     assert len(stored) == len(set(stored)) and set(acked) <= set(stored)
     positions_ = [row[0] for row in conn.execute("SELECT position FROM events ORDER BY position")]
     assert positions_ == list(range(1, len(positions_) + 1))
-    assert conn.execute("SELECT count(*) FROM (SELECT 1 FROM events GROUP BY aggregate_type, aggregate_id "
-                        "HAVING count(*) != max(aggregate_version)) AS bad").fetchone()[0] == 0
+    assert (
+        conn.execute(
+            "SELECT count(*) FROM (SELECT 1 FROM events GROUP BY aggregate_type, aggregate_id "
+            "HAVING count(*) != max(aggregate_version)) AS bad"
+        ).fetchone()[0]
+        == 0
+    )
     return positions_
 
 
@@ -1728,15 +2333,20 @@ def test_two_servers_under_every_kind_of_write_stream_every_position_to_both(bac
             if roll < 0.25:  # a retry, to both servers at once
                 body = {"name": "retried", "aggregate_id": "r", "event_id": shared_ids[(n // 2 + i) % 40]}
                 with ThreadPoolExecutor(2) as pool:
-                    replies = list(pool.map(lambda c: c.post("/events/emit/agent", json=body), clients))
+                    replies = list(pool.map(lambda c, body=body: c.post("/events/emit/agent", json=body), clients))
             elif roll < 0.45:
                 agg = f"cas{rng.randrange(3)}"
                 current = events_of(mine, aggregate_id=agg, limit=1)["total"]
-                replies = [mine.post("/events/emit/workflow", json={"name": "cas", "aggregate_id": agg,
-                                                                   "expected_version": current})]
+                replies = [
+                    mine.post(
+                        "/events/emit/workflow", json={"name": "cas", "aggregate_id": agg, "expected_version": current}
+                    )
+                ]
             elif roll < 0.6:
-                batch = [{"kind": "agent", "name": "b", "aggregate_id": f"a{rng.randrange(5)}", "correlation_id": "w"}
-                         for _ in range(rng.randrange(1, 30))]
+                batch = [
+                    {"kind": "agent", "name": "b", "aggregate_id": f"a{rng.randrange(5)}", "correlation_id": "w"}
+                    for _ in range(rng.randrange(1, 30))
+                ]
                 replies = [mine.post("/events/emit/batch", json={"events": batch})]
             else:
                 replies = [mine.post("/events/emit/system", json={"name": "single", "correlation_id": "w"})]
@@ -1754,8 +2364,9 @@ def test_two_servers_under_every_kind_of_write_stream_every_position_to_both(bac
         assert set(statuses) <= {200, 409} and statuses.count(200) > 500
         conn = direct(backend)
         positions_ = assert_log_is_whole(conn, acked)
-        assert conn.execute("SELECT count(*) FROM events WHERE event_name = 'retried'").fetchone()[0] == \
-            len({event_id for event_id in shared_ids if event_id in set(acked)})
+        assert conn.execute("SELECT count(*) FROM events WHERE event_name = 'retried'").fetchone()[0] == len(
+            {event_id for event_id in shared_ids if event_id in set(acked)}
+        )
         conn.close()
         for follower in followers:
             assert follower.wait_for(positions_[-1]) == positions_
@@ -1767,6 +2378,7 @@ def test_two_servers_under_every_kind_of_write_stream_every_position_to_both(bac
 
 
 # -- PostgreSQL: what only it has ----------------------------------------------------------------
+
 
 @pytest.fixture
 def pg_url(pg_cluster) -> str:
@@ -1810,8 +2422,10 @@ def test_lost_listener_connection_misses_no_event(tmp_path, pg_url):
         emit(server.client, name="first")
         assert json.loads(stream.event()["data"])["event_name"] == "first"
         with psycopg.connect(pg_url, autocommit=True) as admin:
-            killed = admin.execute("SELECT pg_terminate_backend(pid) FROM pg_stat_activity "
-                                   "WHERE query LIKE 'LISTEN%' AND datname = current_database()").fetchall()
+            killed = admin.execute(
+                "SELECT pg_terminate_backend(pid) FROM pg_stat_activity "
+                "WHERE query LIKE 'LISTEN%' AND datname = current_database()"
+            ).fetchall()
         assert killed == [(True,)]
         for i in range(3):
             emit(server.client, name=f"later{i}")
@@ -1832,28 +2446,46 @@ def test_database_password_never_shown(tmp_path, pg_cluster):
         err = stop_process(proc)
     assert secret not in "".join(shown) + err + output(proc, "out")
     wrong = url.replace(f"port={pg_cluster.port}", f"port={free_port()}")
-    done = subprocess.run([sys.executable, SERVER, "--database-url", wrong, "--port", str(free_port()),
-                           "--database-timeout", "1"], capture_output=True, text=True, timeout=60)
+    done = subprocess.run(
+        [sys.executable, SERVER, "--database-url", wrong, "--port", str(free_port()), "--database-timeout", "1"],
+        capture_output=True,
+        text=True,
+        timeout=60,
+    )
     assert done.returncode == 1 and secret not in done.stderr and "***" in done.stderr
     assert len(done.stderr.strip().splitlines()) == 1, done.stderr
 
 
 def test_without_the_driver_the_command_names_the_extra(tmp_path):
-    hide = "import sys, runpy; sys.modules['psycopg'] = None; sys.argv[0] = 'eventuali-api-server'; " \
-           f"runpy.run_path({SERVER!r}, run_name='__main__')"
-    done = subprocess.run([sys.executable, "-c", hide, "--database-url", "postgresql://localhost/x"],
-                          capture_output=True, text=True, timeout=30)
+    hide = (
+        "import sys, runpy; sys.modules['psycopg'] = None; sys.argv[0] = 'eventuali-api-server'; "
+        f"runpy.run_path({SERVER!r}, run_name='__main__')"
+    )
+    done = subprocess.run(
+        [sys.executable, "-c", hide, "--database-url", "postgresql://localhost/x"],
+        capture_output=True,
+        text=True,
+        timeout=30,
+    )
     assert done.returncode == 2 and "eventuali-api-server[postgres]" in done.stderr
     assert len(done.stderr.strip().splitlines()) == 1 and "Traceback" not in done.stderr
-    sqlite_only = subprocess.run([sys.executable, "-c", hide.replace("'__main__'", "'not_main'") +
-                                  "; import eventuali_api_server"], capture_output=True, text=True, timeout=30,
-                                 cwd=HERE)
+    sqlite_only = subprocess.run(
+        [sys.executable, "-c", hide.replace("'__main__'", "'not_main'") + "; import eventuali_api_server"],
+        capture_output=True,
+        text=True,
+        timeout=30,
+        cwd=HERE,
+    )
     assert sqlite_only.returncode == 0, sqlite_only.stderr  # the module needs no driver without a URL
 
 
 def test_backup_on_postgres_says_to_use_pg_dump(tmp_path, pg_url):
-    done = subprocess.run([sys.executable, SERVER, "backup", str(tmp_path / "x.dump"), "--database-url", pg_url],
-                          capture_output=True, text=True, timeout=30)
+    done = subprocess.run(
+        [sys.executable, SERVER, "backup", str(tmp_path / "x.dump"), "--database-url", pg_url],
+        capture_output=True,
+        text=True,
+        timeout=30,
+    )
     assert done.returncode == 1 and "pg_dump" in done.stderr and len(done.stderr.strip().splitlines()) == 1
 
 
@@ -1863,15 +2495,27 @@ def test_copy_moves_a_whole_log_both_ways_and_resumes(tmp_path, pg_url):
     a second run after more events copies only those; a target that holds other events is refused."""
     source = tmp_path / "source"
     with ThreadServer(source) as server:
-        events = [{"kind": ("agent", "workflow", "system")[i % 3], "name": f"n{i % 4}", "aggregate_id": f"g{i % 7}",
-                   "correlation_id": f"w{i % 2}" if i % 5 else None, "attributes": {"i": i, "agent_name": f"x{i}"},
-                   **({"event_id": str(uuid.uuid4())} if i % 4 == 0 else {})} for i in range(12000)]
+        events = [
+            {
+                "kind": ("agent", "workflow", "system")[i % 3],
+                "name": f"n{i % 4}",
+                "aggregate_id": f"g{i % 7}",
+                "correlation_id": f"w{i % 2}" if i % 5 else None,
+                "attributes": {"i": i, "agent_name": f"x{i}"},
+                **({"event_id": str(uuid.uuid4())} if i % 4 == 0 else {}),
+            }
+            for i in range(12000)
+        ]
         for start in range(0, len(events), 1000):
-            assert server.client.post("/events/emit/batch", json={"events": events[start:start + 1000]}).status_code == 200
+            assert (
+                server.client.post("/events/emit/batch", json={"events": events[start : start + 1000]}).status_code
+                == 200
+            )
 
     def copy(frm: str, to: str) -> subprocess.CompletedProcess:
-        return subprocess.run([sys.executable, SERVER, "copy", "--from", frm, "--to", to], capture_output=True,
-                              text=True, timeout=120)
+        return subprocess.run(
+            [sys.executable, SERVER, "copy", "--from", frm, "--to", to], capture_output=True, text=True, timeout=120
+        )
 
     done = copy(str(source), pg_url)
     assert done.returncode == 0, done.stderr
@@ -1883,8 +2527,11 @@ def test_copy_moves_a_whole_log_both_ways_and_resumes(tmp_path, pg_url):
     back = tmp_path / "back.db"
     assert copy(pg_url, str(back)).returncode == 0
     original, copied = sqlite3.connect(source / "events.db"), sqlite3.connect(back)
-    for sql in ("SELECT * FROM events ORDER BY position", "SELECT * FROM counts ORDER BY 1, 2, 3",
-                "SELECT * FROM workflow_agents ORDER BY 1, 2"):
+    for sql in (
+        "SELECT * FROM events ORDER BY position",
+        "SELECT * FROM counts ORDER BY 1, 2, 3",
+        "SELECT * FROM workflow_agents ORDER BY 1, 2",
+    ):
         assert copied.execute(sql).fetchall() == original.execute(sql).fetchall(), sql
     with ThreadServer(tmp_path / "other") as server:
         emit(server.client, name="something else")
@@ -1893,6 +2540,7 @@ def test_copy_moves_a_whole_log_both_ways_and_resumes(tmp_path, pg_url):
 
 
 # -- live streaming -------------------------------------------------------------------------------
+
 
 def open_stream(url: str, query: str = "", **headers) -> SSE:
     stream = SSE(url, "/events/stream" + query, headers)
@@ -1925,14 +2573,17 @@ def test_stream_heartbeat(tmp_path):
         stream.close()
 
 
-@pytest.mark.parametrize("query, expected", [
-    ("?event_type=WorkflowEvent", ["workflow.started"]),
-    ("?aggregate_type=agent_aggregate", ["agent.started", "agent.completed"]),
-    ("?aggregate_id=a1", ["agent.started"]),
-    ("?correlation_id=w1", ["agent.started", "session.started"]),
-    ("?event_name=agent.completed", ["agent.completed"]),
-    ("?event_type=AgentEvent&correlation_id=w1", ["agent.started"]),
-])
+@pytest.mark.parametrize(
+    "query, expected",
+    [
+        ("?event_type=WorkflowEvent", ["workflow.started"]),
+        ("?aggregate_type=agent_aggregate", ["agent.started", "agent.completed"]),
+        ("?aggregate_id=a1", ["agent.started"]),
+        ("?correlation_id=w1", ["agent.started", "session.started"]),
+        ("?event_name=agent.completed", ["agent.completed"]),
+        ("?event_type=AgentEvent&correlation_id=w1", ["agent.started"]),
+    ],
+)
 def test_stream_filters(shared, query, expected):
     srv = shared
     stream = open_stream(srv.url, query)
@@ -2036,8 +2687,7 @@ def test_stream_resume_respects_filters(srv):
 def test_batch_reaches_subscribers_in_order(srv):
     stream = open_stream(srv.url)
     try:
-        srv.client.post("/events/emit/batch", json={"events": [{"kind": "system", "name": f"b{i}"}
-                                                               for i in range(20)]})
+        srv.client.post("/events/emit/batch", json={"events": [{"kind": "system", "name": f"b{i}"} for i in range(20)]})
         assert [json.loads(m["data"])["event_name"] for m in stream.events(20)] == [f"b{i}" for i in range(20)]
     finally:
         stream.close()
@@ -2069,8 +2719,10 @@ def test_slow_consumer_blocks_nobody_and_loses_nothing(srv):
         total = 0
         started = time.time()
         for _ in range(50):  # ~40 MB: far more than the socket buffers and the subscriber's buffer hold
-            reply = srv.client.post("/events/emit/batch", json={"events": [
-                {"kind": "system", "name": "big", "attributes": {"blob": blob}} for _ in range(100)]})
+            reply = srv.client.post(
+                "/events/emit/batch",
+                json={"events": [{"kind": "system", "name": "big", "attributes": {"blob": blob}} for _ in range(100)]},
+            )
             assert reply.status_code == 200
             total += 100
         assert time.time() - started < 60  # writers were not held up by the reader that reads nothing
@@ -2101,6 +2753,7 @@ def test_max_streams(tmp_path):
 @pytest.mark.slow
 def test_disconnects_free_everything(srv):
     import resource
+
     loop = srv.app.state.hub.loop
 
     async def count_tasks() -> int:
@@ -2146,8 +2799,10 @@ def test_sigint_with_open_streams_exits_promptly(tmp_path):
     stuck = SSE(url, "/events/stream")  # reads nothing: the server is blocked sending to it
     with httpx.Client(base_url=url) as c:
         for _ in range(20):
-            c.post("/events/emit/batch", json={"events": [{"kind": "system", "name": "big",
-                                                           "attributes": {"blob": "x" * 8000}}] * 100})
+            c.post(
+                "/events/emit/batch",
+                json={"events": [{"kind": "system", "name": "big", "attributes": {"blob": "x" * 8000}}] * 100},
+            )
     started = time.time()
     proc.send_signal(signal.SIGINT)
     proc.wait(10)
@@ -2207,9 +2862,16 @@ def keyed(tmp_path):
 
 def test_api_key_guards_event_routes(keyed):
     c = keyed.client
-    for method, path in [("GET", "/events/"), ("GET", "/events"), ("GET", "/events/agents/a"),
-                         ("GET", "/events/workflows/w"), ("GET", "/events/workflows/w/agents"),
-                         ("GET", "/events/stream"), ("POST", "/events/emit/agent"), ("POST", "/events/emit/batch")]:
+    for method, path in [
+        ("GET", "/events/"),
+        ("GET", "/events"),
+        ("GET", "/events/agents/a"),
+        ("GET", "/events/workflows/w"),
+        ("GET", "/events/workflows/w/agents"),
+        ("GET", "/events/stream"),
+        ("POST", "/events/emit/agent"),
+        ("POST", "/events/emit/batch"),
+    ]:
         for headers in ({}, {"Authorization": "Bearer wrong"}, {"Authorization": KEY}):
             reply = c.request(method, path, headers=headers, json={"name": "x"})
             assert reply.status_code == 401, (path, headers)
@@ -2222,7 +2884,7 @@ def test_api_key_guards_event_routes(keyed):
 
 
 def test_stream_takes_access_token(keyed):
-    assert keyed.client.get(f"/events/stream?access_token=wrong").status_code == 401
+    assert keyed.client.get("/events/stream?access_token=wrong").status_code == 401
     assert keyed.client.get(f"/events/?access_token={KEY}").status_code == 401  # only the stream takes it
     stream = open_stream(keyed.url, f"?access_token={KEY}")
     keyed.client.post("/events/emit/system", json={"name": "keyed"}, headers={"Authorization": f"Bearer {KEY}"})
@@ -2241,9 +2903,14 @@ def test_openapi_documents_the_key(keyed, front):
 
 
 def test_preflight_needs_no_key_and_allows_auth_headers(keyed):
-    reply = keyed.client.options("/events/stream", headers={
-        "Origin": "http://localhost:3210", "Access-Control-Request-Method": "GET",
-        "Access-Control-Request-Headers": "authorization, last-event-id"})
+    reply = keyed.client.options(
+        "/events/stream",
+        headers={
+            "Origin": "http://localhost:3210",
+            "Access-Control-Request-Method": "GET",
+            "Access-Control-Request-Headers": "authorization, last-event-id",
+        },
+    )
     assert reply.status_code == 200
     allowed = reply.headers["access-control-allow-headers"].lower()
     assert "authorization" in allowed and "last-event-id" in allowed
@@ -2269,11 +2936,14 @@ def test_key_and_token_never_logged_and_open_bind_warns(tmp_path):
 
 # -- hardening: bad input never gets a 5xx ---------------------------------------------------------
 
+
 def test_odd_requests_get_4xx_json(front):
     cases = [
         front.post("/events/emit/agent", content=b'{"name": "x"}', headers={"content-type": "application/xml"}),
         front.post("/events/emit/agent", content=b"\x00\x01\x02", headers={"content-type": "application/json"}),
-        front.post("/events/emit/agent", content=b'{"name": "x", "name": 5}', headers={"content-type": "application/json"}),
+        front.post(
+            "/events/emit/agent", content=b'{"name": "x", "name": 5}', headers={"content-type": "application/json"}
+        ),
         front.get("/events/?limit=%FF"),
         front.get("/events/?since=2026-01-01T00:00:00%2B99:99"),
         front.get("/events/?&&=&limit="),
@@ -2302,17 +2972,32 @@ def test_fuzz_against_openapi_document(srv, tmp_path):
         pytest.skip("schemathesis is not installed (it needs Python 3.10+ in the test extra): fuzz test not run")
     emit(srv.client, name="stored", aggregate_id="0", attributes={"nested": [1, {"x": None}]}, correlation_id="0")
     seed = int(os.environ.get("FUZZ_SEED", str(int(time.time()) % 100000)))
-    run = [*schemathesis_command(), "run", srv.url + "/openapi.json", "--checks", "all", "--mode", "all",
-           "--seed", str(seed), "--workers", "2"]
-    for options in (["--exclude-path", "/events/stream", "-n", os.environ.get("FUZZ_EXAMPLES", "30")],
-                    ["--include-path", "/events/stream", "-n", "10", "--request-timeout", "0.5"]):
-        proc = subprocess.run([*run, *options], capture_output=True, text=True, timeout=480,
-                              cwd=tmp_path)  # its cache stays out of the repo
+    run = [
+        *schemathesis_command(),
+        "run",
+        srv.url + "/openapi.json",
+        "--checks",
+        "all",
+        "--mode",
+        "all",
+        "--seed",
+        str(seed),
+        "--workers",
+        "2",
+    ]
+    for options in (
+        ["--exclude-path", "/events/stream", "-n", os.environ.get("FUZZ_EXAMPLES", "30")],
+        ["--include-path", "/events/stream", "-n", "10", "--request-timeout", "0.5"],
+    ):
+        proc = subprocess.run(
+            [*run, *options], capture_output=True, text=True, timeout=480, cwd=tmp_path
+        )  # its cache stays out of the repo
         assert proc.returncode == 0, f"seed {seed}, {options[:2]}:\n" + proc.stdout[-6000:] + proc.stderr[-2000:]
         assert "passed" in proc.stdout
 
 
 # -- hardening: storage faults ----------------------------------------------------------------------
+
 
 def test_database_locked_longer_than_timeout_is_503_then_recovers(tmp_path):
     with ThreadServer(tmp_path / "lock", database_timeout=0.3) as server:
@@ -2334,8 +3019,12 @@ def test_database_locked_longer_than_timeout_is_503_then_recovers(tmp_path):
 @contextlib.contextmanager
 def tiny_filesystem(path: Path, size: str = "4m"):
     path.mkdir()
-    if subprocess.run(["mount", "-t", "tmpfs", "-o", f"size={size}", "tmpfs", str(path)],
-                      capture_output=True).returncode != 0:
+    if (
+        subprocess.run(
+            ["mount", "-t", "tmpfs", "-o", f"size={size}", "tmpfs", str(path)], capture_output=True
+        ).returncode
+        != 0
+    ):
         pytest.skip("cannot mount a tmpfs here (needs root): storage fault tests not run")
     try:
         yield path
@@ -2349,8 +3038,10 @@ def test_disk_full_is_503_then_recovers(tmp_path):
         filler = fs / "filler"
         subprocess.run(["dd", "if=/dev/zero", f"of={filler}", "bs=64k", "count=1000"], capture_output=True)
         blob = {"blob": "z" * 200_000}
-        statuses = [server.client.post("/events/emit/agent", json={"name": "big", "attributes": blob}).status_code
-                    for _ in range(20)]
+        statuses = [
+            server.client.post("/events/emit/agent", json={"name": "big", "attributes": blob}).status_code
+            for _ in range(20)
+        ]
         assert 503 in statuses and set(statuses) <= {200, 503}
         reply = server.client.post("/events/emit/agent", json={"name": "big", "attributes": blob})
         assert reply.status_code == 503 and "full" in reply.json()["detail"]
@@ -2364,13 +3055,18 @@ def test_disk_full_is_503_then_recovers(tmp_path):
 def test_read_only_data_dir_at_start_exits_1(tmp_path):
     with tiny_filesystem(tmp_path / "fs", "1m") as fs:
         subprocess.run(["mount", "-o", "remount,ro", str(fs)], check=True)
-        proc = subprocess.run([sys.executable, SERVER, "--data-dir", str(fs / "data"), "--port", str(free_port())],
-                              capture_output=True, text=True, timeout=30)
+        proc = subprocess.run(
+            [sys.executable, SERVER, "--data-dir", str(fs / "data"), "--port", str(free_port())],
+            capture_output=True,
+            text=True,
+            timeout=30,
+        )
     assert proc.returncode == 1 and len(proc.stderr.strip().splitlines()) == 1, proc.stderr
     assert "Traceback" not in proc.stderr
 
 
 # -- backups ---------------------------------------------------------------------------------------
+
 
 @pytest.mark.slow
 def test_backup_under_load_holds_every_acknowledged_event(tmp_path):
@@ -2391,8 +3087,12 @@ def test_backup_under_load_holds_every_acknowledged_event(tmp_path):
         time.sleep(0.5)
         before = list(acked)
         dest = tmp_path / "copy.db"
-        out = subprocess.run([sys.executable, SERVER, "backup", str(dest), "--data-dir", str(data)],
-                             capture_output=True, text=True, timeout=60)
+        out = subprocess.run(
+            [sys.executable, SERVER, "backup", str(dest), "--data-dir", str(data)],
+            capture_output=True,
+            text=True,
+            timeout=60,
+        )
         assert out.returncode == 0, out.stderr
         assert "backed up" in out.stdout
         time.sleep(0.3)
@@ -2421,23 +3121,40 @@ def test_backup_under_load_holds_every_acknowledged_event(tmp_path):
 def test_backup_refuses_to_overwrite_and_missing_source(tmp_path):
     existing = tmp_path / "exists.db"
     existing.write_text("x")
-    for args in ([str(existing), "--data-dir", str(tmp_path)], [str(tmp_path / "new.db"), "--data-dir",
-                                                                 str(tmp_path / "none")]):
+    for args in (
+        [str(existing), "--data-dir", str(tmp_path)],
+        [str(tmp_path / "new.db"), "--data-dir", str(tmp_path / "none")],
+    ):
         out = subprocess.run([sys.executable, SERVER, "backup", *args], capture_output=True, text=True, timeout=30)
         assert out.returncode == 1 and len(out.stderr.strip().splitlines()) == 1 and "Traceback" not in out.stderr
 
 
 # -- the benchmark harness itself ---------------------------------------------------------------------
 
+
 @pytest.mark.slow
 def test_benchmark_harness_smoke(tmp_path):
     """The harness runs at tiny sizes and prints every figure (the heavy runs stay out of CI)."""
     out_json = tmp_path / "bench.json"
-    proc = subprocess.run([sys.executable, str(HERE / "benchmarks" / "bench.py"), "--quick", "--json", str(out_json)],
-                          capture_output=True, text=True, timeout=300, cwd=HERE)
+    proc = subprocess.run(
+        [sys.executable, str(HERE / "benchmarks" / "bench.py"), "--quick", "--json", str(out_json)],
+        capture_output=True,
+        text=True,
+        timeout=300,
+        cwd=HERE,
+    )
     assert proc.returncode == 0, proc.stdout[-3000:] + proc.stderr[-3000:]
-    for words in ("load generator:", "emit, 32 connections", "ratio", "batch load:", "read latency",
-                  "/events/workflows/wf-3/agents", "subscribers: p50", "idle streams", "bytes per event"):
+    for words in (
+        "load generator:",
+        "emit, 32 connections",
+        "ratio",
+        "batch load:",
+        "read latency",
+        "/events/workflows/wf-3/agents",
+        "subscribers: p50",
+        "idle streams",
+        "bytes per event",
+    ):
         assert words in proc.stdout, words
     figures = json.loads(out_json.read_text())
     assert figures["emit"]["server_median"] > 0 and figures["emit"]["bare_median"] > 0
@@ -2450,8 +3167,16 @@ def test_benchmark_harness_smoke(tmp_path):
 # -- in a real browser: the live view and Swagger UI --------------------------------------------------
 
 CHROMIUM = os.environ.get("CHROMIUM", "/usr/bin/chromium")
-CHROMIUM_ARGS = ["--headless", "--no-sandbox", "--disable-gpu", "--disable-quic", "--no-first-run",
-                 "--disable-background-networking", "--disable-component-update", "--disable-sync"]
+CHROMIUM_ARGS = [
+    "--headless",
+    "--no-sandbox",
+    "--disable-gpu",
+    "--disable-quic",
+    "--no-first-run",
+    "--disable-background-networking",
+    "--disable-component-update",
+    "--disable-sync",
+]
 
 
 @pytest.fixture
@@ -2469,19 +3194,43 @@ def browser():
 
 
 def emit_workflow_with_two_agents(client, auth: dict | None = None) -> None:
-    for kind, body in [("workflow", {"name": "workflow.started", "aggregate_id": "wf-ui",
-                                     "attributes": {"user_prompt": "Cache the documentation page"}}),
-                       ("agent", {"name": "agent.started", "aggregate_id": "agent-parent", "correlation_id": "wf-ui",
-                                  "attributes": {"agent_name": "planner"}}),
-                       ("agent", {"name": "agent.started", "aggregate_id": "agent-child", "correlation_id": "wf-ui",
-                                  "causation_id": "agent-parent", "attributes": {"agent_name": "url-cacher"}}),
-                       ("agent", {"name": "agent.completed", "aggregate_id": "agent-child", "correlation_id": "wf-ui"})]:
+    for kind, body in [
+        (
+            "workflow",
+            {
+                "name": "workflow.started",
+                "aggregate_id": "wf-ui",
+                "attributes": {"user_prompt": "Cache the documentation page"},
+            },
+        ),
+        (
+            "agent",
+            {
+                "name": "agent.started",
+                "aggregate_id": "agent-parent",
+                "correlation_id": "wf-ui",
+                "attributes": {"agent_name": "planner"},
+            },
+        ),
+        (
+            "agent",
+            {
+                "name": "agent.started",
+                "aggregate_id": "agent-child",
+                "correlation_id": "wf-ui",
+                "causation_id": "agent-parent",
+                "attributes": {"agent_name": "url-cacher"},
+            },
+        ),
+        ("agent", {"name": "agent.completed", "aggregate_id": "agent-child", "correlation_id": "wf-ui"}),
+    ]:
         assert client.post(f"/events/emit/{kind}", json=body, headers=auth or {}).status_code == 200
 
 
 def check_live_view(page) -> None:
-    page.wait_for_selector('#workflows [data-workflow="wf-ui"] li[data-agent="agent-parent"] '
-                           'li[data-agent="agent-child"]', timeout=1000)
+    page.wait_for_selector(
+        '#workflows [data-workflow="wf-ui"] li[data-agent="agent-parent"] li[data-agent="agent-child"]', timeout=1000
+    )
     child = page.text_content('li[data-agent="agent-child"]')
     assert "url-cacher" in child and "agent.completed" in child and "2 events" in child
     assert page.locator("#tail tr.event").count() == 4
@@ -2520,9 +3269,20 @@ def test_live_view_stays_small_with_10000_events(srv, browser):
     page.goto(srv.url + "/ui")
     page.wait_for_selector("#status.live", timeout=5000)
     for batch in range(10):
-        srv.client.post("/events/emit/batch", json={"events": [
-            {"kind": "agent", "name": f"step.{batch}.{i}", "aggregate_id": f"a{i % 50}", "correlation_id": f"w{i % 20}"}
-            for i in range(1000)]}).raise_for_status()
+        srv.client.post(
+            "/events/emit/batch",
+            json={
+                "events": [
+                    {
+                        "kind": "agent",
+                        "name": f"step.{batch}.{i}",
+                        "aggregate_id": f"a{i % 50}",
+                        "correlation_id": f"w{i % 20}",
+                    }
+                    for i in range(1000)
+                ]
+            },
+        ).raise_for_status()
     page.wait_for_function("document.querySelector('#tail tr.event').dataset.position === '10000'", timeout=20000)
     assert page.locator("#tail tr.event").count() == 500  # the DOM holds a capped window
     started = time.time()
@@ -2546,8 +3306,9 @@ def test_live_view_reconnects_and_resumes_after_a_restart(tmp_path, browser):
         page.wait_for_selector("#status.down", timeout=5000)
         proc, url = start_process(data, port=port)
         emit(httpx.Client(base_url=url), name="after.restart")
-        page.wait_for_function("document.querySelector('#tail tr.event').textContent.includes('after.restart')",
-                               timeout=10000)  # the browser retries (retry: 3000) and resumes after its last id
+        page.wait_for_function(
+            "document.querySelector('#tail tr.event').textContent.includes('after.restart')", timeout=10000
+        )  # the browser retries (retry: 3000) and resumes after its last id
         assert page.locator("#tail tr.event").count() == 2
         page.wait_for_selector("#status.live", timeout=2000)
     finally:
@@ -2575,13 +3336,15 @@ def test_swagger_ui_lists_every_operation_and_executes(tmp_path, browser):
         pytest.skip(f"swagger-ui-dist not found at {dist} (npm install swagger-ui-dist): Swagger UI test not run")
     import functools
     import http.server
+
     handler = functools.partial(http.server.SimpleHTTPRequestHandler, directory=dist)
     handler.log_message = lambda *args: None
     assets = http.server.ThreadingHTTPServer(("127.0.0.1", 0), handler)
     threading.Thread(target=assets.serve_forever, daemon=True).start()
     try:
-        with ThreadServer(tmp_path / "docs", docs_assets_url=f"http://127.0.0.1:{assets.server_port}",
-                          cors_origins=["*"]) as server:
+        with ThreadServer(
+            tmp_path / "docs", docs_assets_url=f"http://127.0.0.1:{assets.server_port}", cors_origins=["*"]
+        ) as server:
             doc = server.client.get("/openapi.json").json()
             operations = sum(len(methods) for methods in doc["paths"].values())
             page = browser.new_page(viewport={"width": 1200, "height": 900})
@@ -2593,7 +3356,9 @@ def test_swagger_ui_lists_every_operation_and_executes(tmp_path, browser):
             block.locator("button.try-out__btn").click()
             block.locator("button.execute").click()
             block.locator(".live-responses-table tbody .response-col_status").first.wait_for(timeout=10000)
-            assert block.locator(".live-responses-table tbody .response-col_status").first.text_content().strip() == "200"
+            assert (
+                block.locator(".live-responses-table tbody .response-col_status").first.text_content().strip() == "200"
+            )
             stored = server.client.get("/events/").json()["events"]
             assert [e["event_name"] for e in stored] == ["agent.started"]  # the seed example, stored
     finally:
@@ -2608,8 +3373,10 @@ def ext4_filesystem(path: Path, size_mb: int = 32):
     with open(image, "wb") as f:
         f.truncate(size_mb * 1024 * 1024)
     made = subprocess.run(["mkfs.ext4", "-q", str(image)], capture_output=True)
-    if made.returncode != 0 or subprocess.run(["mount", "-o", "loop", str(image), str(mountpoint)],
-                                              capture_output=True).returncode != 0:
+    if (
+        made.returncode != 0
+        or subprocess.run(["mount", "-o", "loop", str(image), str(mountpoint)], capture_output=True).returncode != 0
+    ):
         pytest.skip("cannot make and mount an ext4 loop filesystem here (needs root and mkfs.ext4)")
     try:
         yield mountpoint

@@ -26,18 +26,22 @@ import subprocess
 import sys
 import tempfile
 import time
+from collections.abc import Iterator
 from concurrent.futures import ThreadPoolExecutor
 from contextlib import contextmanager, nullcontext
 from pathlib import Path
-from typing import Iterator
 
 import httpx
 
 HERE = Path(__file__).resolve().parent
 ROOT = HERE.parent
-SEED_AGENT = {"name": "agent.started", "attributes": {"agent_name": "url-cacher",
-              "message": "Agent started successfully"}, "aggregate_id": "url-cacher-abc123",
-              "correlation_id": "workflow-def456", "causation_id": "parent-agent-789"}
+SEED_AGENT = {
+    "name": "agent.started",
+    "attributes": {"agent_name": "url-cacher", "message": "Agent started successfully"},
+    "aggregate_id": "url-cacher-abc123",
+    "correlation_id": "workflow-def456",
+    "causation_id": "parent-agent-789",
+}
 UVICORN = [sys.executable, "-m", "uvicorn", "--no-access-log", "--log-level", "warning"]
 
 
@@ -60,8 +64,13 @@ def cpu_seconds(pid: int) -> float:
 def serve(app: str, cwd: Path, env: dict | None = None) -> Iterator[str]:
     """`uvicorn app` on a free port; the same uvicorn settings for every app measured."""
     port = free_port()
-    proc = subprocess.Popen([*UVICORN, "--port", str(port), app], cwd=cwd, env={**os.environ, **(env or {})},
-                            stdout=subprocess.DEVNULL, stderr=subprocess.PIPE)
+    proc = subprocess.Popen(
+        [*UVICORN, "--port", str(port), app],
+        cwd=cwd,
+        env={**os.environ, **(env or {})},
+        stdout=subprocess.DEVNULL,
+        stderr=subprocess.PIPE,
+    )
     url = f"http://127.0.0.1:{port}"
     PIDS[url] = proc.pid
     try:
@@ -72,7 +81,7 @@ def serve(app: str, cwd: Path, env: dict | None = None) -> Iterator[str]:
                 break
             except httpx.HTTPError:
                 if proc.poll() is not None or time.time() > deadline:
-                    raise RuntimeError("server did not start: " + proc.stderr.read().decode())
+                    raise RuntimeError("server did not start: " + proc.stderr.read().decode()) from None
                 time.sleep(0.05)
         yield url
     finally:
@@ -83,9 +92,11 @@ def serve(app: str, cwd: Path, env: dict | None = None) -> Iterator[str]:
 @contextmanager
 def events_server(env: dict | None = None, code: Path = ROOT) -> Iterator[str]:
     """The server of the checkout at `code` (this one by default), on a fresh data dir."""
-    with tempfile.TemporaryDirectory() as data:
-        with serve("eventuali_api_server:app", code, {"DATA_DIR": data, **(env or {})}) as url:
-            yield url
+    with (
+        tempfile.TemporaryDirectory() as data,
+        serve("eventuali_api_server:app", code, {"DATA_DIR": data, **(env or {})}) as url,
+    ):
+        yield url
 
 
 def percentile(values: list, q: float) -> float:
@@ -95,13 +106,20 @@ def percentile(values: list, q: float) -> float:
 
 # -- load generation ------------------------------------------------------------
 
+
 def wrk_post(url: str, body: dict, connections: int, seconds: float) -> tuple:
     script = Path(tempfile.mkstemp(suffix=".lua")[1])
-    script.write_text('wrk.method = "POST"\nwrk.headers["Content-Type"] = "application/json"\n'
-                      f"wrk.body = {json.dumps(json.dumps(body))}\n")
+    script.write_text(
+        'wrk.method = "POST"\nwrk.headers["Content-Type"] = "application/json"\n'
+        f"wrk.body = {json.dumps(json.dumps(body))}\n"
+    )
     try:
-        out = subprocess.run(["wrk", "-t1", f"-c{connections}", f"-d{seconds}s", "-s", str(script), url],
-                             capture_output=True, text=True, check=True).stdout
+        out = subprocess.run(
+            ["wrk", "-t1", f"-c{connections}", f"-d{seconds}s", "-s", str(script), url],
+            capture_output=True,
+            text=True,
+            check=True,
+        ).stdout
     finally:
         script.unlink()
     errors = [line for line in out.splitlines() if "Non-2xx" in line or "Socket errors" in line]
@@ -115,8 +133,9 @@ def wrk_post(url: str, body: dict, connections: int, seconds: float) -> tuple:
 async def _python_post(url: str, body: bytes, connections: int, seconds: float) -> tuple:
     host, port = url.split("//")[1].split("/")[0].split(":")
     path = "/" + url.split("//")[1].split("/", 1)[1]
-    request = (f"POST {path} HTTP/1.1\r\nHost: {host}\r\nContent-Type: application/json\r\n"
-               f"Content-Length: {len(body)}\r\n\r\n").encode() + body
+    request = (
+        f"POST {path} HTTP/1.1\r\nHost: {host}\r\nContent-Type: application/json\r\nContent-Length: {len(body)}\r\n\r\n"
+    ).encode() + body
     done = 0
     deadline = time.perf_counter() + seconds
 
@@ -128,8 +147,9 @@ async def _python_post(url: str, body: bytes, connections: int, seconds: float) 
             head = await reader.readuntil(b"\r\n\r\n")
             if not head.startswith(b"HTTP/1.1 200"):
                 raise RuntimeError(head.decode())
-            length = int(next(line.split(b":")[1] for line in head.split(b"\r\n")
-                              if line.lower().startswith(b"content-length")))
+            length = int(
+                next(line.split(b":")[1] for line in head.split(b"\r\n") if line.lower().startswith(b"content-length"))
+            )
             await reader.readexactly(length)
             done += 1
         writer.close()
@@ -153,14 +173,18 @@ def post_load(url: str, body: dict, connections: int, seconds: float) -> tuple:
 
 # -- parts ------------------------------------------------------------------------------
 
+
 def bench_emit(args: argparse.Namespace, results: dict) -> None:
     """POST /events/emit/agent vs the bare endpoint (and --against's server), in alternating
     runs: the ratio of rates, and the server's CPU time per request."""
     names = ["bare", "server"] + (["against"] if args.against else [])
     rates: dict = {name: [] for name in names}
     cpus: dict = {name: [] for name in names}
-    with serve("bare:app", HERE) as bare, events_server({"DURABILITY": args.durability}) as server, \
-            (events_server({"DURABILITY": args.durability}, args.against) if args.against else nullcontext()) as other:
+    with (
+        serve("bare:app", HERE) as bare,
+        events_server({"DURABILITY": args.durability}) as server,
+        events_server({"DURABILITY": args.durability}, args.against) if args.against else nullcontext() as other,
+    ):
         targets = dict(zip(names, [bare, server, other]))
         for url in targets.values():  # warm up each
             post_load(url + "/events/emit/agent", SEED_AGENT, args.connections, 1)
@@ -172,24 +196,39 @@ def bench_emit(args: argparse.Namespace, results: dict) -> None:
     median = {name: statistics.median(rates[name]) for name in names}
     cpu_us = {name: statistics.median(cpus[name]) * 1e6 for name in names}
     ratios = [s / b for s, b in zip(rates["server"], rates["bare"])]
-    results["emit"] = {"connections": args.connections, "seconds_per_run": args.seconds, "runs": args.runs,
-                       "durability": args.durability, "bare_rps": rates["bare"], "server_rps": rates["server"],
-                       "bare_median": median["bare"], "server_median": median["server"],
-                       "ratio_of_medians": median["server"] / median["bare"], "ratio_per_run": ratios,
-                       "ratio_median": statistics.median(ratios),
-                       "cpu_us_per_request": {name: cpus[name] for name in names},
-                       "cpu_us_per_request_median": cpu_us}
-    print(f"emit, {args.connections} connections, durability={args.durability}: "
-          f"server {median['server']:,.0f}/s, bare endpoint {median['bare']:,.0f}/s, "
-          f"ratio {median['server'] / median['bare']:.2f} (per run: {', '.join(f'{r:.2f}' for r in ratios)})")
-    print("  server CPU per request (median of runs): " +
-          ", ".join(f"{name} {cpu_us[name]:.0f} µs" for name in names))
+    results["emit"] = {
+        "connections": args.connections,
+        "seconds_per_run": args.seconds,
+        "runs": args.runs,
+        "durability": args.durability,
+        "bare_rps": rates["bare"],
+        "server_rps": rates["server"],
+        "bare_median": median["bare"],
+        "server_median": median["server"],
+        "ratio_of_medians": median["server"] / median["bare"],
+        "ratio_per_run": ratios,
+        "ratio_median": statistics.median(ratios),
+        "cpu_us_per_request": {name: cpus[name] for name in names},
+        "cpu_us_per_request_median": cpu_us,
+    }
+    print(
+        f"emit, {args.connections} connections, durability={args.durability}: "
+        f"server {median['server']:,.0f}/s, bare endpoint {median['bare']:,.0f}/s, "
+        f"ratio {median['server'] / median['bare']:.2f} (per run: {', '.join(f'{r:.2f}' for r in ratios)})"
+    )
+    print("  server CPU per request (median of runs): " + ", ".join(f"{name} {cpu_us[name]:.0f} µs" for name in names))
     if args.against:
         per_run = [a / b for a, b in zip(cpus["server"], cpus["against"])]
-        results["emit"]["against"] = {"path": str(args.against), "rps": rates["against"],
-                                      "median": median["against"], "cpu_ratio_per_run": per_run}
-        print(f"  against {args.against}: {median['against']:,.0f}/s; CPU per request, this / that: "
-              f"{cpu_us['server'] / cpu_us['against']:.3f} (per run: {', '.join(f'{r:.2f}' for r in per_run)})")
+        results["emit"]["against"] = {
+            "path": str(args.against),
+            "rps": rates["against"],
+            "median": median["against"],
+            "cpu_ratio_per_run": per_run,
+        }
+        print(
+            f"  against {args.against}: {median['against']:,.0f}/s; CPU per request, this / that: "
+            f"{cpu_us['server'] / cpu_us['against']:.3f} (per run: {', '.join(f'{r:.2f}' for r in per_run)})"
+        )
 
 
 def make_events(start: int, stop: int, workflows: int = 100) -> list:
@@ -199,15 +238,29 @@ def make_events(start: int, stop: int, workflows: int = 100) -> list:
         wf = f"wf-{i % workflows}"
         kind = i % 10
         if kind == 0:
-            events.append({"kind": "workflow", "name": "workflow.progress", "aggregate_id": wf,
-                           "attributes": {"user_prompt": "do it", "i": i}})
+            events.append(
+                {
+                    "kind": "workflow",
+                    "name": "workflow.progress",
+                    "aggregate_id": wf,
+                    "attributes": {"user_prompt": "do it", "i": i},
+                }
+            )
         elif kind == 9:
-            events.append({"kind": "system", "name": "session.tick", "aggregate_id": f"session-{i % 7}",
-                           "correlation_id": wf})
+            events.append(
+                {"kind": "system", "name": "session.tick", "aggregate_id": f"session-{i % 7}", "correlation_id": wf}
+            )
         else:
-            events.append({"kind": "agent", "name": "agent.step" if kind % 2 else "agent.started",
-                           "aggregate_id": f"agent-{i % (workflows * 5)}", "correlation_id": wf,
-                           "causation_id": f"agent-{i % 3}", "attributes": {"agent_name": f"worker-{kind}", "step": i}})
+            events.append(
+                {
+                    "kind": "agent",
+                    "name": "agent.step" if kind % 2 else "agent.started",
+                    "aggregate_id": f"agent-{i % (workflows * 5)}",
+                    "correlation_id": wf,
+                    "causation_id": f"agent-{i % 3}",
+                    "attributes": {"agent_name": f"worker-{kind}", "step": i},
+                }
+            )
     return events
 
 
@@ -220,8 +273,7 @@ def load_events(url: str, count: int, batch: int = 1000, senders: int = 3) -> fl
 def timed_load(url: str, count: int, batch: int = 1000, senders: int = 3) -> tuple:
     """load_events, and the server's CPU seconds per event."""
     pid = PIDS.get(url)
-    bodies = [json.dumps({"events": make_events(i, min(count, i + batch))}).encode()
-              for i in range(0, count, batch)]
+    bodies = [json.dumps({"events": make_events(i, min(count, i + batch))}).encode() for i in range(0, count, batch)]
 
     def send(chunk: list) -> None:
         with httpx.Client(base_url=url, timeout=120, headers={"content-type": "application/json"}) as client:
@@ -241,8 +293,10 @@ def bench_batch(args: argparse.Namespace, results: dict) -> None:
     rates: dict = {name: [] for name in names}
     cpus: dict = {name: [] for name in names}
     rounds = args.runs if args.against else 1
-    with events_server({"DURABILITY": args.durability}) as server, \
-            (events_server({"DURABILITY": args.durability}, args.against) if args.against else nullcontext()) as other:
+    with (
+        events_server({"DURABILITY": args.durability}) as server,
+        events_server({"DURABILITY": args.durability}, args.against) if args.against else nullcontext() as other,
+    ):
         targets = dict(zip(names, [server, other]))
         for _ in range(rounds):
             for name, url in targets.items():
@@ -251,15 +305,23 @@ def bench_batch(args: argparse.Namespace, results: dict) -> None:
                 cpus[name].append(cpu)
     rate = statistics.median(rates["server"])
     cpu_us = {name: statistics.median(cpus[name]) * 1e6 for name in names}
-    results["batch"] = {"events": args.batch_events, "events_per_second": rate, "rounds": rates,
-                        "cpu_us_per_event": cpu_us}
-    print(f"batch load: {rate:,.0f} events/s ({args.batch_events:,} events in batches of 1000); "
-          f"server CPU {cpu_us['server']:.1f} µs per event")
+    results["batch"] = {
+        "events": args.batch_events,
+        "events_per_second": rate,
+        "rounds": rates,
+        "cpu_us_per_event": cpu_us,
+    }
+    print(
+        f"batch load: {rate:,.0f} events/s ({args.batch_events:,} events in batches of 1000); "
+        f"server CPU {cpu_us['server']:.1f} µs per event"
+    )
     if args.against:
-        print(f"  against {args.against}: {statistics.median(rates['against']):,.0f} events/s, "
-              f"CPU {cpu_us['against']:.1f} µs per event; rounds this: "
-              f"{', '.join(f'{r:,.0f}' for r in rates['server'])}; that: "
-              f"{', '.join(f'{r:,.0f}' for r in rates['against'])}")
+        print(
+            f"  against {args.against}: {statistics.median(rates['against']):,.0f} events/s, "
+            f"CPU {cpu_us['against']:.1f} µs per event; rounds this: "
+            f"{', '.join(f'{r:,.0f}' for r in rates['server'])}; that: "
+            f"{', '.join(f'{r:,.0f}' for r in rates['against'])}"
+        )
 
 
 READS = [
@@ -283,42 +345,63 @@ READS = [
 # Every pair of the seven filters; MID is the timestamp of the middle event, where a time
 # window splits the log in halves (the most work for an exact count), and a window of both
 # covers the middle half.
-FILTERS = {"event_type": "AgentEvent", "aggregate_type": "agent_aggregate", "aggregate_id": "agent-7",
-           "correlation_id": "wf-3", "event_name": "agent.started", "since": "MID", "until": "MID"}
-PAIRS = [("/events/", {a: FILTERS[a], b: FILTERS[b]})
-         for i, a in enumerate(FILTERS) for b in list(FILTERS)[i + 1:] if (a, b) != ("since", "until")]
+FILTERS = {
+    "event_type": "AgentEvent",
+    "aggregate_type": "agent_aggregate",
+    "aggregate_id": "agent-7",
+    "correlation_id": "wf-3",
+    "event_name": "agent.started",
+    "since": "MID",
+    "until": "MID",
+}
+PAIRS = [
+    ("/events/", {a: FILTERS[a], b: FILTERS[b]})
+    for i, a in enumerate(FILTERS)
+    for b in list(FILTERS)[i + 1 :]
+    if (a, b) != ("since", "until")
+]
 PAIRS.append(("/events/", {"since": "1/4", "until": "3/4"}))
 
 
 def timestamp_at(client: httpx.Client, fraction: float, size: int) -> str:
     position = max(1, int(size * fraction))
     return client.get("/events/", params={"order": "asc", "after": position - 1, "limit": 1}).json()["events"][0][
-        "timestamp"]
+        "timestamp"
+    ]
 
 
 def bench_reads(args: argparse.Namespace, results: dict, env: dict | None = None, key: str = "reads") -> None:
     table = {}
-    with events_server({"DURABILITY": "normal", **(env or {})}) as url, httpx.Client(base_url=url, timeout=120) as client:
+    with (
+        events_server({"DURABILITY": "normal", **(env or {})}) as url,
+        httpx.Client(base_url=url, timeout=120) as client,
+    ):
         loaded = 0
         for size in args.read_sizes:
             load_events(url, size - loaded)
             loaded = size
-            marks = {"MID": timestamp_at(client, 0.5, size), "1/4": timestamp_at(client, 0.25, size),
-                     "3/4": timestamp_at(client, 0.75, size)}
+            marks = {
+                "MID": timestamp_at(client, 0.5, size),
+                "1/4": timestamp_at(client, 0.25, size),
+                "3/4": timestamp_at(client, 0.75, size),
+            }
             for path, params in READS + (PAIRS if args.pairs else []):
                 given = params
                 params = {k: (str(size // 2) if v == "DEEP" else marks.get(v, v)) for k, v in params.items()}
-                label = path + ("?" + "&".join(f"{k}={'n/2' if v == 'DEEP' else v}" for k, v in given.items())
-                                if given else "")
+                label = path + (
+                    "?" + "&".join(f"{k}={'n/2' if v == 'DEEP' else v}" for k, v in given.items()) if given else ""
+                )
                 timings = []
                 for _ in range(args.read_repeats):
                     started = time.perf_counter()
                     reply = client.get(path, params=params)
                     timings.append((time.perf_counter() - started) * 1000)
                     reply.raise_for_status()
-                table.setdefault(label, {})[size] = {"p50_ms": percentile(timings, 50),
-                                                     "p99_ms": percentile(timings, 99),
-                                                     "total": reply.json().get("total")}
+                table.setdefault(label, {})[size] = {
+                    "p50_ms": percentile(timings, 50),
+                    "p99_ms": percentile(timings, 99),
+                    "total": reply.json().get("total"),
+                }
     results[key] = table
     sizes = args.read_sizes
     print(f"{key}: read latency, ms (p50 / p99) at " + ", ".join(f"{s:,}" for s in sizes) + " events:")
@@ -361,9 +444,15 @@ async def _sse_latency(url: str, subscribers: int, events: int, post_url: str | 
             (await client.post("/events/emit/system", json={"name": name})).raise_for_status()
             await asyncio.sleep(0.02 if subscribers < 500 else 0.2)
     await asyncio.wait_for(asyncio.gather(*tasks), 120)
-    return {"subscribers": subscribers, "events": events, "delivered": sum(received),
-            "expected": subscribers * events, "p50_ms": percentile(latencies, 50),
-            "p99_ms": percentile(latencies, 99), "max_ms": max(latencies)}
+    return {
+        "subscribers": subscribers,
+        "events": events,
+        "delivered": sum(received),
+        "expected": subscribers * events,
+        "p50_ms": percentile(latencies, 50),
+        "p99_ms": percentile(latencies, 99),
+        "max_ms": max(latencies),
+    }
 
 
 def _rss_kib(pid: int) -> int:
@@ -403,18 +492,27 @@ def bench_sse(args: argparse.Namespace, results: dict) -> None:
 
         before, after = asyncio.run(measure())
     post = asyncio.run(_post_round_trip(args.sse_events * 5))
-    results["sse"] = {"latency": rows, "idle_streams": args.idle_streams,
-                      "rss_before_kib": before, "rss_after_kib": after,
-                      "kib_per_idle_stream": (after - before) / max(1, args.idle_streams),
-                      "client_post_round_trip_ms": post}
+    results["sse"] = {
+        "latency": rows,
+        "idle_streams": args.idle_streams,
+        "rss_before_kib": before,
+        "rss_after_kib": after,
+        "kib_per_idle_stream": (after - before) / max(1, args.idle_streams),
+        "client_post_round_trip_ms": post,
+    }
     print("SSE emit-to-receive latency (from just before the POST to each subscriber's receipt):")
     for row in rows:
-        print(f"  {row['subscribers']:5d} subscribers: p50 {row['p50_ms']:.2f} ms, p99 {row['p99_ms']:.2f} ms, "
-              f"max {row['max_ms']:.2f} ms, delivered {row['delivered']}/{row['expected']}")
-    print(f"  a POST round trip from this Python client alone: p50 {post['p50_ms']:.2f} ms, "
-          f"p99 {post['p99_ms']:.2f} ms")
-    print(f"  {args.idle_streams} idle streams: +{(after - before) / 1024:.1f} MB RSS "
-          f"({(after - before) / max(1, args.idle_streams):.1f} KiB each)")
+        print(
+            f"  {row['subscribers']:5d} subscribers: p50 {row['p50_ms']:.2f} ms, p99 {row['p99_ms']:.2f} ms, "
+            f"max {row['max_ms']:.2f} ms, delivered {row['delivered']}/{row['expected']}"
+        )
+    print(
+        f"  a POST round trip from this Python client alone: p50 {post['p50_ms']:.2f} ms, p99 {post['p99_ms']:.2f} ms"
+    )
+    print(
+        f"  {args.idle_streams} idle streams: +{(after - before) / 1024:.1f} MB RSS "
+        f"({(after - before) / max(1, args.idle_streams):.1f} KiB each)"
+    )
 
 
 async def _post_round_trip(count: int) -> dict:
@@ -441,11 +539,13 @@ def bench_size(args: argparse.Namespace, results: dict) -> None:
 
 # -- PostgreSQL ---------------------------------------------------------------------------------
 
+
 @contextmanager
 def postgres_cluster() -> Iterator:
     """A throwaway PostgreSQL (initdb, pg_ctl) on a Unix socket, fsync on as in production;
     yields a function that makes a new database and returns its URL."""
     import psycopg
+
     found = sorted(Path("/usr/lib/postgresql").glob("*/bin/initdb")) or [Path(p) for p in [shutil.which("initdb")] if p]
     if not found:
         raise RuntimeError("PostgreSQL is not installed (Debian: apt-get install postgresql)")
@@ -460,8 +560,17 @@ def postgres_cluster() -> Iterator:
         subprocess.run([*as_user, str(binaries / tool), *args], check=True, capture_output=True)
 
     run("initdb", "-D", f"{folder}/data", "-A", "trust", "-N", "-U", "postgres")
-    run("pg_ctl", "-D", f"{folder}/data", "-w", "-l", f"{folder}/log", "-o",
-        f"-c listen_addresses='' -k {folder} -p {port} -c max_connections=200 -c shared_buffers=256MB", "start")
+    run(
+        "pg_ctl",
+        "-D",
+        f"{folder}/data",
+        "-w",
+        "-l",
+        f"{folder}/log",
+        "-o",
+        f"-c listen_addresses='' -k {folder} -p {port} -c max_connections=200 -c shared_buffers=256MB",
+        "start",
+    )
     made = []
 
     def new_database() -> str:
@@ -484,10 +593,16 @@ def post_load_on(urls: list, body: dict, connections: int, seconds: float) -> tu
     pids = [PIDS[url.split("/events")[0]] for url in urls]
     before = [cpu_seconds(pid) for pid in pids]
     with ThreadPoolExecutor(len(urls)) as pool:
-        runs = list(pool.map(lambda url: (wrk_post(url, body, connections // len(urls), seconds)
-                                          if shutil.which("wrk") else
-                                          asyncio.run(_python_post(url, json.dumps(body).encode(),
-                                                                   connections // len(urls), seconds))), urls))
+        runs = list(
+            pool.map(
+                lambda url: (
+                    wrk_post(url, body, connections // len(urls), seconds)
+                    if shutil.which("wrk")
+                    else asyncio.run(_python_post(url, json.dumps(body).encode(), connections // len(urls), seconds))
+                ),
+                urls,
+            )
+        )
     requests = sum(done for _rate, done in runs)
     cpu = sum(cpu_seconds(pid) - start for pid, start in zip(pids, before))
     return sum(rate for rate, _done in runs), cpu / max(1, requests)
@@ -500,21 +615,32 @@ def bench_postgres(args: argparse.Namespace, results: dict) -> None:
     figures: dict = {}
     with postgres_cluster() as new_database:
         one_url, two_url = new_database(), new_database()
-        with events_server() as lite, events_server({"DATABASE_URL": one_url}) as pg1, \
-                events_server({"DATABASE_URL": two_url}) as pg2a, events_server({"DATABASE_URL": two_url}) as pg2b:
+        with (
+            events_server() as lite,
+            events_server({"DATABASE_URL": one_url}) as pg1,
+            events_server({"DATABASE_URL": two_url}) as pg2a,
+            events_server({"DATABASE_URL": two_url}) as pg2b,
+        ):
             targets = {"sqlite": [lite], "postgres, 1 process": [pg1], "postgres, 2 processes": [pg2a, pg2b]}
             rates: dict = {name: [] for name in targets}
             cpus: dict = {name: [] for name in targets}
-            for name, urls in targets.items():  # warm up
+            for urls in targets.values():  # warm up
                 post_load_on([u + "/events/emit/agent" for u in urls], SEED_AGENT, args.connections, 1)
             for _ in range(args.runs):
                 for name, urls in targets.items():
-                    rate, cpu = post_load_on([u + "/events/emit/agent" for u in urls], SEED_AGENT,
-                                             args.connections, args.seconds)
+                    rate, cpu = post_load_on(
+                        [u + "/events/emit/agent" for u in urls], SEED_AGENT, args.connections, args.seconds
+                    )
                     rates[name].append(rate)
                     cpus[name].append(cpu)
-            figures["emit"] = {name: {"rps": rates[name], "median_rps": statistics.median(rates[name]),
-                                      "cpu_us_per_request": statistics.median(cpus[name]) * 1e6} for name in targets}
+            figures["emit"] = {
+                name: {
+                    "rps": rates[name],
+                    "median_rps": statistics.median(rates[name]),
+                    "cpu_us_per_request": statistics.median(cpus[name]) * 1e6,
+                }
+                for name in targets
+            }
             latency = asyncio.run(_sse_latency(pg2b, 1, args.sse_events, post_url=pg2a))
             latency20 = asyncio.run(_sse_latency(pg2b, 20, args.sse_events, post_url=pg2a))
             figures["across_servers"] = [latency, latency20]
@@ -522,20 +648,30 @@ def bench_postgres(args: argparse.Namespace, results: dict) -> None:
             rate, cpu = timed_load(url, args.batch_events)
             figures["batch"] = {"events_per_second": rate, "cpu_us_per_event": cpu * 1e6}
         results["postgres"] = figures
-        print("postgres: emit, 32 connections (requests/s, server CPU per request; median of "
-              f"{args.runs} alternating runs):")
+        print(
+            "postgres: emit, 32 connections (requests/s, server CPU per request; median of "
+            f"{args.runs} alternating runs):"
+        )
         for name, row in figures["emit"].items():
             print(f"  {name:24s} {row['median_rps']:8,.0f}/s  {row['cpu_us_per_request']:6.0f} µs")
         print(f"postgres: batch load {rate:,.0f} events/s, server CPU {cpu * 1e6:.1f} µs per event")
         for row in figures["across_servers"]:
-            print(f"postgres: emitted on server A, received on a stream of server B ({row['subscribers']} "
-                  f"subscribers): p50 {row['p50_ms']:.2f} ms, p99 {row['p99_ms']:.2f} ms, "
-                  f"delivered {row['delivered']}/{row['expected']}")
+            print(
+                f"postgres: emitted on server A, received on a stream of server B ({row['subscribers']} "
+                f"subscribers): p50 {row['p50_ms']:.2f} ms, p99 {row['p99_ms']:.2f} ms, "
+                f"delivered {row['delivered']}/{row['expected']}"
+            )
         bench_reads(args, results, {"DATABASE_URL": new_database()}, key="postgres reads")
 
 
-PARTS = {"emit": bench_emit, "batch": bench_batch, "reads": bench_reads, "sse": bench_sse, "size": bench_size,
-         "postgres": bench_postgres}
+PARTS = {
+    "emit": bench_emit,
+    "batch": bench_batch,
+    "reads": bench_reads,
+    "sse": bench_sse,
+    "size": bench_size,
+    "postgres": bench_postgres,
+}
 
 
 def main(argv: list | None = None) -> dict:
@@ -544,10 +680,14 @@ def main(argv: list | None = None) -> dict:
     parser.add_argument("--only", default=",".join(PARTS), help="comma-separated parts: " + ", ".join(PARTS))
     parser.add_argument("--json", default=str(HERE / "results" / "latest.json"))
     parser.add_argument("--durability", default="full", choices=["full", "normal"])
-    parser.add_argument("--no-pairs", dest="pairs", action="store_false",
-                        help="reads: leave out the pairs of filters")
-    parser.add_argument("--against", type=Path, default=None, metavar="CHECKOUT",
-                        help="another checkout of the server to measure emit and batch against (A/B)")
+    parser.add_argument("--no-pairs", dest="pairs", action="store_false", help="reads: leave out the pairs of filters")
+    parser.add_argument(
+        "--against",
+        type=Path,
+        default=None,
+        metavar="CHECKOUT",
+        help="another checkout of the server to measure emit and batch against (A/B)",
+    )
     args = parser.parse_args(argv)
     quick = args.quick
     args.connections = 32
@@ -560,10 +700,11 @@ def main(argv: list | None = None) -> dict:
     args.sse_events = 5 if quick else 50
     args.idle_streams = 20 if quick else 1000
     args.size_events = 1000 if quick else 100_000
-    results: dict = {"machine": {"platform": platform.platform(), "python": platform.python_version(),
-                                 "cpus": os.cpu_count()},
-                     "load_generator": "wrk" if shutil.which("wrk") else "python (asyncio; slower than wrk)",
-                     "quick": quick}
+    results: dict = {
+        "machine": {"platform": platform.platform(), "python": platform.python_version(), "cpus": os.cpu_count()},
+        "load_generator": "wrk" if shutil.which("wrk") else "python (asyncio; slower than wrk)",
+        "quick": quick,
+    }
     print(f"load generator: {results['load_generator']}; {results['machine']}")
     for part in args.only.split(","):
         PARTS[part.strip()](args, results)
