@@ -94,6 +94,7 @@ class APIServerConfig:
     version: str = __version__
     durability: str = "full"
     api_key: str = ""
+    allowed_hosts: list = dataclasses.field(default_factory=list)
     sse_ping: float = 15.0
     max_streams: int = 1000
     max_batch: int = 1000
@@ -197,6 +198,14 @@ SETTINGS: list[tuple[str, str, str, Callable[[str], Any], str]] = [
         "full: an acknowledged event survives power loss; normal: it survives a process crash",
     ),
     ("api_key", "API_KEY", "--api-key", str, "require 'Authorization: Bearer KEY' on event routes"),
+    (
+        "allowed_hosts",
+        "ALLOWED_HOSTS",
+        "--allowed-hosts",
+        _parse_origins,
+        "comma-separated Host names to answer besides localhost (*.example.com for subdomains; * for any); "
+        "without it, a server bound to loopback answers loopback names only",
+    ),
     ("sse_ping", "SSE_PING", "--sse-ping", _parse_seconds, "seconds between stream heartbeats (default 15)"),
     ("max_streams", "MAX_STREAMS", "--max-streams", _parse_int(1), "open streams at most (default 1000)"),
     ("max_batch", "MAX_BATCH", "--max-batch", _parse_int(1, 100000), "events per batch at most (default 1000)"),
@@ -2709,12 +2718,55 @@ def require_key(app: ASGIApp, key: str, token_in_query: bool) -> ASGIApp:
 def is_loopback(host: str) -> bool:
     import ipaddress
 
-    if host == "localhost":
+    if host.lower() == "localhost":
         return True
     try:
         return ipaddress.ip_address(host.strip("[]")).is_loopback
     except ValueError:
         return False
+
+
+def host_name(header: bytes) -> str:
+    """The host of a Host header, without its port ("[::1]:8765" -> "[::1]")."""
+    text = header.decode("latin-1").strip().lower()
+    if text.startswith("["):
+        return text.split("]", 1)[0] + "]"
+    return text.rsplit(":", 1)[0] if text.count(":") == 1 else text
+
+
+def check_host(app: ASGIApp, /, allowed: Sequence[str], bound_to_loopback: bool) -> ASGIApp:
+    """Refuse requests whose Host is not allowed (DNS rebinding: a web page that points its own
+    name at 127.0.0.1 would otherwise read and write the log from the browser). A server bound
+    to loopback answers loopback names and `allowed`; one bound elsewhere, only `allowed` if it
+    is given, else any Host. Requests that reach the server through another interface than
+    loopback are not browsers rebinding to it, and pass when it is bound to loopback."""
+    if "*" in allowed or not (allowed or bound_to_loopback):
+        return app
+    names = {name for name in allowed if not name.startswith("*.")}
+    suffixes = tuple(name[1:] for name in allowed if name.startswith("*."))
+
+    def fits(host: str) -> bool:
+        return is_loopback(host) or host in names or (bool(suffixes) and host.endswith(suffixes))
+
+    async def guard(scope: Scope, receive: Receive, send: Send) -> None:
+        if scope["type"] not in ("http", "websocket"):
+            return await app(scope, receive, send)
+        server = scope.get("server") or ("", None)
+        if bound_to_loopback and not allowed and not is_loopback(str(server[0])):
+            return await app(scope, receive, send)
+        for name, value in scope["headers"]:
+            if name == b"host":
+                host = host_name(value)
+                if not fits(host):
+                    detail = (
+                        f"host {host!r} is not allowed here: use localhost, or start the server with "
+                        f"--allowed-hosts (ALLOWED_HOSTS)"
+                    )
+                    return await json_response({"detail": detail}, 403)(scope, receive, send)
+                break
+        await app(scope, receive, send)
+
+    return guard
 
 
 _TOKEN = re.compile(r"(access_token=)[^&\s]*")
@@ -2829,7 +2881,8 @@ def create_app(config: APIServerConfig | None = None) -> Starlette:
         if not config.api_key and not is_loopback(config.host):
             logger.warning(
                 "listening on %s without an API key: anyone who can reach it can read and "
-                "write events; set --api-key (API_KEY)",
+                "write events; set --api-key (API_KEY), and --allowed-hosts (ALLOWED_HOSTS) to the names "
+                "clients use",
                 config.host,
             )
         try:
@@ -2847,13 +2900,14 @@ def create_app(config: APIServerConfig | None = None) -> Starlette:
             route.app = require_key(route.app, config.api_key, token_in_query=api_route.path == "/events/stream")
         routes.append(route)
     middleware = [
+        Middleware(check_host, allowed=config.allowed_hosts, bound_to_loopback=is_loopback(config.host)),
         Middleware(
             cors_when_origin,
             allow_origins=config.cors_origins,
             allow_credentials=config.cors_allow_credentials,
             allow_methods=["GET", "POST", "OPTIONS"],
             allow_headers=["Authorization", "Content-Type", "Last-Event-ID", "Accept", "Cache-Control"],
-        )
+        ),
     ]
     handlers: dict[Any, Callable[..., Any]] = {
         Problem: problem_handler,

@@ -2934,6 +2934,82 @@ def test_key_and_token_never_logged_and_open_bind_warns(tmp_path):
     assert KEY not in err + out
 
 
+# -- DNS rebinding: Host names --------------------------------------------------------------------
+
+REBOUND = ["evil.example", "evil.example:8765", "127.0.0.1.nip.example", "localhost.evil.example"]
+ROUTE_KINDS = [
+    ("POST", "/events/emit/agent"),
+    ("GET", "/events/"),
+    ("GET", "/events/stream"),
+    ("GET", "/ui"),
+    ("GET", "/docs"),
+    ("GET", "/health/"),
+    ("GET", "/openapi.json"),
+]
+
+
+@pytest.mark.parametrize("host", REBOUND)
+def test_a_loopback_server_refuses_other_host_names(front, host):
+    """A web page that points its own name at 127.0.0.1 gets a 403 on every route, before any
+    route runs (nothing is stored)."""
+    for method, path in ROUTE_KINDS:
+        reply = front.request(method, path, json={"name": "x"}, headers={"Host": host})
+        assert reply.status_code == 403, (path, reply.text)
+        assert "--allowed-hosts" in reply.json()["detail"] and host.split(":")[0] in reply.json()["detail"]
+    assert events_of(front)["total"] == 0
+
+
+def test_a_loopback_server_answers_loopback_names(shared):
+    port = shared.port
+    for host in (
+        "localhost",
+        f"localhost:{port}",
+        "LOCALHOST",
+        "127.0.0.1",
+        f"127.0.0.1:{port}",
+        "[::1]",
+        f"[::1]:{port}",
+        "127.0.0.2",
+    ):
+        assert shared.client.get("/health/", headers={"Host": host}).status_code == 200, host
+    reply = shared.client.post("/events/emit/agent", json={"name": "via localhost"}, headers={"Host": "localhost"})
+    assert reply.status_code == 200
+
+
+def test_allowed_hosts_extend_the_list(tmp_path):
+    with ThreadServer(tmp_path, allowed_hosts=["events.internal", "*.corp.example"]) as server:
+        for host, status in (
+            ("events.internal", 200),
+            ("EVENTS.INTERNAL:443", 200),
+            ("a.corp.example", 200),
+            ("b.a.corp.example", 200),
+            ("corp.example", 403),
+            ("evil.example", 403),
+            ("localhost", 200),
+        ):
+            assert server.client.get("/events/", headers={"Host": host}).status_code == status, host
+    with ThreadServer(tmp_path / "any", allowed_hosts=["*"]) as server:
+        assert server.client.get("/events/", headers={"Host": "evil.example"}).status_code == 200
+
+
+def test_a_server_bound_elsewhere_answers_any_host_unless_told(tmp_path):
+    """Bound to 0.0.0.0 (or a LAN address), probes and load balancers send all kinds of Host
+    names: the API key is the protection there, and --allowed-hosts restricts them if given."""
+    with ThreadServer(tmp_path, host="0.0.0.0") as server:
+        assert server.client.get("/health/", headers={"Host": "lb-probe.internal"}).status_code == 200
+    with ThreadServer(tmp_path / "told", host="0.0.0.0", allowed_hosts=["events.example"]) as server:
+        assert server.client.get("/health/", headers={"Host": "lb-probe.internal"}).status_code == 403
+        assert server.client.get("/health/", headers={"Host": "events.example"}).status_code == 200
+
+
+def test_allowed_hosts_setting_from_flag_and_env():
+    assert eas.resolve_config(["--allowed-hosts", "a.example, *.b.example"], environ={}).allowed_hosts == [
+        "a.example",
+        "*.b.example",
+    ]
+    assert eas.resolve_config([], environ={"ALLOWED_HOSTS": "*"}).allowed_hosts == ["*"]
+
+
 # -- hardening: bad input never gets a 5xx ---------------------------------------------------------
 
 
