@@ -52,7 +52,7 @@ from starlette.exceptions import HTTPException
 from starlette.middleware import Middleware
 from starlette.middleware.cors import CORSMiddleware
 from starlette.requests import Request
-from starlette.responses import HTMLResponse, Response
+from starlette.responses import HTMLResponse, Response, StreamingResponse
 from starlette.routing import Route
 from starlette.types import ASGIApp, Receive, Scope, Send
 
@@ -101,6 +101,8 @@ class APIServerConfig:
     max_body: int = 1024 * 1024
     max_depth: int = 32
     max_id_length: int = 256
+    read_chunk: int = 4 * 1024 * 1024
+    stream_buffer: int = 8 * 1024 * 1024
     docs_assets_url: str = DOCS_ASSETS_URL
 
     def __post_init__(self) -> None:
@@ -217,6 +219,20 @@ SETTINGS: list[tuple[str, str, str, Callable[[str], Any], str]] = [
         "--max-id-length",
         _parse_int(1, 65536),
         "characters in a name or id at most (default 256)",
+    ),
+    (
+        "read_chunk",
+        "READ_CHUNK",
+        "--read-chunk",
+        _parse_int(64 * 1024),
+        "bytes of events one read of the store brings into memory, about (default 4 MiB)",
+    ),
+    (
+        "stream_buffer",
+        "STREAM_BUFFER",
+        "--stream-buffer",
+        _parse_int(64 * 1024),
+        "bytes of events a stream may have waiting before it catches up from the store (default 8 MiB)",
     ),
     (
         "docs_assets_url",
@@ -800,9 +816,30 @@ class Query:
 
 
 class Page(NamedTuple):
-    items: list[StoredEvent]
+    positions: list[int]  # the page's events, in its order: events_at() reads them
     total: int  # every event the query matches, cursor and paging aside
     next: int | None  # the cursor for the next page, when this one is full
+
+
+class ReadSize:
+    """How many events one read takes, so that it brings about `budget` bytes into memory
+    whatever their size: as many as the sizes it has seen allow, and at first as many as the
+    sizes the process saw last allow (few, before it has seen any)."""
+
+    typical = 1024 * 1024.0  # bytes an event had in this process's last read; at first, as big as one may be
+    big_reads = False  # a read brought a megabyte or more since give_back_memory last looked
+
+    def __init__(self, budget: int, most: int) -> None:
+        self.budget, self.most = budget, most
+        self.count = max(1, min(most, int(budget / ReadSize.typical)))
+
+    def saw(self, sizes: list[int]) -> None:
+        """Take the sizes in bytes of the events the last read brought."""
+        if sizes:
+            average = max(1.0, sum(sizes) / len(sizes))
+            ReadSize.typical = average
+            ReadSize.big_reads = ReadSize.big_reads or sum(sizes) >= 1024 * 1024
+            self.count = max(1, min(self.most, int(self.budget / average)))
 
 
 class AgentSummary(TypedDict):
@@ -886,7 +923,11 @@ class EventStore(abc.ABC):
 
     @abc.abstractmethod
     async def query(self, query: Query) -> Page:
-        """A page of events and the exact total."""
+        """A page of events (their positions) and the exact total."""
+
+    @abc.abstractmethod
+    async def events_at(self, positions: list[int]) -> list[StoredEvent]:
+        """The stored events at these positions, in the same order."""
 
     @abc.abstractmethod
     async def events_after(self, position: int, filters: dict[str, str | None], limit: int) -> list[StoredEvent]:
@@ -1136,7 +1177,7 @@ def connect(path: str, timeout: float, durability: str = "full", readonly: bool 
     conn.execute(f"PRAGMA busy_timeout = {int(timeout * 1000)}")
     if readonly:
         conn.execute("PRAGMA query_only = ON")
-        conn.execute("PRAGMA cache_size = -16384")  # KiB
+        conn.execute("PRAGMA cache_size = -8192")  # KiB: a reader holds this much of the log in memory, at most
     else:
         conn.execute("PRAGMA journal_mode = WAL")
         conn.execute("PRAGMA synchronous = " + ("FULL" if durability == "full" else "NORMAL"))
@@ -1615,13 +1656,22 @@ def query_page(conn: Connection, query: Query) -> Page:
         clauses += ([condition] if condition else []) + extra + [clause for clause, _value in cursor]
         parts.append(f"SELECT position FROM events{hint}" + (" WHERE " + " AND ".join(clauses) if clauses else ""))
         args += arm_args + extra_args + [value for _clause, value in cursor]
-    # Positions first, from indexes alone where they serve; then only the page's rows.
-    sql = (
-        f"SELECT {COLUMNS} FROM events WHERE position IN ({' UNION ALL '.join(parts)} "
-        f"ORDER BY position {order} LIMIT ? OFFSET ?) ORDER BY position {order}"
+    # Positions only, from indexes alone where they serve: the events are read by events_at.
+    sql = f"{' UNION ALL '.join(parts)} ORDER BY position {order} LIMIT ? OFFSET ?"
+    positions = [row[0] for row in conn.execute(sql, [*args, query.limit, query.offset])]
+    return Page(positions, total, positions[-1] if len(positions) == query.limit else None)
+
+
+def events_at(conn: Connection, positions: list[int]) -> list[StoredEvent]:
+    rows = (
+        conn.execute(
+            f"SELECT {COLUMNS} FROM events WHERE position IN ({', '.join('?' * len(positions))})", positions
+        ).fetchall()
+        if positions
+        else []
     )
-    rows = conn.execute(sql, [*args, query.limit, query.offset]).fetchall()
-    return Page([stored_event(row) for row in rows], total, rows[-1][0] if len(rows) == query.limit else None)
+    found = {row[0]: stored_event(row) for row in rows}
+    return [found[position] for position in positions if position in found]
 
 
 def read_after(conn: Connection, position: int, filters: dict[str, str | None], limit: int) -> list[StoredEvent]:
@@ -1784,6 +1834,9 @@ class ThreadedStore(EventStore):
 
     async def query(self, query: Query) -> Page:
         return await self._read(query_page, query)
+
+    async def events_at(self, positions: list[int]) -> list[StoredEvent]:
+        return await self._read(events_at, positions)
 
     async def events_after(self, position: int, filters: dict[str, str | None], limit: int) -> list[StoredEvent]:
         return await self._read(read_after, position, filters, limit)
@@ -2189,7 +2242,6 @@ def make_store(config: APIServerConfig) -> EventStore:
 PAGE = 500  # events per read when following the log or catching a stream up
 FOLLOW_WAIT = 1.0  # seconds the follower waits for a commit before it looks anyway
 CLOSE_GRACE = 0.3  # seconds a stream stuck on a slow client gets to finish when the server stops
-BUFFER = 1024  # messages a subscriber may have waiting before it catches up from the store
 FILTER_FIELDS = {name: StoredEvent._fields.index(name) for name in STREAM_FILTERS}
 
 
@@ -2198,12 +2250,13 @@ def sse_bytes(event: StoredEvent) -> bytes:
 
 
 class Subscriber:
-    __slots__ = ("filters", "live_from", "buffer", "wake", "behind", "closed", "pump")
+    __slots__ = ("filters", "live_from", "buffer", "buffered", "wake", "behind", "closed", "pump")
 
     def __init__(self, filters: dict, live_from: int) -> None:
         self.filters = [(FILTER_FIELDS[k], v) for k, v in filters.items() if v is not None]
         self.live_from = live_from  # the log's last position just before it subscribed
         self.buffer: deque = deque()  # (position, SSE bytes)
+        self.buffered = 0  # bytes in the buffer
         self.wake = asyncio.Event()
         self.behind = True  # it starts by reading the stored events after its start position
         self.closed = False
@@ -2213,8 +2266,9 @@ class Subscriber:
 class Hub:
     """Subscribers of this process and the task that feeds them."""
 
-    def __init__(self, store: EventStore) -> None:
+    def __init__(self, store: EventStore, read_chunk: int, buffer_bytes: int) -> None:
         self.store = store
+        self.read_chunk, self.buffer_bytes = read_chunk, buffer_bytes
         self.subscribers: set = set()
         self.overflows = 0  # times a subscriber fell behind and was caught up from the store
         self._task: asyncio.Future | None = None
@@ -2265,13 +2319,15 @@ class Hub:
             floor = min(sub.live_from for sub in self.subscribers)
             cursor = floor if cursor is None else max(cursor, floor)
             try:
+                size = ReadSize(self.read_chunk, PAGE)
                 while True:
-                    events = await self.store.events_after(cursor, {}, PAGE)
+                    events = await self.store.events_after(cursor, {}, size.count)
                     if events:
                         cursor = events[-1].position
                         self._fan_out(events)
-                    if len(events) < PAGE:
+                    if len(events) < size.count:
                         break
+                    size.saw([len(event.json) for event in events])
             except StoreError as exc:  # the store is failing: streams wait, then go on from the cursor
                 logger.warning("stream follower: %s", exc)
             except Exception:  # a bug: say so, and keep following
@@ -2290,9 +2346,11 @@ class Hub:
                         break
                 else:
                     buffer.append(message)
-            if len(buffer) > BUFFER:
+                    sub.buffered += len(message[1])
+            if sub.buffered > self.buffer_bytes:
                 sub.behind = True
                 buffer.clear()
+                sub.buffered = 0
                 self.overflows += 1
             if buffer or sub.behind:
                 sub.wake.set()
@@ -2443,16 +2501,30 @@ async def emit_batch(scope: Scope, receive: Receive, send: Send) -> None:
     await send_json(send, '{"success":true,"events":[' + replies + "]}")
 
 
-def list_reply(page: Page, params: dict) -> Response:
-    body = (
-        '{"events":['
-        + ",".join([event.json for event in page.items])
-        + "],"
-        + compact_json({"total": page.total, "limit": params["limit"], "offset": params["offset"], "next": page.next})[
-            1:
-        ]
-    )
-    return Response(body, media_type=JSON_TYPE)
+async def list_reply(store: EventStore, page: Page, params: dict, read_chunk: int) -> Response:
+    """The page's events, read and sent in parts of about `read_chunk` bytes, so that a page of
+    big events is never whole in memory; the first part is read before the reply starts, so
+    that a store that cannot serve answers 503."""
+    tail = compact_json({"total": page.total, "limit": params["limit"], "offset": params["offset"], "next": page.next})
+    size = ReadSize(read_chunk, len(page.positions) or 1)
+    first = await store.events_at(page.positions[: size.count])
+    rest = page.positions[size.count :]
+    size.saw([len(event.json) for event in first])
+    if not rest:  # the usual page: all of it at once
+        return Response('{"events":[' + ",".join([e.json for e in first]) + "]," + tail[1:], media_type=JSON_TYPE)
+
+    async def parts() -> AsyncIterator[bytes]:
+        nonlocal rest
+        events = first
+        yield ('{"events":[' + ",".join([e.json for e in events])).encode()
+        while rest:
+            events = await store.events_at(rest[: size.count])
+            rest = rest[size.count :]
+            size.saw([len(event.json) for event in events])
+            yield ("," + ",".join([e.json for e in events])).encode()
+        yield ("]," + tail[1:]).encode()
+
+    return StreamingResponse(parts(), media_type=JSON_TYPE)
 
 
 def page_query(params: dict, agent: str | None = None, workflow: str | None = None) -> Query:
@@ -2483,19 +2555,21 @@ def path_id(request: Request, name: str) -> str:
 async def list_events(request: Request) -> Response:
     state = request.app.state
     params = check_query(request, state.list_params)
-    return list_reply(await state.store.query(page_query(params)), params)
+    return await list_reply(state.store, await state.store.query(page_query(params)), params, state.config.read_chunk)
 
 
 async def agent_events(request: Request) -> Response:
     state = request.app.state
     params = check_query(request, state.list_params)
-    return list_reply(await state.store.query(page_query(params, agent=path_id(request, "agent_id"))), params)
+    page = await state.store.query(page_query(params, agent=path_id(request, "agent_id")))
+    return await list_reply(state.store, page, params, state.config.read_chunk)
 
 
 async def workflow_events(request: Request) -> Response:
     state = request.app.state
     params = check_query(request, state.list_params)
-    return list_reply(await state.store.query(page_query(params, workflow=path_id(request, "workflow_id"))), params)
+    page = await state.store.query(page_query(params, workflow=path_id(request, "workflow_id")))
+    return await list_reply(state.store, page, params, state.config.read_chunk)
 
 
 async def workflow_agents_handler(request: Request) -> Response:
@@ -2599,6 +2673,7 @@ class SSEResponse(Response):
     def __init__(self, sub: Subscriber, filters: dict, hub: Hub, store: EventStore, start: int, ping: float) -> None:
         self.sub, self.filters, self.hub, self.store = sub, filters, hub, store
         self.start, self.ping = start, ping
+        self.read_chunk = hub.read_chunk
         self.status_code = 200
         self.background = None
         self.init_headers(None)
@@ -2645,20 +2720,24 @@ class SSEResponse(Response):
             if sub.behind:
                 sub.behind = False
                 sub.buffer.clear()
-                while not sub.closed:  # stored events first, in bounded pages
+                sub.buffered = 0
+                size = ReadSize(self.read_chunk, PAGE)
+                while not sub.closed:  # stored events first, in reads of bounded size
                     try:
-                        events = await self.store.events_after(last, filters, PAGE)
+                        events = await self.store.events_after(last, filters, size.count)
                     except StoreError as exc:
                         yield f"event: error\ndata: {json.dumps({'detail': str(exc)})}\n\n".encode()
                         return
                     if events:
                         last = events[-1].position
                         yield b"".join([sse_bytes(event) for event in events])
-                    if len(events) < PAGE:
+                    if len(events) < size.count:
                         break
+                    size.saw([len(event.json) for event in events])
             chunk = []
             while sub.buffer:
                 position, data = sub.buffer.popleft()
+                sub.buffered -= len(data)
                 if position > last:  # skip what the catch-up already sent
                     last = position
                     chunk.append(data)
@@ -2792,6 +2871,30 @@ def cors_when_origin(app: ASGIApp, /, **options: Any) -> ASGIApp:
     return route
 
 
+def memory_trimmer() -> Callable[[], object]:
+    """glibc's malloc keeps in its heaps the memory that big events were read into and freed;
+    malloc_trim gives it back to the system. Where there is no glibc, nothing to do."""
+    import ctypes
+    import ctypes.util
+
+    try:
+        trim = ctypes.CDLL(ctypes.util.find_library("c") or "libc.so.6").malloc_trim
+    except (OSError, AttributeError):
+        return lambda: None
+    return lambda: trim(0)
+
+
+async def give_back_memory() -> None:
+    """Every second after reads of big events, return the memory they freed to the system."""
+    trim = memory_trimmer()
+    loop = asyncio.get_running_loop()
+    while True:
+        await asyncio.sleep(1)
+        if ReadSize.big_reads:
+            ReadSize.big_reads = False
+            await loop.run_in_executor(None, trim)
+
+
 def chain_signals(hub: Hub, loop: asyncio.AbstractEventLoop) -> Callable[[], None]:
     """Close every stream as soon as SIGINT/SIGTERM arrives, then let the server's own
     handler run: uvicorn waits for open responses, so streams would hold shutdown up."""
@@ -2868,8 +2971,9 @@ def create_app(config: APIServerConfig | None = None) -> Starlette:
     async def lifespan(app: Starlette) -> AsyncIterator[None]:
         store = make_store(config)
         await store.start()
-        hub = Hub(store)
+        hub = Hub(store, config.read_chunk, config.stream_buffer)
         hub.start()
+        trimming = asyncio.ensure_future(give_back_memory())
         app.state.store, app.state.hub = store, hub
         restore = chain_signals(hub, asyncio.get_running_loop())
         access_log = logging.getLogger("uvicorn.access")
@@ -2890,6 +2994,7 @@ def create_app(config: APIServerConfig | None = None) -> Starlette:
         finally:
             access_log.removeFilter(redact_token)
             restore()
+            trimming.cancel()
             await hub.stop()
             await store.stop()
 
@@ -3707,7 +3812,8 @@ def copied_event(row: tuple) -> NewEvent:
     )
 
 
-COPY_PAGE = 5000  # events a transaction when copying
+COPY_PAGE = 5000  # events a transaction when copying, at most
+COPY_CHUNK = 64 * 1024 * 1024  # bytes of events a transaction when copying, about
 
 
 def copy_log(source: ThreadedStore, target: ThreadedStore, progress: Callable[[int, int], None]) -> int:
@@ -3719,10 +3825,12 @@ def copy_log(source: ThreadedStore, target: ThreadedStore, progress: Callable[[i
     target.open_writer()
     try:
         position = 0
+        size = ReadSize(COPY_CHUNK, COPY_PAGE)
         while True:
-            rows = source.read_rows(position, COPY_PAGE)
+            rows = source.read_rows(position, size.count)
             if not rows:
                 return position
+            size.saw([len(row[ROW_COLUMNS.index("attributes")]) for row in rows])
             [outcome] = target.commit_group([[copied_event(row) for row in rows]])
             if isinstance(outcome, BaseException):
                 raise StoreUnavailable(f"at position {rows[0][0]}: {outcome}")

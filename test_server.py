@@ -2934,6 +2934,82 @@ def test_key_and_token_never_logged_and_open_bind_warns(tmp_path):
     assert KEY not in err + out
 
 
+# -- memory bounded by bytes --------------------------------------------------------------------------
+
+
+def rss_kib(pid: int) -> int:
+    for line in Path(f"/proc/{pid}/status").read_text().splitlines():
+        if line.startswith("VmRSS"):
+            return int(line.split()[1])
+    raise AssertionError("no VmRSS")
+
+
+@pytest.mark.slow
+def test_big_events_read_by_many_at_once_keep_memory_bounded(tmp_path):
+    """300 events of 0.9 MB (a 270 MB log); six streams catch up from position 0 and three
+    queries ask for all 300, at once. Every reader gets everything, in order; the server's RSS
+    stays under 400 MB, and comes back near where it was once they are done."""
+    proc, url = start_process(tmp_path / "big")
+    try:
+        blob = "x" * 900_000
+        with httpx.Client(base_url=url, timeout=60) as c:
+            for i in range(300):
+                assert (
+                    c.post("/events/emit/system", json={"name": f"big{i}", "attributes": {"blob": blob}}).status_code
+                    == 200
+                )
+        time.sleep(1.5)  # after the emits' own reads
+        idle = rss_kib(proc.pid)
+        peak, reading = [idle], [True]
+
+        def sample() -> None:
+            while reading[0]:
+                peak[0] = max(peak[0], rss_kib(proc.pid))
+                time.sleep(0.01)
+
+        def stream_all(_n: int) -> list:
+            stream = open_stream(url, "?after=0")
+            stream.sock.settimeout(60)
+            try:
+                return [int(stream.event()["id"]) for _ in range(300)]
+            finally:
+                stream.close()
+
+        def list_all(_n: int) -> list:
+            with httpx.Client(base_url=url, timeout=60) as c:
+                page = c.get("/events/", params={"limit": 300, "order": "asc"}).json()
+                assert all(len(e["attributes"]["blob"]) == 900_000 for e in page["events"])
+                return [e["position"] for e in page["events"]]
+
+        sampler = threading.Thread(target=sample)
+        sampler.start()
+        with ThreadPoolExecutor(9) as pool:
+            readers = [pool.submit(stream_all, n) for n in range(6)] + [pool.submit(list_all, n) for n in range(3)]
+            got = [reader.result() for reader in readers]
+        reading[0] = False
+        sampler.join()
+        assert got == [list(range(1, 301))] * 9
+        assert peak[0] < 400 * 1024, f"peak RSS {peak[0] // 1024} MB (idle {idle // 1024} MB)"
+        time.sleep(2.5)  # the freed memory goes back to the system within a second or two
+        assert rss_kib(proc.pid) < idle + 64 * 1024, f"RSS {rss_kib(proc.pid) // 1024} MB after, idle {idle // 1024} MB"
+    finally:
+        stop_process(proc)
+
+
+def test_pages_of_big_events_come_in_parts_all_there(tmp_path):
+    """A list reply bigger than --read-chunk is read and sent in parts: it is the same JSON."""
+    with ThreadServer(tmp_path, read_chunk=64 * 1024) as server:
+        blob = "y" * 30_000
+        for i in range(20):
+            emit(server.client, name=f"e{i}", attributes={"blob": blob, "i": i})
+        page = events_of(server.client, limit=15, offset=2)
+        assert [e["attributes"]["i"] for e in page["events"]] == list(range(17, 2, -1))
+        assert (page["total"], page["next"], page["limit"], page["offset"]) == (20, 4, 15, 2)
+        stream = open_stream(server.url, "?after=0")
+        assert [int(stream.event()["id"]) for _ in range(20)] == list(range(1, 21))
+        stream.close()
+
+
 # -- DNS rebinding: Host names --------------------------------------------------------------------
 
 REBOUND = ["evil.example", "evil.example:8765", "127.0.0.1.nip.example", "localhost.evil.example"]

@@ -25,6 +25,7 @@ import statistics
 import subprocess
 import sys
 import tempfile
+import threading
 import time
 from collections.abc import Iterator
 from concurrent.futures import ThreadPoolExecutor
@@ -528,6 +529,81 @@ async def _post_round_trip(count: int) -> dict:
     return {"p50_ms": percentile(timings, 50), "p99_ms": percentile(timings, 99)}
 
 
+def big_events_scenario(url: str, events: int = 300, size: int = 900_000, streams: int = 6, lists: int = 3) -> dict:
+    """Big events read by many at once: `events` events of ~`size` bytes of attributes, then
+    `streams` streams catching up from position 0 and `lists` queries of `limit=events`, all at
+    once, each reading everything it asked for. The server's RSS (KiB) after the emits, at its
+    peak while they read (sampled every 20 ms), and once they are done."""
+    pid = PIDS[url]
+    blob = "x" * size
+    with httpx.Client(base_url=url, timeout=120) as client:
+        for i in range(events):
+            client.post(
+                "/events/emit/system", json={"name": f"big{i}", "attributes": {"blob": blob}}
+            ).raise_for_status()
+    idle = _rss_kib(pid)
+    peak = [idle]
+    reading = True
+
+    def sample() -> None:
+        while reading:
+            peak[0] = max(peak[0], _rss_kib(pid))
+            time.sleep(0.02)
+
+    def stream_all(_: int) -> int:
+        host, port = url.split("//")[1].split(":")
+        got = 0
+        with socket.create_connection((host, int(port)), timeout=120) as sock:
+            sock.sendall(f"GET /events/stream?after=0 HTTP/1.1\r\nHost: {host}\r\n\r\n".encode())
+            data = b""
+            while got < events:
+                chunk = sock.recv(1 << 20)
+                if not chunk:
+                    break
+                data += chunk
+                while b"\n\n" in data:
+                    message, data = data.split(b"\n\n", 1)
+                    got += b"\ndata: " in b"\n" + message
+        return got
+
+    def list_all(_: int) -> int:
+        with httpx.Client(base_url=url, timeout=120) as client:
+            return len(client.get("/events/", params={"limit": events}).json()["events"])
+
+    sampler = threading.Thread(target=sample, daemon=True)
+    sampler.start()
+    with ThreadPoolExecutor(streams + lists) as pool:
+        readers = [pool.submit(stream_all, i) for i in range(streams)] + [
+            pool.submit(list_all, i) for i in range(lists)
+        ]
+        got = [reader.result() for reader in readers]
+    reading = False
+    sampler.join()
+    time.sleep(1)
+    return {
+        "events": events,
+        "event_bytes": size,
+        "streams": streams,
+        "lists": lists,
+        "received": got,
+        "rss_idle_kib": idle,
+        "rss_peak_kib": peak[0],
+        "rss_after_kib": _rss_kib(pid),
+    }
+
+
+def bench_memory(args: argparse.Namespace, results: dict) -> None:
+    events = 20 if args.quick else 300
+    with events_server() as url:
+        row = big_events_scenario(url, events=events)
+    results["memory"] = row
+    print(
+        f"memory, {events} events of 0.9 MB, 6 streams from position 0 and 3 lists of all at once: server RSS "
+        f"{row['rss_idle_kib'] / 1024:.0f} MB after the emits, peak {row['rss_peak_kib'] / 1024:.0f} MB, "
+        f"{row['rss_after_kib'] / 1024:.0f} MB after; every reader got all: {row['received']}"
+    )
+
+
 def bench_size(args: argparse.Namespace, results: dict) -> None:
     with tempfile.TemporaryDirectory() as data:
         with serve("eventuali_api_server:app", ROOT, {"DATA_DIR": data, "DURABILITY": "normal"}) as url:
@@ -671,6 +747,7 @@ PARTS = {
     "sse": bench_sse,
     "size": bench_size,
     "postgres": bench_postgres,
+    "memory": bench_memory,
 }
 
 
