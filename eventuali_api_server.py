@@ -479,11 +479,8 @@ def check_value(spec: dict, value: Any, loc: Sequence, errors: list, key: Any = 
                 problem = ("must not be empty", "value_error.any_str.min_length")
         elif len(value) > spec.get("maxLength", len(value)):
             problem = (f"must be at most {spec['maxLength']} characters", "value_error.any_str.max_length")
-        elif "pattern" in spec and not compiled(spec["pattern"]).search(value):
-            problem = (
-                NUL_MESSAGE if spec["pattern"] == NO_NUL else f"must match {spec['pattern']}",
-                "value_error.str.regex",
-            )
+        elif "pattern" in spec and "\x00" in value:  # NO_NUL: the one pattern of the specs
+            problem = (NUL_MESSAGE, "value_error.str.regex")
     elif kind == "integer":
         if isinstance(value, float) and value.is_integer():  # JSON Schema: 3.0 is an integer
             value = int(value)
@@ -506,7 +503,6 @@ def check_value(spec: dict, value: Any, loc: Sequence, errors: list, key: Any = 
     return value
 
 
-compiled = functools.lru_cache(maxsize=None)(re.compile)
 NUL_MESSAGE = "must not contain the NUL character (U+0000)"
 
 
@@ -2794,6 +2790,7 @@ def require_key(app: ASGIApp, key: str, token_in_query: bool) -> ASGIApp:
     return guard
 
 
+@functools.lru_cache(maxsize=1024)  # asked for every request, of few distinct names
 def is_loopback(host: str) -> bool:
     import ipaddress
 

@@ -859,6 +859,33 @@ def test_emit_validation(front, body, loc):
     assert events_of(front)["total"] == 0
 
 
+def test_nul_characters_are_refused_in_stored_text_and_match_nothing_in_filters(shared):
+    """PostgreSQL's text cannot hold NUL, so no store holds it: names, ids and the attributes
+    shown as fields refuse it (422 naming the field); a filter or a path id with it matches nothing."""
+    c = shared.client
+    for body, loc in (
+        ({"name": "a\u0000b"}, ("body", "name")),
+        ({"name": "x", "aggregate_id": "\u0000"}, ("body", "aggregate_id")),
+        ({"name": "x", "correlation_id": "w\u0000"}, ("body", "correlation_id")),
+        ({"name": "x", "attributes": {"agent_name": "n\u0000"}}, ("body", "attributes", "agent_name")),
+        ({"name": "x", "attributes": {"user_prompt": "\u0000"}}, ("body", "attributes", "user_prompt")),
+    ):
+        detail = assert_invalid(c.post("/events/emit/agent", json=body), *loc)
+        assert "NUL" in detail[0]["msg"]
+    stored = emit(c, name="nul ok inside attributes", attributes={"text": "a\u0000b", "agent_name": 5})
+    page = events_of(c, before=stored["position"] + 1, limit=1)
+    assert page["events"][0]["attributes"] == {"text": "a\u0000b", "agent_name": 5}
+    for path, params in (
+        ("/events/", {"event_name": "a\u0000"}),
+        ("/events/", {"correlation_id": "\u0000"}),
+        ("/events/agents/a%00", {}),
+        ("/events/workflows/%00w", {}),
+    ):
+        page = events_of(c, path, **params)
+        assert (page["total"], page["events"]) == (0, []), path
+    assert c.get("/events/workflows/w%00/agents").json() == {"agents": []}
+
+
 def test_integral_float_is_an_integer(client):
     assert emit(client, name="a", aggregate_id="f", expected_version=0.0)["aggregate_version"] == 1
     assert_invalid(
