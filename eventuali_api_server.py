@@ -37,6 +37,7 @@ import re
 import signal
 import sqlite3
 import sys
+import tempfile
 import threading
 import time
 import uuid
@@ -94,6 +95,7 @@ class APIServerConfig:
     version: str = __version__
     durability: str = "full"
     api_key: str = ""
+    read_api_key: str = ""
     allowed_hosts: list = dataclasses.field(default_factory=list)
     sse_ping: float = 15.0
     max_streams: int = 1000
@@ -102,10 +104,14 @@ class APIServerConfig:
     max_depth: int = 32
     max_id_length: int = 256
     read_chunk: int = 4 * 1024 * 1024
+    request_timeout: float = 10.0
+    limit_concurrency: int = 4096
     stream_buffer: int = 8 * 1024 * 1024
     docs_assets_url: str = DOCS_ASSETS_URL
 
     def __post_init__(self) -> None:
+        if self.read_api_key and not self.api_key:
+            raise ConfigError("--read-api-key (READ_API_KEY) needs --api-key (API_KEY): the key that may write")
         if "*" in self.cors_origins:
             self.cors_allow_credentials = False  # browsers refuse credentials with a wildcard origin
 
@@ -199,7 +205,20 @@ SETTINGS: list[tuple[str, str, str, Callable[[str], Any], str]] = [
         _parse_choice("full", "normal"),
         "full: an acknowledged event survives power loss; normal: it survives a process crash",
     ),
-    ("api_key", "API_KEY", "--api-key", str, "require 'Authorization: Bearer KEY' on event routes"),
+    (
+        "api_key",
+        "API_KEY",
+        "--api-key",
+        str,
+        "require 'Authorization: Bearer KEY' on event routes (several keys: comma-separated)",
+    ),
+    (
+        "read_api_key",
+        "READ_API_KEY",
+        "--read-api-key",
+        str,
+        "keys that may read (list, query, stream) but not emit (comma-separated; needs --api-key)",
+    ),
     (
         "allowed_hosts",
         "ALLOWED_HOSTS",
@@ -219,6 +238,21 @@ SETTINGS: list[tuple[str, str, str, Callable[[str], Any], str]] = [
         "--max-id-length",
         _parse_int(1, 65536),
         "characters in a name or id at most (default 256)",
+    ),
+    (
+        "request_timeout",
+        "REQUEST_TIMEOUT",
+        "--request-timeout",
+        _parse_seconds,
+        "seconds a client may take to send a request's head, or between two parts of its body, "
+        "before the connection is closed (default 10)",
+    ),
+    (
+        "limit_concurrency",
+        "LIMIT_CONCURRENCY",
+        "--limit-concurrency",
+        _parse_int(16),
+        "connections and requests at most at once; beyond it, 503 (default 4096)",
     ),
     (
         "read_chunk",
@@ -345,15 +379,25 @@ def invalid(loc: Sequence, msg: str, kind: str) -> dict:
     return {"loc": list(loc), "msg": msg, "type": kind}
 
 
-# Text the stores keep as text: PostgreSQL's text cannot hold the NUL character.
+# The patterns of the specs, and how each is checked. Text the stores keep cannot hold NUL
+# (PostgreSQL's text cannot); an id that a route reads back (/events/agents/{id},
+# /events/workflows/{id}) cannot hold "/" either, which would split its path.
 NO_NUL = "^[^\\u0000]*$"
+PATH_ID = "^[^\\u0000/]*$"
+PATTERNS = {
+    NO_NUL: (lambda value: "\x00" not in value, "must not contain the NUL character (U+0000)"),
+    PATH_ID: (
+        lambda value: "\x00" not in value and "/" not in value,
+        "must not contain '/' (it is read back as a segment of a path) or the NUL character (U+0000)",
+    ),
+}
 
 
-def id_field(description: str, limit: int, example: str | None = None, stored: bool = True) -> dict:
-    """A name or id; one that is stored may not contain NUL (one that filters may: it matches nothing)."""
+def id_field(description: str, limit: int, example: str | None = None, pattern: str | None = NO_NUL) -> dict:
+    """A name or id: a string, non-empty, bounded, and for one that is stored, a pattern."""
     spec = {"type": "string", "minLength": 1, "maxLength": limit, "description": description}
-    if stored:
-        spec["pattern"] = NO_NUL
+    if pattern:
+        spec["pattern"] = pattern
     if example:
         spec["examples"] = [example]
     return spec
@@ -380,11 +424,16 @@ def event_fields(config: APIServerConfig) -> dict:
         },
         "aggregate_id": id_field(
             "The agent, workflow or session this event belongs to. Default: a new "
-            "UUID for agents and workflows, `system` for system events.",
+            "UUID for agents and workflows, `system` for system events. No `/`: routes read it back.",
             n,
+            pattern=PATH_ID,
         ),
         "causation_id": id_field("What caused it; for agents, the parent agent's id.", n),
-        "correlation_id": id_field("What it belongs to; for agents and system events, the workflow id.", n),
+        "correlation_id": id_field(
+            "What it belongs to; for agents and system events, the workflow id. No `/`: routes read it back.",
+            n,
+            pattern=PATH_ID,
+        ),
         "event_id": {
             "type": "string",
             "format": "uuid",
@@ -421,9 +470,9 @@ def parse_timestamp(text: str) -> datetime:
     micro = int((frac or "0").ljust(6, "0")[:6])
     moment = datetime(int(y), int(mo), int(d), int(h or 0), int(mi or 0), int(s or 0), micro, timezone.utc)
     if sign:
-        offset = timedelta(hours=int(oh), minutes=int(om))
-        if offset >= timedelta(hours=24):
+        if int(oh) >= 24 or int(om) >= 60:
             raise ValueError("offset out of range")
+        offset = timedelta(hours=int(oh), minutes=int(om))
         moment = moment - offset if sign == "+" else moment + offset
     return moment
 
@@ -479,8 +528,8 @@ def check_value(spec: dict, value: Any, loc: Sequence, errors: list, key: Any = 
                 problem = ("must not be empty", "value_error.any_str.min_length")
         elif len(value) > spec.get("maxLength", len(value)):
             problem = (f"must be at most {spec['maxLength']} characters", "value_error.any_str.max_length")
-        elif "pattern" in spec and "\x00" in value:  # NO_NUL: the one pattern of the specs
-            problem = (NUL_MESSAGE, "value_error.str.regex")
+        elif "pattern" in spec and not PATTERNS[spec["pattern"]][0](value):
+            problem = (PATTERNS[spec["pattern"]][1], "value_error.str.regex")
     elif kind == "integer":
         if isinstance(value, float) and value.is_integer():  # JSON Schema: 3.0 is an integer
             value = int(value)
@@ -503,7 +552,7 @@ def check_value(spec: dict, value: Any, loc: Sequence, errors: list, key: Any = 
     return value
 
 
-NUL_MESSAGE = "must not contain the NUL character (U+0000)"
+NUL_MESSAGE = PATTERNS[NO_NUL][1]
 
 
 def check_object(body: Any, fields: dict, required: Iterable[str], loc: Sequence, errors: list) -> dict:
@@ -535,8 +584,20 @@ def _parse_float(text: str) -> float:
     return value
 
 
+def _object(pairs: list) -> dict:
+    """A JSON object, refused if a key appears twice (which would let one value hide another)."""
+    value = dict(pairs)
+    if len(value) < len(pairs):
+        seen: set = set()
+        for key, _ in pairs:
+            if key in seen:
+                raise ValueError(f"key {key!r} appears more than once in an object")
+            seen.add(key)
+    return value
+
+
 _SURROGATE = re.compile(r"\\u[dD][89a-fA-F]")
-_decode = json.JSONDecoder(parse_constant=_reject_constant, parse_float=_parse_float).decode
+_decode = json.JSONDecoder(parse_constant=_reject_constant, parse_float=_parse_float, object_pairs_hook=_object).decode
 
 
 def parse_json(body: bytes | bytearray, max_depth: int) -> Any:
@@ -692,11 +753,11 @@ def list_params(config: APIServerConfig) -> dict:
             "maximum": MAX_INT,
             "description": "Cursor: only events with a position below this (use with order=desc).",
         },
-        "event_type": id_field("`AgentEvent`, `WorkflowEvent` or `SystemEvent`.", n, stored=False),
-        "aggregate_type": id_field("`agent_aggregate`, `workflow_aggregate` or `system_aggregate`.", n, stored=False),
-        "aggregate_id": id_field("Only this aggregate's events.", n, stored=False),
-        "correlation_id": id_field("Only events with this correlation id.", n, stored=False),
-        "event_name": id_field("Only events with this name, e.g. `agent.started`.", n, stored=False),
+        "event_type": id_field("`AgentEvent`, `WorkflowEvent` or `SystemEvent`.", n, pattern=None),
+        "aggregate_type": id_field("`agent_aggregate`, `workflow_aggregate` or `system_aggregate`.", n, pattern=None),
+        "aggregate_id": id_field("Only this aggregate's events.", n, pattern=None),
+        "correlation_id": id_field("Only events with this correlation id.", n, pattern=None),
+        "event_name": id_field("Only events with this name, e.g. `agent.started`.", n, pattern=None),
         "since": {
             "type": "string",
             "format": "date-time",
@@ -743,7 +804,7 @@ def check_query(request: Request, specs: dict) -> dict:
             errors.append(invalid(loc, "given more than once", "value_error.duplicate"))
         elif spec["type"] == "integer":
             text = values[0].strip()
-            if not re.fullmatch(r"[+-]?\d{1,19}", text):
+            if not re.fullmatch(r"[+-]?[0-9]{1,19}", text):  # ASCII digits: int() takes any script's
                 errors.append(invalid(loc, "must be an integer", "type_error.integer"))
             else:
                 clean[key] = check_value(spec, int(text), loc, errors)
@@ -916,6 +977,10 @@ class EventStore(abc.ABC):
     async def check_writable(self) -> None:
         """Raise StoreUnavailable unless the store can commit a write now."""
         await self.append([])
+
+    def write_problem(self) -> str | None:
+        """Why the last append of events failed, until one succeeds again (None: it did not)."""
+        return None
 
     @abc.abstractmethod
     async def query(self, query: Query) -> Page:
@@ -1730,19 +1795,28 @@ def backup_database(source: str, dest: str, timeout: float) -> int:
     """Copy the live database to `dest` with SQLite's online backup API; returns the event
     count of the copy. Writers go on meanwhile: the copy holds every event committed when
     it began, consistent as of one moment."""
-    if os.path.exists(dest):
+    if os.path.lexists(dest):  # a file, or a link to one: never written through
         raise StoreUnavailable(f"{dest} exists; backup writes a new file")
     if not os.path.exists(source):
         raise StoreUnavailable(f"no database at {source}")
-    src = connect(source, timeout, readonly=True)
-    os.close(os.open(dest, os.O_CREAT | os.O_WRONLY, 0o600))
-    dst = sqlite3.connect(dest)
+    # Written beside the destination under another name, and linked into place only when whole:
+    # a failed backup (a full disk) leaves nothing behind, and a retry finds the name free.
+    fd, partial = tempfile.mkstemp(prefix=".backup-", suffix=".partial", dir=os.path.dirname(os.path.abspath(dest)))
+    os.close(fd)
     try:
-        src.backup(dst)
-        return last_position(dst)
+        src, dst = connect(source, timeout, readonly=True), sqlite3.connect(partial)
+        try:
+            src.backup(dst)
+            events = last_position(dst)
+        finally:
+            dst.close()
+            src.close()
+        os.link(partial, dest)  # fails rather than replace a file that appeared meanwhile
     finally:
-        dst.close()
-        src.close()
+        for leftover in (partial, partial + "-journal"):
+            with contextlib.suppress(FileNotFoundError):
+                os.unlink(leftover)
+    return events
 
 
 # -- 3.6 stores served by threads ---------------------------------------------------------
@@ -1766,6 +1840,7 @@ class ThreadedStore(EventStore):
         self._local = threading.local()
         self._read_conns: list = []
         self._writer: threading.Thread | None = None
+        self._write_problem: str | None = None  # set and cleared by the writer thread
         self._in_flight = 0  # events queued and not yet answered; changed on the event loop only
 
     # -- what a backend provides
@@ -1855,6 +1930,9 @@ class ThreadedStore(EventStore):
             await asyncio.wait_for(self._committed.wait(), min(timeout, self.poll or timeout))
         self._committed.clear()
 
+    def write_problem(self) -> str | None:
+        return self._write_problem
+
     def _wake_followers(self) -> None:
         """Say that the log has grown (from any thread)."""
         self._loop.call_soon_threadsafe(self._committed.set)
@@ -1894,6 +1972,11 @@ class ThreadedStore(EventStore):
             except Exception as exc:  # a bug: fail this group (500), keep the writer alive
                 logger.exception("writer failed")
                 outcomes = [exc] * len(group)
+            failed = next((o for o in outcomes if isinstance(o, StoreUnavailable)), None)
+            if failed is not None:
+                self._write_problem = str(failed)
+            elif any(isinstance(o, list) and o for o in outcomes):  # events stored: writes work again
+                self._write_problem = None
             self._loop.call_soon_threadsafe(self._settle, group, outcomes)
         self.close_writer()
 
@@ -1922,7 +2005,7 @@ class SQLiteStore(ThreadedStore):
         super().__init__(os.path.abspath(self.path))
         self.timeout = config.database_timeout
         self.durability = config.durability
-        self._conn: sqlite3.Connection  # from open_writer() on
+        self._conn: sqlite3.Connection | None = None  # from open_writer() on
         self._seen = SeenVersions(read_state)
 
     def open_writer(self) -> None:
@@ -1932,13 +2015,26 @@ class SQLiteStore(ThreadedStore):
             raise StoreUnavailable(f"cannot open {self.path}: {unavailable(exc)}") from None
 
     def close_writer(self) -> None:
-        self._conn.close()
+        if self._conn is not None:
+            self._conn.close()
+            self._conn = None
 
     def connect_reader(self) -> sqlite3.Connection:
         return connect(self.path, self.timeout, readonly=True)
 
     def commit_group(self, requests: list) -> list:
-        return commit_group(self._conn, requests, self._seen)
+        # After a failure the connection is opened anew for the next group: one opened while
+        # the file could not be written (SQLite then opens it read-only) stays so for good.
+        if self._conn is None:
+            try:
+                self.open_writer()
+            except StoreUnavailable as exc:
+                return [exc] * len(requests)
+        assert self._conn is not None
+        outcomes = commit_group(self._conn, requests, self._seen)
+        if any(isinstance(outcome, StoreUnavailable) for outcome in outcomes):
+            self.close_writer()
+        return outcomes
 
     def unavailable(self, exc: Exception) -> StoreUnavailable:
         return unavailable(exc)
@@ -2248,9 +2344,9 @@ def sse_bytes(event: StoredEvent) -> bytes:
 class Subscriber:
     __slots__ = ("filters", "live_from", "buffer", "buffered", "wake", "behind", "closed", "pump")
 
-    def __init__(self, filters: dict, live_from: int) -> None:
+    def __init__(self, filters: dict) -> None:
         self.filters = [(FILTER_FIELDS[k], v) for k, v in filters.items() if v is not None]
-        self.live_from = live_from  # the log's last position just before it subscribed
+        self.live_from: int | None = None  # the log's last position just after it subscribed, once read
         self.buffer: deque = deque()  # (position, SSE bytes)
         self.buffered = 0  # bytes in the buffer
         self.wake = asyncio.Event()
@@ -2292,9 +2388,10 @@ class Hub:
             if sub.pump is not None:
                 asyncio.get_running_loop().call_later(CLOSE_GRACE, sub.pump.cancel)
 
-    def subscribe(self, filters: dict, live_from: int) -> Subscriber:
-        """A new subscriber; every event after `live_from` committed from now on reaches it."""
-        sub = Subscriber(filters, live_from)
+    def subscribe(self, filters: dict) -> Subscriber:
+        """A new subscriber; once its live_from is set, every event after it committed from
+        now on reaches it."""
+        sub = Subscriber(filters)
         self.subscribers.add(sub)
         self._wanted.set()
         return sub
@@ -2312,7 +2409,11 @@ class Hub:
                 continue
             # Events up to every subscriber's live_from reach it by its own catch-up read,
             # so the cursor may start there; a later one only re-reads events nobody skips.
-            floor = min(sub.live_from for sub in self.subscribers)
+            known = [sub.live_from for sub in self.subscribers if sub.live_from is not None]
+            if not known:  # subscribers that are still being set up
+                await self.store.wait_for_commit(POLL)
+                continue
+            floor = min(known)
             cursor = floor if cursor is None else max(cursor, floor)
             try:
                 size = ReadSize(self.read_chunk, PAGE)
@@ -2389,16 +2490,23 @@ async def receive_json(scope: Scope, receive: Receive, config: APIServerConfig) 
             content_type = value
         elif name == b"content-length":
             length = value
-    media = content_type.split(b";")[0].strip().lower()
+    media, *options = [part.strip().lower() for part in content_type.split(b";")]
     if media != b"application/json" and not media.endswith(b"+json"):
         raise Problem(415, f"content type must be {JSON_TYPE}, not {media.decode('latin-1')!r}")
+    for option in options:
+        name, _, charset = option.partition(b"=")
+        if name.strip() == b"charset" and charset.strip(b' "') not in (b"utf-8", b"utf8"):
+            raise Problem(415, f"the body must be UTF-8, not {charset.strip(b' ').decode('latin-1')!r}")
     limit = config.max_body
     too_large = f"request body is larger than {limit} bytes"
     if length.isdigit() and int(length) > limit:
         raise Problem(413, too_large)
     body = bytearray()
     while True:
-        message = await receive()
+        try:
+            message = await asyncio.wait_for(receive(), config.request_timeout)
+        except asyncio.TimeoutError:
+            raise Problem(408, f"the body stalled for more than {config.request_timeout:g} s") from None
         if message["type"] == "http.disconnect":
             raise Problem(400, "the client closed the connection before sending the whole body")
         body += message.get("body", b"")
@@ -2576,19 +2684,23 @@ async def workflow_agents_handler(request: Request) -> Response:
 
 
 async def store_health(store: EventStore) -> tuple:
-    """(connected, events, latency_ms, problem): read and commit a write, timed."""
+    """(connected, events, latency_ms, problem): read and commit a write, timed; unhealthy
+    too while the last append of events failed (a tiny write may fit where events do not)."""
     started = time.perf_counter()
     try:
         events = await store.last_position()
         await store.check_writable()
+        problem = store.write_problem()
+        if problem:
+            raise StoreUnavailable(f"the last append failed: {problem}")
     except StoreError as exc:
         return False, None, round((time.perf_counter() - started) * 1000, 3), str(exc)
     return True, events, round((time.perf_counter() - started) * 1000, 3), None
 
 
 async def health(request: Request) -> Response:
+    # No check of the query: monitors add parameters of their own to get past caches.
     state = request.app.state
-    check_query(request, {})
     connected, _events, _latency, problem = await store_health(state.store)
     reply = {
         "status": "healthy" if connected else "unhealthy",
@@ -2604,7 +2716,6 @@ async def health(request: Request) -> Response:
 
 async def health_database(request: Request) -> Response:
     state = request.app.state
-    check_query(request, {})
     connected, events, latency, problem = await store_health(state.store)
     reply = {
         "status": "healthy" if connected else "unhealthy",
@@ -2648,7 +2759,7 @@ async def stream(request: Request) -> Response:
     after = params.get("after")
     last_id = request.headers.get("last-event-id", "").strip()
     if last_id:
-        if not re.fullmatch(r"\d{1,19}", last_id):
+        if not re.fullmatch(r"[0-9]{1,19}", last_id):
             raise Problem(
                 422,
                 [invalid(["header", "last-event-id"], "must be an event position (an integer)", "type_error.integer")],
@@ -2657,8 +2768,12 @@ async def stream(request: Request) -> Response:
     hub: Hub = state.hub
     if len(hub.subscribers) >= state.config.max_streams:
         raise Problem(503, f"too many open streams (at most {state.config.max_streams}); try again later")
-    live_from = await state.store.last_position()
-    sub = hub.subscribe(filters, live_from)
+    sub = hub.subscribe(filters)  # counted at once: streams opened together cannot all pass the check
+    try:
+        live_from = sub.live_from = await state.store.last_position()
+    except BaseException:
+        hub.unsubscribe(sub)
+        raise
     start = after if after is not None else live_from
     return SSEResponse(sub, filters, hub, state.store, start, state.config.sse_ping)
 
@@ -2769,10 +2884,23 @@ async def server_error_handler(request: Request, exc: Exception) -> Response:
     return json_response({"detail": "Internal Server Error"}, 500)
 
 
-def require_key(app: ASGIApp, key: str, token_in_query: bool) -> ASGIApp:
-    """A route's ASGI app behind `Authorization: Bearer <key>` (or ?access_token=<key>
-    where token_in_query: browsers' EventSource cannot send headers)."""
-    expected = key.encode()
+def api_keys(setting: str) -> list[bytes]:
+    return [key.strip().encode() for key in setting.split(",") if key.strip()]
+
+
+def one_of(token: bytes, keys: list[bytes]) -> bool:
+    """Whether token is one of keys, compared in constant time, each of them."""
+    found = False
+    for key in keys:
+        found |= hmac.compare_digest(token, key)
+    return found
+
+
+def require_key(app: ASGIApp, config: APIServerConfig, writes: bool, token_in_query: bool) -> ASGIApp:
+    """A route's ASGI app behind `Authorization: Bearer <key>` (or ?access_token=<key> where
+    token_in_query: browsers' EventSource cannot send headers). A write key opens every route;
+    a read key opens those that do not write, and gets 403 from those that do."""
+    write_keys, read_keys = api_keys(config.api_key), api_keys(config.read_api_key)
 
     async def guard(scope: Scope, receive: Receive, send: Send) -> None:
         token = b""
@@ -2781,11 +2909,14 @@ def require_key(app: ASGIApp, key: str, token_in_query: bool) -> ASGIApp:
                 token = value[7:].strip()
         if not token and token_in_query:
             token = Request(scope).query_params.get("access_token", "").encode()
-        if hmac.compare_digest(token, expected):
+        reader = one_of(token, read_keys)
+        if one_of(token, write_keys) or (reader and not writes):
             return await app(scope, receive, send)
+        if reader:
+            detail = "this key may read, not write: emit with a key of --api-key"
+            return await json_response({"detail": detail}, 403)(scope, receive, send)
         detail = "missing or wrong API key: send 'Authorization: Bearer <key>'"
-        response = json_response({"detail": detail}, 401, {"www-authenticate": "Bearer"})
-        await response(scope, receive, send)
+        await json_response({"detail": detail}, 401, {"www-authenticate": "Bearer"})(scope, receive, send)
 
     return guard
 
@@ -2845,14 +2976,34 @@ def check_host(app: ASGIApp, /, allowed: Sequence[str], bound_to_loopback: bool)
     return guard
 
 
-_TOKEN = re.compile(r"(access_token=)[^&\s]*")
+_QUERY_PARAMETER = re.compile(r"([?&]([^=&#\s]*)=)([^&#\s\"']*)")
+
+
+def redact_query(text: str) -> str:
+    """text with the value of every access_token query parameter replaced by ***, however
+    the name is spelled (access%5Ftoken is access_token to the server, and so to this)."""
+    if "=" not in text:
+        return text
+    from urllib.parse import unquote_plus
+
+    return _QUERY_PARAMETER.sub(
+        lambda m: m.group(1) + "***" if unquote_plus(m.group(2)) == "access_token" else m.group(0), text
+    )
 
 
 def redact_token(record: logging.LogRecord) -> bool:
-    """Logging filter: the stream's ?access_token= never reaches a log line."""
-    if isinstance(record.args, tuple) and any("access_token=" in str(arg) for arg in record.args):
-        record.args = tuple(_TOKEN.sub(r"\1***", arg) if isinstance(arg, str) else arg for arg in record.args)
+    """Logging filter, on every handler: the stream's access_token never reaches a log line."""
+    if isinstance(record.msg, str):
+        record.msg = redact_query(record.msg)
+    if isinstance(record.args, tuple):
+        record.args = tuple(redact_query(arg) if isinstance(arg, str) else arg for arg in record.args)
     return True
+
+
+def log_handlers() -> list:
+    """The handlers that the server's and uvicorn's log records reach."""
+    names = ("", "uvicorn", "uvicorn.access", "uvicorn.error", logger.name)
+    return list({id(h): h for name in names for h in logging.getLogger(name).handlers}.values())
 
 
 def cors_when_origin(app: ASGIApp, /, **options: Any) -> ASGIApp:
@@ -2973,8 +3124,9 @@ def create_app(config: APIServerConfig | None = None) -> Starlette:
         trimming = asyncio.ensure_future(give_back_memory())
         app.state.store, app.state.hub = store, hub
         restore = chain_signals(hub, asyncio.get_running_loop())
-        access_log = logging.getLogger("uvicorn.access")
-        access_log.addFilter(redact_token)  # added here: uvicorn sets up its loggers before startup
+        handlers = log_handlers()  # found here: uvicorn sets up its loggers before startup
+        for handler in handlers:
+            handler.addFilter(redact_token)
         url = f"http://{config.host}:{config.port}"
         logger.info(
             "Eventuali API Server %s on %s (docs: %s/docs), database: %s", config.version, url, url, store.location
@@ -2989,7 +3141,8 @@ def create_app(config: APIServerConfig | None = None) -> Starlette:
         try:
             yield
         finally:
-            access_log.removeFilter(redact_token)
+            for handler in handlers:
+                handler.removeFilter(redact_token)
             restore()
             trimming.cancel()
             await hub.stop()
@@ -2999,7 +3152,8 @@ def create_app(config: APIServerConfig | None = None) -> Starlette:
     for api_route in ROUTES:
         route = Route(api_route.path, api_route.endpoint, methods=[api_route.method])
         if config.api_key and not api_route.public:
-            route.app = require_key(route.app, config.api_key, token_in_query=api_route.path == "/events/stream")
+            writes, streams = api_route.method == "POST", api_route.path == "/events/stream"
+            route.app = require_key(route.app, config, writes=writes, token_in_query=streams)
         routes.append(route)
     middleware = [
         Middleware(check_host, allowed=config.allowed_hosts, bound_to_loopback=is_loopback(config.host)),
@@ -3097,6 +3251,7 @@ def _json(schema: dict, description: str) -> dict:
 STRING_OR_NULL = {"type": ["string", "null"]}
 ERRORS = {
     401: ("Error", "Missing or wrong API key (only when the server has one)."),
+    403: ("Error", "The key may read, not write (a key of --read-api-key)."),
     404: ("Error", "No such path."),
     409: (
         "Conflict",
@@ -3326,9 +3481,11 @@ def operations(config: APIServerConfig) -> dict:
         "health",
         {
             "200": _json(_ref("Health"), "Healthy."),
-            "503": _json(_ref("Health"), "Unhealthy: the database cannot be read and written."),
+            "503": _json(
+                _ref("Health"), "Unhealthy: the database cannot be read and written, or the last append failed."
+            ),
         },
-        422,
+        description="Query parameters are ignored (monitors add their own to get past caches).",
     )
     return {
         "root": op("Server information", "info", {"200": _json(_ref("Root"), "Name, version, endpoints.")}),
@@ -3338,7 +3495,7 @@ def operations(config: APIServerConfig) -> dict:
             "Database health",
             "health",
             {"200": _json(_ref("DatabaseHealth"), "Healthy."), "503": _json(_ref("DatabaseHealth"), "Unhealthy.")},
-            422,
+            description="Query parameters are ignored.",
         ),
         "list_events_no_slash": events_list,
         "list_events": events_list,
@@ -3437,7 +3594,8 @@ def openapi(config: APIServerConfig) -> dict:
         operation = {**described[route.operation], "operationId": route.operation}
         if config.api_key and not route.public:
             operation["security"] = [{"bearer": []}]
-            operation["responses"] = {**operation["responses"], **_errors(401)}
+            denied = (401, 403) if config.read_api_key and route.method == "POST" else (401,)
+            operation["responses"] = {**operation["responses"], **_errors(*denied)}
         paths.setdefault(route.path, {})[route.method.lower()] = operation
     return {
         "openapi": "3.1.0",
@@ -3454,7 +3612,9 @@ def openapi(config: APIServerConfig) -> dict:
                 "bearer": {
                     "type": "http",
                     "scheme": "bearer",
-                    "description": "The server's --api-key; the stream also takes it as ?access_token=.",
+                    "description": "A key of the server's --api-key, or of its --read-api-key for the routes "
+                    "that do not write (a read key gets 403 from those that do); the stream also takes "
+                    "the key as ?access_token=.",
                 }
             },
         },
@@ -3873,6 +4033,88 @@ def copy_main(argv: Sequence[str]) -> None:
     print(f"copied: {target.location} holds the {events:,} events of {source.location}")
 
 
+def protocol_with_head_timeout(seconds: float) -> type:
+    """uvicorn's HTTP protocol (httptools' where installed, else h11's), closing a connection
+    that has not sent a whole request head within `seconds` of opening, or of its last
+    response: idle and trickling connections otherwise hold their sockets for good."""
+    base: type
+    try:
+        from uvicorn.protocols.http.httptools_impl import HttpToolsProtocol
+
+        base = HttpToolsProtocol
+    except ImportError:
+        from uvicorn.protocols.http.h11_impl import H11Protocol
+
+        base = H11Protocol
+
+    class HeadTimeoutProtocol(base):
+        head_timer: asyncio.TimerHandle | None = None
+
+        def connection_made(self, transport: Any) -> None:
+            super().connection_made(transport)
+            self.arm_head_timer()
+
+        def arm_head_timer(self) -> None:
+            self.disarm_head_timer()
+            self.head_timer = asyncio.get_running_loop().call_later(seconds, self.head_timed_out)
+
+        def disarm_head_timer(self) -> None:
+            if self.head_timer is not None:
+                self.head_timer.cancel()
+                self.head_timer = None
+
+        def head_timed_out(self) -> None:
+            if not self.transport.is_closing():
+                self.transport.close()
+
+        def data_received(self, data: bytes) -> None:
+            super().data_received(data)
+            if getattr(self, "cycle", None) is not None and not self.cycle.response_complete:
+                self.disarm_head_timer()  # a request is in hand: its head came whole
+
+        def on_response_complete(self) -> None:
+            super().on_response_complete()
+            self.arm_head_timer()  # for the next request on this connection
+
+        def connection_lost(self, exc: Exception | None) -> None:
+            self.disarm_head_timer()
+            super().connection_lost(exc)
+
+    return HeadTimeoutProtocol
+
+
+class OncePerSecond(logging.Filter):
+    """Lets through one record a second of each kind, without its traceback: when sockets run
+    out, asyncio reports every failed accept, and every retry of them, thousands a second."""
+
+    def __init__(self) -> None:
+        super().__init__()
+        self.last: dict = {}
+
+    def filter(self, record: logging.LogRecord) -> bool:
+        kind = str(record.msg).split("(", 1)[0]  # "Exception in callback X(...)": the same kind, whatever X holds
+        now = time.monotonic()
+        if now - self.last.get(kind, -1.0) < 1.0:
+            return False
+        self.last[kind] = now
+        record.exc_info = None
+        return True
+
+
+def raise_open_files_limit() -> None:
+    """Every socket takes a file descriptor: allow as many as the system lets this process."""
+    try:
+        import resource
+
+        soft, hard = resource.getrlimit(resource.RLIMIT_NOFILE)
+        if hard == resource.RLIM_INFINITY:
+            hard = 1024 * 1024
+        if soft < hard:
+            resource.setrlimit(resource.RLIMIT_NOFILE, (hard, hard))
+    except (ImportError, ValueError, OSError):
+        pass
+
+
 SUBCOMMANDS = {"backup": backup_main, "copy": copy_main}
 
 
@@ -3900,26 +4142,24 @@ def main(argv: Sequence[str] | None = None) -> None:
         sys.exit(1)
     set_config(config)
     logging.basicConfig(level=config.log_level.upper(), format="%(levelname)s:     %(message)s")
+    logging.getLogger("asyncio").addFilter(OncePerSecond())
+    raise_open_files_limit()
+    serving: dict[str, Any] = {
+        "host": config.host,
+        "port": config.port,
+        "log_level": config.log_level,
+        "timeout_graceful_shutdown": 1,
+        "limit_concurrency": config.limit_concurrency,
+        "http": protocol_with_head_timeout(config.request_timeout),
+    }
     if config.reload:
         # The reloader imports the module afresh in a child: hand it the settings.
         os.environ.update(config_to_env(config))
         uvicorn.run(
-            "eventuali_api_server:app",
-            host=config.host,
-            port=config.port,
-            reload=True,
-            log_level=config.log_level,
-            timeout_graceful_shutdown=1,
-            reload_dirs=[os.path.dirname(os.path.abspath(__file__))],
+            "eventuali_api_server:app", reload=True, reload_dirs=[os.path.dirname(os.path.abspath(__file__))], **serving
         )
     else:
-        uvicorn.run(
-            create_app(config),
-            host=config.host,
-            port=config.port,
-            log_level=config.log_level,
-            timeout_graceful_shutdown=1,
-        )
+        uvicorn.run(create_app(config), **serving)
 
 
 app = lazy_app()

@@ -886,6 +886,61 @@ def test_nul_characters_are_refused_in_stored_text_and_match_nothing_in_filters(
     assert c.get("/events/workflows/w%00/agents").json() == {"agents": []}
 
 
+def test_ids_that_routes_read_back_cannot_hold_a_slash(front, shared):
+    for field in ("aggregate_id", "correlation_id"):
+        detail = assert_invalid(front.post("/events/emit/agent", json={"name": "x", field: "a/b"}), "body", field)
+        assert "'/'" in detail[0]["msg"]
+    assert emit(shared.client, name="x", causation_id="parent/child")["position"] >= 1  # not read back by a route
+
+
+def test_integers_and_offsets_take_ascii_digits_and_real_minutes_only(front):
+    for query in ("limit=%EF%BC%91", "offset=%D9%A1", "after=%E0%A5%A7"):  # fullwidth, Arabic-Indic, Devanagari 1
+        name = query.split("=")[0]
+        assert_invalid(front.get(f"/events/?{query}"), "query", name)
+    assert_invalid(
+        front.get("/events/stream", headers={"Last-Event-ID": "\u0661".encode()}),
+        "header",
+        "last-event-id",
+    )
+    for given in ("2026-01-01T00:00:00+00:60", "2026-01-01T00:00:00+0075", "2026-01-01T00:00:00-24:00"):
+        assert_invalid(front.post("/events/emit/agent", json={"name": "x", "timestamp": given}), "body", "timestamp")
+        assert_invalid(front.get("/events/", params={"since": given}), "query", "since")
+
+
+def test_a_key_twice_in_a_json_object_is_refused(front):
+    for raw in (
+        b'{"name": "x", "name": "y"}',
+        b'{"name": "x", "attributes": {"k": 1, "k": 2}}',
+        b'{"events": [{"kind": "agent", "name": "a", "kind": "system"}]}',
+    ):
+        path = "/events/emit/batch" if b"events" in raw else "/events/emit/agent"
+        reply = front.post(path, content=raw, headers={"content-type": "application/json"})
+        detail = assert_invalid(reply, "body")
+        assert "appears more than once" in detail[0]["msg"] and (
+            "'name'" in detail[0]["msg"] or "'k'" in detail[0]["msg"] or "'kind'" in detail[0]["msg"]
+        )
+
+
+def test_a_body_in_another_charset_than_utf8_is_415(front, shared):
+    body = '{"name": "caf\u00e9"}'.encode("latin-1")
+    reply = front.post(
+        "/events/emit/agent", content=body, headers={"content-type": "application/json; charset=latin-1"}
+    )
+    assert reply.status_code == 415 and "latin-1" in reply.json()["detail"]
+    for charset in ("utf-8", "UTF-8", '"utf-8"', "utf8"):
+        reply = shared.client.post(
+            "/events/emit/agent",
+            content='{"name": "caf\u00e9"}'.encode(),
+            headers={"content-type": f"application/json; charset={charset}"},
+        )
+        assert reply.status_code == 200 and reply.json()["message"] == "Agent event 'caf\u00e9' emitted successfully"
+
+
+def test_health_routes_ignore_query_parameters(shared):
+    for path in ("/health?_=1733", "/health/?x=1&y=2", "/health/database?cachebust=now"):
+        assert shared.client.get(path).status_code == 200, path
+
+
 def test_integral_float_is_an_integer(client):
     assert emit(client, name="a", aggregate_id="f", expected_version=0.0)["aggregate_version"] == 1
     assert_invalid(
@@ -2777,6 +2832,28 @@ def test_max_streams(tmp_path):
         streams[1].close()
 
 
+def test_max_streams_holds_under_a_burst(tmp_path):
+    """200 streams asked for at the same moment, with --max-streams 20: 20 are served, the
+    others get 503 at once, and the count never passes 20."""
+    with ThreadServer(tmp_path, max_streams=20) as server:
+        socks = [socket.create_connection(("127.0.0.1", server.port), timeout=10) for _ in range(200)]
+        start = threading.Barrier(len(socks))
+
+        def ask(sock: socket.socket) -> int:
+            start.wait()
+            sock.sendall(b"GET /events/stream HTTP/1.1\r\nHost: 127.0.0.1\r\n\r\n")
+            return int(sock.recv(64).split(b" ")[1])
+
+        try:
+            with ThreadPoolExecutor(len(socks)) as pool:
+                statuses = list(pool.map(ask, socks))
+            assert statuses.count(200) == 20 and statuses.count(503) == 180
+            assert server.client.get("/health/database").json()["streams"] == 20
+        finally:
+            for sock in socks:
+                sock.close()
+
+
 @pytest.mark.slow
 def test_disconnects_free_everything(srv):
     import resource
@@ -2910,6 +2987,66 @@ def test_api_key_guards_event_routes(keyed):
     assert c.get("/events/", headers={"Authorization": f"bearer {KEY}"}).json()["total"] == 1
 
 
+READ_KEY = "reader-key-for-dashboards"
+
+
+@pytest.fixture(scope="module")
+def two_keys(tmp_path_factory):
+    with ThreadServer(
+        tmp_path_factory.mktemp("keys"), api_key=f"{KEY},second-writer", read_api_key=f"{READ_KEY},r2"
+    ) as server:
+        yield server
+
+
+def test_read_key_reads_write_key_writes_and_neither_without(two_keys):
+    """Every route, with no key, a read key and a write key: public routes open to all;
+    reading routes to both keys; emitting routes to the write key, 403 to a read key."""
+    bodies = {"/events/emit/batch": {"events": [{"kind": "system", "name": "x"}]}}
+    for route in eas.ROUTES:
+        path = route.path.replace("{agent_id}", "a1").replace("{workflow_id}", "w1")
+        for label, key in (
+            ("none", None),
+            ("read", READ_KEY),
+            ("read2", "r2"),
+            ("write", KEY),
+            ("write2", "second-writer"),
+        ):
+            headers = {"Authorization": f"Bearer {key}"} if key else {}
+            if path == "/events/stream":
+                if key is None:
+                    assert two_keys.client.get(path).status_code == 401
+                else:
+                    stream = open_stream(two_keys.url, f"?access_token={key}")
+                    stream.close()
+                continue
+            reply = two_keys.client.request(route.method, path, headers=headers, json=bodies.get(path, {"name": "x"}))
+            if route.public:
+                expected = 200
+            elif key is None:
+                expected = 401
+            elif route.method == "POST" and label.startswith("read"):
+                expected = 403
+            else:
+                expected = 200
+            assert reply.status_code == expected, (route.method, path, label, reply.text)
+            if expected == 403:
+                assert "may read, not write" in reply.json()["detail"]
+
+
+def test_read_key_alone_is_a_setting_error():
+    with pytest.raises(eas.ConfigError, match="--api-key"):
+        eas.resolve_config(["--read-api-key", "r"], environ={})
+    config = eas.resolve_config([], environ={"API_KEY": "w", "READ_API_KEY": "r1, r2"})
+    assert (config.api_key, config.read_api_key) == ("w", "r1, r2")
+
+
+def test_openapi_documents_the_read_key(two_keys):
+    doc = two_keys.client.get("/openapi.json").json()
+    assert "403" in doc["paths"]["/events/emit/agent"]["post"]["responses"]
+    assert "403" not in doc["paths"]["/events/"]["get"]["responses"]
+    assert "read-api-key" in doc["components"]["securitySchemes"]["bearer"]["description"]
+
+
 def test_stream_takes_access_token(keyed):
     assert keyed.client.get("/events/stream?access_token=wrong").status_code == 401
     assert keyed.client.get(f"/events/?access_token={KEY}").status_code == 401  # only the stream takes it
@@ -2951,14 +3088,110 @@ def test_key_and_token_never_logged_and_open_bind_warns(tmp_path):
     err = stop_process(proc)
     assert "without an API key" in err
     proc, url = start_process(tmp_path / "e", "--api-key", KEY, "--log-level", "debug")
-    stream = open_stream(url, f"?access_token={KEY}")
+    # the server decodes the query, so every spelling of the name is the key: none is logged
+    spellings = ["access_token", "access%5Ftoken", "%61ccess_token", "access_tok%65n", "access%5ftoken"]
+    streams = [open_stream(url, f"?{name}={KEY}") for name in spellings]
     httpx.post(url + "/events/emit/agent", json={"name": "x"}, headers={"Authorization": f"Bearer {KEY}"})
-    stream.event()
-    stream.close()
+    for stream in streams:
+        stream.event()
+        stream.close()
+    assert httpx.get(url + f"/events/stream?access%5Ftoken={KEY}&bogus=1").status_code == 422  # logged too
     err = stop_process(proc)
     out = output(proc, "out")
-    assert "/events/stream?access_token=***" in err + out
+    assert "/events/stream?access_token=***" in err + out and "/events/stream?access%5Ftoken=***" in err + out
     assert KEY not in err + out
+
+
+# -- connections that send nothing, or little ----------------------------------------------------------
+
+
+def closed_within(sock: socket.socket, seconds: float) -> bool:
+    """Whether the server closes the connection within `seconds` (whatever it sends first)."""
+    sock.settimeout(seconds)
+    try:
+        while sock.recv(4096):
+            pass
+        return True
+    except socket.timeout:
+        return False
+    except OSError:
+        return True
+
+
+@pytest.mark.slow
+def test_idle_trickling_and_stalled_connections_are_closed(tmp_path):
+    proc, url = start_process(tmp_path / "d", "--request-timeout", "1")
+    port = int(url.rsplit(":", 1)[1])
+    try:
+        idle = socket.create_connection(("127.0.0.1", port))
+        trickle = socket.create_connection(("127.0.0.1", port))
+        stalled = socket.create_connection(("127.0.0.1", port))
+        stalled.sendall(
+            b"POST /events/emit/agent HTTP/1.1\r\nHost: localhost\r\nContent-Type: application/json\r\n"
+            b'Content-Length: 100\r\n\r\n{"name": "x'
+        )
+        started = time.time()
+        with contextlib.suppress(OSError):  # the server closes it meanwhile
+            for byte in b"GET /health/ HTTP/1.1\r\nHost: loc":  # a byte every 0.2 s: never a whole head
+                trickle.send(bytes([byte]))
+                time.sleep(0.2)
+        assert time.time() - started < 4
+        assert closed_within(idle, 1), "an idle connection stayed open"
+        assert closed_within(trickle, 1), "a trickling connection stayed open"
+        stalled.settimeout(3)
+        head = stalled.recv(4096)
+        assert head.startswith(b"HTTP/1.1 408") and b"stalled" in head, head
+        with httpx.Client(base_url=url) as c:  # one connection, kept alive across requests
+            assert c.get("/health/").status_code == 200
+            time.sleep(0.5)
+            assert c.get("/health/").status_code == 200
+        assert events_of(httpx.Client(base_url=url))["total"] == 0
+        for sock in (idle, trickle, stalled):
+            sock.close()
+    finally:
+        stop_process(proc)
+
+
+@pytest.mark.slow
+def test_out_of_file_descriptors_the_server_recovers_and_logs_little(tmp_path):
+    """With a low file limit, 300 sockets that send nothing: accepts fail for a while (said at
+    most once a second, without tracebacks); the idle ones are closed after --request-timeout,
+    and health and emits answer again."""
+    import resource
+
+    def low_limit() -> None:
+        resource.setrlimit(resource.RLIMIT_NOFILE, (128, 128))
+
+    port = free_port()
+    proc = spawn(
+        [sys.executable, SERVER, "--port", str(port), "--data-dir", str(tmp_path / "d"), "--request-timeout", "1"],
+        preexec_fn=low_limit,
+    )
+    url = f"http://127.0.0.1:{port}"
+    try:
+        wait_healthy(url, proc)
+        socks = []
+        for _ in range(300):
+            with contextlib.suppress(OSError):
+                socks.append(socket.create_connection(("127.0.0.1", port), timeout=2))
+        time.sleep(3)
+        deadline = time.time() + 15
+        while True:
+            try:
+                if httpx.get(url + "/health/", timeout=2).status_code == 200:
+                    break
+            except httpx.HTTPError:
+                pass
+            assert time.time() < deadline, "the server did not recover"
+            time.sleep(0.2)
+        assert httpx.post(url + "/events/emit/agent", json={"name": "after"}, timeout=5).status_code == 200
+        for sock in socks:
+            sock.close()
+    finally:
+        err = stop_process(proc)
+    assert len(err) < 100_000, f"{len(err)} bytes of log"
+    failed_accepts = err.count("out of system resource")
+    assert failed_accepts <= 20, failed_accepts
 
 
 # -- memory bounded by bytes --------------------------------------------------------------------------
@@ -3231,6 +3464,25 @@ def test_disk_full_is_503_then_recovers(tmp_path):
         assert server.client.get("/health/").json()["status"] == "healthy"
 
 
+def test_health_says_unhealthy_while_appends_fail_though_a_tiny_write_fits(tmp_path):
+    """A disk with room for the health check's tiny write but not for the events: /health/
+    says unhealthy, naming the failed append, and healthy again once events are stored."""
+    with tiny_filesystem(tmp_path / "fs", "4m") as fs, ThreadServer(fs / "data") as server:
+        emit(server.client, name="first")
+        filler = fs / "filler"
+        subprocess.run(["dd", "if=/dev/zero", f"of={filler}", "bs=16k", "count=1000"], capture_output=True)
+        os.truncate(filler, filler.stat().st_size - 96 * 1024)  # room for small writes only
+        blob = {"blob": "z" * 400_000}
+        reply = server.client.post("/events/emit/agent", json={"name": "big", "attributes": blob})
+        assert reply.status_code == 503 and "full" in reply.json()["detail"]
+        health = server.client.get("/health/")
+        assert health.status_code == 503 and "the last append failed" in health.json()["detail"], health.text
+        assert server.client.get("/health/database").json()["status"] == "unhealthy"
+        filler.unlink()
+        emit(server.client, name="after", attributes=blob)
+        assert server.client.get("/health/").json()["status"] == "healthy"
+
+
 def test_read_only_data_dir_at_start_exits_1(tmp_path):
     with tiny_filesystem(tmp_path / "fs", "1m") as fs:
         subprocess.run(["mount", "-o", "remount,ro", str(fs)], check=True)
@@ -3306,6 +3558,50 @@ def test_backup_refuses_to_overwrite_and_missing_source(tmp_path):
     ):
         out = subprocess.run([sys.executable, SERVER, "backup", *args], capture_output=True, text=True, timeout=30)
         assert out.returncode == 1 and len(out.stderr.strip().splitlines()) == 1 and "Traceback" not in out.stderr
+
+
+def test_backup_onto_a_full_disk_leaves_nothing_and_never_follows_a_link(tmp_path):
+    with ThreadServer(tmp_path / "data") as server:
+        blob = "z" * 5000
+        for _ in range(4):
+            assert (
+                server.client.post(
+                    "/events/emit/batch",
+                    json={
+                        "events": [{"kind": "system", "name": "fill", "attributes": {"blob": blob}} for _ in range(200)]
+                    },
+                ).status_code
+                == 200
+            )
+    with tiny_filesystem(tmp_path / "small", "2m") as small:
+        dest = small / "copy.db"
+        done = subprocess.run(
+            [sys.executable, SERVER, "backup", str(dest), "--data-dir", str(tmp_path / "data")],
+            capture_output=True,
+            text=True,
+            timeout=60,
+        )
+        assert done.returncode == 1 and len(done.stderr.strip().splitlines()) == 1, done.stderr
+        assert list(small.iterdir()) == []  # no partial file, no journal
+    roomy = tmp_path / "roomy"
+    roomy.mkdir()
+    target = tmp_path / "elsewhere.db"
+    (roomy / "link.db").symlink_to(target)
+    done = subprocess.run(
+        [sys.executable, SERVER, "backup", str(roomy / "link.db"), "--data-dir", str(tmp_path / "data")],
+        capture_output=True,
+        text=True,
+        timeout=60,
+    )
+    assert done.returncode == 1 and "exists" in done.stderr and not target.exists()
+    done = subprocess.run(
+        [sys.executable, SERVER, "backup", str(roomy / "copy.db"), "--data-dir", str(tmp_path / "data")],
+        capture_output=True,
+        text=True,
+        timeout=60,
+    )
+    assert done.returncode == 0 and "backed up 800 events" in done.stdout
+    assert sorted(p.name for p in roomy.iterdir()) == ["copy.db", "link.db"]
 
 
 # -- the benchmark harness itself ---------------------------------------------------------------------
@@ -3563,6 +3859,26 @@ def ext4_filesystem(path: Path, size_mb: int = 32):
         for name in ("events.db", "events.db-wal", "events.db-shm"):
             subprocess.run(["chattr", "-i", str(mountpoint / "data" / name)], capture_output=True)
         subprocess.run(["umount", "-l", str(mountpoint)], capture_output=True)
+
+
+def test_database_read_only_at_start_heals_when_it_becomes_writable(tmp_path):
+    """events.db cannot be written when the server starts (as 0400 would be to a server not
+    running as root): it starts and answers 503; once the file is writable, it writes again."""
+    with ext4_filesystem(tmp_path) as fs:
+        with ThreadServer(fs / "data") as server:
+            emit(server.client, name="first")
+        database = str(fs / "data" / "events.db")
+        subprocess.run(["chattr", "+i", database], check=True)
+        try:
+            with ThreadServer(fs / "data") as server:
+                reply = server.client.post("/events/emit/agent", json={"name": "while read-only"})
+                assert reply.status_code == 503 and "read-only" in reply.json()["detail"]
+                assert server.client.get("/health/").status_code == 503
+                subprocess.run(["chattr", "-i", database], check=True)
+                assert emit(server.client, name="after")["position"] == 2
+                assert server.client.get("/health/").json()["status"] == "healthy"
+        finally:
+            subprocess.run(["chattr", "-i", database], capture_output=True)
 
 
 def test_read_only_database_is_503_then_recovers(tmp_path):
