@@ -4155,6 +4155,7 @@ def main(argv: Sequence[str] | None = None) -> None:
     if config.reload:
         # The reloader imports the module afresh in a child: hand it the settings.
         os.environ.update(config_to_env(config))
+        serving.pop("http")  # the reloader's child must unpickle the settings: uvicorn's own protocol
         uvicorn.run(
             "eventuali_api_server:app", reload=True, reload_dirs=[os.path.dirname(os.path.abspath(__file__))], **serving
         )

@@ -3629,6 +3629,8 @@ def test_benchmark_harness_smoke(tmp_path):
         "subscribers: p50",
         "idle streams",
         "bytes per event",
+        "postgres:",
+        "memory, 20 events of 0.9 MB",
     ):
         assert words in proc.stdout, words
     figures = json.loads(out_json.read_text())
@@ -3637,6 +3639,7 @@ def test_benchmark_harness_smoke(tmp_path):
     assert all(row["delivered"] == row["expected"] for row in figures["sse"]["latency"])
     assert all(row["1000"]["p50_ms"] > 0 for row in figures["reads"].values()) and len(figures["reads"]) >= 14
     assert figures["size"]["bytes_per_event"] > 0
+    assert figures["memory"]["received"] == [20] * 9
 
 
 # -- in a real browser: the live view and Swagger UI --------------------------------------------------
