@@ -1093,6 +1093,30 @@ def plan_appends(
     return outcomes, rows
 
 
+def commit_apart(
+    commit: Callable[[list], list],
+    requests: list,
+    broken: type[Exception],
+    fault: type[Exception],
+    describe: Callable[[Any], StoreUnavailable],
+) -> list:
+    """commit(requests), one transaction, with what every backend does when it fails: a broken
+    constraint (`broken`: nothing was stored) sends the requests again one by one, so that the
+    one that broke it fails alone; a fault of the store (`fault`) fails them all with its reason."""
+    try:
+        return commit(requests)
+    except broken:
+        if len(requests) > 1:
+            return [
+                outcome for events in requests for outcome in commit_apart(commit, [events], broken, fault, describe)
+            ]
+        return [Conflict("event conflicts with a stored event")]
+    except fault as exc:
+        error = describe(exc)
+        logger.warning("write failed: %s", error)
+        return [error] * len(requests)
+
+
 def lookups(requests: Sequence[list]) -> tuple:
     """What planning needs from the log: the aggregates whose versions matter, and the
     client-chosen event_ids to look for."""
@@ -1453,33 +1477,24 @@ class SeenVersions:
 
 def commit_group(conn: sqlite3.Connection, requests: list, seen: SeenVersions) -> list:
     """Store a group of requests (lists of NewEvents) in one transaction; each one's outcome."""
+    conn.execute("BEGIN IMMEDIATE")
     try:
-        conn.execute("BEGIN IMMEDIATE")
-        try:
-            keys, event_ids = lookups(requests)
-            position, counted, versions = seen.read(conn, keys)
-            count_stored(conn, counted, position)
-            stored = read_receipts(conn, event_ids) if event_ids else {}
-            outcomes, rows = plan_appends(requests, position, versions, stored, utc_now())
-            insert_rows(conn, EVENTS_TABLE, rows)
-            record_summaries(conn, map(summary_of, rows), position + len(rows), position)
-            if not all(requests):  # a writability check: a write, however small
-                conn.execute("INSERT OR REPLACE INTO meta VALUES ('checked', ?)", (utc_now(),))
-            conn.execute("COMMIT")
-            seen.commit(position, versions, rows)
-        except BaseException:
-            seen.forget()
-            if conn.in_transaction:  # a failed COMMIT (disk full, I/O error) has rolled back already
-                conn.execute("ROLLBACK")
-            raise
-    except sqlite3.IntegrityError:
-        if len(requests) > 1:  # find the request that broke a constraint, and fail it alone
-            return [outcome for events in requests for outcome in commit_group(conn, [events], seen)]
-        return [Conflict("event conflicts with a stored event")]
-    except sqlite3.Error as exc:
-        error = unavailable(exc)
-        logger.warning("write failed: %s", error)
-        return [error] * len(requests)
+        keys, event_ids = lookups(requests)
+        position, counted, versions = seen.read(conn, keys)
+        count_stored(conn, counted, position)
+        stored = read_receipts(conn, event_ids) if event_ids else {}
+        outcomes, rows = plan_appends(requests, position, versions, stored, utc_now())
+        insert_rows(conn, EVENTS_TABLE, rows)
+        record_summaries(conn, map(summary_of, rows), position + len(rows), position)
+        if not all(requests):  # a writability check: a write, however small
+            conn.execute("INSERT OR REPLACE INTO meta VALUES ('checked', ?)", (utc_now(),))
+        conn.execute("COMMIT")
+    except BaseException:
+        seen.forget()
+        if conn.in_transaction:  # a failed COMMIT (disk full, I/O error) has rolled back already
+            conn.execute("ROLLBACK")
+        raise
+    seen.commit(position, versions, rows)
     return outcomes
 
 
@@ -2030,8 +2045,15 @@ class SQLiteStore(ThreadedStore):
                 self.open_writer()
             except StoreUnavailable as exc:
                 return [exc] * len(requests)
-        assert self._conn is not None
-        outcomes = commit_group(self._conn, requests, self._seen)
+        conn = self._conn
+        assert conn is not None
+        outcomes = commit_apart(
+            lambda group: commit_group(conn, group, self._seen),
+            requests,
+            sqlite3.IntegrityError,
+            sqlite3.Error,
+            unavailable,
+        )
         if any(isinstance(outcome, StoreUnavailable) for outcome in outcomes):
             self.close_writer()
         return outcomes
@@ -2207,35 +2229,25 @@ def pg_read_state(conn: PgConnection, keys: list) -> tuple:
 
 def pg_commit_group(conn: PgConnection, requests: list, seen: SeenVersions) -> list:
     """commit_group's PostgreSQL twin: the head row's lock is the write lock."""
-    psycopg = pg_driver()
     try:
         with conn.raw.transaction():
-            try:
-                conn.execute("SELECT position FROM head WHERE id = 1 FOR UPDATE")
-                keys, event_ids = lookups(requests)
-                position, counted, versions = seen.read(conn, keys)
-                count_stored(conn, counted, position, pg_insert_rows)
-                stored = read_receipts(conn, event_ids) if event_ids else {}
-                outcomes, rows = plan_appends(requests, position, versions, stored, utc_now())
-                with conn.raw.cursor().copy(f"COPY {EVENTS_TABLE} FROM STDIN") as copy:  # PostgreSQL's fastest way in
-                    for row in rows:
-                        copy.write_row(row)
-                with conn.raw.pipeline():
-                    record_summaries(conn, map(summary_of, rows), position + len(rows), position, pg_insert_rows)
-                    conn.execute("UPDATE head SET position = ? WHERE id = 1", (position + len(rows),))
-                    conn.execute(f"SELECT pg_notify('{PG_CHANNEL}', ?)", (str(position + len(rows)),))
-            except BaseException:
-                seen.forget()
-                raise
-        seen.commit(position, versions, rows)
-    except psycopg.IntegrityError:
-        if len(requests) > 1:  # find the request that broke a constraint, and fail it alone
-            return [outcome for events in requests for outcome in pg_commit_group(conn, [events], seen)]
-        return [Conflict("event conflicts with a stored event")]
-    except psycopg.Error as exc:
-        error = pg_unavailable(exc)
-        logger.warning("write failed: %s", error)
-        return [error] * len(requests)
+            conn.execute("SELECT position FROM head WHERE id = 1 FOR UPDATE")
+            keys, event_ids = lookups(requests)
+            position, counted, versions = seen.read(conn, keys)
+            count_stored(conn, counted, position, pg_insert_rows)
+            stored = read_receipts(conn, event_ids) if event_ids else {}
+            outcomes, rows = plan_appends(requests, position, versions, stored, utc_now())
+            with conn.raw.cursor().copy(f"COPY {EVENTS_TABLE} FROM STDIN") as copy:  # PostgreSQL's fastest way in
+                for row in rows:
+                    copy.write_row(row)
+            with conn.raw.pipeline():
+                record_summaries(conn, map(summary_of, rows), position + len(rows), position, pg_insert_rows)
+                conn.execute("UPDATE head SET position = ? WHERE id = 1", (position + len(rows),))
+                conn.execute(f"SELECT pg_notify('{PG_CHANNEL}', ?)", (str(position + len(rows)),))
+    except BaseException:
+        seen.forget()
+        raise
+    seen.commit(position, versions, rows)
     return outcomes
 
 
@@ -2278,7 +2290,14 @@ class PostgresStore(ThreadedStore):
             except self.errors as exc:
                 return [pg_unavailable(exc)] * len(requests)
             self._seen.forget()
-        return pg_commit_group(self._conn, requests, self._seen)
+        psycopg, conn = pg_driver(), self._conn
+        return commit_apart(
+            lambda group: pg_commit_group(conn, group, self._seen),
+            requests,
+            psycopg.IntegrityError,
+            psycopg.Error,
+            pg_unavailable,
+        )
 
     async def start(self) -> None:
         await super().start()
