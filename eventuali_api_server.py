@@ -893,9 +893,10 @@ class ReadSize:
     def saw(self, sizes: list[int]) -> None:
         """Take the sizes in bytes of the events the last read brought."""
         if sizes:
-            average = max(1.0, sum(sizes) / len(sizes))
+            total = sum(sizes)
+            average = max(1.0, total / len(sizes))
             ReadSize.typical = average
-            ReadSize.big_reads = ReadSize.big_reads or sum(sizes) >= 1024 * 1024
+            ReadSize.big_reads = ReadSize.big_reads or total >= 1024 * 1024
             self.count = max(1, min(self.most, int(self.budget / average)))
 
 
@@ -1184,7 +1185,7 @@ MIGRATIONS = {
     1: "DROP INDEX events_event_type",
     2: "DELETE FROM counts WHERE field IN ('event_type', 'aggregate_id')",
     # Counters by aggregate_type too, so that a pair of filters has an exact total at once;
-    # the writers count every event, from position 0 on (see summarize). The two
+    # the writers count every event, from position 0 on (see count_stored). The two
     # low-cardinality columns get (column, timestamp) indexes, which count time windows and
     # find rare values (read_plan), in place of their (column, position) indexes and the
     # timestamp index: one index fewer for every append.
@@ -2360,6 +2361,22 @@ def sse_bytes(event: StoredEvent) -> bytes:
     return f"id: {event.position}\nevent: event\ndata: {event.json}\n\n".encode()
 
 
+async def stored_after(
+    store: EventStore, position: int, filters: dict, read_chunk: int
+) -> AsyncIterator[list[StoredEvent]]:
+    """The stored events after `position` that match `filters`, oldest first, in reads of
+    about `read_chunk` bytes each (see ReadSize)."""
+    size = ReadSize(read_chunk, PAGE)
+    while True:
+        events = await store.events_after(position, filters, size.count)
+        if events:
+            position = events[-1].position
+            yield events
+        if len(events) < size.count:
+            return
+        size.saw([len(event.json) for event in events])
+
+
 class Subscriber:
     __slots__ = ("filters", "live_from", "buffer", "buffered", "wake", "behind", "closed", "pump")
 
@@ -2430,20 +2447,15 @@ class Hub:
             # so the cursor may start there; a later one only re-reads events nobody skips.
             known = [sub.live_from for sub in self.subscribers if sub.live_from is not None]
             if not known:  # subscribers that are still being set up
+                # Soon ready: look again shortly, as a commit heard meanwhile wakes nobody later.
                 await self.store.wait_for_commit(POLL)
                 continue
             floor = min(known)
             cursor = floor if cursor is None else max(cursor, floor)
             try:
-                size = ReadSize(self.read_chunk, PAGE)
-                while True:
-                    events = await self.store.events_after(cursor, {}, size.count)
-                    if events:
-                        cursor = events[-1].position
-                        self._fan_out(events)
-                    if len(events) < size.count:
-                        break
-                    size.saw([len(event.json) for event in events])
+                async for events in stored_after(self.store, cursor, {}, self.read_chunk):
+                    cursor = events[-1].position
+                    self._fan_out(events)
             except StoreError as exc:  # the store is failing: streams wait, then go on from the cursor
                 logger.warning("stream follower: %s", exc)
             except Exception:  # a bug: say so, and keep following
@@ -2851,19 +2863,15 @@ class SSEResponse(Response):
                 sub.behind = False
                 sub.buffer.clear()
                 sub.buffered = 0
-                size = ReadSize(self.read_chunk, PAGE)
-                while not sub.closed:  # stored events first, in reads of bounded size
-                    try:
-                        events = await self.store.events_after(last, filters, size.count)
-                    except StoreError as exc:
-                        yield f"event: error\ndata: {json.dumps({'detail': str(exc)})}\n\n".encode()
-                        return
-                    if events:
+                try:  # stored events first
+                    async for events in stored_after(self.store, last, filters, self.read_chunk):
                         last = events[-1].position
                         yield b"".join([sse_bytes(event) for event in events])
-                    if len(events) < size.count:
-                        break
-                    size.saw([len(event.json) for event in events])
+                        if sub.closed:
+                            break
+                except StoreError as exc:
+                    yield f"event: error\ndata: {json.dumps({'detail': str(exc)})}\n\n".encode()
+                    return
             chunk = []
             while sub.buffer:
                 position, data = sub.buffer.popleft()
@@ -4146,12 +4154,7 @@ def main(argv: Sequence[str] | None = None) -> None:
         return SUBCOMMANDS[argv[0]](argv[1:])
     try:
         config = resolve_config(argv)
-    except ConfigError as exc:
-        print(f"eventuali-api-server: error: {exc}", file=sys.stderr)
-        sys.exit(2)
-    try:
-        store = make_store(config)
-        store.prepare()
+        make_store(config).prepare()
     except ConfigError as exc:
         print(f"eventuali-api-server: error: {exc}", file=sys.stderr)
         sys.exit(2)
