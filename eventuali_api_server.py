@@ -57,7 +57,7 @@ from starlette.responses import HTMLResponse, Response, StreamingResponse
 from starlette.routing import Route
 from starlette.types import ASGIApp, Receive, Scope, Send
 
-__version__ = "1.1.0"
+__version__ = "1.2.0"
 __all__ = ["APIServerConfig", "get_config", "set_config", "create_app", "app", "main"]
 
 logger = logging.getLogger("eventuali_api_server")
@@ -723,6 +723,12 @@ def _string_attr(attributes: dict, key: str) -> str | None:
     return value if isinstance(value, str) else None
 
 
+WORKFLOW_SCOPE = (
+    "Only the workflow's timeline: its own events (`aggregate_id` = this id) and every event correlated "
+    "with it (`correlation_id` = this id), as `/events/workflows/{workflow_id}` lists them."
+)
+
+
 # Query parameters of the list routes: name -> JSON Schema (also the OpenAPI parameters).
 def list_params(config: APIServerConfig) -> dict:
     n = config.max_id_length
@@ -753,10 +759,19 @@ def list_params(config: APIServerConfig) -> dict:
             "maximum": MAX_INT,
             "description": "Cursor: only events with a position below this (use with order=desc).",
         },
-        "event_type": id_field("`AgentEvent`, `WorkflowEvent` or `SystemEvent`.", n, pattern=None),
-        "aggregate_type": id_field("`agent_aggregate`, `workflow_aggregate` or `system_aggregate`.", n, pattern=None),
+        "event_type": {
+            "type": "string",
+            "enum": [event_type for _, event_type, _ in KINDS.values()],
+            "description": "Only events of this type.",
+        },
+        "aggregate_type": {
+            "type": "string",
+            "enum": list(AGGREGATE_KINDS),
+            "description": "Only events of this aggregate type.",
+        },
         "aggregate_id": id_field("Only this aggregate's events.", n, pattern=None),
         "correlation_id": id_field("Only events with this correlation id.", n, pattern=None),
+        "workflow_id": id_field(WORKFLOW_SCOPE, n, pattern=None),
         "event_name": id_field("Only events with this name, e.g. `agent.started`.", n, pattern=None),
         "since": {
             "type": "string",
@@ -775,7 +790,7 @@ STREAM_FILTERS = ("event_type", "aggregate_type", "aggregate_id", "correlation_i
 
 
 def stream_params(config: APIServerConfig) -> dict:
-    params = {name: spec for name, spec in list_params(config).items() if name in STREAM_FILTERS}
+    params = {name: spec for name, spec in list_params(config).items() if name in (*STREAM_FILTERS, "workflow_id")}
     params["after"] = {
         "type": "integer",
         "minimum": 0,
@@ -911,6 +926,52 @@ class AgentSummary(TypedDict):
     last_event_time: str
     event_count: int
     status: str
+    state: str
+
+
+class WorkflowSummary(TypedDict):
+    workflow_id: str
+    status: str | None
+    state: str
+    start_time: str | None
+    end_time: str | None
+    duration_seconds: float | None
+    event_count: int
+    agent_count: int
+
+
+class WorkflowView(TypedDict):
+    """What /events/workflows/{id}/agents answers."""
+
+    workflow: WorkflowSummary
+    agents: list[AgentSummary]
+
+
+# An agent's or a workflow's state, from its latest event's name: the last word of the name
+# (after `.`, `_`, `-`, `:`, `/` or a space), in any case, is looked up here; any other
+# name means it is running.
+STATE_RULES = {
+    "completed": ("completed", "complete", "succeeded", "success", "finished", "done", "ended", "stopped"),
+    "failed": (
+        "failed", "failure", "error", "errored", "crashed", "aborted", "cancelled", "canceled",
+        "timeout", "timed_out", "killed", "rejected",
+    ),
+}  # fmt: skip
+STATES = {word: state for state, words in STATE_RULES.items() for word in words}
+_LAST_WORD = re.compile(r"[._:/ -]")
+PARENT_RULES = (
+    "An agent's parent comes from the `causation_id`s of its events, oldest first: the first that "
+    "names another agent of the workflow, or an event of another agent, makes that agent the parent; "
+    "one that names the workflow itself, or an event of the workflow, makes the agent a root "
+    "(`parent_agent_id` null). The agent's own id and its own events are passed over. Without "
+    "any of those, the first cause that names nothing stored is shown as it is; a cycle is cut."
+)
+
+
+def event_state(name: str) -> str:
+    """`completed`, `failed` or `running`, by STATE_RULES."""
+    words = _LAST_WORD.split(name.lower())
+    return STATES.get(words[-1], STATES.get("_".join(words[-2:]), "running"))
 
 
 class StoreError(Exception):
@@ -993,15 +1054,17 @@ class EventStore(abc.ABC):
 
     @abc.abstractmethod
     async def events_after(self, position: int, filters: dict[str, str | None], limit: int) -> list[StoredEvent]:
-        """Up to `limit` StoredEvents after `position` that match the equality filters, oldest first."""
+        """Up to `limit` StoredEvents after `position` that match the equality filters (of
+        STREAM_FILTERS, and `workflow_id`: a workflow's timeline), oldest first."""
 
     @abc.abstractmethod
     async def last_position(self) -> int:
         """The position of the newest committed event (0 for an empty log)."""
 
     @abc.abstractmethod
-    async def workflow_agents(self, workflow_id: str) -> list[AgentSummary]:
-        """The workflow's agents, in order of their first correlated event (see WORKFLOW_AGENTS)."""
+    async def workflow_summary(self, workflow_id: str) -> WorkflowView:
+        """The workflow's state and figures, and its agents in order of their first correlated
+        event (see workflow_summary in 3.5)."""
 
     @abc.abstractmethod
     async def wait_for_commit(self, timeout: float) -> None:
@@ -1666,10 +1729,10 @@ def scope_arms(query: Query, filters: dict | None) -> list:
     """The query's filters as arms whose results are disjoint and together make the answer:
     one, or for a workflow's timeline two (its own events; the rest of those correlated
     with it), which SQLite reads as two index-ordered scans and merges."""
-    if "\x00" in (query.agent or query.workflow or ""):
+    if "\x00" in (query.agent or "") + (query.workflow or ""):
         return []
     if query.agent is not None:
-        return [(narrow(filters, aggregate_type="agent_aggregate", aggregate_id=query.agent), [], [])]
+        filters = narrow(filters, aggregate_type="agent_aggregate", aggregate_id=query.agent)
     if query.workflow is not None:
         wf = query.workflow
         return [
@@ -1752,14 +1815,16 @@ def events_at(conn: Connection, positions: list[int]) -> list[StoredEvent]:
 
 
 def read_after(conn: Connection, position: int, filters: dict[str, str | None], limit: int) -> list[StoredEvent]:
-    clean = normalize_filters(filters)
-    if clean is None:
+    scope = Query({k: v for k, v in filters.items() if k != "workflow_id"}, workflow=filters.get("workflow_id"))
+    arms = [arm for arm in scope_arms(scope, normalize_filters(scope.filters)) if arm[0] is not None]
+    parts, args = [], []
+    for arm_filters, extra, extra_args in arms:
+        clauses, arm_args = where(arm_filters)
+        parts.append(f"SELECT {COLUMNS} FROM events WHERE {' AND '.join(['position > ?', *clauses, *extra])}")
+        args += [position, *arm_args, *extra_args]
+    if not parts:
         return []
-    clauses, args = where(clean)
-    rows = conn.execute(
-        f"SELECT {COLUMNS} FROM events WHERE {' AND '.join(['position > ?', *clauses])} ORDER BY position LIMIT ?",
-        [position, *args, limit],
-    ).fetchall()
+    rows = conn.execute(f"{' UNION ALL '.join(parts)} ORDER BY position LIMIT ?", [*args, limit]).fetchall()
     return [stored_event(row) for row in rows]
 
 
@@ -1777,7 +1842,6 @@ AGENT_EVENTS = "FROM events WHERE aggregate_type = 'agent_aggregate' AND aggrega
 WORKFLOW_AGENTS = f"""
 SELECT m.agent_id,
     (SELECT agent_name {AGENT_EVENTS} AND agent_name IS NOT NULL ORDER BY position DESC LIMIT 1),
-    (SELECT causation_id {AGENT_EVENTS} AND causation_id IS NOT NULL ORDER BY position DESC LIMIT 1),
     (SELECT timestamp {AGENT_EVENTS} ORDER BY position LIMIT 1),
     (SELECT timestamp {AGENT_EVENTS} ORDER BY position DESC LIMIT 1),
     (SELECT max(aggregate_version) {AGENT_EVENTS}),
@@ -1786,25 +1850,122 @@ FROM workflow_agents m WHERE m.workflow_id = ? ORDER BY m.first_position
 """
 
 
-def workflow_agents(conn: Connection, workflow_id: str) -> list[AgentSummary]:
-    """Agents with an event correlated to the workflow, in order of their first such event.
-    Their figures cover all their events: the first's and the latest's times, the count,
-    and the latest event's name as status."""
+def causations(conn: Connection, agent_ids: list[str]) -> list:
+    """(agent_id, causation_id) of the agents' events that name a cause, oldest first."""
+    rows = []
+    for start in range(0, len(agent_ids), 500):
+        chunk = agent_ids[start : start + 500]
+        rows += conn.execute(
+            "SELECT position, aggregate_id, causation_id FROM events WHERE aggregate_type = 'agent_aggregate' "
+            f"AND aggregate_id IN ({', '.join('?' * len(chunk))}) AND causation_id IS NOT NULL",
+            chunk,
+        ).fetchall()
+    return [(agent_id, cause) for _position, agent_id, cause in sorted(rows)]
+
+
+def owners(conn: Connection, event_ids: list[str]) -> dict:
+    """event_id -> (aggregate_type, aggregate_id) of those of these ids that are stored."""
+    found = {}
+    for start in range(0, len(event_ids), 500):
+        chunk = event_ids[start : start + 500]
+        marks = ", ".join("?" * len(chunk))
+        sql = f"SELECT event_id, aggregate_type, aggregate_id FROM events WHERE event_id IN ({marks})"
+        found.update({event_id: (kind, owner) for event_id, kind, owner in conn.execute(sql, chunk)})
+    return found
+
+
+def resolve_parents(conn: Connection, workflow_id: str, agent_ids: list[str]) -> dict:
+    """agent_id -> its parent agent's id or None (PARENT_RULES): the first cause named by
+    the agent's events that is the workflow or one of its events (a root: None), another
+    agent or an event of one; else the first cause that names nothing stored. A cycle is
+    cut at the agent that joined the workflow first."""
+    members = set(agent_ids)
+    named = causations(conn, agent_ids)
+    stored = owners(conn, sorted({cause for _, cause in named if cause not in members and cause != workflow_id}))
+    parents: dict = {}
+    unknown: dict = {}
+    for agent_id, cause in named:
+        if agent_id in parents:
+            continue
+        kind, owner = stored.get(cause, ("agent_aggregate", cause) if cause in members else (None, None))
+        if cause == workflow_id or (kind == "workflow_aggregate" and owner == workflow_id):
+            parents[agent_id] = None
+        elif kind == "agent_aggregate" and owner != agent_id:
+            parents[agent_id] = owner
+        elif kind is None:
+            unknown.setdefault(agent_id, cause)
+    for agent_id in agent_ids:
+        parents.setdefault(agent_id, unknown.get(agent_id))
+        seen, parent = {agent_id}, parents[agent_id]
+        while parent in parents and parent not in seen:
+            seen.add(parent)
+            parent = parents[parent]
+        if parent == agent_id:
+            parents[agent_id] = None
+    return parents
+
+
+TIMELINE_FIGURES = """
+SELECT min(timestamp), max(timestamp), count(*) FROM events
+WHERE (aggregate_type = 'workflow_aggregate' AND aggregate_id = ?) OR correlation_id = ?
+"""
+OWN_LAST = (
+    "SELECT event_name FROM events WHERE aggregate_type = 'workflow_aggregate' AND aggregate_id = ? "
+    "ORDER BY aggregate_version DESC LIMIT 1"
+)
+
+
+def workflow_summary(conn: Connection, workflow_id: str) -> WorkflowView:
+    """The workflow and its agents: those with an event correlated to it, in order of their
+    first such event. An agent's figures cover all its events: the first's and the latest's
+    times, the count, the latest event's name as status and its state (STATE_RULES)."""
     if "\x00" in workflow_id:  # no stored id holds NUL
-        return []
-    return [
+        rows: list = []
+        first = last = None
+        events, own = 0, None
+    else:
+        rows = conn.execute(WORKFLOW_AGENTS, (workflow_id,)).fetchall()
+        first, last, events = conn.execute(TIMELINE_FIGURES, (workflow_id, workflow_id)).fetchone()
+        own = conn.execute(OWN_LAST, (workflow_id,)).fetchone()
+    parents = resolve_parents(conn, workflow_id, [row[0] for row in rows]) if rows else {}
+    agents: list[AgentSummary] = [
         {
             "agent_id": agent_id,
             "agent_name": name,
             "workflow_id": workflow_id,
-            "parent_agent_id": parent,
-            "first_event_time": first,
-            "last_event_time": last,
+            "parent_agent_id": parents[agent_id],
+            "first_event_time": first_time,
+            "last_event_time": last_time,
             "event_count": count,
             "status": status,
+            "state": event_state(status),
         }
-        for agent_id, name, parent, first, last, count, status in conn.execute(WORKFLOW_AGENTS, (workflow_id,))
+        for agent_id, name, first_time, last_time, count, status in rows
     ]
+    status = own[0] if own else None
+    if status is not None:
+        state = event_state(status)
+    else:  # no events of its own: its agents say
+        states = {agent["state"] for agent in agents}
+        state = next((s for s in ("running", "failed", "completed") if s in states), "running")
+    ended = last if state != "running" else None
+    workflow: WorkflowSummary = {
+        "workflow_id": workflow_id,
+        "status": status,
+        "state": state,
+        "start_time": first,
+        "end_time": ended,
+        "duration_seconds": seconds_between(first, ended or last),
+        "event_count": events or 0,
+        "agent_count": len(agents),
+    }
+    return {"workflow": workflow, "agents": agents}
+
+
+def seconds_between(start: str | None, end: str | None) -> float | None:
+    if start is None or end is None:
+        return None
+    return round((parse_timestamp(end) - parse_timestamp(start)).total_seconds(), 6)
 
 
 def backup_database(source: str, dest: str, timeout: float) -> int:
@@ -1931,8 +2092,8 @@ class ThreadedStore(EventStore):
     async def last_position(self) -> int:
         return await self._read(last_position)
 
-    async def workflow_agents(self, workflow_id: str) -> list[AgentSummary]:
-        return await self._read(workflow_agents, workflow_id)
+    async def workflow_summary(self, workflow_id: str) -> WorkflowView:
+        return await self._read(workflow_summary, workflow_id)
 
     def read_rows(self, position: int, limit: int) -> list:
         """Up to `limit` stored rows (ROW_COLUMNS) after `position`, oldest first (blocking:
@@ -2357,6 +2518,13 @@ CLOSE_GRACE = 0.3  # seconds a stream stuck on a slow client gets to finish when
 FILTER_FIELDS = {name: StoredEvent._fields.index(name) for name in STREAM_FILTERS}
 
 
+def in_workflow(event: StoredEvent, workflow_id: str) -> bool:
+    """Whether the event belongs to the workflow's timeline (see scope_arms)."""
+    return event.correlation_id == workflow_id or (
+        event.aggregate_id == workflow_id and event.aggregate_type == "workflow_aggregate"
+    )
+
+
 def sse_bytes(event: StoredEvent) -> bytes:
     return f"id: {event.position}\nevent: event\ndata: {event.json}\n\n".encode()
 
@@ -2378,10 +2546,11 @@ async def stored_after(
 
 
 class Subscriber:
-    __slots__ = ("filters", "live_from", "buffer", "buffered", "wake", "behind", "closed", "pump")
+    __slots__ = ("filters", "workflow", "live_from", "buffer", "buffered", "wake", "behind", "closed", "pump")
 
     def __init__(self, filters: dict) -> None:
-        self.filters = [(FILTER_FIELDS[k], v) for k, v in filters.items() if v is not None]
+        self.filters = [(FILTER_FIELDS[k], v) for k, v in filters.items() if v is not None and k != "workflow_id"]
+        self.workflow = filters.get("workflow_id")  # its timeline: its own events and those correlated
         self.live_from: int | None = None  # the log's last position just after it subscribed, once read
         self.buffer: deque = deque()  # (position, SSE bytes)
         self.buffered = 0  # bytes in the buffer
@@ -2467,14 +2636,15 @@ class Hub:
         for sub in self.subscribers:
             if sub.behind:
                 continue
-            buffer = sub.buffer
+            buffer, workflow = sub.buffer, sub.workflow
             for event, message in messages:
                 for index, value in sub.filters:
                     if event[index] != value:
                         break
                 else:
-                    buffer.append(message)
-                    sub.buffered += len(message[1])
+                    if workflow is None or in_workflow(event, workflow):
+                        buffer.append(message)
+                        sub.buffered += len(message[1])
             if sub.buffered > self.buffer_bytes:
                 sub.behind = True
                 buffer.clear()
@@ -2663,6 +2833,9 @@ async def list_reply(store: EventStore, page: Page, params: dict, read_chunk: in
 
 
 def page_query(params: dict, agent: str | None = None, workflow: str | None = None) -> Query:
+    if params.get("workflow_id") not in (None, workflow):
+        # ?workflow_id= on a route scoped to a workflow: another one matches nothing (NUL never does)
+        workflow = "\x00" if workflow is not None else params["workflow_id"]
     return Query(
         filters={name: params.get(name) for name in STREAM_FILTERS},
         since=params.get("since"),
@@ -2710,8 +2883,7 @@ async def workflow_events(request: Request) -> Response:
 async def workflow_agents_handler(request: Request) -> Response:
     state = request.app.state
     check_query(request, {})
-    agents = await state.store.workflow_agents(path_id(request, "workflow_id"))
-    return json_response({"agents": agents})
+    return json_response(await state.store.workflow_summary(path_id(request, "workflow_id")))
 
 
 async def store_health(store: EventStore) -> tuple:
@@ -2786,7 +2958,7 @@ SSE_HEADERS = {"cache-control": "no-cache", "x-accel-buffering": "no", "connecti
 async def stream(request: Request) -> Response:
     state = request.app.state
     params = check_query(request, state.stream_params)
-    filters = {name: params.get(name) for name in STREAM_FILTERS}
+    filters = {name: params.get(name) for name in (*STREAM_FILTERS, "workflow_id")}
     after = params.get("after")
     last_id = request.headers.get("last-event-id", "").strip()
     if last_id:
@@ -3106,7 +3278,7 @@ def docs_handler(request: Request) -> Response:
 
 
 def ui_handler(request: Request) -> Response:
-    return HTMLResponse(UI_PAGE)
+    return HTMLResponse(UI_PAGE.replace("__STATES__", json.dumps(STATES)))
 
 
 class ApiRoute(NamedTuple):
@@ -3136,6 +3308,15 @@ ROUTES = [
     ApiRoute("/docs", "GET", docs_handler, "docs", public=True),
     ApiRoute("/ui", "GET", ui_handler, "live_view", public=True),
 ]
+
+
+async def unknown_kind(request: Request) -> Response:
+    """/events/emit/ with a kind there is not, or a kind asked with a method other than POST."""
+    kind, kinds = request.path_params["kind"], (*KINDS, "batch")
+    if kind in kinds:
+        raise HTTPException(405, headers={"Allow": "POST"})
+    paths = ", ".join(f"/events/emit/{kind}" for kind in kinds)
+    raise Problem(404, f"no kind {kind!r} to emit: POST to one of {paths}")
 
 
 def create_app(config: APIServerConfig | None = None) -> Starlette:
@@ -3182,6 +3363,8 @@ def create_app(config: APIServerConfig | None = None) -> Starlette:
             writes, streams = api_route.method == "POST", api_route.path == "/events/stream"
             route.app = require_key(route.app, config, writes=writes, token_in_query=streams)
         routes.append(route)
+    every_method = ["GET", "HEAD", "POST", "PUT", "PATCH", "DELETE"]
+    routes.append(Route("/events/emit/{kind}", unknown_kind, methods=every_method))  # after the kinds
     middleware = [
         Middleware(check_host, allowed=config.allowed_hosts, bound_to_loopback=is_loopback(config.host)),
         Middleware(
@@ -3276,6 +3459,14 @@ def _json(schema: dict, description: str) -> dict:
 
 
 STRING_OR_NULL = {"type": ["string", "null"]}
+STATE_DOC = (
+    "a name whose last word (after `.`, `_`, `-`, `:`, `/` or a space; in any case) is "
+    + ", ".join(f"`{w}`" for w in STATE_RULES["completed"])
+    + " means `completed`; "
+    + ", ".join(f"`{w}`" for w in STATE_RULES["failed"])
+    + " means `failed`; any other name means `running`."
+)
+STATE_FIELD = {"type": "string", "enum": ["running", "completed", "failed"], "description": STATE_DOC}
 ERRORS = {
     401: ("Error", "Missing or wrong API key (only when the server has one)."),
     403: ("Error", "The key may read, not write (a key of --read-api-key)."),
@@ -3360,6 +3551,27 @@ def _schemas(config: APIServerConfig) -> dict:
         "last_event_time": {"type": "string"},
         "event_count": {"type": "integer"},
         "status": {"type": "string", "description": "The agent's latest event name."},
+        "state": STATE_FIELD,
+    }
+    workflow_props = {
+        "workflow_id": {"type": "string"},
+        "status": {
+            "type": ["string", "null"],
+            "description": "The latest name of the workflow's own events (null: it has none).",
+        },
+        "state": {
+            **STATE_FIELD,
+            "description": "By the same rules, from `status`; without events of its own, from its agents: "
+            "`running` if any agent runs, else `failed` if any failed, else `completed`.",
+        },
+        "start_time": {**STRING_OR_NULL, "description": "The timestamp of its timeline's earliest event."},
+        "end_time": {**STRING_OR_NULL, "description": "Its timeline's latest timestamp, once not running."},
+        "duration_seconds": {
+            "type": ["number", "null"],
+            "description": "From start_time to end_time, or to the latest event while it runs.",
+        },
+        "event_count": {"type": "integer", "description": "Events in its timeline."},
+        "agent_count": {"type": "integer"},
     }
     health_props = {
         "status": {"type": "string", "enum": ["healthy", "unhealthy"]},
@@ -3416,7 +3628,8 @@ def _schemas(config: APIServerConfig) -> dict:
             }
         ),
         "WorkflowAgent": obj(agent_props),
-        "AgentList": obj({"agents": {"type": "array", "items": _ref("WorkflowAgent")}}),
+        "Workflow": obj(workflow_props),
+        "AgentList": obj({"workflow": _ref("Workflow"), "agents": {"type": "array", "items": _ref("WorkflowAgent")}}),
         "Health": obj(health_props, ("detail",)),
         "DatabaseHealth": obj(db_props, ("detail",)),
         "Root": obj(
@@ -3473,7 +3686,7 @@ def operations(config: APIServerConfig) -> dict:
     def emit_op(kind: str) -> dict:
         label = KINDS[kind][2]
         return op(
-            f"Emit a {kind} event",
+            f"Emit {'an' if kind[0] in 'aeiou' else 'a'} {kind} event",
             "events",
             {"200": _json(_ref("EmitReply"), "Stored and committed.")},
             409,
@@ -3562,7 +3775,11 @@ def operations(config: APIServerConfig) -> dict:
             422,
             503,
             parameters=[_path_parameter("workflow_id", config)],
-            description="Agents with an event correlated to the workflow; `status` is the latest event name.",
+            description="The workflow's state and figures, and the agents with an event correlated to it. "
+            "An agent's `status` is its latest event name, and its `state` follows from it: "
+            + STATE_DOC
+            + " "
+            + PARENT_RULES,
         ),
         "stream_events": op(
             "Live events (Server-Sent Events)",
@@ -3648,12 +3865,119 @@ def openapi(config: APIServerConfig) -> dict:
     }
 
 
-DOCS_PAGE = """<!doctype html>
+# /docs: Swagger UI from --docs-assets-url, and a reference of its own when that cannot load.
+DOCS_PAGE = r"""<!doctype html>
 <html lang="en"><head><meta charset="utf-8"><title>{title} - docs</title>
-<link rel="stylesheet" href="{assets}/swagger-ui.css"></head>
-<body><div id="swagger-ui"></div>
-<script src="{assets}/swagger-ui-bundle.js"></script>
-<script>window.ui = SwaggerUIBundle({{url: "/openapi.json", dom_id: "#swagger-ui", deepLinking: true}});</script>
+<style>
+#reference {{ font: 14px/1.5 system-ui, sans-serif; color: #1d2433; max-width: 64rem; margin: 0 auto; padding: 1rem; }}
+#reference[hidden] {{ display: none; }}
+#reference .notice {{ background: #fff4d6; border: 1px solid #e8c96a; border-radius: 6px; padding: .6rem .8rem; }}
+#reference .op {{ border: 1px solid #dde1e8; border-radius: 6px; margin: 1rem 0; padding: .2rem .9rem .6rem; }}
+#reference h3 {{ font-size: 15px; }} #reference h4 {{ font-size: 13px; margin: .8rem 0 .2rem; }}
+#reference .method {{ display: inline-block; min-width: 3.5rem; text-align: center; color: #fff; border-radius: 4px;
+                      padding: 0 .4rem; margin-right: .4rem; background: #2f6fde; }}
+#reference .method.post {{ background: #1f9d55; }}
+#reference table {{ border-collapse: collapse; width: 100%; font-size: 13px; }}
+#reference td, #reference th {{ text-align: left; border-bottom: 1px solid #eee; padding: .2rem .4rem;
+                                vertical-align: top; }}
+#reference pre {{ background: #f5f6f8; padding: .5rem; border-radius: 4px; font-size: 12px; white-space: pre-wrap; }}
+</style></head>
+<body><div id="swagger-ui"></div><div id="reference" hidden></div>
+<script>
+"use strict";
+const ASSETS = {assets_js};
+let fellBack = false;
+// Swagger UI comes from ASSETS (--docs-assets-url); when it cannot load (offline, blocked),
+// the page says so and shows a reference of its own, built from /openapi.json.
+function fallBack(why) {{
+  if (fellBack || document.querySelector("#swagger-ui .swagger-ui")) return;
+  fellBack = true;
+  const box = document.getElementById("reference");
+  box.hidden = false;
+  box.innerHTML = '<p class="notice"></p><div id="ops">Loading /openapi.json\u2026</div>';
+  box.querySelector(".notice").textContent = "Swagger UI could not be loaded from " + ASSETS + " (" + why + "). " +
+    "This is the built-in reference, from /openapi.json. For the full Swagger UI, serve a copy of " +
+    "swagger-ui-dist and start the server with --docs-assets-url pointing at it.";
+  fetch("/openapi.json").then((r) => r.json()).then(render).catch((err) => {{
+    document.getElementById("ops").textContent = "/openapi.json could not be read: " + err;
+  }});
+}}
+function el(tag, text, cls) {{
+  const node = document.createElement(tag);
+  if (text !== undefined) node.textContent = text;
+  if (cls) node.className = cls;
+  return node;
+}}
+function render(doc) {{
+  const refOf = (schema) => (schema && schema.$ref ? doc.components.schemas[schema.$ref.split("/").pop()] : schema);
+  function describe(schema, depth) {{
+    schema = refOf(schema) || {{}};
+    const pad = "  ".repeat(depth);
+    let type = [].concat(schema.type || (schema.oneOf ? "one of" : "any")).join(" | ");
+    if (schema.enum) type += " (" + schema.enum.map((v) => JSON.stringify(v)).join(", ") + ")";
+    if (schema.type === "array" && depth < 6) return type + " of " + describe(schema.items, depth);
+    if (!schema.properties || depth >= 6) return type;
+    const required = new Set(schema.required || []);
+    return type + " {{\n" + Object.entries(schema.properties).map(([name, sub]) =>
+      pad + "  " + name + (required.has(name) ? "" : "?") + ": " + describe(sub, depth + 1) +
+      (refOf(sub) && refOf(sub).description ? "  \u2014 " + refOf(sub).description.split("\n")[0] : "")
+    ).join("\n") + "\n" + pad + "}}";
+  }}
+  const ops = document.getElementById("ops");
+  ops.textContent = "";
+  ops.append(el("h1", doc.info.title + " " + doc.info.version), el("p", doc.info.description || ""));
+  for (const [path, methods] of Object.entries(doc.paths)) {{
+    for (const [method, op] of Object.entries(methods)) {{
+      const box = el("section", undefined, "op");
+      box.id = "op-" + op.operationId;
+      const head = el("h3");
+      head.append(el("span", method.toUpperCase(), "method " + method), el("code", path), " " + (op.summary || ""));
+      box.append(head);
+      if (op.description) box.append(el("p", op.description));
+      if (op.parameters && op.parameters.length) {{
+        box.append(el("h4", "Parameters"));
+        const table = el("table");
+        table.innerHTML = "<tr><th>name</th><th>in</th><th>type</th><th>description</th></tr>";
+        for (const p of op.parameters) {{
+          const tr = el("tr");
+          tr.append(el("td", p.name + (p.required ? " *" : "")), el("td", p.in), el("td", describe(p.schema, 0)),
+                    el("td", (p.description || (p.schema && p.schema.description) || "")));
+          table.append(tr);
+        }}
+        box.append(table);
+      }}
+      const body = op.requestBody && op.requestBody.content && op.requestBody.content["application/json"];
+      if (body) {{
+        box.append(el("h4", "Request body"), el("pre", describe(body.schema, 0)));
+        const example = body.example || (body.examples && Object.values(body.examples)[0].value);
+        if (example) box.append(el("h4", "Example"), el("pre", JSON.stringify(example, null, 2)));
+      }}
+      box.append(el("h4", "Responses"));
+      for (const [code, reply] of Object.entries(op.responses || {{}})) {{
+        const json = reply.content && Object.values(reply.content)[0];
+        box.append(el("p", code + ": " + (reply.description || "")));
+        if (json && json.schema) box.append(el("pre", describe(json.schema, 0)));
+      }}
+      ops.append(box);
+    }}
+  }}
+}}
+// Both added from here, not in the markup: a stylesheet or script that never answers would
+// otherwise hold the whole page blank.
+const style = document.createElement("link");
+style.rel = "stylesheet";
+style.href = ASSETS + "/swagger-ui.css";
+document.head.append(style);
+const script = document.createElement("script");
+script.src = ASSETS + "/swagger-ui-bundle.js";
+script.onload = () => {{
+  if (fellBack) return;
+  window.ui = SwaggerUIBundle({{url: "/openapi.json", dom_id: "#swagger-ui", deepLinking: true}});
+}};
+script.onerror = () => fallBack("it did not load");
+document.head.append(script);
+setTimeout(() => window.SwaggerUIBundle || fallBack("no answer within 5 seconds"), 5000);
+</script>
 </body></html>
 """
 
@@ -3661,17 +3985,22 @@ DOCS_PAGE = """<!doctype html>
 def docs_html(config: APIServerConfig) -> str:
     from html import escape
 
-    return DOCS_PAGE.format(title=escape(config.title), assets=escape(config.docs_assets_url.rstrip("/")))
+    assets = config.docs_assets_url.rstrip("/")
+    assets_js = json.dumps(assets).replace("<", "\\u003c")  # a JS string that cannot end the script
+    return DOCS_PAGE.format(title=escape(config.title), assets_js=assets_js)
 
 
 # The live view at /ui: one self-contained page (no external asset, works offline).
 # It loads the newest events, then follows /events/stream from the last position;
-# it keeps at most MAX_ROWS rows in the DOM and MAX_EVENTS events in memory.
+# it keeps at most MAX_ROWS rows in the DOM and MAX_EVENTS events in memory. A selected
+# workflow (/ui?workflow=ID) gets a timeline: one SVG bar per agent, nested under its parent
+# and coloured by its state, drawn from a stream of the workflow's events of its own.
 UI_PAGE = r"""<!doctype html>
 <html lang="en"><head><meta charset="utf-8"><meta name="viewport" content="width=device-width, initial-scale=1">
 <title>Eventuali live view</title>
 <style>
-:root { font: 13px/1.4 system-ui, sans-serif; color: #1d2433; background: #f5f6f8; }
+:root { font: 13px/1.4 system-ui, sans-serif; color: #1d2433; background: #f5f6f8;
+        --running: #2f6fde; --completed: #1f9d55; --failed: #d92d20; }
 body { margin: 0; display: grid; grid-template-rows: auto 1fr; height: 100vh; }
 header { display: flex; gap: .5rem; align-items: center; padding: .5rem .8rem; background: #1d2433; color: #fff;
          flex-wrap: wrap; }
@@ -3682,18 +4011,35 @@ header input, header select, header button { font: inherit; padding: .2rem .4rem
 #status.live::before { content: "\25CF "; color: #3ddc84; }
 #status.down::before { content: "\25CF "; color: #ff6b6b; }
 main { display: grid; grid-template-columns: minmax(0, 3fr) minmax(0, 2fr); gap: .6rem; padding: .6rem; min-height: 0; }
+#left, #side { display: flex; flex-direction: column; gap: .6rem; min-height: 0; }
+#left > section:last-child { flex: 1; }
 section { background: #fff; border-radius: 6px; box-shadow: 0 1px 2px #0002; overflow: auto; min-height: 0; }
-section h2 { font-size: 13px; margin: 0; padding: .4rem .6rem; position: sticky; top: 0; background: #eef0f4; }
+section h2 { font-size: 13px; margin: 0; padding: .4rem .6rem; position: sticky; top: 0; background: #eef0f4;
+             z-index: 1; display: flex; gap: .5rem; align-items: center; flex-wrap: wrap; }
 table { border-collapse: collapse; width: 100%; }
 td { padding: .2rem .5rem; border-bottom: 1px solid #eee; white-space: nowrap; overflow: hidden;
      text-overflow: ellipsis; max-width: 16rem; }
 tr.event { cursor: pointer; } tr.event:hover { background: #f0f6ff; } tr.selected { background: #dbe9ff; }
 .k-AgentEvent { color: #0b62d6; } .k-WorkflowEvent { color: #8a3ffc; } .k-SystemEvent { color: #6f6f6f; }
-#side { display: grid; grid-template-rows: 1fr auto; gap: .6rem; min-height: 0; }
-.wf { padding: .4rem .6rem; border-bottom: 1px solid #eee; }
+.wf { padding: .4rem .6rem; border-bottom: 1px solid #eee; cursor: pointer; } .wf:hover { background: #f0f6ff; }
 .wf b { font-weight: 600; } .muted { color: #777; font-size: 12px; }
 ul.tree { list-style: none; margin: .2rem 0 0 .2rem; padding-left: .8rem; border-left: 1px dashed #ccc; }
-#detail { max-height: 40vh; }
+#timeline { flex: 0 0 auto; max-height: 60vh; }
+#timeline[hidden] { display: none; }
+.badge { padding: 0 .45rem; border-radius: 9px; color: #fff; font-size: 12px; font-weight: 600; }
+.badge.s-running { background: var(--running); } .badge.s-completed { background: var(--completed); }
+.badge.s-failed { background: var(--failed); }
+#tl-svg { display: block; font-size: 12px; }
+#tl-svg .bar, #tl-svg .wfbar { cursor: pointer; }
+#tl-svg .s-running { fill: var(--running); } #tl-svg .s-completed { fill: var(--completed); }
+#tl-svg .s-failed { fill: var(--failed); }
+#tl-svg .ticks { stroke: #fff; stroke-opacity: .75; stroke-width: 1; pointer-events: none; }
+#tl-svg .label { fill: #1d2433; cursor: pointer; } #tl-svg .label.failed { fill: var(--failed); font-weight: 700; }
+#tl-svg .axis { stroke: #c9ced8; } #tl-svg .axis-text { fill: #777; font-size: 11px; }
+#tl-svg .rowline { stroke: #f0f1f4; }
+#tl-svg g.agent.selected .bar { stroke: #1d2433; stroke-width: 2; }
+#agent-panel[hidden] { display: none; }
+#detail { max-height: 40vh; flex: 0 0 auto; }
 pre { margin: 0; padding: .5rem .6rem; font-size: 12px; white-space: pre-wrap; word-break: break-all; }
 dialog input { width: 20rem; }
 </style></head>
@@ -3703,16 +4049,25 @@ dialog input { width: 20rem; }
   <select id="f-type" title="event type"><option value="">all types</option>
     <option>AgentEvent</option><option>WorkflowEvent</option><option>SystemEvent</option></select>
   <input id="f-aggregate" placeholder="aggregate id" size="14">
-  <input id="f-workflow" placeholder="workflow (correlation) id" size="18">
+  <input id="f-workflow" placeholder="workflow id" size="18" title="a workflow: its timeline and its events">
   <input id="f-name" placeholder="event name" size="14">
   <button id="pause">Pause</button>
   <span id="status" class="down">connecting</span>
 </header>
 <main>
-  <section><h2>Events <span class="muted" id="count"></span></h2>
-    <table><tbody id="tail"></tbody></table></section>
+  <div id="left">
+    <section id="timeline" hidden><h2>Timeline <b id="tl-title"></b> <span id="tl-badge" class="badge"></span>
+      <span class="muted" id="tl-figures"></span></h2>
+      <svg id="tl-svg" xmlns="http://www.w3.org/2000/svg" role="img" aria-label="workflow timeline"></svg></section>
+    <section><h2>Events <span class="muted" id="count"></span></h2>
+      <table><tbody id="tail"></tbody></table></section>
+  </div>
   <div id="side">
-    <section><h2>Workflows</h2><div id="workflows"></div></section>
+    <section id="agent-panel" hidden>
+      <h2>Agent <b id="agent-title"></b> <span class="muted" id="agent-figures"></span></h2>
+      <table><tbody id="agent-events"></tbody></table></section>
+    <section><h2>Workflows <span class="muted">click one for its timeline</span></h2>
+      <div id="workflows"></div></section>
     <section id="detail"><h2>Event</h2><pre id="json">Click an event to see all of it.</pre></section>
   </div>
 </main>
@@ -3721,7 +4076,8 @@ dialog input { width: 20rem; }
   <button>Use key</button></form></dialog>
 <script>
 "use strict";
-const MAX_ROWS = 500, MAX_EVENTS = 10000, MAX_WORKFLOWS = 200;
+const MAX_ROWS = 500, MAX_EVENTS = 10000, MAX_WORKFLOWS = 200, MAX_TIMELINE_EVENTS = 100000;
+const STATES = __STATES__;  // the last word of an event name -> the state it means (the server's STATE_RULES)
 const $ = (id) => document.getElementById(id);
 let key = sessionStorage.getItem("eventuali-key") || "";
 let source = null, lastId = 0, paused = false, held = [], events = [], selected = null;
@@ -3729,7 +4085,7 @@ const workflows = new Map();  // workflow_id -> {status, first, last, agents: Ma
 
 function filters() {
   const f = {event_type: $("f-type").value, aggregate_id: $("f-aggregate").value.trim(),
-             correlation_id: $("f-workflow").value.trim(), event_name: $("f-name").value.trim()};
+             workflow_id: $("f-workflow").value.trim(), event_name: $("f-name").value.trim()};
   return Object.fromEntries(Object.entries(f).filter(([, v]) => v));
 }
 function query(extra) { return new URLSearchParams({...filters(), ...extra}).toString(); }
@@ -3739,28 +4095,43 @@ async function api(path) {
   if (!reply.ok) throw new Error(path + ": " + reply.status);
   return reply.json();
 }
+let asking = null;
 function askKey() {
-  return new Promise((resolve) => {
+  if (asking) return asking;
+  asking = new Promise((resolve) => {
     const dialog = $("keydialog");
     dialog.addEventListener("close", () => {
-      key = $("keyinput").value; sessionStorage.setItem("eventuali-key", key); resolve();
+      key = $("keyinput").value; sessionStorage.setItem("eventuali-key", key); asking = null; resolve();
     }, {once: true});
     dialog.showModal();
   });
+  return asking;
 }
 function setStatus(text, live) { $("status").textContent = text; $("status").className = live ? "live" : "down"; }
-
-function duration(a, b) {
-  const ms = Date.parse(b) - Date.parse(a);
-  if (!(ms >= 0)) return "";
-  return ms < 1000 ? ms + " ms" : ms < 60000 ? (ms / 1000).toFixed(1) + " s" : Math.round(ms / 60000) + " min";
+function stateOf(name) {
+  const words = name.toLowerCase().split(/[._:\/ -]/);
+  return STATES[words[words.length - 1]] || STATES[words.slice(-2).join("_")] || "running";
 }
+function span(ms) {
+  if (!(ms >= 0)) return "";
+  return ms < 1000 ? Math.round(ms) + " ms" : ms < 60000 ? (ms / 1000).toFixed(1) + " s"
+       : ms < 3600000 ? (ms / 60000).toFixed(1) + " min" : (ms / 3600000).toFixed(1) + " h";
+}
+function duration(a, b) { return span(Date.parse(b) - Date.parse(a)); }
+function showJSON(e, tr) {
+  if (selected) selected.classList.remove("selected");
+  selected = tr; if (tr) tr.classList.add("selected");
+  $("json").textContent = JSON.stringify(e, null, 2);
+}
+
+// -- the workflows list and the events table ----------------------------------------------
 function remember(e) {
   const wfId = e.aggregate_type === "workflow_aggregate" ? e.aggregate_id : e.correlation_id;
   if (!wfId) return;
   let wf = workflows.get(wfId);
   if (!wf) {
-    wf = {status: "", first: e.timestamp, last: e.timestamp, agents: new Map()}; workflows.set(wfId, wf);
+    wf = {status: "", first: e.timestamp, last: e.timestamp, agents: new Map(), owners: new Map()};
+    workflows.set(wfId, wf);
     if (workflows.size > MAX_WORKFLOWS) workflows.delete(workflows.keys().next().value);
   }
   if (e.timestamp < wf.first) wf.first = e.timestamp;
@@ -3774,23 +4145,27 @@ function remember(e) {
     }
     a.count += 1; a.status = e.event_name; a.last = e.timestamp;
     if (e.agent_name) a.name = e.agent_name;
-    if (e.parent_agent_id) a.parent = e.parent_agent_id;
+    // the parent by the server's rules, as far as the events in hand tell
+    if (wf.owners.size < MAX_EVENTS) wf.owners.set(e.event_id, e.aggregate_id);
+    const cause = e.causation_id, owner = wf.agents.has(cause) ? cause : wf.owners.get(cause);
+    if (a.parent === null && cause && cause !== e.aggregate_id && owner !== e.aggregate_id) {
+      if (cause === wfId) a.parent = "";
+      else if (owner) a.parent = owner;
+    }
   }
 }
-function row(e) {
+function row(e, columns) {
   const tr = document.createElement("tr");
   tr.className = "event"; tr.dataset.position = e.position;
-  for (const [text, cls] of [[e.position, "muted"], [e.timestamp.slice(11, 23), "muted"],
-                             [e.event_type, "k-" + e.event_type], [e.event_name, ""],
-                             [e.aggregate_id, ""], [e.correlation_id || "", "muted"]]) {
+  for (const [text, cls] of columns) {
     const td = document.createElement("td"); td.textContent = text; if (cls) td.className = cls; tr.append(td);
   }
-  tr.addEventListener("click", () => {
-    if (selected) selected.classList.remove("selected");
-    selected = tr; tr.classList.add("selected");
-    $("json").textContent = JSON.stringify(e, null, 2);
-  });
+  tr.addEventListener("click", () => showJSON(e, tr));
   return tr;
+}
+function tailRow(e) {
+  return row(e, [[e.position, "muted"], [e.timestamp.slice(11, 23), "muted"], [e.event_type, "k-" + e.event_type],
+                 [e.event_name, ""], [e.aggregate_id, ""], [e.correlation_id || "", "muted"]]);
 }
 let drawPending = false;
 function draw() {
@@ -3807,6 +4182,7 @@ function drawWorkflows() {
     div.innerHTML = "<b></b> <span class=muted></span>";
     div.querySelector("b").textContent = id;
     div.querySelector("span").textContent = [wf.status, duration(wf.first, wf.last)].filter(Boolean).join(" · ");
+    div.addEventListener("click", () => selectWorkflow(id));
     const children = new Map();
     for (const [agentId, a] of wf.agents) {
       const parent = a.parent && wf.agents.has(a.parent) ? a.parent : "";
@@ -3834,7 +4210,7 @@ function drawWorkflows() {
 }
 function show(list) {
   const tail = $("tail"), rows = document.createDocumentFragment();
-  for (const e of list) rows.prepend(row(e));
+  for (const e of list) rows.prepend(tailRow(e));
   tail.prepend(rows);
   while (tail.children.length > MAX_ROWS) tail.lastChild.remove();
 }
@@ -3847,18 +4223,28 @@ function receive(e) {
   else show([e]);
   draw();
 }
+function follow(params, onEvent, onState) {
+  // An EventSource that resumes by itself (Last-Event-ID); when the browser gives up, a new one
+  // resumes after the last position seen.
+  let es = null, closed = false;
+  const open = () => {
+    if (closed) return;
+    const p = {...params(), ...(key ? {access_token: key} : {})};
+    es = new EventSource("/events/stream?" + new URLSearchParams(p));
+    es.addEventListener("open", () => onState && onState(true));
+    es.addEventListener("event", (m) => onEvent(JSON.parse(m.data)));
+    es.addEventListener("error", () => {
+      if (onState) onState(false);
+      if (es.readyState === EventSource.CLOSED) setTimeout(open, 3000);
+    });
+  };
+  open();
+  return {close() { closed = true; if (es) es.close(); }};
+}
 function connect() {
   if (source) source.close();
-  const params = {after: String(lastId)};
-  if (key) params.access_token = key;
-  source = new EventSource("/events/stream?" + query(params));
-  source.addEventListener("open", () => setStatus("live", true));
-  source.addEventListener("event", (m) => receive(JSON.parse(m.data)));
-  source.addEventListener("error", () => {
-    setStatus("reconnecting", false);
-    // else the browser retries by itself, with Last-Event-ID
-    if (source.readyState === EventSource.CLOSED) setTimeout(connect, 3000);
-  });
+  source = follow(() => ({...filters(), after: String(lastId)}), receive,
+                  (live) => setStatus(live ? "live" : "reconnecting", live));
 }
 async function start() {
   if (source) source.close();
@@ -3868,15 +4254,202 @@ async function start() {
   for (const e of history) { events.push(e); remember(e); lastId = Math.max(lastId, e.position); }
   show(history); draw(); connect();
 }
+
+// -- the timeline of the selected workflow -------------------------------------------------
+// Its events come from a stream of their own (all of them, then live); the agents' parents
+// from /events/workflows/{id}/agents, asked again when an agent it did not know appears.
+let tl = null;
+function selectWorkflow(id) {
+  $("f-workflow").value = id;
+  changed();
+}
+function openTimeline(id) {
+  if (tl) { tl.source.close(); tl = null; }
+  $("timeline").hidden = !id; $("agent-panel").hidden = true;
+  const url = new URL(location.href);
+  if (id) url.searchParams.set("workflow", id); else url.searchParams.delete("workflow");
+  history.replaceState(null, "", url);
+  if (!id) return;
+  tl = {id, agents: new Map(), own: [], count: 0, last: 0, t0: Infinity, t1: -Infinity, known: new Set(),
+        fetching: false, again: false, pending: false, chosen: null};
+  $("tl-title").textContent = id;
+  const mine = tl;
+  tl.source = follow(() => ({workflow_id: id, after: String(mine.last)}), (e) => timelineEvent(mine, e));
+  askParents();
+  drawTimeline();
+}
+function agentOf(id) {
+  let a = tl.agents.get(id);
+  if (!a) {
+    a = {id, name: "", parent: undefined, first: Infinity, last: -Infinity, firstPos: Infinity, status: "",
+         state: "running", events: []};
+    tl.agents.set(id, a);
+  }
+  return a;
+}
+function timelineEvent(mine, e) {
+  if (tl !== mine || e.position <= tl.last) return;
+  tl.last = e.position; tl.count += 1;
+  const ms = Date.parse(e.timestamp);
+  e.ms = ms;
+  if (ms < tl.t0) tl.t0 = ms;
+  if (ms > tl.t1) tl.t1 = ms;
+  const keep = tl.count <= MAX_TIMELINE_EVENTS;
+  if (e.aggregate_type === "workflow_aggregate" && e.aggregate_id === tl.id) {
+    if (keep) tl.own.push(e);
+    tl.status = e.event_name;
+  } else if (e.aggregate_type === "agent_aggregate") {
+    const a = agentOf(e.aggregate_id);
+    if (keep) a.events.push(e);
+    if (ms < a.first) a.first = ms;
+    if (ms > a.last) a.last = ms;
+    if (e.position < a.firstPos) a.firstPos = e.position;
+    a.status = e.event_name; a.state = stateOf(e.event_name);
+    if (e.agent_name) a.name = e.agent_name;
+    if (!tl.known.has(a.id) || (e.causation_id && a.parent === undefined)) askParents();
+  }
+  drawTimeline();
+}
+function askParents() {
+  if (!tl) return;
+  if (tl.fetching) { tl.again = true; return; }
+  const mine = tl;
+  mine.fetching = true; mine.again = false;
+  api("/events/workflows/" + encodeURIComponent(mine.id) + "/agents").then((summary) => {
+    if (tl !== mine) return;
+    for (const s of summary.agents) {
+      const a = agentOf(s.agent_id);
+      a.parent = s.parent_agent_id; mine.known.add(s.agent_id);
+      if (s.agent_name) a.name = s.agent_name;
+    }
+    drawTimeline();
+  }).catch(() => {}).finally(() => {
+    mine.fetching = false;
+    if (mine.again && tl === mine) setTimeout(askParents, 100);
+  });
+}
+function workflowState() {
+  if (tl.status) return stateOf(tl.status);
+  const states = new Set([...tl.agents.values()].map((a) => a.state));
+  return states.has("running") || !states.size ? "running" : states.has("failed") ? "failed" : "completed";
+}
+function drawTimeline() {
+  if (!tl || tl.pending) return;
+  tl.pending = true;
+  const mine = tl;
+  requestAnimationFrame(() => { mine.pending = false; if (tl === mine) renderTimeline(); });
+}
+const esc = (s) => String(s).replace(/[&<>"]/g, (c) => ({"&": "&amp;", "<": "&lt;", ">": "&gt;", '"': "&quot;"}[c]));
+function rows() {
+  // depth first: roots in order of their first event, each followed by its children
+  const agents = tl.agents, children = new Map(), out = [], placed = new Set();
+  for (const a of agents.values()) {
+    const parent = a.parent && a.parent !== a.id && agents.has(a.parent) ? a.parent : "";
+    if (!children.has(parent)) children.set(parent, []);
+    children.get(parent).push(a);
+  }
+  for (const list of children.values()) list.sort((x, y) => x.firstPos - y.firstPos);
+  const stack = [...(children.get("") || [])].reverse().map((a) => [a, 0]);
+  while (stack.length) {
+    const [a, depth] = stack.pop();
+    if (placed.has(a.id)) continue;
+    placed.add(a.id); out.push([a, depth]);
+    for (const c of [...(children.get(a.id) || [])].reverse()) stack.push([c, depth + 1]);
+  }
+  for (const a of agents.values()) if (!placed.has(a.id)) out.push([a, 0]);  // in a cycle
+  return out;
+}
+function renderTimeline() {
+  const svg = $("tl-svg"), state = workflowState();
+  const width = Math.max(600, svg.parentElement.clientWidth - 4), LABEL = 230, ROW = 20, TOP = 26;
+  const t0 = tl.t0 === Infinity ? 0 : tl.t0, t1 = Math.max(tl.t1, t0 + 1);
+  const plot = width - LABEL - 16, x = (ms) => LABEL + ((ms - t0) / (t1 - t0)) * plot;
+  const list = rows(), height = TOP + ROW * (list.length + 1) + 6;
+  $("tl-badge").textContent = state; $("tl-badge").className = "badge s-" + state;
+  const failed = list.filter(([a]) => a.state === "failed").length;
+  $("tl-figures").textContent = [tl.status || "", span(tl.t1 - tl.t0), list.length + " agents",
+    tl.count + " events", failed ? failed + " failed" : ""].filter(Boolean).join(" · ");
+  const parts = [];
+  for (let i = 0; i <= 5; i++) {  // the time axis
+    const ms = t0 + ((t1 - t0) * i) / 5, px = x(ms).toFixed(1);
+    const anchor = ["start", "middle", "end"][i && (i < 5 ? 1 : 2)];
+    parts.push(`<line class="axis" x1="${px}" x2="${px}" y1="${TOP - 6}" y2="${height}"/>`,
+               `<text class="axis-text" x="${px}" y="${TOP - 10}" text-anchor="${anchor}">` +
+               `+${esc(span(ms - t0))}</text>`);
+  }
+  const bar = (cls, y, first, last) => {
+    const x1 = x(first), w = Math.max(3, x(last) - x1);
+    return `<rect class="${cls}" x="${x1.toFixed(1)}" y="${y + 3}" width="${w.toFixed(1)}" height="${ROW - 6}"` +
+           ' rx="3"/>';
+  };
+  const label = (state, indent, y, text, title) =>
+    `<text class="label${state === "failed" ? " failed" : ""}" x="${6 + indent * 14}" y="${y + 14}">` +
+    `${state === "failed" ? "\u2716 " : ""}${esc(text.slice(0, 40))}<title>${esc(title)}</title></text>`;
+  const ticks = (list, y) => {
+    let d = "";
+    for (const e of list) d += `M${x(e.ms).toFixed(1)} ${y + 4}v${ROW - 8}`;
+    return d ? `<path class="ticks" d="${d}"/>` : "";
+  };
+  let y = TOP;
+  parts.push(`<g class="workflow" data-state="${state}">` + label(state, 0, y, "workflow " + tl.id, tl.status || "") +
+             (tl.count ? bar("wfbar s-" + state, y, t0, tl.t1) : "") + ticks(tl.own, y) + "</g>");
+  let drawn = tl.own.length;
+  for (const [a, depth] of list) {
+    y += ROW;
+    const parent = a.parent && tl.agents.has(a.parent) ? a.parent : "";
+    parts.push(`<g class="agent" data-agent="${esc(a.id)}" data-parent="${esc(parent)}" data-depth="${depth}"` +
+               ` data-state="${a.state}"><line class="rowline" x1="0" x2="${width}" y1="${y + ROW}" y2="${y + ROW}"/>` +
+               label(a.state, depth, y, a.name || a.id, a.id + ": " + a.status) +
+               (a.first <= a.last ? bar("bar s-" + a.state, y, a.first, a.last) : "") + ticks(a.events, y) + "</g>");
+    drawn += a.events.length;
+  }
+  svg.setAttribute("width", width); svg.setAttribute("height", height);
+  svg.setAttribute("viewBox", `0 0 ${width} ${height}`);
+  svg.dataset.events = drawn; svg.dataset.agents = list.length;
+  svg.innerHTML = parts.join("");
+  if (tl.chosen) {
+    const g = svg.querySelector(`g.agent[data-agent="${CSS.escape(tl.chosen)}"]`);
+    if (g) g.classList.add("selected");
+  }
+}
+function showAgent(id) {
+  const a = tl && tl.agents.get(id);
+  if (!a) return;
+  tl.chosen = id; renderTimeline();
+  $("agent-panel").hidden = false;
+  $("agent-title").textContent = a.name ? a.name + " (" + id + ")" : id;
+  $("agent-figures").textContent = [a.state, a.status, a.events.length + " events",
+    span(a.last - a.first)].join(" · ");
+  const body = $("agent-events"), rowsOut = document.createDocumentFragment();
+  for (const e of a.events.slice(-MAX_ROWS)) {
+    rowsOut.append(row(e, [[e.position, "muted"], [e.timestamp.slice(11, 23), "muted"], [e.event_name, ""],
+                           [e.causation_id || "", "muted"]]));
+  }
+  body.textContent = ""; body.append(rowsOut);
+}
+$("tl-svg").addEventListener("click", (event) => {
+  const g = event.target.closest("g.agent");
+  if (g) showAgent(g.dataset.agent);
+  else if (event.target.closest("g.workflow") && tl && tl.own.length) showJSON(tl.own[tl.own.length - 1], null);
+});
+window.addEventListener("resize", () => drawTimeline());
+
+// -- controls ----------------------------------------------------------------------------
 $("pause").addEventListener("click", () => {
   paused = !paused;
   if (!paused) { show(held); held = []; }
   $("pause").textContent = paused ? "Resume" : "Pause";
 });
+function changed() {
+  const id = $("f-workflow").value.trim();
+  if (!tl || tl.id !== id) openTimeline(id);
+  start().catch((err) => setStatus(String(err), false));
+}
 let debounce = null;
 for (const id of ["f-type", "f-aggregate", "f-workflow", "f-name"])
-  $(id).addEventListener("input", () => { clearTimeout(debounce); debounce = setTimeout(start, 300); });
-start().catch((err) => setStatus(String(err), false));
+  $(id).addEventListener("input", () => { clearTimeout(debounce); debounce = setTimeout(changed, 300); });
+$("f-workflow").value = new URLSearchParams(location.search).get("workflow") || "";
+changed();
 </script>
 </body></html>
 """
@@ -4142,6 +4715,28 @@ def raise_open_files_limit() -> None:
         pass
 
 
+def check_port(host: str, port: int) -> None:
+    """Raise OSError, saying which setting to change, unless the server can bind host:port now:
+    before anything claims to be running."""
+    import errno
+    import socket
+
+    try:
+        family, kind, proto, _, address = socket.getaddrinfo(host, port, type=socket.SOCK_STREAM)[0]
+    except socket.gaierror as exc:
+        raise OSError(f"cannot bind to host {host!r} ({exc.strerror}); change --host (HOST)") from None
+    with socket.socket(family, kind, proto) as probe:
+        probe.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEADDR, 1)  # as uvicorn binds
+        try:
+            probe.bind(address)
+        except OSError as exc:
+            if exc.errno == errno.EADDRINUSE:
+                raise OSError(f"port {port} on {host} is in use; choose another with --port (PORT)") from None
+            raise OSError(
+                f"cannot bind to {host}:{port} ({exc.strerror}); change --host (HOST) or --port (PORT)"
+            ) from None
+
+
 SUBCOMMANDS = {"backup": backup_main, "copy": copy_main}
 
 
@@ -4161,6 +4756,11 @@ def main(argv: Sequence[str] | None = None) -> None:
     except (OSError, StoreError) as exc:
         where = redact_url(config.database_url) if config.database_url else f"data dir {config.data_dir!r}"
         print(f"eventuali-api-server: error: cannot use {where}: {exc}", file=sys.stderr)
+        sys.exit(1)
+    try:
+        check_port(config.host, config.port)
+    except OSError as exc:
+        print(f"eventuali-api-server: error: {exc}", file=sys.stderr)
         sys.exit(1)
     set_config(config)
     logging.basicConfig(level=config.log_level.upper(), format="%(levelname)s:     %(message)s")

@@ -20,6 +20,7 @@ import threading
 import time
 import uuid
 from concurrent.futures import ThreadPoolExecutor
+from datetime import datetime, timedelta, timezone
 from pathlib import Path
 from typing import Any
 
@@ -538,6 +539,30 @@ def test_uvicorn_module_app_reads_environment(tmp_path):
         stop_process(proc)
 
 
+def test_busy_port_exits_1_naming_port_and_flag_before_claiming_to_run(tmp_path):
+    with socket.socket() as taken:
+        taken.bind(("127.0.0.1", 0))
+        taken.listen()
+        port = taken.getsockname()[1]
+        proc = subprocess.run(
+            [sys.executable, SERVER, "--data-dir", str(tmp_path / "d"), "--port", str(port)],
+            capture_output=True,
+            text=True,
+            timeout=30,
+        )
+    assert proc.returncode == 1
+    lines = (proc.stdout + proc.stderr).strip().splitlines()
+    assert len(lines) == 1, lines
+    assert f"port {port}" in lines[0] and "--port" in lines[0] and "in use" in lines[0]
+
+
+def test_help_lists_the_commands():
+    out = subprocess.run([sys.executable, SERVER, "--help"], capture_output=True, text=True, timeout=30)
+    assert out.returncode == 0
+    for command in eas.SUBCOMMANDS:
+        assert f"eventuali-api-server {command}" in out.stdout
+
+
 def test_unusable_data_dir_exits_1_with_one_line(tmp_path):
     blocker = tmp_path / "file"
     blocker.write_text("in the way")
@@ -623,7 +648,8 @@ def test_docs_page(front):
 
 def test_docs_assets_setting(tmp_path):
     with ThreadServer(tmp_path, docs_assets_url="/static/swagger") as server:
-        assert 'src="/static/swagger/swagger-ui-bundle.js"' in server.client.get("/docs").text
+        page = server.client.get("/docs").text
+    assert 'const ASSETS = "/static/swagger";' in page
 
 
 def test_unknown_path_and_wrong_method_are_json(front):
@@ -883,7 +909,7 @@ def test_nul_characters_are_refused_in_stored_text_and_match_nothing_in_filters(
     ):
         page = events_of(c, path, **params)
         assert (page["total"], page["events"]) == (0, []), path
-    assert c.get("/events/workflows/w%00/agents").json() == {"agents": []}
+    assert c.get("/events/workflows/w%00/agents").json()["agents"] == []
 
 
 def test_ids_that_routes_read_back_cannot_hold_a_slash(front, shared):
@@ -1171,7 +1197,7 @@ def test_cursor_walks_every_page(log):
         ({"since": "2026-01-01T02:00:05+02:00"}, [8, 7]),  # an instant, not a string comparison
         ({"until": "2026-01-01T00:00:01Z"}, [2, 1]),
         ({"since": "2026-01-01T00:00:01Z", "until": "2026-01-01T00:00:03Z"}, [4, 3]),
-        ({"event_type": "NoSuchEvent"}, []),
+        ({"event_type": "AgentEvent", "aggregate_type": "workflow_aggregate"}, []),  # contradict each other
     ],
 )
 def test_list_filters(log, params, expected):
@@ -1240,6 +1266,7 @@ def test_workflow_agents(log):
             "last_event_time": "2026-01-01T00:00:06.000000+00:00",
             "event_count": 2,
             "status": "agent.completed",
+            "state": "completed",
         },
         {
             "agent_id": "a2",
@@ -1250,9 +1277,204 @@ def test_workflow_agents(log):
             "last_event_time": "2026-01-01T00:00:04.000000+00:00",
             "event_count": 2,
             "status": "agent.completed",
+            "state": "completed",
         },
     ]
     assert [a["agent_id"] for a in log.get("/events/workflows/w2/agents").json()["agents"]] == ["b1"]
+
+
+def test_workflow_summary(log):
+    assert log.get("/events/workflows/w1/agents").json()["workflow"] == {
+        "workflow_id": "w1",
+        "status": "workflow.completed",
+        "state": "completed",
+        "start_time": "2026-01-01T00:00:00.000000+00:00",
+        "end_time": "2026-01-01T00:00:07.000000+00:00",
+        "duration_seconds": 7.0,
+        "event_count": 6,
+        "agent_count": 2,
+    }
+    running = log.get("/events/workflows/w2/agents").json()["workflow"]
+    assert running["status"] is None and running["state"] == "running"  # no events of its own: its agent runs
+    assert running["end_time"] is None and running["duration_seconds"] == 0.0 and running["event_count"] == 1
+
+
+STATE_CASES = [
+    ("agent.completed", "completed"),
+    ("Agent.Succeeded", "completed"),
+    ("task_finished", "completed"),
+    ("step-done", "completed"),
+    ("DONE", "completed"),
+    ("agent.failed", "failed"),
+    ("agent.error", "failed"),
+    ("tool:ERRORED", "failed"),
+    ("agent.cancelled", "failed"),
+    ("agent.timed_out", "failed"),
+    ("run/timed out", "failed"),
+    ("agent.started", "running"),
+    ("agent.progress", "running"),
+    ("agent.completedness", "running"),
+    ("failed.retrying", "running"),
+]
+
+
+def test_state_rules(client):
+    for i, (name, _state) in enumerate(STATE_CASES):
+        emit(client, name="agent.started", aggregate_id=f"a{i}", correlation_id=f"wf{i}")
+        emit(client, name=name, aggregate_id=f"a{i}", correlation_id=f"wf{i}")
+        emit(client, "workflow", name=name, aggregate_id=f"wf{i}")
+    for i, (name, state) in enumerate(STATE_CASES):
+        reply = client.get(f"/events/workflows/wf{i}/agents").json()
+        assert reply["agents"][0]["status"] == name and reply["agents"][0]["state"] == state, name
+        assert reply["workflow"]["status"] == name and reply["workflow"]["state"] == state, name
+        assert (reply["workflow"]["end_time"] is None) == (state == "running"), name
+
+
+def test_workflow_state_from_its_agents_without_events_of_its_own(client):
+    def state() -> str:
+        return client.get("/events/workflows/wf/agents").json()["workflow"]["state"]
+
+    emit(client, name="agent.started", aggregate_id="a", correlation_id="wf")
+    emit(client, name="agent.started", aggregate_id="b", correlation_id="wf")
+    emit(client, name="agent.failed", aggregate_id="a", correlation_id="wf")
+    assert state() == "running"  # b still runs
+    emit(client, name="agent.completed", aggregate_id="b", correlation_id="wf")
+    assert state() == "failed"
+    emit(client, name="agent.completed", aggregate_id="a", correlation_id="wf")  # a retried, and made it
+    assert state() == "completed"
+
+
+def test_parent_resolution(client):
+    wf = "wf-p"
+    planner = emit(client, name="agent.started", aggregate_id="planner", correlation_id=wf, causation_id=wf)
+    emit(client, name="agent.progress", aggregate_id="planner", correlation_id=wf, causation_id=planner["event_id"])
+    # the parent's event id, the usual event-sourcing meaning of causation_id
+    coder = emit(
+        client, name="agent.started", aggregate_id="coder", correlation_id=wf, causation_id=planner["event_id"]
+    )
+    emit(client, name="agent.started", aggregate_id="tester", correlation_id=wf, causation_id="planner")  # its id
+    emit(client, name="agent.started", aggregate_id="reviewer", correlation_id=wf, causation_id=coder["event_id"])
+    emit(client, name="agent.progress", aggregate_id="reviewer", correlation_id=wf, causation_id="planner")  # later
+    started = emit(client, "workflow", name="workflow.started", aggregate_id=wf)
+    emit(client, name="agent.started", aggregate_id="root2", correlation_id=wf, causation_id=started["event_id"])
+    emit(client, name="agent.started", aggregate_id="orphan", correlation_id=wf, causation_id="somewhere-else")
+    emit(client, name="agent.started", aggregate_id="self", correlation_id=wf)
+    emit(client, name="agent.completed", aggregate_id="self", correlation_id=wf, causation_id="self")
+    x = emit(client, name="agent.started", aggregate_id="x", correlation_id=wf, causation_id="y")
+    emit(client, name="agent.started", aggregate_id="y", correlation_id=wf, causation_id=x["event_id"])
+    outside = emit(client, name="agent.started", aggregate_id="elsewhere", correlation_id="other-wf")
+    emit(client, name="agent.started", aggregate_id="sub", correlation_id=wf, causation_id=outside["event_id"])
+    agents = client.get(f"/events/workflows/{wf}/agents").json()["agents"]
+    parents = {agent["agent_id"]: agent["parent_agent_id"] for agent in agents}
+    assert parents == {
+        "planner": None,  # the workflow itself: a root
+        "coder": "planner",  # an event of the planner
+        "tester": "planner",  # the planner's id
+        "reviewer": "coder",  # the first cause wins
+        "root2": None,  # an event of the workflow
+        "orphan": "somewhere-else",  # names nothing stored: shown as it is
+        "self": None,  # its own id is passed over
+        "x": None,  # x and y name each other: the cycle is cut at x, which joined first
+        "y": "x",
+        "sub": "elsewhere",  # an event of an agent of another workflow
+    }
+    assert [agent["agent_id"] for agent in agents][:3] == ["planner", "coder", "tester"]
+
+
+def test_parent_resolution_with_many_agents(client):
+    """Past one statement's worth of ids (the lookups go in chunks)."""
+    root = emit(client, name="agent.started", aggregate_id="r", correlation_id="big")
+    events = [
+        {"kind": "agent", "name": "agent.started", "aggregate_id": f"c{i}", "correlation_id": "big",
+         "causation_id": root["event_id"] if i % 2 else "r"}
+        for i in range(1200)
+    ]  # fmt: skip
+    for start in range(0, 1200, 600):
+        assert client.post("/events/emit/batch", json={"events": events[start : start + 600]}).status_code == 200
+    agents = client.get("/events/workflows/big/agents").json()["agents"]
+    assert len(agents) == 1201 and {a["parent_agent_id"] for a in agents[1:]} == {"r"}
+
+
+def test_workflow_id_filter_is_the_workflow_timeline(log):
+    for params in (
+        {},
+        {"order": "asc"},
+        {"aggregate_type": "agent_aggregate"},
+        {"event_name": "agent.started"},
+        {"since": "2026-01-01T00:00:01Z"},
+        {"limit": 2, "offset": 1},
+        {"after": 2, "order": "asc"},
+    ):
+        assert events_of(log, "/events/", workflow_id="w1", **params) == events_of(
+            log, "/events/workflows/w1", **params
+        )
+    assert positions(events_of(log, workflow_id="w1", order="asc")) == [1, 2, 3, 6, 7, 8]
+    assert positions(events_of(log, "/events/agents/a2", workflow_id="w1")) == [3]  # a2's correlated to w1
+    assert positions(events_of(log, "/events/agents/a2", workflow_id="w2")) == []
+    assert positions(events_of(log, "/events/workflows/w1", workflow_id="w1")) == [8, 7, 6, 3, 2, 1]
+    assert events_of(log, "/events/workflows/w1", workflow_id="w2")["total"] == 0
+    assert events_of(log, workflow_id="nothing")["total"] == 0
+    assert_invalid(log.get("/events/", params={"workflow_id": ""}), "query", "workflow_id")
+
+
+def test_stream_workflow_id_from_stored_to_live(srv):
+    """The stream with workflow_id sends exactly what /events/workflows/{id} lists, in position
+    order, across the seam between the stored events and the live ones."""
+    c = srv.client
+
+    def write(tag: str) -> None:
+        emit(c, "workflow", name=f"workflow.{tag}", aggregate_id="wf")
+        emit(c, name=f"agent.{tag}", aggregate_id="a", correlation_id="wf")
+        emit(c, name=f"agent.{tag}", aggregate_id="b", correlation_id="other")  # not in wf
+        emit(c, "system", name=f"session.{tag}", correlation_id="wf")
+        emit(c, "workflow", name=f"workflow.{tag}", aggregate_id="other")  # not in wf
+        emit(c, name=f"agent.{tag}", aggregate_id="wf")  # an agent named like it, uncorrelated: not in wf
+
+    for i in range(3):
+        write(f"stored{i}")
+    stream = open_stream(srv.url, "?workflow_id=wf&after=4")
+    try:
+        for i in range(3):
+            write(f"live{i}")
+        expected = positions(events_of(c, "/events/workflows/wf", order="asc", after=4))
+        assert len(expected) == 2 * 3 + 3 * 3  # the first write's three are at or before 4
+        assert [int(m["id"]) for m in stream.events(len(expected))] == expected
+    finally:
+        stream.close()
+    # resumed with Last-Event-ID from the middle, as browsers do
+    middle = expected[len(expected) // 2]
+    stream = open_stream(srv.url, "?workflow_id=wf", **{"Last-Event-ID": str(middle)})
+    try:
+        emit(c, "workflow", name="workflow.completed", aggregate_id="wf")
+        last = c.get("/events/").json()["events"][0]["position"]
+        assert [int(m["id"]) for m in stream.events(len(expected) // 2 + 1)] == [
+            *[p for p in expected if p > middle],
+            last,
+        ]
+    finally:
+        stream.close()
+
+
+@pytest.mark.parametrize("name, value", [("event_type", "agent"), ("aggregate_type", "agent")])
+def test_unknown_filter_values_are_422_listing_the_valid_ones(front, name, value):
+    valid = ["AgentEvent", "WorkflowEvent", "SystemEvent"] if name == "event_type" else [
+        "agent_aggregate", "workflow_aggregate", "system_aggregate"
+    ]  # fmt: skip
+    for path in ("/events/", "/events/agents/a1", "/events/workflows/w1", "/events/stream"):
+        [error] = assert_invalid(front.get(path, params={name: value}), "query", name)
+        assert all(v in error["msg"] for v in valid), error
+    for v in valid:
+        assert front.get("/events/", params={name: v}).status_code == 200
+
+
+def test_unknown_emit_kind_is_404_naming_the_kinds(front):
+    for method, path in [("POST", "/events/emit/agents"), ("POST", "/events/emit/Agent"), ("GET", "/events/emit/x")]:
+        reply = front.request(method, path, json={"name": "x"})
+        assert reply.status_code == 404 and reply.headers["content-type"] == "application/json"
+        detail = reply.json()["detail"]
+        for kind in ("agent", "workflow", "system", "batch"):
+            assert f"/events/emit/{kind}" in detail, detail
+    assert front.get("/events/emit/agent").status_code == 405  # a kind, asked with the wrong method
 
 
 def test_totals_from_summaries_equal_direct_counts(srv):
@@ -1378,7 +1600,8 @@ def test_unknown_ids_are_empty_not_errors(log):
     for path in ("/events/agents/nobody", "/events/workflows/nothing"):
         page = events_of(log, path)
         assert page["events"] == [] and page["total"] == 0
-    assert log.get("/events/workflows/nothing/agents").json() == {"agents": []}
+    reply = log.get("/events/workflows/nothing/agents").json()
+    assert reply["agents"] == [] and reply["workflow"]["event_count"] == 0 and reply["workflow"]["start_time"] is None
     assert_invalid(log.get("/events/workflows/w1/agents?limit=5"), "query", "limit")
 
 
@@ -1571,11 +1794,12 @@ V3_READS = {  # what the version-3 server answered on that log: path, params, th
                     "agent_id": "planner",
                     "agent_name": "planner",
                     "workflow_id": "wf-1",
-                    "parent_agent_id": "wf-1",
+                    "parent_agent_id": None,  # "wf-1" before 1.2: a cause naming the workflow now makes a root
                     "first_event_time": "2026-11-01T10:00:01.000000+00:00",
                     "last_event_time": "2026-11-01T10:00:05.000000+00:00",
                     "event_count": 2,
                     "status": "agent.failed",
+                    "state": "failed",  # new in 1.2
                 },
                 {
                     "agent_id": "coder",
@@ -1586,6 +1810,7 @@ V3_READS = {  # what the version-3 server answered on that log: path, params, th
                     "last_event_time": "2026-11-01T10:00:04.000000+00:00",
                     "event_count": 3,
                     "status": "agent.completed",
+                    "state": "completed",
                 },
             ]
         },
@@ -1843,7 +2068,7 @@ def test_log_of_the_previous_version_opens_and_reads_the_same(tmp_path):
         for name, (path, params, *expected) in V3_READS.items():
             reply = events_of(server.client, path, **params)
             if "agents" in reply:
-                assert reply == expected[0], name
+                assert reply["agents"] == expected[0]["agents"], name
             else:
                 assert [reply["total"], positions(reply)] == expected, name
         assert emit(server.client, name="agent.progress", aggregate_id="coder")["aggregate_version"] == 4
@@ -3738,6 +3963,175 @@ def test_live_view_in_browser(srv, browser, tmp_path):
     assert page.locator("#tail tr.event").count() == 5
     page.fill("#f-name", "agent.started")
     page.wait_for_function("document.querySelectorAll('#tail tr.event').length === 2", timeout=3000)
+
+
+def emit_failing_workflow(client) -> None:
+    """wf-tl: a planner that starts a coder (by an event of its own) and a tester (by its id);
+    the coder starts a reviewer; the tester fails, and so does the workflow."""
+    base = datetime.now(timezone.utc) - timedelta(seconds=17)  # live events then come right after it
+
+    def t(seconds: float) -> str:
+        return (base + timedelta(seconds=seconds)).isoformat()
+
+    def start(agent: str, cause: str, at: float, name: str | None = None) -> dict:
+        attributes = {"agent_name": name} if name else None
+        return emit(
+            client,
+            name="agent.started",
+            aggregate_id=agent,
+            correlation_id="wf-tl",
+            causation_id=cause,
+            timestamp=t(at),
+            attributes=attributes,
+        )
+
+    started = emit(client, "workflow", name="workflow.started", aggregate_id="wf-tl", timestamp=t(0))
+    planner = start("planner", started["event_id"], 0.5, "planner")
+    coder = start("coder", planner["event_id"], 2, "coder")
+    start("tester", "planner", 3)
+    start("reviewer", coder["event_id"], 9)
+    for i in range(8):
+        emit(client, name="agent.progress", aggregate_id="coder", correlation_id="wf-tl", timestamp=t(2.5 + i))
+    emit(client, name="agent.failed", aggregate_id="tester", correlation_id="wf-tl", timestamp=t(12))
+    emit(client, name="agent.completed", aggregate_id="coder", correlation_id="wf-tl", timestamp=t(13))
+    emit(client, name="agent.completed", aggregate_id="planner", correlation_id="wf-tl", timestamp=t(15))
+    emit(client, "workflow", name="workflow.failed", aggregate_id="wf-tl", timestamp=t(16))
+
+
+def fill(page, selector: str) -> str:
+    # in one task: the timeline may be drawn anew between finding an element and reading it
+    return page.evaluate("s => getComputedStyle(document.querySelector(s)).fill", selector)
+
+
+@pytest.mark.browser
+@pytest.mark.slow
+def test_timeline_in_browser(srv, browser, tmp_path):
+    emit_failing_workflow(srv.client)
+    emit(srv.client, name="agent.started", aggregate_id="elsewhere", correlation_id="other-wf")
+    page = browser.new_page(viewport={"width": 1280, "height": 760})
+    page.goto(srv.url + "/ui?workflow=wf-tl")  # the deep link
+    page.wait_for_selector('#tl-svg[data-agents="4"][data-events="17"]', timeout=5000)
+    assert page.input_value("#f-workflow") == "wf-tl"
+    rows = page.eval_on_selector_all(
+        "#tl-svg g.agent", "gs => gs.map(g => [g.dataset.agent, g.dataset.parent, g.dataset.depth, g.dataset.state])"
+    )
+    assert rows == [  # nested under their parents, depth first
+        ["planner", "", "0", "completed"],
+        ["coder", "planner", "1", "completed"],
+        ["reviewer", "coder", "2", "running"],
+        ["tester", "planner", "1", "failed"],
+    ]
+    assert page.locator("#tl-svg rect.bar").count() == 4
+    green, red, blue = "rgb(31, 157, 85)", "rgb(217, 45, 32)", "rgb(47, 111, 222)"
+    assert fill(page, 'g[data-agent="coder"] rect.bar') == green
+    assert fill(page, 'g[data-agent="tester"] rect.bar') == red
+    assert fill(page, 'g[data-agent="reviewer"] rect.bar') == blue
+    # a failure stands out: the workflow's badge, bar and label, and the agent's label
+    assert page.text_content("#tl-badge") == "failed"
+    assert page.evaluate("getComputedStyle(document.querySelector('#tl-badge')).backgroundColor") == red
+    assert fill(page, "#tl-svg rect.wfbar") == red
+    assert fill(page, 'g[data-agent="tester"] text.label') == red and "\u2716" in page.text_content(
+        'g[data-agent="tester"]'
+    )
+    assert page.locator('g[data-agent="coder"] path.ticks').get_attribute("d").count("M") == 10  # one tick an event
+    # live: a new agent appears under its parent, and a state changes, within a second
+    tester_event = events_of(srv.client, "/events/agents/tester", order="asc")["events"][0]["event_id"]
+    started = time.time()
+    emit(srv.client, name="agent.started", aggregate_id="fixer", correlation_id="wf-tl", causation_id=tester_event)
+    page.wait_for_selector('g[data-agent="fixer"][data-parent="tester"][data-depth="2"]', timeout=1000)
+    emit(srv.client, name="agent.completed", aggregate_id="reviewer", correlation_id="wf-tl")
+    page.wait_for_selector('g[data-agent="reviewer"][data-state="completed"]', timeout=1000)
+    assert time.time() - started < 2
+    # a bar opens the agent's events; an event opens its JSON
+    page.click('g[data-agent="coder"] rect.bar')
+    page.wait_for_selector("#agent-panel:not([hidden])")
+    assert page.locator("#agent-events tr.event").count() == 10
+    page.click("#agent-events tr.event >> nth=-1")
+    assert json.loads(page.text_content("#json"))["event_name"] == "agent.completed"
+    page.screenshot(path=str(tmp_path / "timeline.png"))
+    if os.environ.get("UPDATE_SCREENSHOT"):
+        page.screenshot(path=str(HERE / "docs" / "live-view.png"))
+    # another workflow from the list: the link follows
+    page.fill("#f-workflow", "")
+    page.wait_for_selector("#timeline[hidden]", state="attached", timeout=3000)
+    page.click('#workflows [data-workflow="other-wf"]')
+    page.wait_for_selector('#tl-svg[data-agents="1"]', timeout=3000)
+    assert page.url.endswith("/ui?workflow=other-wf")
+
+
+@pytest.mark.browser
+@pytest.mark.slow
+def test_timeline_of_200_agents_and_10000_events(sqlite_srv, browser):
+    """200 agents in a tree (each started by an event of the one above it), 50 events each."""
+    srv = sqlite_srv
+    events = [
+        {"kind": "workflow", "name": "workflow.started", "aggregate_id": "big", "timestamp": "2026-12-01T09:00:00Z"}
+    ]
+    for agent in range(200):
+        for step in range(50):
+            name = (
+                "agent.started"
+                if step == 0
+                else "agent.progress"
+                if step < 49
+                else ("agent.failed" if agent % 7 == 0 else "agent.completed")
+            )
+            events.append(
+                {
+                    "kind": "agent",
+                    "name": name,
+                    "aggregate_id": f"agent-{agent}",
+                    "correlation_id": "big",
+                    "causation_id": f"agent-{(agent - 1) // 4}" if agent and step == 0 else None,
+                    "timestamp": f"2026-12-01T09:{agent // 10:02d}:{(agent % 10) * 5 + step * 0.1:06.3f}Z",
+                }
+            )
+    for start in range(0, len(events), 1000):
+        srv.client.post("/events/emit/batch", json={"events": events[start : start + 1000]}).raise_for_status()
+    page = browser.new_page(viewport={"width": 1280, "height": 900})
+    page.goto(srv.url + "/ui?workflow=big")
+    page.wait_for_selector(f'#tl-svg[data-agents="200"][data-events="{len(events)}"]', timeout=20000)
+    loaded = page.evaluate("performance.now()")  # from the navigation: page, history, stream and drawing
+    page.wait_for_function("document.querySelectorAll('#tl-svg g.agent[data-depth=\"3\"]').length > 0")
+    render = page.evaluate("(() => { const t = performance.now(); renderTimeline(); return performance.now() - t; })()")
+    print(
+        f"timeline of 200 agents, {len(events)} events: "
+        f"shown {loaded:.0f} ms after navigation, one render {render:.1f} ms"
+    )
+    assert page.locator("#tl-svg rect.bar").count() == 200
+    assert page.locator('#tl-svg g.agent[data-state="failed"]').count() == len(range(0, 200, 7))
+    assert render < 1000
+
+
+@pytest.mark.browser
+@pytest.mark.slow
+def test_docs_fall_back_to_a_reference_when_swagger_ui_cannot_load(tmp_path, browser):
+    silent = socket.socket()  # accepts connections and never answers
+    silent.bind(("127.0.0.1", 0))
+    silent.listen()
+    refused = free_port()  # nothing listens there
+    try:
+        for assets, why in [(f"http://127.0.0.1:{refused}/swagger", "did not load"), (
+            f"http://127.0.0.1:{silent.getsockname()[1]}/swagger", "no answer within 5 seconds"
+        )]:  # fmt: skip
+            with ThreadServer(tmp_path / str(len(why)), docs_assets_url=assets) as server:
+                doc = server.client.get("/openapi.json").json()
+                operations = [op["operationId"] for methods in doc["paths"].values() for op in methods.values()]
+                page = browser.new_page()
+                page.goto(server.url + "/docs", wait_until="domcontentloaded")  # "load" waits for the assets
+                page.wait_for_selector("#reference .op", timeout=10000)
+                notice = page.text_content("#reference .notice")
+                assert assets in notice and why in notice and "--docs-assets-url" in notice
+                shown = page.eval_on_selector_all("#reference .op", "ops => ops.map(o => o.id.slice(3))")
+                assert shown == operations
+                listing = page.text_content("#op-list_events")
+                assert "workflow_id" in listing and "AgentEvent" in listing and "200" in listing
+                emit_op = page.text_content("#op-emit_agent")
+                assert "expected_version" in emit_op and "url-cacher" in emit_op  # request schema and example
+                assert "Retry-After" in page.text_content("#reference") or "503" in emit_op
+                page.close()
+    finally:
+        silent.close()
 
 
 @pytest.mark.browser
