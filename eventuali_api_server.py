@@ -22,6 +22,7 @@ from __future__ import annotations
 import abc
 import argparse
 import asyncio
+import bisect
 import collections
 import contextlib
 import dataclasses
@@ -32,6 +33,7 @@ import json
 import logging
 import operator
 import os
+import platform
 import queue
 import re
 import signal
@@ -55,7 +57,7 @@ from starlette.middleware.cors import CORSMiddleware
 from starlette.requests import Request
 from starlette.responses import HTMLResponse, Response, StreamingResponse
 from starlette.routing import Route
-from starlette.types import ASGIApp, Receive, Scope, Send
+from starlette.types import ASGIApp, Message, Receive, Scope, Send
 
 __version__ = "1.2.0"
 __all__ = ["APIServerConfig", "get_config", "set_config", "create_app", "app", "main"]
@@ -108,6 +110,10 @@ class APIServerConfig:
     limit_concurrency: int = 4096
     stream_buffer: int = 8 * 1024 * 1024
     docs_assets_url: str = DOCS_ASSETS_URL
+    retain: float = 0.0  # seconds events are kept; 0: for ever
+    metrics: bool = True
+    workers: int = 1
+    log_format: str = "text"
 
     def __post_init__(self) -> None:
         if self.read_api_key and not self.api_key:
@@ -153,6 +159,21 @@ def _parse_seconds(text: str) -> float:
     if not 0 < value < 86400:  # also rejects nan and inf
         raise ValueError("expected a number of seconds above 0")
     return value
+
+
+DURATION_UNITS = {"s": 1, "m": 60, "h": 3600, "d": 86400, "w": 7 * 86400}
+
+
+def parse_duration(text: str) -> float:
+    """Seconds in `30d`, `12h`, `90m`, `45s`, `2w` (or a plain number of seconds)."""
+    match = re.fullmatch(r"\s*([0-9]+(?:\.[0-9]+)?)\s*([smhdw]?)\s*", text.lower())
+    if not match or float(match.group(1)) <= 0:
+        raise ValueError("expected a duration above 0 such as 30d, 12h, 90m or 45s")
+    return float(match.group(1)) * DURATION_UNITS[match.group(2) or "s"]
+
+
+def _parse_retain(text: str) -> float:
+    return 0.0 if text.strip().lower() in ("0", "0.0", "off", "forever", "") else parse_duration(text)
 
 
 def _parse_choice(*choices: str) -> Callable[[str], str]:
@@ -275,6 +296,16 @@ SETTINGS: list[tuple[str, str, str, Callable[[str], Any], str]] = [
         str,
         "where /docs loads swagger-ui-dist from (default: a CDN)",
     ),
+    (
+        "retain",
+        "RETAIN",
+        "--retain",
+        _parse_retain,
+        "remove events older than this (30d, 12h, 90m; default 0: keep every event)",
+    ),
+    ("metrics", "METRICS", "--metrics", _parse_bool, "serve /metrics for Prometheus (on|off, default on)"),
+    ("workers", "WORKERS", "--workers", _parse_int(1, 256), "server processes (default 1)"),
+    ("log_format", "LOG_FORMAT", "--log-format", _parse_choice("text", "json"), "text|json (default text)"),
 ]
 
 
@@ -893,6 +924,16 @@ class Page(NamedTuple):
     next: int | None  # the cursor for the next page, when this one is full
 
 
+class Extent(NamedTuple):
+    """Where the log begins and ends, and what it takes."""
+
+    last_position: int  # the newest event's (0 for an empty log)
+    oldest_position: int | None  # the oldest kept event's (None: no event is kept)
+    oldest_timestamp: str | None
+    pruned_through: int  # retention has removed every event up to this position
+    size_bytes: int | None  # on disk, as the backend counts it
+
+
 class ReadSize:
     """How many events one read takes, so that it brings about `budget` bytes into memory
     whatever their size: as many as the sizes it has seen allow, and at first as many as the
@@ -974,6 +1015,45 @@ def event_state(name: str) -> str:
     return STATES.get(words[-1], STATES.get("_".join(words[-2:]), "running"))
 
 
+class Histogram:
+    """Observed values counted by bucket (their upper bounds), with their sum: what a
+    Prometheus histogram shows (section 5 writes it out)."""
+
+    __slots__ = ("bounds", "counts", "sum")
+
+    def __init__(self, bounds: Sequence[float]) -> None:
+        self.bounds = tuple(bounds)
+        self.counts = [0] * (len(self.bounds) + 1)  # the last: above every bound
+        self.sum = 0.0
+
+    def observe(self, value: float) -> None:
+        self.counts[bisect.bisect_left(self.bounds, value)] += 1
+        self.sum += value
+
+
+SECONDS_BOUNDS = (0.0005, 0.001, 0.0025, 0.005, 0.01, 0.025, 0.05, 0.1, 0.25, 0.5, 1.0, 2.5, 5.0, 10.0)
+GROUP_BOUNDS = tuple(2.0**i for i in range(13))  # 1 to 4096 events
+
+
+class StoreStats:
+    """What a store counts as it works, for /metrics: appends and commits (by the writer
+    thread, the only one that writes them) and errors."""
+
+    def __init__(self) -> None:
+        self.appended: collections.Counter = collections.Counter()  # event_type -> events acknowledged
+        self.group_events = Histogram(GROUP_BOUNDS)  # events per commit group
+        self.commit_seconds = Histogram(SECONDS_BOUNDS)
+        self.errors: collections.Counter = collections.Counter()  # (operation, kind) -> errors
+        self._lock = threading.Lock()  # for errors, which several threads count
+
+    def error(self, operation: str, exc: BaseException) -> None:
+        kind = (
+            "unavailable" if isinstance(exc, StoreUnavailable) else "conflict" if isinstance(exc, Conflict) else "error"
+        )
+        with self._lock:
+            self.errors[operation, kind] += 1
+
+
 class StoreError(Exception):
     """The store did not do what was asked; the subclass says why."""
 
@@ -1017,6 +1097,8 @@ class EventStore(abc.ABC):
     use nothing else. Methods are called on the event loop and never block it."""
 
     location = ""  # where the log is, for /health/database (never a password)
+    backend = ""  # its kind: sqlite, postgresql
+    stats: StoreStats  # what it has done, for /metrics
 
     @abc.abstractmethod
     def prepare(self) -> None:
@@ -1060,6 +1142,15 @@ class EventStore(abc.ABC):
     @abc.abstractmethod
     async def last_position(self) -> int:
         """The position of the newest committed event (0 for an empty log)."""
+
+    @abc.abstractmethod
+    async def extent(self) -> Extent:
+        """Where the log begins and ends, and its size."""
+
+    @abc.abstractmethod
+    async def prune(self, before: str) -> int:
+        """Remove the oldest events, in position order, up to the first whose timestamp is not
+        before `before` (an ISO timestamp), in short transactions; how many it removed."""
 
     @abc.abstractmethod
     async def workflow_summary(self, workflow_id: str) -> WorkflowView:
@@ -1190,7 +1281,7 @@ def lookups(requests: Sequence[list]) -> tuple:
 
 # -- 3.3 SQLite: schema and migrations ---------------------------------------------
 
-SCHEMA_VERSION = 4
+SCHEMA_VERSION = 5
 # The planner has no statistics for a new log, and without them it may pick the
 # 3-valued aggregate_type index over aggregate_id's. Fixed, typical statistics in
 # sqlite_stat1 (documented as the way to steer it) keep every read on the selective index.
@@ -1268,6 +1359,14 @@ MIGRATIONS = {
     INSERT INTO sqlite_stat1 VALUES
         ('events', 'events_type_time', '1000000 333333 2'),
         ('events', 'events_name_time', '1000000 20000 2');
+    """,
+    # Retention (prune_batch): the highest version of each aggregate that lost events, which
+    # keeps its versions from being used again and its count exact.
+    4: """
+    CREATE TABLE pruned (
+        aggregate_type TEXT NOT NULL, aggregate_id TEXT NOT NULL, version INTEGER NOT NULL,
+        PRIMARY KEY (aggregate_type, aggregate_id)
+    ) WITHOUT ROWID;
     """,
 }
 COLUMNS = (
@@ -1437,15 +1536,14 @@ def read_state(conn: sqlite3.Connection, keys: list) -> tuple:
     step = MAX_PARAMS // 3
     for start in range(0, max(len(keys), 1), step):
         chunk = keys[start : start + step]
-        sql = f"SELECT (SELECT max(position) FROM events), (SELECT n FROM counts WHERE {COUNTED_THROUGH})"
+        sql = f"SELECT {LAST_POSITION}, (SELECT n FROM counts WHERE {COUNTED_THROUGH})"
         if chunk:
             sql = (
                 "WITH k (i, t, id) AS (VALUES "
                 + ", ".join(["(?, ?, ?)"] * len(chunk))
                 + ") "
                 + sql
-                + ", (SELECT group_concat(i || ' ' || (SELECT coalesce(max(aggregate_version), 0) FROM events "
-                "WHERE aggregate_type = k.t AND aggregate_id = k.id)) FROM k)"
+                + f", (SELECT group_concat(i || ' ' || {CURRENT_VERSION.format(t='k.t', id='k.id')}) FROM k)"
             )
         row = conn.execute(sql, [value for i, key in enumerate(chunk) for value in (i, *key)]).fetchone()
         position, counted = row[0] or 0, row[1] or 0
@@ -1460,6 +1558,17 @@ def read_state(conn: sqlite3.Connection, keys: list) -> tuple:
 # than a trigger's upsert per row. A row of `counts` holds the position up to which they
 # count, so that events stored by anything else (a script) are counted by the next commit.
 COUNTED_THROUGH = "field = 'log' AND value = 'counted_through' AND aggregate_type = ''"
+# Retention removes the oldest events (prune_batch); a row of `counts` holds the position up
+# to which it has, and `pruned` each aggregate's highest removed version: so that positions
+# and versions are never used again, and an aggregate's count stays exact.
+PRUNED_THROUGH = "field = 'log' AND value = 'pruned_through' AND aggregate_type = ''"
+LAST_POSITION = f"coalesce((SELECT max(position) FROM events), (SELECT n FROM counts WHERE {PRUNED_THROUGH}), 0)"
+PRUNED_VERSION = "(SELECT version FROM pruned p WHERE p.aggregate_type = {t} AND p.aggregate_id = {id})"
+CURRENT_VERSION = (
+    "coalesce((SELECT max(aggregate_version) FROM events WHERE aggregate_type = {t} AND aggregate_id = {id}), "
+    + PRUNED_VERSION
+    + ", 0)"
+)
 SUMMARY_COLUMNS = ("position", "aggregate_type", "aggregate_id", "event_name", "correlation_id")
 summary_of = operator.itemgetter(*[ROW_COLUMNS.index(name) for name in SUMMARY_COLUMNS])  # from a row
 
@@ -1491,6 +1600,70 @@ def count_stored(conn: Any, counted: int, position: int, insert: Callable = inse
         through = rows[-1][0] if rows else position
         record_summaries(conn, rows, through, counted, insert)
         counted = through
+
+
+PRUNE_BATCH = 200  # events a transaction when pruning: each holds the write lock a few milliseconds
+PRUNE_SHARE = 0.25  # of the time the pruner may hold the write lock: it pauses 3 times as long as it held it
+IN_RANGE = "position > ? AND position <= ?"
+
+
+def prune_batch(conn: Any, before: str, insert: Callable = insert_rows) -> tuple[int, bool]:
+    """In the caller's transaction (which holds the write lock), remove up to PRUNE_BATCH of
+    the oldest events, in position order up to the first one whose timestamp is not before
+    `before`, and only events the counters count. Returns (events removed, whether more may
+    follow). The counters, the workflow membership, the pruned versions and PRUNED_THROUGH
+    are kept exact in the same transaction."""
+    done, counted = conn.execute(
+        f"SELECT coalesce((SELECT n FROM counts WHERE {PRUNED_THROUGH}), 0), "
+        f"coalesce((SELECT n FROM counts WHERE {COUNTED_THROUGH}), 0)"
+    ).fetchone()
+    rows = conn.execute(
+        f"SELECT position, timestamp FROM events WHERE {IN_RANGE} ORDER BY position LIMIT ?",
+        (done, counted, PRUNE_BATCH),
+    ).fetchall()
+    old = next((i for i, (_, timestamp) in enumerate(rows) if timestamp >= before), len(rows))
+    if old == 0:
+        return 0, False
+    through = rows[old - 1][0]
+    span = (done, through)
+    for field in ("aggregate_type", "event_name", "correlation_id"):
+        conn.execute(
+            f"INSERT INTO counts SELECT '{field}', {field}, aggregate_type, -count(*) FROM events "
+            f"WHERE {IN_RANGE} AND {field} IS NOT NULL GROUP BY {field}, aggregate_type" + COUNTS_UPSERT,
+            span,
+        )
+        conn.execute(
+            f"DELETE FROM counts WHERE field = '{field}' AND n = 0 "
+            f"AND value IN (SELECT {field} FROM events WHERE {IN_RANGE})",
+            span,
+        )
+    conn.execute(
+        "INSERT INTO pruned SELECT aggregate_type, aggregate_id, max(aggregate_version) FROM events "
+        f"WHERE {IN_RANGE} GROUP BY aggregate_type, aggregate_id "
+        "ON CONFLICT (aggregate_type, aggregate_id) DO UPDATE SET version = excluded.version",
+        span,
+    )
+    pairs = conn.execute(
+        f"SELECT DISTINCT correlation_id, aggregate_id FROM events WHERE {IN_RANGE} "
+        "AND aggregate_type = 'agent_aggregate' AND correlation_id IS NOT NULL",
+        span,
+    ).fetchall()
+    conn.execute(f"DELETE FROM events WHERE {IN_RANGE}", span)
+    for workflow_id, agent_id in pairs:  # an agent stays a member while it has a correlated event
+        first = conn.execute(
+            "SELECT min(position) FROM events WHERE aggregate_type = 'agent_aggregate' "
+            "AND aggregate_id = ? AND correlation_id = ?",
+            (agent_id, workflow_id),
+        ).fetchone()[0]
+        if first is None:
+            conn.execute("DELETE FROM workflow_agents WHERE workflow_id = ? AND agent_id = ?", (workflow_id, agent_id))
+        else:
+            conn.execute(
+                "UPDATE workflow_agents SET first_position = ? WHERE workflow_id = ? AND agent_id = ?",
+                (first, workflow_id, agent_id),
+            )
+    insert(conn, "counts", [("log", "pruned_through", "", through - done)], COUNTS_UPSERT)
+    return old, old == len(rows) == PRUNE_BATCH
 
 
 def read_receipts(conn: Any, event_ids: list) -> dict:
@@ -1657,9 +1830,12 @@ def counted(conn: Connection, filters: dict) -> int | None:
         field, value = "aggregate_type", None
     else:
         [(field, value)] = rest.items()
-    if field == "aggregate_id":
-        sql = "SELECT coalesce(max(aggregate_version), 0) FROM events WHERE aggregate_type = ? AND aggregate_id = ?"
-        return sum(conn.execute(sql, (t, value)).fetchone()[0] for t in types)
+    if field == "aggregate_id":  # its versions less those pruned
+        sql = f"SELECT {CURRENT_VERSION}, coalesce({PRUNED_VERSION}, 0)".format(t="?", id="?")
+        return sum(
+            current - gone
+            for current, gone in (conn.execute(sql, (t, value, t, value, t, value)).fetchone() for t in types)
+        )
     marks = ", ".join("?" * len(types))
     if value is None:
         sql, args = f"SELECT sum(n) FROM counts WHERE field = 'aggregate_type' AND value IN ({marks})", types
@@ -1834,17 +2010,28 @@ def stored_rows(conn: Connection, position: int, limit: int) -> list:
     ).fetchall()
 
 
+def log_extent(conn: Connection) -> Extent:
+    """Where the log begins and ends (its size is the backend's to tell)."""
+    last, oldest, timestamp, pruned = conn.execute(
+        f"SELECT {LAST_POSITION}, (SELECT min(position) FROM events), "
+        "(SELECT timestamp FROM events ORDER BY position LIMIT 1), "
+        f"coalesce((SELECT n FROM counts WHERE {PRUNED_THROUGH}), 0)"
+    ).fetchone()
+    return Extent(last, oldest, timestamp, pruned, None)
+
+
 def last_position(conn: Connection) -> int:
-    return conn.execute("SELECT max(position) FROM events").fetchone()[0] or 0
+    return conn.execute(f"SELECT {LAST_POSITION}").fetchone()[0]
 
 
 AGENT_EVENTS = "FROM events WHERE aggregate_type = 'agent_aggregate' AND aggregate_id = m.agent_id"
+AGENT_PRUNED = PRUNED_VERSION.format(t="'agent_aggregate'", id="m.agent_id")
 WORKFLOW_AGENTS = f"""
 SELECT m.agent_id,
     (SELECT agent_name {AGENT_EVENTS} AND agent_name IS NOT NULL ORDER BY position DESC LIMIT 1),
     (SELECT timestamp {AGENT_EVENTS} ORDER BY position LIMIT 1),
     (SELECT timestamp {AGENT_EVENTS} ORDER BY position DESC LIMIT 1),
-    (SELECT max(aggregate_version) {AGENT_EVENTS}),
+    (SELECT max(aggregate_version) {AGENT_EVENTS}) - coalesce({AGENT_PRUNED}, 0),
     (SELECT event_name {AGENT_EVENTS} ORDER BY position DESC LIMIT 1)
 FROM workflow_agents m WHERE m.workflow_id = ? ORDER BY m.first_position
 """
@@ -2012,6 +2199,7 @@ class ThreadedStore(EventStore):
 
     def __init__(self, location: str) -> None:
         self.location = location
+        self.stats = StoreStats()
         self._queue: queue.SimpleQueue = queue.SimpleQueue()
         self._readers = ThreadPoolExecutor(4, thread_name_prefix="eventuali-read")
         self._local = threading.local()
@@ -2019,6 +2207,7 @@ class ThreadedStore(EventStore):
         self._writer: threading.Thread | None = None
         self._write_problem: str | None = None  # set and cleared by the writer thread
         self._in_flight = 0  # events queued and not yet answered; changed on the event loop only
+        self._stopping = threading.Event()  # set by stop(): a prune ends after its transaction
 
     # -- what a backend provides
     def open_writer(self) -> None:
@@ -2052,6 +2241,7 @@ class ThreadedStore(EventStore):
         self._writer.start()
 
     async def stop(self) -> None:
+        self._stopping.set()
         if self._writer is not None:
             self._queue.put(None)
             await asyncio.get_running_loop().run_in_executor(None, self._writer.join)
@@ -2073,7 +2263,9 @@ class ThreadedStore(EventStore):
             if getattr(conn, "closed", False):  # a lost connection: the next read opens another
                 self._local.conn = None
                 self._read_conns.remove(conn)
-            raise self.unavailable(exc) from None
+            problem = self.unavailable(exc)
+            self.stats.error("read", problem)
+            raise problem from None
 
     async def _read(self, fn: Callable, *args: Any) -> Any:
         return await asyncio.get_running_loop().run_in_executor(
@@ -2094,6 +2286,48 @@ class ThreadedStore(EventStore):
 
     async def workflow_summary(self, workflow_id: str) -> WorkflowView:
         return await self._read(workflow_summary, workflow_id)
+
+    async def extent(self) -> Extent:
+        return await self._read(lambda conn: log_extent(conn)._replace(size_bytes=self.size_bytes(conn)))
+
+    def size_bytes(self, conn: Any) -> int | None:
+        """The log's size on disk (on a reader thread)."""
+        return None
+
+    # -- retention
+    def connect_pruner(self) -> Any:
+        """A connection of its own for prune_now, that may write."""
+        raise NotImplementedError
+
+    def prune_in_transaction(self, conn: Any, before: str) -> tuple[int, bool]:
+        """prune_batch in a transaction that holds the write lock."""
+        raise NotImplementedError
+
+    def prune_now(self, before: str) -> int:
+        """prune(), blocking: one short transaction after another, with pauses between them
+        (PRUNE_SHARE)."""
+        conn = None
+        removed = 0
+        try:
+            conn = self.connect_pruner()
+            while True:
+                started = time.perf_counter()
+                count, more = self.prune_in_transaction(conn, before)
+                removed += count
+                if not more or self._stopping.is_set():
+                    return removed
+                # Writers waiting for the lock retry after growing sleeps (SQLite's busy handler):
+                # a pause as long as that lets them in before the next transaction.
+                held = time.perf_counter() - started
+                time.sleep(max(0.005, held * (1 - PRUNE_SHARE) / PRUNE_SHARE))
+        except self.errors as exc:
+            raise self.unavailable(exc) from None
+        finally:
+            if conn is not None:
+                conn.close()
+
+    async def prune(self, before: str) -> int:
+        return await asyncio.get_running_loop().run_in_executor(None, self.prune_now, before)
 
     def read_rows(self, position: int, limit: int) -> list:
         """Up to `limit` stored rows (ROW_COLUMNS) after `position`, oldest first (blocking:
@@ -2144,11 +2378,13 @@ class ThreadedStore(EventStore):
             group = self._take_group()
             if group is None:
                 break
+            started = time.perf_counter()
             try:
                 outcomes = self.commit_group([pending.events for pending in group])
             except Exception as exc:  # a bug: fail this group (500), keep the writer alive
                 logger.exception("writer failed")
                 outcomes = [exc] * len(group)
+            self._count(group, outcomes, time.perf_counter() - started)
             failed = next((o for o in outcomes if isinstance(o, StoreUnavailable)), None)
             if failed is not None:
                 self._write_problem = str(failed)
@@ -2156,6 +2392,17 @@ class ThreadedStore(EventStore):
                 self._write_problem = None
             self._loop.call_soon_threadsafe(self._settle, group, outcomes)
         self.close_writer()
+
+    def _count(self, group: list, outcomes: list, seconds: float) -> None:
+        stats, events = self.stats, sum(len(pending.events) for pending in group)
+        if events:  # not only writability checks
+            stats.group_events.observe(events)
+            stats.commit_seconds.observe(seconds)
+        for pending, outcome in zip(group, outcomes):
+            if isinstance(outcome, BaseException):
+                stats.error("append", outcome)
+            else:
+                stats.appended.update(event.event_type for event in pending.events)
 
     def _settle(self, group: list, outcomes: list) -> None:
         """Complete a group's requests (on the event loop)."""
@@ -2176,6 +2423,7 @@ class SQLiteStore(ThreadedStore):
 
     errors = (sqlite3.Error,)
     poll = POLL
+    backend = "sqlite"
 
     def __init__(self, config: APIServerConfig, path: str | None = None) -> None:
         self.path = path or config.database_path  # by default events.db in the data dir
@@ -2223,6 +2471,23 @@ class SQLiteStore(ThreadedStore):
     def unavailable(self, exc: Exception) -> StoreUnavailable:
         return unavailable(exc)
 
+    def size_bytes(self, conn: Any) -> int | None:
+        return sum(os.path.getsize(name) for name in (self.path, self.path + "-wal") if os.path.exists(name))
+
+    def connect_pruner(self) -> sqlite3.Connection:
+        return connect(self.path, self.timeout, self.durability)
+
+    def prune_in_transaction(self, conn: sqlite3.Connection, before: str) -> tuple[int, bool]:
+        conn.execute("BEGIN IMMEDIATE")
+        try:
+            outcome = prune_batch(conn, before)
+            conn.execute("COMMIT")
+        except BaseException:
+            if conn.in_transaction:
+                conn.execute("ROLLBACK")
+            raise
+        return outcome
+
     def backup(self, dest: str) -> int:
         try:
             return backup_database(self.path, dest, self.timeout)
@@ -2239,7 +2504,7 @@ class SQLiteStore(ThreadedStore):
 # then reads the new events by position, so a lost notification delays an event, never loses it.
 # Tables live in the schema `eventuali`, beside whatever else the database holds.
 
-PG_SCHEMA_VERSION = 1
+PG_SCHEMA_VERSION = 2  # 2: the table pruned (retention)
 PG_SCHEMA = """
 CREATE SCHEMA IF NOT EXISTS eventuali;
 CREATE TABLE IF NOT EXISTS meta (key text PRIMARY KEY, value text NOT NULL);
@@ -2275,6 +2540,10 @@ CREATE TABLE IF NOT EXISTS counts (
 CREATE TABLE IF NOT EXISTS workflow_agents (
     workflow_id text NOT NULL, agent_id text NOT NULL, first_position bigint NOT NULL,
     PRIMARY KEY (workflow_id, agent_id)
+);
+CREATE TABLE IF NOT EXISTS pruned (
+    aggregate_type text NOT NULL, aggregate_id text NOT NULL, version bigint NOT NULL,
+    PRIMARY KEY (aggregate_type, aggregate_id)
 );
 """
 PG_CHANNEL = "eventuali"
@@ -2355,6 +2624,9 @@ def open_pg_database(url: str, timeout: float, durability: str) -> PgConnection:
                 conn.execute(statement)
         conn.execute("INSERT INTO meta VALUES ('schema_version', ?) ON CONFLICT DO NOTHING", (str(PG_SCHEMA_VERSION),))
         version = int(conn.execute("SELECT value FROM meta WHERE key = 'schema_version'").fetchone()[0])
+        if version < PG_SCHEMA_VERSION:  # the statements above have brought it up to date
+            conn.execute("UPDATE meta SET value = ? WHERE key = 'schema_version'", (str(PG_SCHEMA_VERSION),))
+            version = PG_SCHEMA_VERSION
     if version > PG_SCHEMA_VERSION:
         conn.close()
         raise StoreUnavailable(
@@ -2380,8 +2652,7 @@ def pg_read_state(conn: PgConnection, keys: list) -> tuple:
     versions = {}
     if keys:
         rows = conn.execute(
-            "SELECT k.t, k.id, (SELECT coalesce(max(aggregate_version), 0) FROM events "
-            "WHERE aggregate_type = k.t AND aggregate_id = k.id) "
+            f"SELECT k.t, k.id, {CURRENT_VERSION.format(t='k.t', id='k.id')} "
             "FROM unnest(?::text[], ?::text[]) AS k (t, id)",
             ([t for t, _ in keys], [i for _, i in keys]),
         ).fetchall()
@@ -2417,6 +2688,7 @@ class PostgresStore(ThreadedStore):
     """The log in a PostgreSQL database (see above), for any number of server processes."""
 
     poll = None  # the listener hears of every commit
+    backend = "postgresql"
 
     def __init__(self, config: APIServerConfig) -> None:
         super().__init__(redact_url(config.database_url))
@@ -2444,6 +2716,22 @@ class PostgresStore(ThreadedStore):
 
     def unavailable(self, exc: Exception) -> StoreUnavailable:
         return pg_unavailable(exc)
+
+    def size_bytes(self, conn: PgConnection) -> int | None:
+        return int(
+            conn.execute(
+                "SELECT sum(pg_total_relation_size(c.oid)) FROM pg_class c "
+                "JOIN pg_namespace n ON n.oid = c.relnamespace WHERE n.nspname = 'eventuali' AND c.relkind = 'r'"
+            ).fetchone()[0]
+        )
+
+    def connect_pruner(self) -> PgConnection:
+        return pg_connect(self.url, self.timeout, autocommit=False, durability=self.durability)
+
+    def prune_in_transaction(self, conn: PgConnection, before: str) -> tuple[int, bool]:
+        with conn.raw.transaction():
+            conn.execute("SELECT position FROM head WHERE id = 1 FOR UPDATE")  # the write lock, as writers take it
+            return prune_batch(conn, before, pg_insert_rows)
 
     def commit_group(self, requests: list) -> list:
         if self._conn is None or self._conn.closed:  # lost with PostgreSQL: connect again
@@ -2568,6 +2856,7 @@ class Hub:
         self.read_chunk, self.buffer_bytes = read_chunk, buffer_bytes
         self.subscribers: set = set()
         self.overflows = 0  # times a subscriber fell behind and was caught up from the store
+        self.delivered = 0  # events handed to streams
         self._task: asyncio.Future | None = None
         # from start() on:
         self.loop: asyncio.AbstractEventLoop
@@ -2810,7 +3099,11 @@ async def list_reply(store: EventStore, page: Page, params: dict, read_chunk: in
     """The page's events, read and sent in parts of about `read_chunk` bytes, so that a page of
     big events is never whole in memory; the first part is read before the reply starts, so
     that a store that cannot serve answers 503."""
-    tail = compact_json({"total": page.total, "limit": params["limit"], "offset": params["offset"], "next": page.next})
+    reply = {"total": page.total, "limit": params["limit"], "offset": params["offset"], "next": page.next}
+    pruned = await pruned_past(store, params.get("after"))
+    if pruned is not None:
+        reply["pruned_through"] = pruned
+    tail = compact_json(reply)
     size = ReadSize(read_chunk, len(page.positions) or 1)
     first = await store.events_at(page.positions[: size.count])
     rest = page.positions[size.count :]
@@ -2830,6 +3123,15 @@ async def list_reply(store: EventStore, page: Page, params: dict, read_chunk: in
         yield ("]," + tail[1:]).encode()
 
     return StreamingResponse(parts(), media_type=JSON_TYPE)
+
+
+async def pruned_past(store: EventStore, after: int | None) -> int | None:
+    """Where retention has removed the log up to, when that is past the cursor `after`: the
+    events between them are gone, and the reply says so."""
+    if after is None:
+        return None
+    pruned = (await store.extent()).pruned_through
+    return pruned if after < pruned else None
 
 
 def page_query(params: dict, agent: str | None = None, workflow: str | None = None) -> Query:
@@ -2928,7 +3230,20 @@ async def health_database(request: Request) -> Response:
         "events": events,
         "latency_ms": latency,
         "streams": len(state.hub.subscribers),
+        "oldest_position": None,
+        "oldest_timestamp": None,
+        "pruned_through": None,
+        "size_bytes": None,
     }
+    if connected:
+        with contextlib.suppress(StoreError):
+            extent = await state.store.extent()
+            reply.update(
+                oldest_position=extent.oldest_position,
+                oldest_timestamp=extent.oldest_timestamp,
+                pruned_through=extent.pruned_through,
+                size_bytes=extent.size_bytes,
+            )
     if problem:
         reply["detail"] = problem
     return json_response(reply, 200 if connected else 503)
@@ -2974,11 +3289,17 @@ async def stream(request: Request) -> Response:
     sub = hub.subscribe(filters)  # counted at once: streams opened together cannot all pass the check
     try:
         live_from = sub.live_from = await state.store.last_position()
+        pruned = await pruned_past(state.store, after)
     except BaseException:
         hub.unsubscribe(sub)
         raise
     start = after if after is not None else live_from
-    return SSEResponse(sub, filters, hub, state.store, start, state.config.sse_ping)
+    response = SSEResponse(sub, filters, hub, state.store, start, state.config.sse_ping)
+    if pruned is not None:
+        response.preamble += (
+            f": pruned through {pruned}: the events after {after} up to {pruned} were removed by retention\n\n"
+        ).encode()
+    return response
 
 
 class SSEResponse(Response):
@@ -2987,6 +3308,7 @@ class SSEResponse(Response):
     def __init__(self, sub: Subscriber, filters: dict, hub: Hub, store: EventStore, start: int, ping: float) -> None:
         self.sub, self.filters, self.hub, self.store = sub, filters, hub, store
         self.start, self.ping = start, ping
+        self.preamble = b"retry: 3000\n: connected\n\n"
         self.read_chunk = hub.read_chunk
         self.status_code = 200
         self.background = None
@@ -3018,7 +3340,7 @@ class SSEResponse(Response):
     async def _pump(self, send: Callable) -> None:
         try:
             await send({"type": "http.response.start", "status": 200, "headers": self.raw_headers})
-            await send({"type": "http.response.body", "body": b"retry: 3000\n: connected\n\n", "more_body": True})
+            await send({"type": "http.response.body", "body": self.preamble, "more_body": True})
             async for chunk in self._messages():
                 await send({"type": "http.response.body", "body": chunk, "more_body": True})
             await send({"type": "http.response.body", "body": b"", "more_body": False})
@@ -3038,6 +3360,7 @@ class SSEResponse(Response):
                 try:  # stored events first
                     async for events in stored_after(self.store, last, filters, self.read_chunk):
                         last = events[-1].position
+                        self.hub.delivered += len(events)
                         yield b"".join([sse_bytes(event) for event in events])
                         if sub.closed:
                             break
@@ -3052,6 +3375,7 @@ class SSEResponse(Response):
                     last = position
                     chunk.append(data)
             if chunk:
+                self.hub.delivered += len(chunk)
                 yield b"".join(chunk)
                 continue
             sub.wake.clear()
@@ -3205,6 +3529,222 @@ def log_handlers() -> list:
     return list({id(h): h for name in names for h in logging.getLogger(name).handlers}.values())
 
 
+class JSONLines(logging.Formatter):
+    """--log-format json: one JSON object a line, with time, level, logger and message, and
+    an access line's fields (ACCESS_FIELDS)."""
+
+    def format(self, record: logging.LogRecord) -> str:
+        line = {
+            "time": format_timestamp(datetime.fromtimestamp(record.created, timezone.utc)),
+            "level": record.levelname.lower(),
+            "logger": record.name,
+            "message": record.getMessage(),
+        }
+        line.update({key: getattr(record, key) for key in ACCESS_FIELDS if hasattr(record, key)})
+        if record.exc_info:
+            line["exception"] = self.formatException(record.exc_info)
+        return json.dumps(line, ensure_ascii=False)
+
+
+def configure_logging(config: APIServerConfig) -> None:
+    """The root logger's level and format; in json, every line (uvicorn's too) is a JSONLines object."""
+    root = logging.getLogger()
+    if not root.handlers:
+        root.addHandler(logging.StreamHandler())
+    for handler in root.handlers:
+        handler.setFormatter(
+            JSONLines() if config.log_format == "json" else logging.Formatter("%(levelname)s:     %(message)s")
+        )
+    root.setLevel(config.log_level.upper())
+
+
+# -- metrics and access lines ------------------------------------------------------------
+ACCESS_FIELDS = ("method", "route", "path", "status", "duration_ms", "client")
+METHODS = frozenset(("GET", "HEAD", "POST", "PUT", "PATCH", "DELETE", "OPTIONS"))
+access_logger = logging.getLogger("eventuali_api_server.access")
+
+
+class HttpStats:
+    """Requests by route template, method and status, and their durations by route: label
+    values from bounded sets only (never a raw path or an id)."""
+
+    def __init__(self, routes: Iterable[Route]) -> None:
+        self.templates: dict = {}  # endpoint -> the paths it serves
+        for route in routes:
+            self.templates.setdefault(route.endpoint, []).append(route.path)
+        self.requests: collections.Counter = collections.Counter()  # (route, method, status) -> requests
+        self.seconds: dict[str, Histogram] = {}  # route -> durations
+
+    def route(self, scope: Scope) -> str:
+        paths = self.templates.get(scope.get("endpoint"))
+        if not paths:
+            return "unmatched"
+        return scope["path"] if scope["path"] in paths else paths[0]
+
+
+def observe(app: ASGIApp, /, stats: HttpStats, access_lines: bool) -> ASGIApp:
+    """Count each request in `stats` (for /metrics), and with access_lines log it, with its
+    route template, status and duration (--log-format json)."""
+
+    async def observed(scope: Scope, receive: Receive, send: Send) -> None:
+        if scope["type"] != "http":
+            return await app(scope, receive, send)
+        started = time.perf_counter()
+        status = 500  # unless a response starts
+
+        async def send_status(message: Message) -> None:
+            nonlocal status
+            if message["type"] == "http.response.start":
+                status = message["status"]
+            await send(message)
+
+        try:
+            await app(scope, receive, send_status)
+        finally:
+            seconds = time.perf_counter() - started
+            route = stats.route(scope)
+            method = scope["method"] if scope["method"] in METHODS else "other"
+            stats.requests[route, method, status] += 1
+            histogram = stats.seconds.get(route) or stats.seconds.setdefault(route, Histogram(SECONDS_BOUNDS))
+            histogram.observe(seconds)
+            if access_lines:
+                client = scope.get("client")
+                access_logger.info(
+                    "%s %s %s",
+                    method,
+                    scope["path"],
+                    status,
+                    extra={
+                        "method": method,
+                        "route": route,
+                        "path": scope["path"],
+                        "status": status,
+                        "duration_ms": round(seconds * 1000, 3),
+                        "client": f"{client[0]}:{client[1]}" if client else None,
+                    },
+                )
+
+    return observed
+
+
+def label_value(value: object) -> str:
+    return str(value).replace("\\", "\\\\").replace('"', '\\"').replace("\n", "\\n")
+
+
+def write_metric(out: list, name: str, kind: str, help_text: str, samples: Iterable[tuple]) -> None:
+    """One metric in the text exposition format 0.0.4: samples of (labels dict, value), or
+    for a histogram (labels dict, Histogram)."""
+    out += [f"# HELP {name} {help_text}", f"# TYPE {name} {kind}"]
+    for labels, value in samples:
+        if isinstance(value, Histogram):
+            cumulative = 0
+            for bound, count in zip([*value.bounds, "+Inf"], value.counts):
+                cumulative += count
+                out.append(f"{name}_bucket{format_labels({**labels, 'le': bound})} {cumulative}")
+            out += [
+                f"{name}_sum{format_labels(labels)} {value.sum!r}",
+                f"{name}_count{format_labels(labels)} {cumulative}",
+            ]
+        else:
+            out.append(f"{name}{format_labels(labels)} {value}")
+
+
+def format_labels(labels: dict) -> str:
+    if not labels:
+        return ""
+    return "{" + ",".join(f'{key}="{label_value(value)}"' for key, value in labels.items()) + "}"
+
+
+STARTED = time.time()  # the process's start, about: when the module was loaded
+
+
+async def metrics(request: Request) -> Response:
+    state = request.app.state
+    store: EventStore = state.store
+    hub: Hub = state.hub
+    http: HttpStats = state.http_stats
+    out: list = []
+    write_metric(
+        out,
+        "eventuali_http_requests_total",
+        "counter",
+        "HTTP requests answered, by route template, method and status.",
+        [({"route": r, "method": m, "status": s}, n) for (r, m, s), n in sorted(http.requests.items())],
+    )
+    write_metric(
+        out,
+        "eventuali_http_request_duration_seconds",
+        "histogram",
+        "Time from a request's arrival to the end of its response, by route template (a stream's: its life).",
+        [({"route": route}, histogram) for route, histogram in sorted(http.seconds.items())],
+    )
+    stats = store.stats
+    write_metric(
+        out,
+        "eventuali_events_appended_total",
+        "counter",
+        "Events acknowledged as stored by this process, by event_type (retries of stored events included).",
+        [({"event_type": t}, n) for t, n in sorted(stats.appended.items())],
+    )
+    write_metric(
+        out, "eventuali_commit_group_events", "histogram", "Events per commit group.", [({}, stats.group_events)]
+    )
+    write_metric(
+        out,
+        "eventuali_commit_duration_seconds",
+        "histogram",
+        "Time to store a commit group.",
+        [({}, stats.commit_seconds)],
+    )
+    write_metric(
+        out,
+        "eventuali_store_errors_total",
+        "counter",
+        "Store errors, by operation (append, read) and kind (unavailable, conflict, error).",
+        [({"operation": o, "kind": k}, n) for (o, k), n in sorted(stats.errors.items())],
+    )
+    write_metric(out, "eventuali_streams_open", "gauge", "Streams open on this process.", [({}, len(hub.subscribers))])
+    write_metric(
+        out,
+        "eventuali_stream_catchups_total",
+        "counter",
+        "Times a stream fell behind (its buffer full) and caught up from the store.",
+        [({}, hub.overflows)],
+    )
+    write_metric(
+        out, "eventuali_stream_events_delivered_total", "counter", "Events sent to streams.", [({}, hub.delivered)]
+    )
+    with contextlib.suppress(StoreError):  # counted in eventuali_store_errors_total
+        extent = await store.extent()
+        write_metric(
+            out, "eventuali_last_position", "gauge", "The newest event's position.", [({}, extent.last_position)]
+        )
+        write_metric(
+            out,
+            "eventuali_pruned_through_position",
+            "gauge",
+            "Retention has removed every event up to this position.",
+            [({}, extent.pruned_through)],
+        )
+        if extent.size_bytes is not None:
+            write_metric(
+                out, "eventuali_database_size_bytes", "gauge", "The database's size on disk.", [({}, extent.size_bytes)]
+            )
+    write_metric(
+        out, "process_start_time_seconds", "gauge", "Start time of the process since the Unix epoch.", [({}, STARTED)]
+    )
+    write_metric(
+        out,
+        "eventuali_uptime_seconds",
+        "gauge",
+        "Seconds since the process started.",
+        [({}, round(time.time() - STARTED, 3))],
+    )
+    build = {"version": __version__, "python": platform.python_version(), "backend": store.backend}
+    write_metric(out, "eventuali_build_info", "gauge", "The server's version, Python and backend.", [(build, 1)])
+    return Response("\n".join(out) + "\n", media_type="text/plain; version=0.0.4; charset=utf-8")
+
+
 def cors_when_origin(app: ASGIApp, /, **options: Any) -> ASGIApp:
     """CORSMiddleware, skipped for requests without an Origin header (agents, scripts):
     it has nothing to add to those and costs a header parse and a send wrapper each."""
@@ -3240,6 +3780,26 @@ async def give_back_memory() -> None:
         if ReadSize.big_reads:
             ReadSize.big_reads = False
             await loop.run_in_executor(None, trim)
+
+
+RETAIN_EVERY = 60.0  # seconds between two looks for events past --retain, at most
+
+
+async def retain(store: EventStore, seconds: float) -> None:
+    """Remove the events older than `seconds`, and look again every RETAIN_EVERY (or a tenth
+    of a shorter retention)."""
+    every = min(RETAIN_EVERY, max(1.0, seconds / 10))
+    while True:
+        cutoff = format_timestamp(datetime.now(timezone.utc) - timedelta(seconds=seconds))
+        try:
+            removed = await store.prune(cutoff)
+            if removed:
+                logger.info("retention: removed %d events from before %s", removed, cutoff)
+        except StoreError as exc:
+            logger.warning("retention: %s", exc)
+        except Exception:  # a bug: say so, and keep going
+            logger.exception("retention failed")
+        await asyncio.sleep(every)
 
 
 def chain_signals(hub: Hub, loop: asyncio.AbstractEventLoop) -> Callable[[], None]:
@@ -3307,7 +3867,13 @@ ROUTES = [
     ApiRoute("/openapi.json", "GET", openapi_handler, "openapi", public=True),
     ApiRoute("/docs", "GET", docs_handler, "docs", public=True),
     ApiRoute("/ui", "GET", ui_handler, "live_view", public=True),
+    ApiRoute("/metrics", "GET", metrics, "metrics", public=True),
 ]
+
+
+def served_routes(config: APIServerConfig) -> list[ApiRoute]:
+    """ROUTES, less /metrics under --metrics off."""
+    return [route for route in ROUTES if config.metrics or route.operation != "metrics"]
 
 
 async def unknown_kind(request: Request) -> Response:
@@ -3330,6 +3896,7 @@ def create_app(config: APIServerConfig | None = None) -> Starlette:
         hub = Hub(store, config.read_chunk, config.stream_buffer)
         hub.start()
         trimming = asyncio.ensure_future(give_back_memory())
+        retaining = asyncio.ensure_future(retain(store, config.retain)) if config.retain else None
         app.state.store, app.state.hub = store, hub
         restore = chain_signals(hub, asyncio.get_running_loop())
         handlers = log_handlers()  # found here: uvicorn sets up its loggers before startup
@@ -3337,7 +3904,14 @@ def create_app(config: APIServerConfig | None = None) -> Starlette:
             handler.addFilter(redact_token)
         url = f"http://{config.host}:{config.port}"
         logger.info(
-            "Eventuali API Server %s on %s (docs: %s/docs), database: %s", config.version, url, url, store.location
+            "Eventuali API Server %s on %s (docs: %s/docs), database: %s, event loop: %s, HTTP parser: %s%s",
+            config.version,
+            url,
+            url,
+            store.location,
+            type(asyncio.get_running_loop()).__module__.split(".")[0],
+            http_parser(),
+            f", worker {os.getpid()}" if config.workers > 1 else "",
         )
         if not config.api_key and not is_loopback(config.host):
             logger.warning(
@@ -3353,11 +3927,13 @@ def create_app(config: APIServerConfig | None = None) -> Starlette:
                 handler.removeFilter(redact_token)
             restore()
             trimming.cancel()
+            if retaining is not None:
+                retaining.cancel()
             await hub.stop()
             await store.stop()
 
     routes = []
-    for api_route in ROUTES:
+    for api_route in served_routes(config):
         route = Route(api_route.path, api_route.endpoint, methods=[api_route.method])
         if config.api_key and not api_route.public:
             writes, streams = api_route.method == "POST", api_route.path == "/events/stream"
@@ -3365,6 +3941,8 @@ def create_app(config: APIServerConfig | None = None) -> Starlette:
         routes.append(route)
     every_method = ["GET", "HEAD", "POST", "PUT", "PATCH", "DELETE"]
     routes.append(Route("/events/emit/{kind}", unknown_kind, methods=every_method))  # after the kinds
+    http_stats = HttpStats(routes)
+    access_lines = config.log_format == "json"
     middleware = [
         Middleware(check_host, allowed=config.allowed_hosts, bound_to_loopback=is_loopback(config.host)),
         Middleware(
@@ -3375,6 +3953,8 @@ def create_app(config: APIServerConfig | None = None) -> Starlette:
             allow_headers=["Authorization", "Content-Type", "Last-Event-ID", "Accept", "Cache-Control"],
         ),
     ]
+    if config.metrics or access_lines:  # outermost: it sees every request and its final status
+        middleware.insert(0, Middleware(observe, stats=http_stats, access_lines=access_lines))
     handlers: dict[Any, Callable[..., Any]] = {
         Problem: problem_handler,
         HTTPException: http_error_handler,
@@ -3384,11 +3964,21 @@ def create_app(config: APIServerConfig | None = None) -> Starlette:
     application = Starlette(routes=routes, middleware=middleware, exception_handlers=handlers, lifespan=lifespan)
     application.router.redirect_slashes = False  # the original's 307s broke its own client
     application.state.config = config
+    application.state.http_stats = http_stats
     application.state.fields = event_fields(config)
     application.state.batch_fields = {"kind": KIND_FIELD, **application.state.fields}
     application.state.list_params = list_params(config)
     application.state.stream_params = stream_params(config)
     return application
+
+
+def http_parser() -> str:
+    """The HTTP parser uvicorn picks by itself: httptools where it imports, else h11."""
+    try:
+        import httptools  # noqa: F401
+    except ImportError:
+        return "h11"
+    return "httptools"
 
 
 def lazy_app() -> ASGIApp:
@@ -3398,6 +3988,8 @@ def lazy_app() -> ASGIApp:
 
     async def app(scope: Scope, receive: Receive, send: Send) -> None:
         if not built:
+            if not logging.getLogger().handlers:  # in uvicorn's children, and under `uvicorn eventuali_api_server:app`
+                configure_logging(get_config())
             built.append(create_app())
         await built[0](scope, receive, send)
 
@@ -3589,6 +4181,13 @@ def _schemas(config: APIServerConfig) -> dict:
         "events": {"type": ["integer", "null"]},
         "latency_ms": {"type": "number"},
         "streams": {"type": "integer", "description": "Streams open on this process."},
+        "oldest_position": {"type": ["integer", "null"], "description": "The oldest kept event's (null: none)."},
+        "oldest_timestamp": {**STRING_OR_NULL, "description": "The oldest kept event's timestamp."},
+        "pruned_through": {
+            "type": ["integer", "null"],
+            "description": "Retention has removed every event up to this position (0: none).",
+        },
+        "size_bytes": {"type": ["integer", "null"], "description": "The database's size on disk."},
         "detail": {"type": "string"},
     }
 
@@ -3625,7 +4224,13 @@ def _schemas(config: APIServerConfig) -> dict:
                     "description": "When the page is full: the "
                     "cursor for the next page (`after` with order=asc, `before` with desc).",
                 },
-            }
+                "pruned_through": {
+                    "type": "integer",
+                    "description": "Only when `after` is below it: retention has removed the events after "
+                    "`after` up to this position, and the page starts with the oldest kept event.",
+                },
+            },
+            ("pruned_through",),
         ),
         "WorkflowAgent": obj(agent_props),
         "Workflow": obj(workflow_props),
@@ -3788,8 +4393,9 @@ def operations(config: APIServerConfig) -> dict:
                 "200": {
                     "description": "`retry: 3000` and a comment at once; then per event `id: <position>`, "
                     "`event: event`, `data: <event item JSON>`; a `: ping` comment every "
-                    f"{config.sse_ping:g} s. If the store fails, `event: error` with "
-                    '`data: {"detail": ...}`, and the stream ends.',
+                    f"{config.sse_ping:g} s. A stream that resumes from a position retention has removed "
+                    "gets, before the events, the comment `: pruned through <position>: ...`. If the store "
+                    'fails, `event: error` with `data: {"detail": ...}`, and the stream ends.',
                     "content": {"text/event-stream": {"schema": _ref("StreamEvent")}},
                 }
             },
@@ -3826,6 +4432,19 @@ def operations(config: APIServerConfig) -> dict:
                 }
             },
         ),
+        "metrics": op(
+            "Metrics for Prometheus",
+            "health",
+            {
+                "200": {
+                    "description": "The Prometheus text exposition format 0.0.4: requests by route template, "
+                    "method and status, their durations, events appended by type, commit groups and their "
+                    "durations, store errors, streams, the last position, the database size, uptime and build "
+                    "information. Open like /health; `--metrics off` removes it.",
+                    "content": {"text/plain": {"schema": {"type": "string"}}},
+                }
+            },
+        ),
     }
 
 
@@ -3834,7 +4453,7 @@ def openapi(config: APIServerConfig) -> dict:
     the same specs that validate requests."""
     described = operations(config)
     paths: dict = {}
-    for route in ROUTES:
+    for route in served_routes(config):
         operation = {**described[route.operation], "operationId": route.operation}
         if config.api_key and not route.public:
             operation["security"] = [{"bearer": []}]
@@ -4469,7 +5088,7 @@ def build_parser() -> argparse.ArgumentParser:
         epilog="commands (each with its own --help): "
         "'eventuali-api-server backup DEST' writes a consistent copy of the live SQLite database; "
         "'eventuali-api-server copy --from SOURCE --to TARGET' moves a whole log between SQLite and "
-        "PostgreSQL.",
+        "PostgreSQL; 'eventuali-api-server prune --older-than 30d' removes old events while it serves.",
     )
     parser.add_argument("--version", action="version", version=f"%(prog)s {__version__}")
     for field, env, flag, parse, help_text in SETTINGS:
@@ -4492,6 +5111,12 @@ def resolve_config(argv: Sequence[str] | None, environ: dict | None = None) -> A
     return config_from_env(environ, **overrides)
 
 
+def store_options(parser: argparse.ArgumentParser, database_help: str) -> None:
+    """--data-dir and --database-url, for a command that works on a log."""
+    parser.add_argument("--data-dir", default=None, metavar="DATA_DIR", help="folder of events.db [DATA_DIR]")
+    parser.add_argument("--database-url", default=None, metavar="DATABASE_URL", help=f"{database_help} [DATABASE_URL]")
+
+
 def backup_main(argv: Sequence[str]) -> None:
     parser = argparse.ArgumentParser(
         prog="eventuali-api-server backup",
@@ -4500,13 +5125,7 @@ def backup_main(argv: Sequence[str]) -> None:
         "(removing events.db-wal and events.db-shm), start the server.",
     )
     parser.add_argument("dest", help="file to create")
-    parser.add_argument("--data-dir", default=None, metavar="DATA_DIR", help="folder of events.db [DATA_DIR]")
-    parser.add_argument(
-        "--database-url",
-        default=None,
-        metavar="DATABASE_URL",
-        help="a PostgreSQL database: says how to back it up [DATABASE_URL]",
-    )
+    store_options(parser, "a PostgreSQL database: says how to back it up")
     args = parser.parse_args(argv)
     try:
         config = config_from_env(data_dir=args.data_dir, database_url=args.database_url)
@@ -4516,6 +5135,31 @@ def backup_main(argv: Sequence[str]) -> None:
         print(f"eventuali-api-server backup: error: {exc}", file=sys.stderr)
         sys.exit(1)
     print(f"backed up {events} events from {store.location} to {args.dest}")
+
+
+def prune_main(argv: Sequence[str]) -> None:
+    parser = argparse.ArgumentParser(
+        prog="eventuali-api-server prune",
+        description="Remove the events older than DURATION from the log, while servers keep serving: in "
+        "short transactions, oldest first. Positions and versions are never used again, and counts stay "
+        "exact. The space is reused for new events (see the README to give it back to the system).",
+    )
+    parser.add_argument("--older-than", required=True, metavar="DURATION", help="30d, 12h, 90m, 45s or 2w")
+    store_options(parser, "a PostgreSQL log")
+    args = parser.parse_args(argv)
+    try:
+        seconds = parse_duration(args.older_than)
+    except ValueError as exc:
+        parser.error(f"--older-than {args.older_than!r}: {exc}")
+    cutoff = format_timestamp(datetime.now(timezone.utc) - timedelta(seconds=seconds))
+    try:
+        store = make_store(config_from_env(data_dir=args.data_dir, database_url=args.database_url))
+        store.prepare()
+        removed = asyncio.run(store.prune(cutoff))
+    except (ConfigError, StoreError, OSError) as exc:
+        print(f"eventuali-api-server prune: error: {exc}", file=sys.stderr)
+        sys.exit(1)
+    print(f"removed {removed:,} events from before {cutoff} from {store.location}")
 
 
 def store_at(where: str) -> ThreadedStore:
@@ -4578,7 +5222,13 @@ def copy_log(source: ThreadedStore, target: ThreadedStore, progress: Callable[[i
     version, id, timestamp and content, a page a transaction. The target must be empty, or
     hold a beginning of the source's log (an interrupted copy, which this resumes). Returns
     the events the target holds."""
-    total = source.read_now(last_position)
+    extent = source.read_now(log_extent)
+    if extent.pruned_through:  # its first events, and their versions, are gone: no copy would match it
+        raise StoreUnavailable(
+            f"retention has removed the events up to position {extent.pruned_through} from the source, and "
+            "copy copies whole logs only: back it up with `backup` (SQLite) or pg_dump instead"
+        )
+    total = extent.last_position
     target.open_writer()
     try:
         position = 0
@@ -4737,7 +5387,7 @@ def check_port(host: str, port: int) -> None:
             ) from None
 
 
-SUBCOMMANDS = {"backup": backup_main, "copy": copy_main}
+SUBCOMMANDS = {"backup": backup_main, "copy": copy_main, "prune": prune_main}
 
 
 def main(argv: Sequence[str] | None = None) -> None:
@@ -4763,7 +5413,7 @@ def main(argv: Sequence[str] | None = None) -> None:
         print(f"eventuali-api-server: error: {exc}", file=sys.stderr)
         sys.exit(1)
     set_config(config)
-    logging.basicConfig(level=config.log_level.upper(), format="%(levelname)s:     %(message)s")
+    configure_logging(config)
     logging.getLogger("asyncio").addFilter(OncePerSecond())
     raise_open_files_limit()
     serving: dict[str, Any] = {
@@ -4774,15 +5424,29 @@ def main(argv: Sequence[str] | None = None) -> None:
         "limit_concurrency": config.limit_concurrency,
         "http": protocol_with_head_timeout(config.request_timeout),
     }
-    if config.reload:
-        # The reloader imports the module afresh in a child: hand it the settings.
+    if config.log_format == "json":  # configure_logging's lines; observe() writes the access lines
+        serving.update(log_config=None, access_log=False)
+    if config.reload or config.workers > 1:
+        # The reloader and the workers import the module afresh in children: hand them the
+        # settings, and the protocol by name (see __getattr__).
         os.environ.update(config_to_env(config))
-        serving.pop("http")  # the reloader's child must unpickle the settings: uvicorn's own protocol
-        uvicorn.run(
-            "eventuali_api_server:app", reload=True, reload_dirs=[os.path.dirname(os.path.abspath(__file__))], **serving
+        serving["http"] = "eventuali_api_server:HeadTimeoutProtocol"
+        children = (
+            {"reload": True, "reload_dirs": [os.path.dirname(os.path.abspath(__file__))]}
+            if config.reload
+            else {"workers": config.workers}
         )
+        uvicorn.run("eventuali_api_server:app", **children, **serving)
     else:
         uvicorn.run(create_app(config), **serving)
+
+
+def __getattr__(name: str) -> Any:
+    """HeadTimeoutProtocol, which uvicorn's children (reload, workers) import by name, made
+    from the settings they were handed."""
+    if name == "HeadTimeoutProtocol":
+        return protocol_with_head_timeout(get_config().request_timeout)
+    raise AttributeError(f"module {__name__!r} has no attribute {name!r}")
 
 
 app = lazy_app()

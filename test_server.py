@@ -9,6 +9,7 @@ import json
 import logging
 import os
 import random
+import re
 import shutil
 import signal
 import socket
@@ -1672,7 +1673,7 @@ def test_older_schema_is_migrated(tmp_path):
         assert events_of(server.client, event_name="agent.started", since="2025-12-31T00:00:00Z")["total"] == 1
         assert [a["agent_id"] for a in server.client.get("/events/workflows/w1/agents").json()["agents"]] == ["a1"]
     conn = sqlite3.connect(data / "events.db")
-    assert conn.execute("PRAGMA user_version").fetchone()[0] == eas.SCHEMA_VERSION == 4
+    assert conn.execute("PRAGMA user_version").fetchone()[0] == eas.SCHEMA_VERSION == 5
     indexes = {row[0] for row in conn.execute("SELECT name FROM sqlite_master WHERE type = 'index'")}
     assert not {"events_event_type", "events_timestamp", "events_aggregate_type", "events_event_name"} & indexes
     assert {"events_type_time", "events_name_time"} <= indexes
@@ -3856,6 +3857,9 @@ def test_benchmark_harness_smoke(tmp_path):
         "bytes per event",
         "postgres:",
         "memory, 20 events of 0.9 MB",
+        "metrics on",
+        "fast, 2 workers",
+        "retention: prune of 2,000 old events",
     ):
         assert words in proc.stdout, words
     figures = json.loads(out_json.read_text())
@@ -3865,6 +3869,9 @@ def test_benchmark_harness_smoke(tmp_path):
     assert all(row["1000"]["p50_ms"] > 0 for row in figures["reads"].values()) and len(figures["reads"]) >= 14
     assert figures["size"]["bytes_per_event"] > 0
     assert figures["memory"]["received"] == [20] * 9
+    assert figures["metrics"]["metrics on"]["rps"] > 0 and figures["metrics"]["metrics off"]["rps"] > 0
+    assert all(row["rps"] > 0 for row in figures["install"].values()) and len(figures["install"]) >= 4
+    assert "removed 2,000 events" in figures["retention"]["said"] and figures["retention"]["during"]["emits"] > 0
 
 
 # -- in a real browser: the live view and Swagger UI --------------------------------------------------
@@ -4297,3 +4304,327 @@ def test_read_only_database_is_503_then_recovers(tmp_path):
         assert emit(server.client, name="after")["position"] == 2
         assert server.client.get("/health/").json()["status"] == "healthy"
         assert [e["event_name"] for e in events_of(server.client)["events"]] == ["after", "first"]
+
+
+# -- running for months: metrics, retention, workers, logs -----------------------------------
+
+
+def scrape(client) -> dict:
+    """/metrics, parsed by prometheus_client's own parser: {(name, labels as a sorted tuple): value}."""
+    from prometheus_client.parser import text_string_to_metric_families
+
+    reply = client.get("/metrics")
+    assert reply.status_code == 200
+    assert reply.headers["content-type"] == "text/plain; version=0.0.4; charset=utf-8"
+    return {
+        (sample.name, tuple(sorted(sample.labels.items()))): sample.value
+        for family in text_string_to_metric_families(reply.text)
+        for sample in family.samples
+    }
+
+
+def sample(metrics: dict, name: str, **labels) -> float:
+    return metrics.get((name, tuple(sorted(labels.items()))), 0.0)
+
+
+def test_metrics_move_with_the_log_and_carry_no_ids(srv):
+    c = srv.client
+    before = scrape(c)
+    emit(c, name="agent.started", aggregate_id="secret-agent-123", correlation_id="secret-wf-456")
+    emit(c, "workflow", name="workflow.started", aggregate_id="secret-wf-456")
+    events = [{"kind": "agent", "name": f"step{i}", "aggregate_id": "secret-agent-123"} for i in range(5)]
+    assert c.post("/events/emit/batch", json={"events": events}).status_code == 200
+    bad = c.post("/events/emit/agent", json={"name": "x", "aggregate_id": "secret-agent-123", "expected_version": 1})
+    assert bad.status_code == 409
+    c.get("/events/agents/secret-agent-123")
+    c.get("/events/workflows/secret-wf-456/agents")
+    c.get("/no/such/secret-path")
+    stream = open_stream(srv.url, "?workflow_id=secret-wf-456")
+    try:
+        emit(c, name="agent.progress", aggregate_id="secret-agent-123", correlation_id="secret-wf-456")
+        stream.event()
+        after = scrape(c)
+        assert sample(after, "eventuali_streams_open") == 1
+    finally:
+        stream.close()
+
+    def moved(name: str, **labels) -> float:
+        return sample(after, name, **labels) - sample(before, name, **labels)
+
+    assert moved("eventuali_events_appended_total", event_type="AgentEvent") == 7
+    assert moved("eventuali_events_appended_total", event_type="WorkflowEvent") == 1
+    assert moved("eventuali_http_requests_total", route="/events/emit/agent", method="POST", status="200") == 2
+    assert moved("eventuali_http_requests_total", route="/events/emit/agent", method="POST", status="409") == 1
+    assert moved("eventuali_http_requests_total", route="/events/agents/{agent_id}", method="GET", status="200") == 1
+    assert moved("eventuali_http_requests_total", route="unmatched", method="GET", status="404") == 1
+    assert moved("eventuali_http_request_duration_seconds_count", route="/events/emit/batch") == 1
+    assert sample(after, "eventuali_http_request_duration_seconds_bucket", route="/events/emit/batch", le="+Inf") >= 1
+    assert moved("eventuali_store_errors_total", operation="append", kind="conflict") == 1
+    # five requests one after another, each a group: 1 + 1 + 5 + 1 (the conflict's) + 1 events
+    assert moved("eventuali_commit_group_events_count") == 5 and moved("eventuali_commit_group_events_sum") == 9
+    assert moved("eventuali_commit_duration_seconds_count") == moved("eventuali_commit_group_events_count")
+    assert moved("eventuali_stream_events_delivered_total") == 1
+    assert sample(after, "eventuali_last_position") == 8
+    assert sample(after, "eventuali_database_size_bytes") > 0
+    assert sample(after, "eventuali_uptime_seconds") > 0 and sample(after, "process_start_time_seconds") > 1.7e9
+    build = [labels for name, labels in after if name == "eventuali_build_info"]
+    assert dict(build[0])["version"] == eas.__version__
+    assert dict(build[0])["backend"] == ("postgresql" if srv.config.database_url else "sqlite")
+    templates = {route.path for route in eas.ROUTES} | {"/events/emit/{kind}", "unmatched"}
+    for name, labels in after:
+        for key, value in labels:
+            assert "secret" not in value, (name, key, value)  # no id, no raw path
+            if key == "route":
+                assert value in templates, value
+
+
+def test_metrics_are_open_and_can_be_turned_off(tmp_path):
+    with ThreadServer(tmp_path / "keyed", api_key=KEY) as server:
+        assert server.client.get("/metrics").status_code == 200  # open like /health
+        assert "/metrics" in server.client.get("/openapi.json").json()["paths"]
+    with ThreadServer(tmp_path / "off", metrics=False) as server:
+        assert server.client.get("/metrics").status_code == 404
+        assert "/metrics" not in server.client.get("/openapi.json").json()["paths"]
+
+
+@pytest.mark.parametrize(
+    "text, seconds",
+    [("30d", 30 * 86400), ("12h", 43200), ("90m", 5400), ("45s", 45), ("2w", 14 * 86400), ("1.5h", 5400), ("60", 60)],
+)
+def test_durations(text, seconds):
+    assert eas.parse_duration(text) == seconds
+    assert eas.resolve_config(["--retain", text], environ={}).retain == seconds
+
+
+def test_bad_durations_and_retain_off():
+    for text in ("", "0s", "-1d", "3y", "d", "1 day"):
+        with pytest.raises(ValueError):
+            eas.parse_duration(text)
+    assert eas.resolve_config([], environ={"RETAIN": "30d"}).retain == 30 * 86400
+    assert eas.resolve_config([], environ={}).retain == 0
+    assert eas.resolve_config(["--retain", "off"], environ={}).retain == 0
+    with pytest.raises(eas.ConfigError, match="--retain"):
+        eas.resolve_config(["--retain", "soon"], environ={})
+
+
+def prune(settings: dict, older_than: str = "1d") -> subprocess.CompletedProcess:
+    where = ["--database-url", settings["database_url"]] if "database_url" in settings else []
+    return subprocess.run(
+        [sys.executable, SERVER, "prune", "--older-than", older_than, "--data-dir", settings["data_dir"], *where],
+        capture_output=True,
+        text=True,
+        timeout=120,
+    )
+
+
+def old_workflow(client, n: int = 2500) -> None:
+    """n events from 2020 (older than any retention), in workflows w0..w2 with agents a0..a6."""
+    events = [
+        {
+            "kind": "agent" if i % 10 else "workflow",
+            "name": "agent.started" if i % 5 == 0 else "agent.progress",
+            "aggregate_id": f"a{i % 7}" if i % 10 else f"w{i % 3}",
+            "correlation_id": f"w{i % 3}" if i % 10 else None,
+            "timestamp": f"2020-01-01T{i // 3600:02d}:{i // 60 % 60:02d}:{i % 60:02d}Z",
+        }
+        for i in range(n)
+    ]
+    for start in range(0, n, 1000):
+        assert client.post("/events/emit/batch", json={"events": events[start : start + 1000]}).status_code == 200
+
+
+def test_prune_keeps_positions_versions_counts_and_membership_exact(backend):
+    with ThreadServer(**backend) as server:
+        c = server.client
+        old_workflow(c)
+        emit(c, name="agent.late", aggregate_id="a1", correlation_id="w1")  # kept: a1 stays in w1
+        emit(c, name="agent.other", aggregate_id="a2", correlation_id="w9")
+        result = prune(backend)
+        assert result.returncode == 0 and "removed 2,500 events" in result.stdout, result.stderr
+        health = c.get("/health/database").json()
+        assert (health["oldest_position"], health["pruned_through"]) == (2501, 2500)
+        assert health["oldest_timestamp"] > "2026"
+        # totals, from the counters, equal what is listed
+        for params in (
+            {},
+            {"event_type": "AgentEvent"},
+            {"aggregate_id": "a1"},
+            {"correlation_id": "w1"},
+            {"event_name": "agent.late"},
+            {"workflow_id": "w1"},
+            {"aggregate_type": "workflow_aggregate"},
+        ):
+            page = events_of(c, **params, limit=1000)
+            assert page["total"] == len(page["events"]), params
+        assert events_of(c)["total"] == 2 and events_of(c, "/events/agents/a1")["total"] == 1
+        # membership: a1 is in w1 by its kept event; the others' were all removed
+        summary = c.get("/events/workflows/w1/agents").json()
+        assert [(a["agent_id"], a["event_count"]) for a in summary["agents"]] == [("a1", 1)]
+        assert c.get("/events/workflows/w0/agents").json()["agents"] == []
+        # versions and positions go on where they were
+        a1_versions = [e["aggregate_version"] for e in events_of(c, "/events/agents/a1")["events"]]
+        assert emit(c, name="agent.again", aggregate_id="a1")["aggregate_version"] == a1_versions[0] + 1
+        removed = sum(1 for i in range(2500) if i % 10 and i % 7 == 3)  # all of a3's
+        assert emit(c, name="agent.back", aggregate_id="a3")["aggregate_version"] == removed + 1
+        assert emit(c, "workflow", name="w.back", aggregate_id="w0")["aggregate_version"] == 85
+        # a cursor into the removed part says so, and starts at the oldest kept event
+        page = events_of(c, order="asc", after=10)
+        assert page["pruned_through"] == 2500 and page["events"][0]["position"] == 2501
+        assert "pruned_through" not in events_of(c, order="asc", after=2500)
+        stream = SSE(server.url, "/events/stream?after=10")
+        try:
+            first = stream.message()
+            assert first.get("retry") == "3000"
+            assert stream.message() == {
+                "": "pruned through 2500: the events after 10 up to 2500 were removed by retention"
+            }
+            assert int(stream.event()["id"]) == 2501
+        finally:
+            stream.close()
+        assert prune(backend).stdout.startswith("removed 0 events")  # nothing more is that old
+
+
+def test_copy_refuses_a_pruned_log(tmp_path):
+    with ThreadServer(tmp_path / "src") as server:
+        emit(server.client, name="old", timestamp="2020-01-01T00:00:00Z")
+        emit(server.client, name="new")
+    assert prune({"data_dir": str(tmp_path / "src")}).returncode == 0
+    copied = subprocess.run(
+        [sys.executable, SERVER, "copy", "--from", str(tmp_path / "src"), "--to", str(tmp_path / "dst.db")],
+        capture_output=True,
+        text=True,
+        timeout=60,
+    )
+    assert copied.returncode == 1 and "removed the events up to position 1" in copied.stderr
+
+
+def test_expected_version_after_prune(srv):
+    c = srv.client
+    emit(c, name="agent.started", aggregate_id="only", timestamp="2020-01-01T00:00:00Z")
+    emit(c, name="agent.done", aggregate_id="only", timestamp="2020-01-01T00:00:01Z")
+    assert asyncio.run(eas.make_store(srv.config).prune("2021-01-01T00:00:00+00:00")) == 2
+    reply = c.post("/events/emit/agent", json={"name": "x", "aggregate_id": "only", "expected_version": 0})
+    assert reply.status_code == 409 and reply.json()["current_version"] == 2
+    assert emit(c, name="x", aggregate_id="only", expected_version=2)["aggregate_version"] == 3
+    assert emit(c, name="y")["position"] == 4  # the log was empty: positions go on all the same
+
+
+def test_prune_stops_at_the_first_event_not_old_enough(srv):
+    c = srv.client
+    emit(c, name="old1", timestamp="2020-01-01T00:00:00Z")
+    emit(c, name="new")  # now
+    emit(c, name="old2", timestamp="2020-01-01T00:00:00Z")  # older, but behind a newer one: kept for now
+    assert asyncio.run(eas.make_store(srv.config).prune("2021-01-01T00:00:00+00:00")) == 1
+    assert [e["event_name"] for e in events_of(c, order="asc")["events"]] == ["new", "old2"]
+
+
+@pytest.mark.slow
+def test_retain_setting_removes_old_events_while_serving(tmp_path):
+    with ThreadServer(tmp_path / "r", retain=2.0) as server:  # it looks every second
+        c = server.client
+        emit(c, name="ancient", timestamp="2020-01-01T00:00:00Z")
+        emit(c, name="fresh")
+        deadline = time.time() + 10
+        while events_of(c)["total"] != 1:
+            assert time.time() < deadline, "retention did not run"
+            time.sleep(0.2)
+        assert [e["event_name"] for e in events_of(c)["events"]] == ["fresh"]
+        time.sleep(2)  # now "fresh" is older than 2 s too
+        deadline = time.time() + 10
+        while events_of(c)["total"] != 0:
+            assert time.time() < deadline, "retention did not run again"
+            time.sleep(0.2)
+        assert emit(c, name="next")["position"] == 3
+
+
+@pytest.mark.slow
+def test_prune_while_writers_write(backend):
+    """Pruning 20,000 events in short transactions while 8 writers append: every acknowledged
+    event is there, positions have no gaps after the pruned part, counts stay exact."""
+    with ThreadServer(**backend) as server:
+        c = server.client
+        for start in range(0, 20000, 1000):
+            events = [
+                {"kind": "agent", "name": "old", "aggregate_id": f"a{i % 50}", "correlation_id": f"w{i % 5}",
+                 "timestamp": "2020-01-01T00:00:00Z"}
+                for i in range(start, start + 1000)
+            ]  # fmt: skip
+            assert c.post("/events/emit/batch", json={"events": events}).status_code == 200
+        pruner = threading.Thread(target=lambda: prune(backend))
+        pruner.start()
+        bodies = [{"name": "new", "aggregate_id": f"a{i % 50}", "correlation_id": "w1"} for i in range(800)]
+        replies = post_many(server.url, bodies, workers=8)
+        pruner.join()
+        assert all(status == 200 for status, _ in replies)
+        page = events_of(c, order="asc", limit=1000)
+        assert [e["position"] for e in page["events"]] == list(range(20001, 20801)) and page["total"] == 800
+        assert events_of(c, correlation_id="w1")["total"] == 800
+        for i in range(50):
+            versions = [e["aggregate_version"] for e in events_of(c, f"/events/agents/a{i}", order="asc")["events"]]
+            assert versions == list(range(401, 417)) and events_of(c, f"/events/agents/a{i}")["total"] == 16
+
+
+def json_lines(text: str) -> list:
+    return [json.loads(line) for line in text.splitlines() if line.strip()]
+
+
+@pytest.mark.slow
+def test_json_logs_have_access_fields_and_no_secrets(tmp_path):
+    proc, url = start_process(tmp_path / "j", "--log-format", "json", "--api-key", KEY)
+    try:
+        auth = {"Authorization": f"Bearer {KEY}"}
+        httpx.post(url + "/events/emit/agent", json={"name": "x", "aggregate_id": "a1"}, headers=auth)
+        httpx.get(url + "/events/agents/a1", headers=auth)
+        httpx.get(url + "/nothing")
+        with httpx.stream("GET", url + f"/events/stream?access_token={KEY}", timeout=5) as reply:
+            assert reply.status_code == 200
+    finally:
+        err = stop_process(proc)
+    lines = json_lines(err)  # every line is a JSON object
+    assert KEY not in err and "access_token" not in err
+    assert all({"time", "level", "logger", "message"} <= set(line) for line in lines)
+    access = [line for line in lines if "route" in line]
+    routes = [(line["method"], line["route"], line["status"]) for line in access]
+    assert ("POST", "/events/emit/agent", 200) in routes and ("GET", "/events/agents/{agent_id}", 200) in routes
+    assert ("GET", "unmatched", 404) in routes and ("GET", "/events/stream", 200) in routes
+    assert all(line["duration_ms"] >= 0 and line["client"].startswith("127.0.0.1:") for line in access)
+    assert any("event loop" in line["message"] for line in lines)  # the start line, as JSON too
+
+
+HIDE_FAST = (
+    "import sys; sys.modules['uvloop'] = sys.modules['httptools'] = None; "  # as a default install has them
+    "sys.argv[0] = {server!r}; import runpy; runpy.run_path({server!r}, run_name='__main__')"
+)
+
+
+@pytest.mark.slow
+@pytest.mark.parametrize("install", ["default", "fast"])
+def test_start_line_names_event_loop_and_http_parser(tmp_path, install):
+    pytest.importorskip("uvloop")
+    port = free_port()
+    command = [sys.executable, SERVER] if install == "fast" else [sys.executable, "-c", HIDE_FAST.format(server=SERVER)]
+    proc = spawn([*command, "--port", str(port), "--data-dir", str(tmp_path / "d")])
+    try:
+        url = f"http://127.0.0.1:{port}"
+        wait_healthy(url, proc)
+        assert emit(httpx.Client(base_url=url), name="x")["position"] == 1
+    finally:
+        err = stop_process(proc)
+    expected = (
+        "event loop: uvloop, HTTP parser: httptools" if install == "fast" else "event loop: asyncio, HTTP parser: h11"
+    )
+    assert expected in err, err
+
+
+@pytest.mark.slow
+def test_two_workers_share_one_log(tmp_path):
+    proc, url = start_process(tmp_path / "w", "--workers", "2")
+    try:
+        replies = post_many(url, [{"name": f"e{i}", "aggregate_id": f"a{i % 4}"} for i in range(400)], workers=16)
+        assert all(status == 200 for status, _ in replies)
+        assert sorted(reply["position"] for _, reply in replies) == list(range(1, 401))
+        page = events_of(httpx.Client(base_url=url), "/events/agents/a1", order="asc", limit=1000)
+        assert [e["aggregate_version"] for e in page["events"]] == list(range(1, 101))
+    finally:
+        err = stop_process(proc)
+    assert len(set(re.findall(r"worker (\d+)", err))) == 2, err  # both started, each with its start line

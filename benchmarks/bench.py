@@ -16,6 +16,8 @@ from __future__ import annotations
 
 import argparse
 import asyncio
+import atexit
+import contextlib
 import json
 import os
 import platform
@@ -27,7 +29,7 @@ import sys
 import tempfile
 import threading
 import time
-from collections.abc import Iterator
+from collections.abc import Callable, Iterator
 from concurrent.futures import ThreadPoolExecutor
 from contextlib import contextmanager, nullcontext
 from pathlib import Path
@@ -56,38 +58,69 @@ PIDS: dict = {}  # url -> the pid of the server process serving it
 
 
 def cpu_seconds(pid: int) -> float:
-    """User + system CPU time the process has used so far (/proc/PID/stat, Linux)."""
-    fields = Path(f"/proc/{pid}/stat").read_text().rsplit(")", 1)[1].split()
-    return (int(fields[11]) + int(fields[12])) / os.sysconf("SC_CLK_TCK")
+    """User + system CPU time the process and its children (workers) have used so far
+    (/proc/PID/stat, Linux)."""
+    stats = {}
+    for entry in Path("/proc").iterdir():
+        if entry.name.isdigit():
+            try:
+                fields = (entry / "stat").read_text().rsplit(")", 1)[1].split()
+            except OSError:
+                continue
+            stats[int(entry.name)] = (int(fields[1]), int(fields[11]) + int(fields[12]))  # ppid, ticks
+    tree, ticks = {pid}, 0
+    for _ in range(3):  # children, and theirs
+        tree |= {child for child, (parent, _) in stats.items() if parent in tree}
+    ticks = sum(stats[member][1] for member in tree if member in stats)
+    return ticks / os.sysconf("SC_CLK_TCK")
+
+
+SHIMS = Path(tempfile.mkdtemp(prefix="eventuali-bench-default-install-"))
+atexit.register(shutil.rmtree, SHIMS, True)
+for _name in ("uvloop", "httptools"):  # stand-ins that make a process as without the [fast] extra
+    (SHIMS / f"{_name}.py").write_text("raise ImportError('a default install has no ' + __name__)\n")
+FAST = False  # --fast: the parts run with uvloop and httptools, where installed
+
+
+def install_env(default_install: bool) -> dict:
+    """The environment that makes a server process (and its workers) as without [fast]."""
+    if not default_install:
+        return {}
+    return {"PYTHONPATH": os.pathsep.join([str(SHIMS), os.environ.get("PYTHONPATH", "")])}
 
 
 @contextmanager
-def serve(app: str, cwd: Path, env: dict | None = None) -> Iterator[str]:
-    """`uvicorn app` on a free port; the same uvicorn settings for every app measured."""
-    port = free_port()
+def running(command: list, port: int, env: dict, cwd: Path | None = None, probe: str = "/") -> Iterator[str]:
+    """The server that `command` starts on `port`, once it answers `probe`; stopped after."""
     proc = subprocess.Popen(
-        [*UVICORN, "--port", str(port), app],
-        cwd=cwd,
-        env={**os.environ, **(env or {})},
-        stdout=subprocess.DEVNULL,
-        stderr=subprocess.PIPE,
+        command, cwd=cwd, env={**os.environ, **env}, stdout=subprocess.DEVNULL, stderr=subprocess.PIPE
     )
     url = f"http://127.0.0.1:{port}"
     PIDS[url] = proc.pid
     try:
-        deadline = time.time() + 20
+        deadline = time.time() + 30
         while True:
             try:
-                httpx.get(url + "/", timeout=1)
+                httpx.get(url + probe, timeout=1)  # any answer: it serves
                 break
             except httpx.HTTPError:
                 if proc.poll() is not None or time.time() > deadline:
-                    raise RuntimeError("server did not start: " + proc.stderr.read().decode()) from None
+                    proc.kill()
+                    raise RuntimeError("server did not start: " + proc.communicate()[1].decode()) from None
                 time.sleep(0.05)
         yield url
     finally:
         proc.terminate()
-        proc.wait(10)
+        proc.wait(15)
+
+
+@contextmanager
+def serve(app: str, cwd: Path, env: dict | None = None) -> Iterator[str]:
+    """`uvicorn app` on a free port; the same uvicorn settings for every app measured: the
+    default install's (asyncio, h11) unless --fast."""
+    port = free_port()
+    with running([*UVICORN, "--port", str(port), app], port, {**install_env(not FAST), **(env or {})}, cwd) as url:
+        yield url
 
 
 @contextmanager
@@ -98,6 +131,20 @@ def events_server(env: dict | None = None, code: Path = ROOT) -> Iterator[str]:
         serve("eventuali_api_server:app", code, {"DATA_DIR": data, **(env or {})}) as url,
     ):
         yield url
+
+
+@contextmanager
+def command_server(*flags: str, default_install: bool = False, env: dict | None = None) -> Iterator[str]:
+    """The server as its command starts it (`python eventuali_api_server.py`), on a fresh data
+    dir; with default_install, as without the [fast] extra: uvloop and httptools do not import,
+    in the workers too (a PYTHONPATH of stand-ins that raise ImportError)."""
+    port = free_port()
+    with tempfile.TemporaryDirectory() as data:
+        command = [sys.executable, str(ROOT / "eventuali_api_server.py"), "--port", str(port), "--data-dir", data]
+        extra = {**install_env(default_install), **(env or {})}
+        with running([*command, "--log-level", "warning", *flags], port, extra, probe="/health") as url:
+            time.sleep(0.5)  # every worker up
+            yield url
 
 
 def percentile(values: list, q: float) -> float:
@@ -116,7 +163,7 @@ def wrk_post(url: str, body: dict, connections: int, seconds: float) -> tuple:
     )
     try:
         out = subprocess.run(
-            ["wrk", "-t1", f"-c{connections}", f"-d{seconds}s", "-s", str(script), url],
+            ["wrk", "-t1", f"-c{connections}", f"-d{seconds}s", "--timeout", "10s", "-s", str(script), url],
             capture_output=True,
             text=True,
             check=True,
@@ -125,7 +172,9 @@ def wrk_post(url: str, body: dict, connections: int, seconds: float) -> tuple:
         script.unlink()
     errors = [line for line in out.splitlines() if "Non-2xx" in line or "Socket errors" in line]
     if errors:
-        raise RuntimeError(f"wrk saw errors: {errors}")
+        if not errors[0].strip().startswith("Socket errors: connect 0, read 0, write 0"):
+            raise RuntimeError(f"wrk saw errors: {errors}")
+        print(f"  (wrk: {errors[0].split(',')[-1].strip()}: requests that waited over 10 s, not counted)")
     rate = float(next(line for line in out.splitlines() if line.startswith("Requests/sec")).split()[1])
     requests = int(next(line for line in out.splitlines() if "requests in" in line).split()[0])
     return rate, requests
@@ -175,25 +224,40 @@ def post_load(url: str, body: dict, connections: int, seconds: float) -> tuple:
 # -- parts ------------------------------------------------------------------------------
 
 
+def alternate(targets: dict, args: argparse.Namespace) -> tuple:
+    """Emit load on each target in turn, args.runs rounds: ({name: requests/s per run},
+    {name: server CPU seconds per request, per run})."""
+    rates: dict = {name: [] for name in targets}
+    cpus: dict = {name: [] for name in targets}
+    for url in targets.values():  # warm up each
+        post_load(url + "/events/emit/agent", SEED_AGENT, args.connections, 1)
+    for _ in range(args.runs):
+        for name, url in targets.items():
+            rate, cpu = post_load(url + "/events/emit/agent", SEED_AGENT, args.connections, args.seconds)
+            rates[name].append(rate)
+            cpus[name].append(cpu)
+    return rates, cpus
+
+
+def medians(targets: dict, args: argparse.Namespace) -> dict:
+    """alternate(), as {name: (median requests/s, median CPU µs per request, CPU µs per run)}."""
+    rates, cpus = alternate(targets, args)
+    return {
+        name: (statistics.median(rates[name]), statistics.median(cpus[name]) * 1e6, [c * 1e6 for c in cpus[name]])
+        for name in targets
+    }
+
+
 def bench_emit(args: argparse.Namespace, results: dict) -> None:
     """POST /events/emit/agent vs the bare endpoint (and --against's server), in alternating
     runs: the ratio of rates, and the server's CPU time per request."""
     names = ["bare", "server"] + (["against"] if args.against else [])
-    rates: dict = {name: [] for name in names}
-    cpus: dict = {name: [] for name in names}
     with (
         serve("bare:app", HERE) as bare,
         events_server({"DURABILITY": args.durability}) as server,
         events_server({"DURABILITY": args.durability}, args.against) if args.against else nullcontext() as other,
     ):
-        targets = dict(zip(names, [bare, server, other]))
-        for url in targets.values():  # warm up each
-            post_load(url + "/events/emit/agent", SEED_AGENT, args.connections, 1)
-        for _ in range(args.runs):
-            for name, url in targets.items():
-                rate, cpu = post_load(url + "/events/emit/agent", SEED_AGENT, args.connections, args.seconds)
-                rates[name].append(rate)
-                cpus[name].append(cpu)
+        rates, cpus = alternate(dict(zip(names, [bare, server, other])), args)
     median = {name: statistics.median(rates[name]) for name in names}
     cpu_us = {name: statistics.median(cpus[name]) * 1e6 for name in names}
     ratios = [s / b for s, b in zip(rates["server"], rates["bare"])]
@@ -745,6 +809,109 @@ def bench_postgres(args: argparse.Namespace, results: dict) -> None:
         bench_reads(args, results, {"DATABASE_URL": new_database()}, key="postgres reads")
 
 
+def bench_metrics(args: argparse.Namespace, results: dict) -> None:
+    """What counting requests for /metrics costs the emit path: the same server with
+    METRICS on and off, in alternating runs."""
+    with events_server({"METRICS": "on"}) as on, events_server({"METRICS": "off"}) as off:
+        figures = medians({"metrics on": on, "metrics off": off}, args)
+    per_run = [a / b for a, b in zip(figures["metrics on"][2], figures["metrics off"][2])]
+    results["metrics"] = {
+        name: {"rps": row[0], "cpu_us": row[1], "cpu_us_runs": row[2]} for name, row in figures.items()
+    }
+    results["metrics"]["cpu_ratio_per_run"] = per_run
+    print(f"metrics, emit with {args.connections} connections ({args.runs} alternating runs):")
+    for name, (rate, cpu, _runs) in figures.items():
+        print(f"  {name:12s} {rate:8,.0f}/s  {cpu:6.0f} µs CPU per request")
+    print(f"  CPU per request, on / off, per run: {', '.join(f'{r:.3f}' for r in per_run)}")
+
+
+def bench_install(args: argparse.Namespace, results: dict) -> None:
+    """The default install against the [fast] extra (uvloop, httptools), with 1 and 2
+    workers, started as the command starts them, on SQLite (and with the fast install on
+    PostgreSQL, where it is installed): emit, in alternating runs."""
+    try:
+        import httptools  # noqa: F401
+        import uvloop  # noqa: F401
+    except ImportError:
+        print("install: skipped (pip install -e '.[fast]' first: it compares with and without it)")
+        return
+    configs = {
+        "default, 1 worker": ((), True),
+        "fast, 1 worker": ((), False),
+        "default, 2 workers": (("--workers", "2"), True),
+        "fast, 2 workers": (("--workers", "2"), False),
+    }
+    has_postgres = bool(sorted(Path("/usr/lib/postgresql").glob("*/bin/initdb")) or shutil.which("initdb"))
+    with contextlib.ExitStack() as stack:
+        targets = {
+            name: stack.enter_context(command_server(*flags, default_install=default))
+            for name, (flags, default) in configs.items()
+        }
+        if has_postgres:
+            new_database = stack.enter_context(postgres_cluster())
+            for workers in ("1", "2"):
+                url = new_database()
+                name = f"fast, {workers} worker{'s' if workers == '2' else ''}, PostgreSQL"
+                targets[name] = stack.enter_context(command_server("--workers", workers, env={"DATABASE_URL": url}))
+        figures = medians(targets, args)
+    results["install"] = {
+        name: {"rps": row[0], "cpu_us": row[1], "cpu_us_runs": row[2]} for name, row in figures.items()
+    }
+    base = figures["default, 1 worker"][0]
+    print(f"install, emit with {args.connections} connections, on SQLite unless named ({args.runs} alternating runs):")
+    for name, (rate, cpu, _runs) in figures.items():
+        print(f"  {name:32s} {rate:8,.0f}/s ({rate / base:.2f}x)  {cpu:6.0f} µs CPU per request (all processes)")
+
+
+def emit_latencies(url: str, until: Callable[[], bool]) -> list:
+    """Emit one event after another until until() is true: each one's latency in ms."""
+    latencies = []
+    with httpx.Client(base_url=url, timeout=60) as client:
+        while not until():
+            started = time.perf_counter()
+            client.post("/events/emit/agent", json=SEED_AGENT).raise_for_status()
+            latencies.append((time.perf_counter() - started) * 1000)
+    return latencies
+
+
+def bench_retention(args: argparse.Namespace, results: dict) -> None:
+    """`prune` on a log of old events while a client emits one event after another: how long
+    it takes, and the emit latency before and during it (SQLite)."""
+    count = args.batch_events
+    with tempfile.TemporaryDirectory() as data, serve("eventuali_api_server:app", ROOT, {"DATA_DIR": data}) as url:
+        events = make_events(0, count)
+        for event in events:
+            event["timestamp"] = "2020-01-01T00:00:00Z"
+        with httpx.Client(base_url=url, timeout=120) as client:
+            for start in range(0, count, 1000):
+                client.post("/events/emit/batch", json={"events": events[start : start + 1000]}).raise_for_status()
+        deadline = time.perf_counter() + 3
+        before = emit_latencies(url, lambda: time.perf_counter() > deadline)
+        started = time.perf_counter()
+        pruning = subprocess.Popen(
+            [sys.executable, str(ROOT / "eventuali_api_server.py"), "prune", "--older-than", "1d", "--data-dir", data],
+            stdout=subprocess.PIPE,
+            text=True,
+            env={**os.environ, **install_env(not FAST)},
+        )
+        during = emit_latencies(url, lambda: pruning.poll() is not None)
+        seconds = time.perf_counter() - started
+        said = pruning.stdout.read().strip() if pruning.stdout else ""
+
+    def row(values: list) -> dict:
+        return {"emits": len(values), **{f"p{q}_ms": percentile(values, q) for q in (50, 99)}, "max_ms": max(values)}
+
+    figures = {"events": count, "prune_seconds": seconds, "said": said, "before": row(before), "during": row(during)}
+    results["retention"] = figures
+    print(f"retention: prune of {count:,} old events took {seconds:.1f} s ({said})")
+    for name in ("before", "during"):
+        r = figures[name]
+        print(
+            f"  emit latency {name:6s} the prune: p50 {r['p50_ms']:.1f} ms, p99 {r['p99_ms']:.1f} ms, "
+            f"max {r['max_ms']:.1f} ms ({r['emits']} emits, one at a time)"
+        )
+
+
 PARTS = {
     "emit": bench_emit,
     "batch": bench_batch,
@@ -753,6 +920,9 @@ PARTS = {
     "size": bench_size,
     "postgres": bench_postgres,
     "memory": bench_memory,
+    "metrics": bench_metrics,
+    "install": bench_install,
+    "retention": bench_retention,
 }
 
 
@@ -770,7 +940,12 @@ def main(argv: list | None = None) -> dict:
         metavar="CHECKOUT",
         help="another checkout of the server to measure emit and batch against (A/B)",
     )
+    parser.add_argument(
+        "--fast", action="store_true", help="run the parts with uvloop and httptools (the [fast] extra)"
+    )
     args = parser.parse_args(argv)
+    global FAST
+    FAST = args.fast
     quick = args.quick
     args.connections = 32
     args.seconds = 1 if quick else 5
