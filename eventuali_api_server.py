@@ -2317,7 +2317,7 @@ class ThreadedStore(EventStore):
                 if not more or self._stopping.is_set():
                     return removed
                 # Writers waiting for the lock retry after growing sleeps (SQLite's busy handler):
-                # a pause as long as that lets them in before the next transaction.
+                # a pause three times as long as the transaction lets them in before the next.
                 held = time.perf_counter() - started
                 time.sleep(max(0.005, held * (1 - PRUNE_SHARE) / PRUNE_SHARE))
         except self.errors as exc:

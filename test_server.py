@@ -4484,6 +4484,23 @@ def test_prune_keeps_positions_versions_counts_and_membership_exact(backend):
         assert prune(backend).stdout.startswith("removed 0 events")  # nothing more is that old
 
 
+@pytest.mark.parametrize("backend", ["postgres"], indirect=True)
+def test_postgres_schema_1_is_upgraded(backend):
+    """A database made by 1.1.0 (schema 1: no table pruned) gets it when a server opens it."""
+    with ThreadServer(**backend) as server:
+        emit(server.client, name="first")
+    conn = direct(backend)
+    conn.execute("DROP TABLE pruned")
+    conn.execute("UPDATE meta SET value = '1' WHERE key = 'schema_version'")
+    conn.close()
+    with ThreadServer(**backend) as server:
+        assert emit(server.client, name="second")["position"] == 2
+    conn = direct(backend)
+    assert conn.execute("SELECT value FROM meta WHERE key = 'schema_version'").fetchone()[0] == "2"
+    assert conn.execute("SELECT count(*) FROM pruned").fetchone()[0] == 0
+    conn.close()
+
+
 def test_copy_refuses_a_pruned_log(tmp_path):
     with ThreadServer(tmp_path / "src") as server:
         emit(server.client, name="old", timestamp="2020-01-01T00:00:00Z")
