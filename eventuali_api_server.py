@@ -3881,7 +3881,7 @@ async def unknown_kind(request: Request) -> Response:
     kind, kinds = request.path_params["kind"], (*KINDS, "batch")
     if kind in kinds:
         raise HTTPException(405, headers={"Allow": "POST"})
-    paths = ", ".join(f"/events/emit/{kind}" for kind in kinds)
+    paths = ", ".join(f"/events/emit/{name}" for name in kinds)
     raise Problem(404, f"no kind {kind!r} to emit: POST to one of {paths}")
 
 

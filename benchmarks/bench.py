@@ -68,7 +68,7 @@ def cpu_seconds(pid: int) -> float:
             except OSError:
                 continue
             stats[int(entry.name)] = (int(fields[1]), int(fields[11]) + int(fields[12]))  # ppid, ticks
-    tree, ticks = {pid}, 0
+    tree = {pid}
     for _ in range(3):  # children, and theirs
         tree |= {child for child, (parent, _) in stats.items() if parent in tree}
     ticks = sum(stats[member][1] for member in tree if member in stats)
