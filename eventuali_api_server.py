@@ -1,18 +1,24 @@
 """Eventuali API Server: an append-only event log for AI-agent workflows.
 
-One module, two dependencies (starlette, uvicorn). Agents and hooks POST
-lifecycle events; dashboards and scripts query them over REST and watch them
-live over Server-Sent Events. Events are stored in SQLite (WAL mode) by one
-writer thread that commits every waiting request in one transaction.
+One module, two dependencies (starlette, uvicorn). Agents and hooks POST lifecycle events;
+dashboards and scripts query them over REST and watch them live over Server-Sent Events.
+The log is kept in SQLite (one file, WAL mode) or, for many servers, in PostgreSQL; one
+writer thread per process commits every waiting request in one transaction.
 
-Sections, in dependency order:
-    1. Configuration
-    2. Validation (field specs)
-    3. Storage (schema, writer, readers)
-    4. Live broadcasting
-    5. HTTP handlers
-    6. OpenAPI and docs HTML
-    7. CLI
+Sections, in dependency order (each opens with what it holds):
+    1. Configuration: the settings, from flags, the environment and defaults
+    2. Validation: field specs, which also make the OpenAPI schemas
+    3. Storage: the EventStore interface, the commit both backends share, SQLite, PostgreSQL
+    4. Live broadcasting: the Hub, which follows the log and feeds the streams
+    5. HTTP: endpoints, metrics, logs, the gate every request passes, the application
+    6. OpenAPI: the document, built from ROUTES and the field specs
+    7. Running: uvicorn's protocol and the command line
+    8. Assets: the HTML of /docs and /ui
+
+Where to start: `create_app` (5.10) builds the application from `ROUTES`, the one table of
+routes, each served through its `gate` (5.8). `EventStore` (3.1) is all the handlers know of
+the log; `ThreadedStore.commit` (3.2) is how every append is stored; the `Hub` (4) follows
+the log for the streams; `main` (7.2) is the command line.
 
 Vendoring: copy this file into your project; `pip install starlette uvicorn`.
 """
@@ -44,15 +50,14 @@ import threading
 import time
 import uuid
 from collections import deque
-from collections.abc import AsyncIterator, Iterable, Mapping, Sequence
+from collections.abc import AsyncIterator, Iterable, Iterator, Mapping, Sequence
 from concurrent.futures import ThreadPoolExecutor
 from contextlib import asynccontextmanager
 from datetime import datetime, timedelta, timezone
-from typing import Any, Callable, NamedTuple, Protocol, TypedDict
+from typing import Any, Callable, NamedTuple, Protocol, TypedDict, Union
 
 from starlette.applications import Starlette
 from starlette.exceptions import HTTPException
-from starlette.middleware import Middleware
 from starlette.middleware.cors import CORSMiddleware
 from starlette.requests import Request
 from starlette.responses import HTMLResponse, Response, StreamingResponse
@@ -360,6 +365,7 @@ def config_to_env(config: APIServerConfig) -> dict:
 # =============================================================================
 # 2. Validation (field specs)
 # =============================================================================
+
 # Each field is a JSON Schema fragment. The same dicts validate requests here
 # and become the OpenAPI schemas in section 6, so docs and behaviour agree.
 
@@ -670,8 +676,8 @@ class NewEvent:
     session_id: str | None
     expected_version: int | None
     content_hash: str | None  # of what the client sent, when it chose event_id
-    # The stored columns after position, version and timestamp (ROW_COLUMNS), laid out here,
-    # on the event loop, which leaves the writer less to do while it holds the write lock.
+    # The stored row after position, version and timestamp (Row), laid out here, on the
+    # event loop, which leaves the writer less to do while it holds the write lock.
     values: tuple = dataclasses.field(init=False, repr=False)
 
     def __post_init__(self) -> None:
@@ -867,16 +873,17 @@ def check_query(request: Request, specs: dict) -> dict:
 # =============================================================================
 # 3. Storage
 # =============================================================================
-# 3.1 What the rest of the server sees: events in and out, queries, errors and the
-#     EventStore interface. Handlers and the Hub use nothing else.
-# 3.2 Planning a group of appends: a pure function every backend shares.
-# 3.3 SQLite: schema and migrations.
-# 3.4 SQLite: the writer.
-# 3.5 The queries (SQLite and PostgreSQL).
-# 3.6 Stores served by threads: what both backends share, and SQLiteStore.
-# 3.7 PostgreSQL: schema, writer, listener, PostgresStore.
+# The log behind one interface, EventStore: handlers and the Hub use nothing else. Every
+# backend commits a group of appends the same way (ThreadedStore.commit: lock, read, plan,
+# insert, count, publish) and owns only its SQL and connections, as pyeventsourcing's
+# recorders do; the contract tests (test_server.py, "the store contract") hold both to it.
+#   3.1 The interface and planning: what goes in and comes out, and plan_appends, pure.
+#   3.2 What both backends share: the SQL of counters, retention and queries; ThreadedStore
+#       (the writer thread, the commit, reader threads); copying a log between stores.
+#   3.3 SQLite: schema and migrations, connections, SQLiteStore.
+#   3.4 PostgreSQL: schema, connections, the listener, PostgresStore.
 
-# -- 3.1 the interface ---------------------------------------------------------------
+# -- 3.1 the interface and planning -------------------------------------------------------
 
 
 class Receipt(NamedTuple):
@@ -901,12 +908,48 @@ class StoredEvent(NamedTuple):
     json: str
 
 
+class Row(NamedTuple):
+    """An event as stored: a row of the table `events`, in the order of its columns here
+    (ROW_COLUMNS). Both schemas, the commit, the reads and `copy` use it."""
+
+    position: int
+    aggregate_version: int
+    timestamp: str
+    event_id: str
+    aggregate_type: str
+    aggregate_id: str
+    event_type: str
+    event_name: str
+    attributes: str  # JSON text
+    correlation_id: str | None
+    causation_id: str | None
+    agent_name: str | None
+    user_prompt: str | None
+    session_id: str | None
+    content_hash: str | None  # of what the client sent, when it chose event_id
+
+
+ROW_COLUMNS = Row._fields
+
+
+@dataclasses.dataclass(frozen=True)
+class Match:
+    """Which events: equality filters (STREAM_FILTERS; None means any value), within one
+    agent's events or one workflow's timeline (its own events and those correlated with it).
+    `nothing`: the request contradicts itself, and no event matches."""
+
+    filters: Mapping[str, str | None] = dataclasses.field(default_factory=dict)
+    agent: str | None = None
+    workflow: str | None = None
+    nothing: bool = False
+
+
 @dataclasses.dataclass
 class Query:
-    """A page of the log: equality filters (STREAM_FILTERS), a time window, a position
-    cursor, order and paging; scoped to one agent's events or to a workflow's timeline."""
+    """A page of the log: the events that `match`, in a time window, after or before a
+    position cursor, in an order, paged."""
 
-    filters: dict[str, str | None] = dataclasses.field(default_factory=dict)
+    match: Match = dataclasses.field(default_factory=Match)
     since: str | None = None  # timestamp > since
     until: str | None = None  # timestamp <= until
     after: int | None = None
@@ -914,8 +957,7 @@ class Query:
     order: str = "desc"
     limit: int = 100
     offset: int = 0
-    agent: str | None = None
-    workflow: str | None = None
+    index_hints: bool = False  # the backend takes SQLite's INDEXED BY: the store sets it
 
 
 class Page(NamedTuple):
@@ -932,28 +974,6 @@ class Extent(NamedTuple):
     oldest_timestamp: str | None
     pruned_through: int  # retention has removed every event up to this position
     size_bytes: int | None  # on disk, as the backend counts it
-
-
-class ReadSize:
-    """How many events one read takes, so that it brings about `budget` bytes into memory
-    whatever their size: as many as the sizes it has seen allow, and at first as many as the
-    sizes the process saw last allow (few, before it has seen any)."""
-
-    typical = 1024 * 1024.0  # bytes an event had in this process's last read; at first, as big as one may be
-    big_reads = False  # a read brought a megabyte or more since give_back_memory last looked
-
-    def __init__(self, budget: int, most: int) -> None:
-        self.budget, self.most = budget, most
-        self.count = max(1, min(most, int(budget / ReadSize.typical)))
-
-    def saw(self, sizes: list[int]) -> None:
-        """Take the sizes in bytes of the events the last read brought."""
-        if sizes:
-            total = sum(sizes)
-            average = max(1.0, total / len(sizes))
-            ReadSize.typical = average
-            ReadSize.big_reads = ReadSize.big_reads or total >= 1024 * 1024
-            self.count = max(1, min(self.most, int(self.budget / average)))
 
 
 class AgentSummary(TypedDict):
@@ -988,72 +1008,6 @@ class WorkflowView(TypedDict):
     agents: list[AgentSummary]
 
 
-# An agent's or a workflow's state, from its latest event's name: the last word of the name
-# (after `.`, `_`, `-`, `:`, `/` or a space), in any case, is looked up here; any other
-# name means it is running.
-STATE_RULES = {
-    "completed": ("completed", "complete", "succeeded", "success", "finished", "done", "ended", "stopped"),
-    "failed": (
-        "failed", "failure", "error", "errored", "crashed", "aborted", "cancelled", "canceled",
-        "timeout", "timed_out", "killed", "rejected",
-    ),
-}  # fmt: skip
-STATES = {word: state for state, words in STATE_RULES.items() for word in words}
-_LAST_WORD = re.compile(r"[._:/ -]")
-PARENT_RULES = (
-    "An agent's parent comes from the `causation_id`s of its events, oldest first: the first that "
-    "names another agent of the workflow, or an event of another agent, makes that agent the parent; "
-    "one that names the workflow itself, or an event of the workflow, makes the agent a root "
-    "(`parent_agent_id` null). The agent's own id and its own events are passed over. Without "
-    "any of those, the first cause that names nothing stored is shown as it is; a cycle is cut."
-)
-
-
-def event_state(name: str) -> str:
-    """`completed`, `failed` or `running`, by STATE_RULES."""
-    words = _LAST_WORD.split(name.lower())
-    return STATES.get(words[-1], STATES.get("_".join(words[-2:]), "running"))
-
-
-class Histogram:
-    """Observed values counted by bucket (their upper bounds), with their sum: what a
-    Prometheus histogram shows (section 5 writes it out)."""
-
-    __slots__ = ("bounds", "counts", "sum")
-
-    def __init__(self, bounds: Sequence[float]) -> None:
-        self.bounds = tuple(bounds)
-        self.counts = [0] * (len(self.bounds) + 1)  # the last: above every bound
-        self.sum = 0.0
-
-    def observe(self, value: float) -> None:
-        self.counts[bisect.bisect_left(self.bounds, value)] += 1
-        self.sum += value
-
-
-SECONDS_BOUNDS = (0.0005, 0.001, 0.0025, 0.005, 0.01, 0.025, 0.05, 0.1, 0.25, 0.5, 1.0, 2.5, 5.0, 10.0)
-GROUP_BOUNDS = tuple(2.0**i for i in range(13))  # 1 to 4096 events
-
-
-class StoreStats:
-    """What a store counts as it works, for /metrics: appends and commits (by the writer
-    thread, the only one that writes them) and errors."""
-
-    def __init__(self) -> None:
-        self.appended: collections.Counter = collections.Counter()  # event_type -> events acknowledged
-        self.group_events = Histogram(GROUP_BOUNDS)  # events per commit group
-        self.commit_seconds = Histogram(SECONDS_BOUNDS)
-        self.errors: collections.Counter = collections.Counter()  # (operation, kind) -> errors
-        self._lock = threading.Lock()  # for errors, which several threads count
-
-    def error(self, operation: str, exc: BaseException) -> None:
-        kind = (
-            "unavailable" if isinstance(exc, StoreUnavailable) else "conflict" if isinstance(exc, Conflict) else "error"
-        )
-        with self._lock:
-            self.errors[operation, kind] += 1
-
-
 class StoreError(Exception):
     """The store did not do what was asked; the subclass says why."""
 
@@ -1072,24 +1026,7 @@ class VersionConflict(Conflict):
         self.current_version = current_version
 
 
-def normalize_filters(filters: Mapping[str, str | None]) -> dict[str, str] | None:
-    """The equality filters on stored columns, None if they can match nothing. An event's
-    event_type follows from its aggregate_type (KINDS), so it becomes that filter."""
-    clean = {name: value for name, value in filters.items() if value is not None}
-    if any("\x00" in value for value in clean.values()):  # no stored text holds NUL (NO_NUL)
-        return None
-    if "event_type" in clean:
-        implied = EVENT_TYPE_AGGREGATES.get(clean.pop("event_type"))
-        if implied is None or clean.setdefault("aggregate_type", implied) != implied:
-            return None
-    return clean
-
-
-def narrow(filters: dict[str, str] | None, **scope: str) -> dict[str, str] | None:
-    """filters AND scope's equalities; None if they contradict each other."""
-    if filters is None or any(filters.get(name, value) != value for name, value in scope.items()):
-        return None
-    return {**filters, **scope}
+Outcome = Union[list[Receipt], StoreError]  # of one append request in a commit: its receipts, or why it failed
 
 
 class EventStore(abc.ABC):
@@ -1115,12 +1052,11 @@ class EventStore(abc.ABC):
     @abc.abstractmethod
     async def append(self, events: list[NewEvent]) -> list[Receipt]:
         """Store the NewEvents atomically, in order; return a Receipt for each once they are
-        committed. Raises Conflict (nothing stored) or StoreUnavailable. An empty list
-        stores nothing but still commits a write: the writability check."""
+        committed. Raises Conflict (nothing stored) or StoreUnavailable."""
 
+    @abc.abstractmethod
     async def check_writable(self) -> None:
-        """Raise StoreUnavailable unless the store can commit a write now."""
-        await self.append([])
+        """Raise StoreUnavailable unless the store can commit a write now (it commits one)."""
 
     def write_problem(self) -> str | None:
         """Why the last append of events failed, until one succeeds again (None: it did not)."""
@@ -1135,9 +1071,12 @@ class EventStore(abc.ABC):
         """The stored events at these positions, in the same order."""
 
     @abc.abstractmethod
-    async def events_after(self, position: int, filters: dict[str, str | None], limit: int) -> list[StoredEvent]:
-        """Up to `limit` StoredEvents after `position` that match the equality filters (of
-        STREAM_FILTERS, and `workflow_id`: a workflow's timeline), oldest first."""
+    async def events_after(self, position: int, match: Match, limit: int) -> list[StoredEvent]:
+        """Up to `limit` StoredEvents after `position` that `match`, oldest first."""
+
+    @abc.abstractmethod
+    async def rows_after(self, position: int, limit: int) -> list[Row]:
+        """Up to `limit` stored Rows after `position`, oldest first: the log as it is stored."""
 
     @abc.abstractmethod
     async def last_position(self) -> int:
@@ -1155,7 +1094,7 @@ class EventStore(abc.ABC):
     @abc.abstractmethod
     async def workflow_summary(self, workflow_id: str) -> WorkflowView:
         """The workflow's state and figures, and its agents in order of their first correlated
-        event (see workflow_summary in 3.5)."""
+        event (see workflow_summary in 3.2)."""
 
     @abc.abstractmethod
     async def wait_for_commit(self, timeout: float) -> None:
@@ -1167,25 +1106,12 @@ class EventStore(abc.ABC):
         """Write a consistent copy of the log to `dest`; the events it holds (blocking)."""
 
 
-# -- 3.2 planning a group of appends ---------------------------------------------------
+class LogState(NamedTuple):
+    """What a commit reads under the write lock before it plans."""
 
-ROW_COLUMNS = (
-    "position",
-    "aggregate_version",
-    "timestamp",
-    "event_id",
-    "aggregate_type",
-    "aggregate_id",
-    "event_type",
-    "event_name",
-    "attributes",
-    "correlation_id",
-    "causation_id",
-    "agent_name",
-    "user_prompt",
-    "session_id",
-    "content_hash",
-)
+    position: int  # where the log ends
+    counted_through: int  # the counters count the events up to here (COUNTED_THROUGH)
+    versions: dict[tuple[str, str], int]  # (aggregate_type, aggregate_id) -> current version
 
 
 def plan_appends(
@@ -1194,15 +1120,15 @@ def plan_appends(
     versions: dict[tuple[str, str], int],
     stored: dict[str, tuple[str | None, Receipt]],
     now: str,
-) -> tuple[list[list[Receipt] | Conflict], list[tuple]]:
+) -> tuple[list[Outcome], list[Row]]:
     """Decide each request's outcome, given the log's last position, the current version of
     every aggregate the requests name ({(aggregate_type, aggregate_id): version}, missing
     means 0) and the receipts of their client-chosen event_ids already stored ({event_id:
     (content_hash, Receipt)}). Returns (outcomes, rows): for each request its Receipts or
-    the Conflict that rejects it whole, and the rows (ROW_COLUMNS) to insert, in order."""
+    the Conflict that rejects it whole, and the Rows to insert, in order."""
     versions, stored = dict(versions), dict(stored)
-    outcomes: list = []
-    rows: list = []
+    outcomes: list[Outcome] = []
+    rows: list[Row] = []
     for events in requests:
         staged_versions: dict = {}
         staged_ids: dict = {}
@@ -1234,7 +1160,7 @@ def plan_appends(
                     event.timestamp or now,
                     event.aggregate_id,
                 )
-                staged_rows.append((receipt.position, version, receipt.timestamp, *event.values))
+                staged_rows.append(Row(receipt.position, version, receipt.timestamp, *event.values))
                 if event.client_event_id:
                     staged_ids[event.event_id] = (event.content_hash, receipt)
                 receipts.append(receipt)
@@ -1249,12 +1175,12 @@ def plan_appends(
 
 
 def commit_apart(
-    commit: Callable[[list], list],
-    requests: list,
+    commit: Callable[[list[list[NewEvent]]], list[Outcome]],
+    requests: list[list[NewEvent]],
     broken: type[Exception],
-    fault: type[Exception],
+    fault: type[Exception] | tuple[type[Exception], ...],
     describe: Callable[[Any], StoreUnavailable],
-) -> list:
+) -> list[Outcome]:
     """commit(requests), one transaction, with what every backend does when it fails: a broken
     constraint (`broken`: nothing was stored) sends the requests again one by one, so that the
     one that broke it fails alone; a fault of the store (`fault`) fails them all with its reason."""
@@ -1272,285 +1198,26 @@ def commit_apart(
         return [error] * len(requests)
 
 
-def lookups(requests: Sequence[list]) -> tuple:
+def lookups(requests: Sequence[list[NewEvent]]) -> tuple[list[tuple[str, str]], list[str]]:
     """What planning needs from the log: the aggregates whose versions matter, and the
     client-chosen event_ids to look for."""
     keys = {(e.aggregate_type, e.aggregate_id) for events in requests for e in events if not e.fresh}
     return sorted(keys), [e.event_id for events in requests for e in events if e.client_event_id]
 
 
-# -- 3.3 SQLite: schema and migrations ---------------------------------------------
+# -- 3.2 what both backends share ---------------------------------------------------------
+# The SQL here is what SQLite and PostgreSQL both understand, with `?` placeholders
+# (PgConnection turns them into psycopg's). The queries run on reader threads as
+# fn(conn, ...); the writes take the backend's insert (ThreadedStore.insert).
 
-SCHEMA_VERSION = 5
-# The planner has no statistics for a new log, and without them it may pick the
-# 3-valued aggregate_type index over aggregate_id's. Fixed, typical statistics in
-# sqlite_stat1 (documented as the way to steer it) keep every read on the selective index.
-MIGRATIONS = {
-    # user_version before -> statements that bring the schema one version up.
-    # A log made by an older server is brought up to date when it is opened.
-    0: """
-    CREATE TABLE events (
-        position          INTEGER PRIMARY KEY,
-        event_id          TEXT NOT NULL,
-        aggregate_type    TEXT NOT NULL,
-        aggregate_id      TEXT NOT NULL,
-        aggregate_version INTEGER NOT NULL,
-        event_type        TEXT NOT NULL,
-        event_name        TEXT NOT NULL,
-        timestamp         TEXT NOT NULL,
-        attributes        TEXT NOT NULL,
-        correlation_id    TEXT,
-        causation_id      TEXT,
-        agent_name        TEXT,
-        user_prompt       TEXT,
-        session_id        TEXT,
-        content_hash      TEXT
-    );
-    CREATE UNIQUE INDEX events_event_id ON events (event_id);
-    CREATE UNIQUE INDEX events_stream ON events (aggregate_type, aggregate_id, aggregate_version);
-    CREATE INDEX events_aggregate_id ON events (aggregate_id, position);
-    CREATE INDEX events_event_type ON events (event_type, position);
-    CREATE INDEX events_aggregate_type ON events (aggregate_type, position);
-    CREATE INDEX events_event_name ON events (event_name, position);
-    CREATE INDEX events_correlation ON events (correlation_id, position);
-    CREATE INDEX events_timestamp ON events (timestamp);
-    CREATE TABLE meta (key TEXT PRIMARY KEY, value TEXT) WITHOUT ROWID;
-    CREATE TABLE counts (
-        field TEXT NOT NULL, value TEXT NOT NULL, n INTEGER NOT NULL, PRIMARY KEY (field, value)
-    ) WITHOUT ROWID;
-    CREATE TABLE workflow_agents (
-        workflow_id TEXT NOT NULL, agent_id TEXT NOT NULL, first_position INTEGER NOT NULL,
-        PRIMARY KEY (workflow_id, agent_id)
-    ) WITHOUT ROWID;
-    ANALYZE sqlite_master;
-    DELETE FROM sqlite_stat1;
-    INSERT INTO sqlite_stat1 VALUES
-        ('events', NULL, '1000000'),
-        ('events', 'events_event_id', '1000000 1'),
-        ('events', 'events_stream', '1000000 333333 20 1'),
-        ('events', 'events_aggregate_id', '1000000 20 1'),
-        ('events', 'events_event_type', '1000000 333333 1'),
-        ('events', 'events_aggregate_type', '1000000 333333 1'),
-        ('events', 'events_event_name', '1000000 20000 1'),
-        ('events', 'events_correlation', '1000000 200 1'),
-        ('events', 'events_timestamp', '1000000 2');
-    """,
-    # event_type and aggregate_type map one to one (KINDS): one index serves both filters.
-    1: "DROP INDEX events_event_type",
-    2: "DELETE FROM counts WHERE field IN ('event_type', 'aggregate_id')",
-    # Counters by aggregate_type too, so that a pair of filters has an exact total at once;
-    # the writers count every event, from position 0 on (see count_stored). The two
-    # low-cardinality columns get (column, timestamp) indexes, which count time windows and
-    # find rare values (read_plan), in place of their (column, position) indexes and the
-    # timestamp index: one index fewer for every append.
-    3: """
-    DROP TABLE counts;
-    CREATE TABLE counts (
-        field TEXT NOT NULL, value TEXT NOT NULL, aggregate_type TEXT NOT NULL, n INTEGER NOT NULL,
-        PRIMARY KEY (field, value, aggregate_type)
-    ) WITHOUT ROWID;
-    DELETE FROM workflow_agents;
-    DROP INDEX events_timestamp;
-    DROP INDEX events_aggregate_type;
-    DROP INDEX events_event_name;
-    CREATE INDEX events_type_time ON events (aggregate_type, timestamp);
-    CREATE INDEX events_name_time ON events (event_name, timestamp);
-    DELETE FROM sqlite_stat1 WHERE idx IN ('events_timestamp', 'events_aggregate_type', 'events_event_name');
-    INSERT INTO sqlite_stat1 VALUES
-        ('events', 'events_type_time', '1000000 333333 2'),
-        ('events', 'events_name_time', '1000000 20000 2');
-    """,
-    # Retention (prune_batch): the highest version of each aggregate that lost events, which
-    # keeps its versions from being used again and its count exact.
-    4: """
-    CREATE TABLE pruned (
-        aggregate_type TEXT NOT NULL, aggregate_id TEXT NOT NULL, version INTEGER NOT NULL,
-        PRIMARY KEY (aggregate_type, aggregate_id)
-    ) WITHOUT ROWID;
-    """,
-}
-COLUMNS = (
-    "position, event_id, aggregate_type, aggregate_id, aggregate_version, event_type, event_name, "
-    "timestamp, attributes, correlation_id, causation_id, agent_name, user_prompt, session_id"
-)
-
-
-def sql_statements(script: str) -> list:
-    """The statements of a script, a trigger's body kept whole."""
-    statements, pending = [], ""
-    for line in script.splitlines(keepends=True):
-        pending += line
-        if sqlite3.complete_statement(pending):
-            statements.append(pending.strip())
-            pending = ""
-    return [s for s in statements + [pending.strip()] if s.strip(" ;\n")]
-
-
-# SQLite's primary result codes for faults of the environment, which may clear by themselves.
-SQLITE_FAULTS = {
-    5: "database is locked by another process",  # SQLITE_BUSY
-    6: "database is locked",  # SQLITE_LOCKED
-    8: "database is read-only",  # SQLITE_READONLY
-    10: "the database files cannot be written or read: read-only or failing storage?",  # SQLITE_IOERR
-    11: "the database file is damaged",  # SQLITE_CORRUPT
-    13: "disk is full",  # SQLITE_FULL
-    14: "the database file cannot be opened",  # SQLITE_CANTOPEN
-    26: "the file is not an SQLite database",  # SQLITE_NOTADB
-}
-# sqlite3_errstr() of those codes, for Python before 3.11, whose errors carry no code.
-SQLITE_MESSAGES = {
-    "database is locked": 5,
-    "database table is locked": 6,
-    "attempt to write a readonly database": 8,
-    "disk I/O error": 10,
-    "database disk image is malformed": 11,
-    "database or disk is full": 13,
-    "unable to open database file": 14,
-    "file is not a database": 26,
-}
-
-
-def unavailable(exc: Exception) -> StoreUnavailable:
-    """A StoreUnavailable that names the fault and keeps SQLite's own words."""
-    code = getattr(exc, "sqlite_errorcode", None)
-    code = SQLITE_MESSAGES.get(str(exc), 0) if code is None else code & 0xFF
-    return StoreUnavailable(f"{SQLITE_FAULTS.get(code, 'database error')} ({exc})")
-
-
-def connect(path: str, timeout: float, durability: str = "full", readonly: bool = False) -> sqlite3.Connection:
-    # The writer keeps a statement of each size insert_rows uses, for three tables.
-    conn = sqlite3.connect(
-        path, timeout=timeout, isolation_level=None, check_same_thread=False, cached_statements=64 if readonly else 512
-    )
-    conn.execute(f"PRAGMA busy_timeout = {int(timeout * 1000)}")
-    if readonly:
-        conn.execute("PRAGMA query_only = ON")
-        conn.execute("PRAGMA cache_size = -8192")  # KiB: a reader holds this much of the log in memory, at most
-    else:
-        conn.execute("PRAGMA journal_mode = WAL")
-        conn.execute("PRAGMA synchronous = " + ("FULL" if durability == "full" else "NORMAL"))
-        # Index pages touched by every commit stay cached, and the WAL is copied back
-        # every ~40 MB rather than every ~4 MB: each hot page is written out once per
-        # checkpoint instead of once per commit.
-        conn.execute("PRAGMA cache_size = -65536")
-        conn.execute("PRAGMA wal_autocheckpoint = 10000")
-        # Statement journals stay in memory: on disk they cost a temp file (create,
-        # write, unlink) per commit, and a writable temp directory.
-        conn.execute("PRAGMA temp_store = MEMORY")
-    return conn
-
-
-def open_database(path: str, timeout: float, durability: str) -> sqlite3.Connection:
-    """Create or migrate the database and return the writer's connection."""
-    folder = os.path.dirname(path) or "."
-    os.makedirs(folder, mode=0o700, exist_ok=True)
-    if not os.path.exists(path):
-        os.close(os.open(path, os.O_CREAT | os.O_WRONLY, 0o600))
-    conn = connect(path, timeout, durability)
-    version = conn.execute("PRAGMA user_version").fetchone()[0]
-    if version > SCHEMA_VERSION:
-        conn.close()
-        raise StoreUnavailable(
-            f"{path} has schema version {version}; this server ({__version__}) "
-            f"knows versions up to {SCHEMA_VERSION}: upgrade the server"
-        )
-    while version < SCHEMA_VERSION:
-        conn.execute("BEGIN IMMEDIATE")
-        if conn.execute("PRAGMA user_version").fetchone()[0] == version:  # another process may have migrated
-            for statement in sql_statements(MIGRATIONS[version]):
-                conn.execute(statement)
-            conn.execute(f"PRAGMA user_version = {version + 1}")
-        conn.execute("COMMIT")
-        version = conn.execute("PRAGMA user_version").fetchone()[0]
-    position, counted, _versions = read_state(conn, [])
-    if counted < position:  # events the counters do not count yet (after schema 4's migration, all)
-        conn.execute("BEGIN IMMEDIATE")
-        position, counted, _versions = read_state(conn, [])
-        count_stored(conn, counted, position)
-        conn.execute("COMMIT")
-    return conn
-
-
-# -- 3.4 SQLite: the writer ---------------------------------------------------------
-# One thread writes. It takes the requests waiting in its queue as one group, and stores
-# the group in one transaction:
-#   BEGIN IMMEDIATE (the write lock, so that what it reads stays true until it commits),
-#   read the last position, the versions and the stored client event_ids it needs,
-#   plan each request's outcome (plan_appends), insert the rows, update the counters and the
-#   workflow membership (record_summaries), COMMIT, then complete the requests.
-# A request that breaks a constraint is retried alone, so that it fails alone.
-
-# Every waiting request joins a group, up to GROUP_EVENTS events and half of the events in
-# flight: the event loop then answers one group and reads the next requests while the
-# writer commits the other, instead of idling through each commit.
-GROUP_EVENTS = 4096
 # Parameters per statement: SQLite's limit since 3.32, and before it.
 MAX_PARAMS = 32766 if sqlite3.sqlite_version_info >= (3, 32, 0) else 999
-# Rows go in multi-row statements: few statements per group (each one costs the writer a
-# turn for the GIL against the busy event loop), and few distinct statements to compile and
-# keep: up to EXACT_ROWS rows in one statement of that size; more in statements of the
-# largest power of two that fits, then the rest.
-EXACT_ROWS = 64
-POLL = 0.05  # seconds between looks for commits of other processes
-
-
-class Pending(NamedTuple):
-    """A request in the writer's queue."""
-
-    events: list[NewEvent]
-    future: asyncio.Future[list[Receipt]]
 
 
 EVENTS_TABLE = f"events ({', '.join(ROW_COLUMNS)})"
+READ_COLUMNS = ", ".join(ROW_COLUMNS)
 COUNTS_UPSERT = " ON CONFLICT (field, value, aggregate_type) DO UPDATE SET n = counts.n + excluded.n"
 MEMBERS_UPSERT = " ON CONFLICT DO NOTHING"
-
-
-@functools.cache
-def values_sql(head: str, width: int, rows: int, tail: str) -> str:
-    return f"{head} VALUES " + ", ".join(["(" + ", ".join("?" * width) + ")"] * rows) + tail
-
-
-def insert_rows(conn: sqlite3.Connection, table: str, rows: list, tail: str = "") -> None:
-    """INSERT the rows into `table` (its name and columns) in few statements (see EXACT_ROWS).
-    OR ROLLBACK: a broken constraint ends the transaction (the writer then retries the group's
-    requests one by one), so SQLite keeps no statement journal to undo a single statement."""
-    head = f"INSERT OR ROLLBACK INTO {table}"
-    width = len(rows[0]) if rows else 1
-    most = 1 << ((MAX_PARAMS // width).bit_length() - 1)
-    start = 0
-    while start < len(rows):
-        left = len(rows) - start
-        size = left if left <= min(EXACT_ROWS, most) else min(1 << (left.bit_length() - 1), most)
-        conn.execute(
-            values_sql(head, width, size, tail), [value for row in rows[start : start + size] for value in row]
-        )
-        start += size
-
-
-def read_state(conn: sqlite3.Connection, keys: list) -> tuple:
-    """The last position, the position up to which the counters count (COUNTED_THROUGH),
-    and {(aggregate_type, aggregate_id): current version} for `keys`: in one statement for
-    each MAX_PARAMS // 3 keys."""
-    position, counted, versions = 0, 0, {}
-    step = MAX_PARAMS // 3
-    for start in range(0, max(len(keys), 1), step):
-        chunk = keys[start : start + step]
-        sql = f"SELECT {LAST_POSITION}, (SELECT n FROM counts WHERE {COUNTED_THROUGH})"
-        if chunk:
-            sql = (
-                "WITH k (i, t, id) AS (VALUES "
-                + ", ".join(["(?, ?, ?)"] * len(chunk))
-                + ") "
-                + sql
-                + f", (SELECT group_concat(i || ' ' || {CURRENT_VERSION.format(t='k.t', id='k.id')}) FROM k)"
-            )
-        row = conn.execute(sql, [value for i, key in enumerate(chunk) for value in (i, *key)]).fetchone()
-        position, counted = row[0] or 0, row[1] or 0
-        for pair in row[2].split(",") if chunk else ():
-            i, version = pair.split(" ")
-            versions[chunk[int(i)]] = int(version)
-    return position, counted, versions
 
 
 # The counters and the workflow membership are written by the writers, in the transaction
@@ -1573,10 +1240,13 @@ SUMMARY_COLUMNS = ("position", "aggregate_type", "aggregate_id", "event_name", "
 summary_of = operator.itemgetter(*[ROW_COLUMNS.index(name) for name in SUMMARY_COLUMNS])  # from a row
 
 
-def record_summaries(conn: Any, events: Iterable, through: int, counted: int, insert: Callable = insert_rows) -> None:
+Inserter = Callable[[Any, str, list, str], None]  # a backend's insert(conn, table, rows, tail)
+
+
+def record_summaries(insert: Inserter, conn: Any, events: Iterable, through: int, counted_through: int) -> None:
     """Count new events, given as SUMMARY_COLUMNS, which take the counters from position
-    `counted` to `through`. `insert` is the backend's insert_rows."""
-    counts: collections.Counter = collections.Counter({("log", "counted_through", ""): through - counted})
+    `counted_through` to `through`. `insert` is the backend's (ThreadedStore.insert)."""
+    counts: collections.Counter = collections.Counter({("log", "counted_through", ""): through - counted_through})
     members: dict = {}
     for position, aggregate_type, aggregate_id, name, correlation_id in events:
         counts["aggregate_type", aggregate_type, aggregate_type] += 1
@@ -1589,17 +1259,17 @@ def record_summaries(conn: Any, events: Iterable, through: int, counted: int, in
     insert(conn, "workflow_agents", [(*key, position) for key, position in members.items()], MEMBERS_UPSERT)
 
 
-def count_stored(conn: Any, counted: int, position: int, insert: Callable = insert_rows) -> None:
-    """Count the events after `counted` up to `position` that no writer of ours counted."""
-    while counted < position:
+def count_stored(insert: Inserter, conn: Any, counted_through: int, position: int) -> None:
+    """Count the events after `counted_through` up to `position` that no writer of ours counted."""
+    while counted_through < position:
         rows = conn.execute(
             f"SELECT {', '.join(SUMMARY_COLUMNS)} FROM events WHERE position > ? AND position <= ? "
             "ORDER BY position LIMIT 10000",
-            (counted, position),
+            (counted_through, position),
         ).fetchall()
         through = rows[-1][0] if rows else position
-        record_summaries(conn, rows, through, counted, insert)
-        counted = through
+        record_summaries(insert, conn, rows, through, counted_through)
+        counted_through = through
 
 
 PRUNE_BATCH = 200  # events a transaction when pruning: each holds the write lock a few milliseconds
@@ -1607,19 +1277,19 @@ PRUNE_SHARE = 0.25  # of the time the pruner may hold the write lock: it pauses 
 IN_RANGE = "position > ? AND position <= ?"
 
 
-def prune_batch(conn: Any, before: str, insert: Callable = insert_rows) -> tuple[int, bool]:
+def prune_batch(insert: Inserter, conn: Any, before: str) -> tuple[int, bool]:
     """In the caller's transaction (which holds the write lock), remove up to PRUNE_BATCH of
     the oldest events, in position order up to the first one whose timestamp is not before
     `before`, and only events the counters count. Returns (events removed, whether more may
     follow). The counters, the workflow membership, the pruned versions and PRUNED_THROUGH
     are kept exact in the same transaction."""
-    done, counted = conn.execute(
+    done, counted_through = conn.execute(
         f"SELECT coalesce((SELECT n FROM counts WHERE {PRUNED_THROUGH}), 0), "
         f"coalesce((SELECT n FROM counts WHERE {COUNTED_THROUGH}), 0)"
     ).fetchone()
     rows = conn.execute(
         f"SELECT position, timestamp FROM events WHERE {IN_RANGE} ORDER BY position LIMIT ?",
-        (done, counted, PRUNE_BATCH),
+        (done, counted_through, PRUNE_BATCH),
     ).fetchall()
     old = next((i for i, (_, timestamp) in enumerate(rows) if timestamp >= before), len(rows))
     if old == 0:
@@ -1685,60 +1355,32 @@ class SeenVersions:
     writes, that is while the log still ends where this writer left it, which it checks
     under the write lock: then it reads only the versions it has not seen."""
 
-    def __init__(self, read_state: Callable, limit: int = 100_000) -> None:
-        self.read_state = read_state  # the backend's: (conn, keys) -> (position, counted, versions)
+    def __init__(self, read_state: Callable[[Any, list], LogState], limit: int = 100_000) -> None:
+        self.read_state = read_state  # the backend's
         self.position: int | None = None  # where the log ended after this writer's last commit
         self.versions: dict = {}
         self.limit = limit
 
-    def read(self, conn: Any, keys: list) -> tuple:
+    def read(self, conn: Any, keys: list) -> LogState:
         """read_state(conn, keys), from what it knows where that is still true."""
-        position, counted, found = self.read_state(conn, [key for key in keys if key not in self.versions])
-        if position != self.position:  # another process has written since
+        state = self.read_state(conn, [key for key in keys if key not in self.versions])
+        if state.position != self.position:  # another process has written since
             self.versions.clear()
-            position, counted, found = self.read_state(conn, keys)
-        return position, counted, {**{key: self.versions[key] for key in keys if key in self.versions}, **found}
+            return self.read_state(conn, keys)
+        known = {key: self.versions[key] for key in keys if key in self.versions}
+        return state._replace(versions={**known, **state.versions})
 
-    def commit(self, position: int, versions: dict, rows: list) -> None:
+    def commit(self, position: int, versions: dict, rows: list[Row]) -> None:
         """Remember what a committed group read and wrote."""
         if len(self.versions) > self.limit:
             self.versions.clear()
         self.versions.update(versions)
-        self.versions.update({(row[4], row[5]): row[1] for row in rows})
+        self.versions.update({(row.aggregate_type, row.aggregate_id): row.aggregate_version for row in rows})
         self.position = position + len(rows)
 
     def forget(self) -> None:
         self.position = None
         self.versions.clear()
-
-
-def commit_group(conn: sqlite3.Connection, requests: list, seen: SeenVersions) -> list:
-    """Store a group of requests (lists of NewEvents) in one transaction; each one's outcome."""
-    conn.execute("BEGIN IMMEDIATE")
-    try:
-        keys, event_ids = lookups(requests)
-        position, counted, versions = seen.read(conn, keys)
-        count_stored(conn, counted, position)
-        stored = read_receipts(conn, event_ids) if event_ids else {}
-        outcomes, rows = plan_appends(requests, position, versions, stored, utc_now())
-        insert_rows(conn, EVENTS_TABLE, rows)
-        record_summaries(conn, map(summary_of, rows), position + len(rows), position)
-        if not all(requests):  # a writability check: a write, however small
-            conn.execute("INSERT OR REPLACE INTO meta VALUES ('checked', ?)", (utc_now(),))
-        conn.execute("COMMIT")
-    except BaseException:
-        seen.forget()
-        if conn.in_transaction:  # a failed COMMIT (disk full, I/O error) has rolled back already
-            conn.execute("ROLLBACK")
-        raise
-    seen.commit(position, versions, rows)
-    return outcomes
-
-
-# -- 3.5 the queries ----------------------------------------------------------------------
-# Each runs on a reader thread: fn(conn, ...), with a connection to SQLite or, through
-# PgConnection (section 3.7), to PostgreSQL: the SQL is what both understand, with `?`
-# placeholders; only SQLite gets index hints.
 
 
 class Connection(Protocol):
@@ -1747,54 +1389,68 @@ class Connection(Protocol):
     def execute(self, sql: str, args: Sequence = ...) -> Any: ...
 
 
-def item_json(row: tuple) -> str:
+def item_json(row: Row) -> str:
     """One event item as JSON; the stored attributes text is spliced in, not re-parsed."""
-    (
-        position,
-        event_id,
-        aggregate_type,
-        aggregate_id,
-        version,
-        event_type,
-        name,
-        timestamp,
-        attributes,
-        correlation_id,
-        causation_id,
-        agent_name,
-        user_prompt,
-        session_id,
-    ) = row
-    kind = AGGREGATE_KINDS.get(aggregate_type)
+    kind = AGGREGATE_KINDS.get(row.aggregate_type)
     head = compact_json(
         {
-            "event_id": event_id,
-            "position": position,
-            "aggregate_id": aggregate_id,
-            "aggregate_type": aggregate_type,
-            "aggregate_version": version,
-            "event_type": event_type,
-            "event_name": name,
-            "timestamp": timestamp,
+            "event_id": row.event_id,
+            "position": row.position,
+            "aggregate_id": row.aggregate_id,
+            "aggregate_type": row.aggregate_type,
+            "aggregate_version": row.aggregate_version,
+            "event_type": row.event_type,
+            "event_name": row.event_name,
+            "timestamp": row.timestamp,
         }
     )
     tail = compact_json(
         {
-            "correlation_id": correlation_id,
-            "causation_id": causation_id,
-            "agent_name": agent_name,
-            "agent_id": aggregate_id if kind == "agent" else None,
-            "parent_agent_id": causation_id if kind == "agent" else None,
-            "workflow_id": aggregate_id if kind == "workflow" else correlation_id,
-            "user_prompt": user_prompt,
-            "session_id": session_id,
+            "correlation_id": row.correlation_id,
+            "causation_id": row.causation_id,
+            "agent_name": row.agent_name,
+            "agent_id": row.aggregate_id if kind == "agent" else None,
+            "parent_agent_id": row.causation_id if kind == "agent" else None,
+            "workflow_id": row.aggregate_id if kind == "workflow" else row.correlation_id,
+            "user_prompt": row.user_prompt,
+            "session_id": row.session_id,
         }
     )
-    return head[:-1] + ',"attributes":' + attributes + "," + tail[1:]
+    return head[:-1] + ',"attributes":' + row.attributes + "," + tail[1:]
 
 
-def stored_event(row: tuple) -> StoredEvent:
-    return StoredEvent(row[0], row[5], row[2], row[3], row[9], row[6], item_json(row))
+def stored_event(values: Sequence) -> StoredEvent:
+    """A row read with SELECT {READ_COLUMNS}, for streams and pages."""
+    row = Row(*values)
+    return StoredEvent(
+        row.position,
+        row.event_type,
+        row.aggregate_type,
+        row.aggregate_id,
+        row.correlation_id,
+        row.event_name,
+        item_json(row),
+    )
+
+
+def normalize_filters(filters: Mapping[str, str | None]) -> dict[str, str] | None:
+    """The equality filters on stored columns, None if they can match nothing. An event's
+    event_type follows from its aggregate_type (KINDS), so it becomes that filter."""
+    clean = {name: value for name, value in filters.items() if value is not None}
+    if any("\x00" in value for value in clean.values()):  # no stored text holds NUL (NO_NUL)
+        return None
+    if "event_type" in clean:
+        implied = EVENT_TYPE_AGGREGATES.get(clean.pop("event_type"))
+        if implied is None or clean.setdefault("aggregate_type", implied) != implied:
+            return None
+    return clean
+
+
+def narrow(filters: dict[str, str] | None, **scope: str) -> dict[str, str] | None:
+    """filters AND scope's equalities; None if they contradict each other."""
+    if filters is None or any(filters.get(name, value) != value for name, value in scope.items()):
+        return None
+    return {**filters, **scope}
 
 
 def where(filters: dict, since: str | None = None, until: str | None = None) -> tuple:
@@ -1818,7 +1474,7 @@ def count(conn: Connection, clauses: list, args: list, cap: int | None = None) -
     return conn.execute(f"SELECT count(*) FROM ({sql}) AS matches", args).fetchone()[0]
 
 
-def counted(conn: Connection, filters: dict) -> int | None:
+def counter_total(conn: Connection, filters: dict) -> int | None:
     """The exact total from counters and versions, when they hold it; else None. Counters
     are kept per (column, value, aggregate_type) for event_name and correlation_id, and
     per aggregate_type; an aggregate's events are numbered by its versions."""
@@ -1884,7 +1540,7 @@ def count_window(conn: Connection, filters: dict, since: str | None, until: str 
     rate, and only slower, never wrong, where they do not."""
     clauses, args = where(filters, since, until)
     index, extra = time_index(filters)
-    total = counted(conn, filters) if index else None
+    total = counter_total(conn, filters) if index else None
     extra_clauses = [extra] if extra else []
     inside = count(conn, clauses + extra_clauses, args, FEW)
     if inside < FEW or total is None:
@@ -1901,17 +1557,20 @@ def count_window(conn: Connection, filters: dict, since: str | None, until: str 
     return total - sum(count(conn, c, a) for c, a in outside)
 
 
-def scope_arms(query: Query, filters: dict | None) -> list:
-    """The query's filters as arms whose results are disjoint and together make the answer:
-    one, or for a workflow's timeline two (its own events; the rest of those correlated
-    with it), which SQLite reads as two index-ordered scans and merges."""
-    if "\x00" in (query.agent or "") + (query.workflow or ""):
+def scope_arms(match: Match) -> list:
+    """The match as arms (filters, extra clauses, their arguments) whose results are disjoint
+    and together make the answer: none, one, or for a workflow's timeline two (its own events;
+    the rest of those correlated with it), which SQLite reads as two index-ordered scans and
+    merges. No stored id holds NUL (NO_NUL), so an agent or workflow id with one matches nothing."""
+    if match.nothing or "\x00" in (match.agent or "") + (match.workflow or ""):
         return []
-    if query.agent is not None:
-        filters = narrow(filters, aggregate_type="agent_aggregate", aggregate_id=query.agent)
-    if query.workflow is not None:
-        wf = query.workflow
-        return [
+    arms = []
+    filters = normalize_filters(match.filters)
+    if match.agent is not None:
+        filters = narrow(filters, aggregate_type="agent_aggregate", aggregate_id=match.agent)
+    if match.workflow is not None:
+        wf = match.workflow
+        arms = [
             (narrow(filters, aggregate_type="workflow_aggregate", aggregate_id=wf), [], []),
             (
                 narrow(filters, correlation_id=wf),
@@ -1919,26 +1578,29 @@ def scope_arms(query: Query, filters: dict | None) -> list:
                 [wf],
             ),
         ]
-    return [(filters, [], [])]
+    else:
+        arms = [(filters, [], [])]
+    return [arm for arm in arms if arm[0] is not None]
 
 
 def arm_total(conn: Connection, query: Query, filters: dict, extra: list, extra_args: list) -> int:
     timed = query.since is not None or query.until is not None
     if extra:  # a workflow's correlated events but its own: from the counters, less its own
-        known = None if timed else counted(conn, filters)
+        known = None if timed else counter_total(conn, filters)
         clauses, args = where(filters, query.since, query.until)
         if known is None:
             return count(conn, clauses + extra, args + extra_args)
-        own = where({"aggregate_type": "workflow_aggregate", "aggregate_id": query.workflow})
+        own = where({"aggregate_type": "workflow_aggregate", "aggregate_id": query.match.workflow})
         return known - count(conn, clauses + own[0], args + own[1])
     if timed:
         return count_window(conn, filters, query.since, query.until)
-    known = counted(conn, filters)
+    known = counter_total(conn, filters)
     return count(conn, *where(filters)) if known is None else known
 
 
 def read_plan(conn: Connection, query: Query, filters: dict, total: int) -> tuple:
-    """How to find a page of `total` matching events: (index hint, extra condition). By
+    """How to find a page of `total` matching events: (index hint, extra condition), hints
+    where the backend takes them (ThreadedStore.index_hints). By
     aggregate_id or correlation_id, their own indexes. Otherwise whichever reads fewer
     entries: the (column, timestamp) index, all of whose matches are sorted by position, or
     the table in position order, which passes ~(limit + offset) * events / total rows (and
@@ -1946,16 +1608,16 @@ def read_plan(conn: Connection, query: Query, filters: dict, total: int) -> tupl
     index, condition = time_index(filters)
     if index is None:
         return "", None
-    if not isinstance(conn, sqlite3.Connection):  # PostgreSQL's planner keeps statistics of its own
+    if not query.index_hints:
         return "", condition
     wanted = query.limit + query.offset
-    if total <= FEW or total * total <= wanted * (counted(conn, {}) or 0):
+    if total <= FEW or total * total <= wanted * (counter_total(conn, {}) or 0):
         return f" INDEXED BY {index}", condition
     return " NOT INDEXED", None
 
 
 def query_page(conn: Connection, query: Query) -> Page:
-    arms = [arm for arm in scope_arms(query, normalize_filters(query.filters)) if arm[0] is not None]
+    arms = scope_arms(query.match)
     total = sum(arm_total(conn, query, *arm) for arm in arms)
     if total == 0:
         return Page([], 0, None)
@@ -1981,7 +1643,7 @@ def query_page(conn: Connection, query: Query) -> Page:
 def events_at(conn: Connection, positions: list[int]) -> list[StoredEvent]:
     rows = (
         conn.execute(
-            f"SELECT {COLUMNS} FROM events WHERE position IN ({', '.join('?' * len(positions))})", positions
+            f"SELECT {READ_COLUMNS} FROM events WHERE position IN ({', '.join('?' * len(positions))})", positions
         ).fetchall()
         if positions
         else []
@@ -1990,13 +1652,12 @@ def events_at(conn: Connection, positions: list[int]) -> list[StoredEvent]:
     return [found[position] for position in positions if position in found]
 
 
-def read_after(conn: Connection, position: int, filters: dict[str, str | None], limit: int) -> list[StoredEvent]:
-    scope = Query({k: v for k, v in filters.items() if k != "workflow_id"}, workflow=filters.get("workflow_id"))
-    arms = [arm for arm in scope_arms(scope, normalize_filters(scope.filters)) if arm[0] is not None]
+def read_after(conn: Connection, position: int, match: Match, limit: int) -> list[StoredEvent]:
+    arms = scope_arms(match)
     parts, args = [], []
     for arm_filters, extra, extra_args in arms:
         clauses, arm_args = where(arm_filters)
-        parts.append(f"SELECT {COLUMNS} FROM events WHERE {' AND '.join(['position > ?', *clauses, *extra])}")
+        parts.append(f"SELECT {READ_COLUMNS} FROM events WHERE {' AND '.join(['position > ?', *clauses, *extra])}")
         args += [position, *arm_args, *extra_args]
     if not parts:
         return []
@@ -2004,10 +1665,11 @@ def read_after(conn: Connection, position: int, filters: dict[str, str | None], 
     return [stored_event(row) for row in rows]
 
 
-def stored_rows(conn: Connection, position: int, limit: int) -> list:
-    return conn.execute(
-        f"SELECT {', '.join(ROW_COLUMNS)} FROM events WHERE position > ? ORDER BY position LIMIT ?", (position, limit)
+def stored_rows(conn: Connection, position: int, limit: int) -> list[Row]:
+    rows = conn.execute(
+        f"SELECT {READ_COLUMNS} FROM events WHERE position > ? ORDER BY position LIMIT ?", (position, limit)
     ).fetchall()
+    return [Row(*row) for row in rows]
 
 
 def log_extent(conn: Connection) -> Extent:
@@ -2022,6 +1684,35 @@ def log_extent(conn: Connection) -> Extent:
 
 def last_position(conn: Connection) -> int:
     return conn.execute(f"SELECT {LAST_POSITION}").fetchone()[0]
+
+
+# An agent's or a workflow's state, from its latest event's name: the last word of the name
+# (after `.`, `_`, `-`, `:`, `/` or a space), in any case, is looked up here; any other
+# name means it is running.
+STATE_RULES = {
+    "completed": ("completed", "complete", "succeeded", "success", "finished", "done", "ended", "stopped"),
+    "failed": (
+        "failed", "failure", "error", "errored", "crashed", "aborted", "cancelled", "canceled",
+        "timeout", "timed_out", "killed", "rejected",
+    ),
+}  # fmt: skip
+STATES = {word: state for state, words in STATE_RULES.items() for word in words}
+_LAST_WORD = re.compile(r"[._:/ -]")
+
+
+def event_state(name: str) -> str:
+    """`completed`, `failed` or `running`, by STATE_RULES."""
+    words = _LAST_WORD.split(name.lower())
+    return STATES.get(words[-1], STATES.get("_".join(words[-2:]), "running"))
+
+
+PARENT_RULES = (
+    "An agent's parent comes from the `causation_id`s of its events, oldest first: the first that "
+    "names another agent of the workflow, or an event of another agent, makes that agent the parent; "
+    "one that names the workflow itself, or an event of the workflow, makes the agent a root "
+    "(`parent_agent_id` null). The agent's own id and its own events are passed over. Without "
+    "any of those, the first cause that names nothing stored is shown as it is; a cycle is cut."
+)
 
 
 AGENT_EVENTS = "FROM events WHERE aggregate_type = 'agent_aggregate' AND aggregate_id = m.agent_id"
@@ -2155,6 +1846,671 @@ def seconds_between(start: str | None, end: str | None) -> float | None:
     return round((parse_timestamp(end) - parse_timestamp(start)).total_seconds(), 6)
 
 
+class ReadSize:
+    """How many events one read takes, so that it brings about `budget` bytes into memory
+    whatever their size: as many as the sizes it has seen allow, and at first as many as the
+    sizes the process saw last allow (few, before it has seen any)."""
+
+    typical = 1024 * 1024.0  # bytes an event had in this process's last read; at first, as big as one may be
+    big_reads = False  # a read brought a megabyte or more since give_back_memory last looked
+
+    def __init__(self, budget: int, most: int) -> None:
+        self.budget, self.most = budget, most
+        self.count = max(1, min(most, int(budget / ReadSize.typical)))
+
+    def saw(self, sizes: list[int]) -> None:
+        """Take the sizes in bytes of the events the last read brought."""
+        if sizes:
+            total = sum(sizes)
+            average = max(1.0, total / len(sizes))
+            ReadSize.typical = average
+            ReadSize.big_reads = ReadSize.big_reads or total >= 1024 * 1024
+            self.count = max(1, min(self.most, int(self.budget / average)))
+
+
+# Every waiting request joins a group, up to GROUP_EVENTS events and half of the events in
+# flight: the event loop then answers one group and reads the next requests while the
+# writer commits the other, instead of idling through each commit.
+GROUP_EVENTS = 4096
+
+
+class Pending(NamedTuple):
+    """A request in the writer's queue."""
+
+    events: list[NewEvent]
+    future: asyncio.Future[list[Receipt]]
+
+
+class ThreadedStore(EventStore):
+    """What both backends share: one writer thread that commits each waiting group of
+    requests in one transaction (GROUP_EVENTS, `commit`), reader threads that each keep a
+    connection and run the queries above, and retention in short transactions. A backend
+    provides its connections and the SQL of its writes (the abstract methods below), as
+    pyeventsourcing's recorders do: the steps of a commit are the same for all."""
+
+    errors: tuple[type[Exception], ...] = ()  # the driver's exceptions, which become StoreUnavailable
+    broken: type[Exception] = Exception  # the driver's exception for a broken constraint
+    poll: float | None = None  # seconds between looks for other processes' commits, if it must look
+    index_hints = False  # whether reads may name the index to use (SQLite's planner needs them)
+    _loop: asyncio.AbstractEventLoop  # the server's, from start() on
+    _committed: asyncio.Event  # set at every commit this process hears of
+
+    def __init__(self, location: str) -> None:
+        self.location = location
+        self.stats = StoreStats()
+        self._queue: queue.SimpleQueue = queue.SimpleQueue()
+        self._readers = ThreadPoolExecutor(4, thread_name_prefix="eventuali-read")
+        self._local = threading.local()
+        self._read_conns: list = []
+        self._writer: threading.Thread | None = None
+        self._conn: Any = None  # the writer's connection, opened by the writer when it has none
+        self._seen = SeenVersions(self.read_state)
+        self._write_problem: str | None = None  # set and cleared by the writer thread
+        self._in_flight = 0  # events queued and not yet answered; changed on the event loop only
+        self._stopping = threading.Event()  # set by stop(): a prune ends after its transaction
+
+    # -- what a backend provides
+    @abc.abstractmethod
+    def open_log(self) -> Any:
+        """Create or migrate the log; a connection that may write (blocking). Raises
+        StoreUnavailable, with the reason, when it cannot."""
+
+    @abc.abstractmethod
+    def connect(self, writes: bool = False) -> Any:
+        """A connection to the log, read-only unless `writes`."""
+
+    @abc.abstractmethod
+    def write_lock(self, conn: Any) -> contextlib.AbstractContextManager[None]:
+        """A transaction that holds the log's write lock, so that what it reads stays true
+        until it commits: it commits when the block ends, and rolls back if it raises."""
+
+    @abc.abstractmethod
+    def read_state(self, conn: Any, keys: list) -> LogState:
+        """Where the log ends, how far the counters count, and the current versions of the
+        aggregates `keys` names (under the write lock)."""
+
+    @abc.abstractmethod
+    def insert(self, conn: Any, table: str, rows: list, tail: str = "") -> None:
+        """INSERT the rows into `table` (its name and columns), `tail` after the values."""
+
+    @abc.abstractmethod
+    def insert_events(self, conn: Any, rows: list[Row]) -> None:
+        """Insert a group's rows into the table `events`."""
+
+    @abc.abstractmethod
+    def publish(self, conn: Any, before: int, after: int) -> None:
+        """Last in a commit's transaction: the log that ended at `before` now ends at `after`.
+        Where the two are the same the transaction must still write (a writability check)."""
+
+    def pipeline(self, conn: Any) -> contextlib.AbstractContextManager[Any]:
+        """Statements whose results nobody reads until the block ends go in one round trip,
+        where the backend can."""
+        return contextlib.nullcontext()
+
+    @abc.abstractmethod
+    def unavailable(self, exc: Exception) -> StoreUnavailable:
+        """One of `errors` as StoreUnavailable, naming the fault (never a password)."""
+
+    @abc.abstractmethod
+    def size_bytes(self, conn: Any) -> int | None:
+        """The log's size on disk (on a reader thread)."""
+
+    # -- lifecycle
+    def prepare(self) -> None:
+        self.open_log().close()
+
+    async def start(self) -> None:
+        self._loop = asyncio.get_running_loop()
+        self._committed = asyncio.Event()
+        self._conn = await self._loop.run_in_executor(self._readers, self.open_log)
+        self._writer = threading.Thread(target=self._write_loop, name="eventuali-write", daemon=True)
+        self._writer.start()
+
+    async def stop(self) -> None:
+        self._stopping.set()
+        if self._writer is not None:
+            self._queue.put(None)
+            await asyncio.get_running_loop().run_in_executor(None, self._writer.join)
+            self._writer = None
+        self._readers.shutdown(wait=True)
+        for conn in self._read_conns:
+            conn.close()
+
+    # -- reading
+    def read_now(self, fn: Callable, *args: Any) -> Any:
+        """fn(connection, *args) with this thread's reader connection (a query of 3.2)."""
+        conn = getattr(self._local, "conn", None)
+        try:
+            if conn is None:
+                conn = self._local.conn = self.connect()
+                self._read_conns.append(conn)
+            return fn(conn, *args)
+        except self.errors as exc:
+            if getattr(conn, "closed", False):  # a lost connection: the next read opens another
+                self._local.conn = None
+                self._read_conns.remove(conn)
+            problem = self.unavailable(exc)
+            self.stats.error("read", problem)
+            raise problem from None
+
+    async def _read(self, fn: Callable, *args: Any) -> Any:
+        return await asyncio.get_running_loop().run_in_executor(
+            self._readers, functools.partial(self.read_now, fn, *args)
+        )
+
+    async def query(self, query: Query) -> Page:
+        return await self._read(query_page, dataclasses.replace(query, index_hints=self.index_hints))
+
+    async def events_at(self, positions: list[int]) -> list[StoredEvent]:
+        return await self._read(events_at, positions)
+
+    async def events_after(self, position: int, match: Match, limit: int) -> list[StoredEvent]:
+        return await self._read(read_after, position, match, limit)
+
+    async def rows_after(self, position: int, limit: int) -> list[Row]:
+        return await self._read(stored_rows, position, limit)
+
+    async def last_position(self) -> int:
+        return await self._read(last_position)
+
+    async def workflow_summary(self, workflow_id: str) -> WorkflowView:
+        return await self._read(workflow_summary, workflow_id)
+
+    async def extent(self) -> Extent:
+        return await self._read(lambda conn: log_extent(conn)._replace(size_bytes=self.size_bytes(conn)))
+
+    # -- retention
+    def prune_now(self, before: str) -> int:
+        """prune(), blocking: one short transaction after another, with pauses between them
+        (PRUNE_SHARE)."""
+        conn = None
+        removed = 0
+        try:
+            conn = self.connect(writes=True)
+            while True:
+                started = time.perf_counter()
+                with self.write_lock(conn):
+                    count, more = prune_batch(self.insert, conn, before)
+                removed += count
+                if not more or self._stopping.is_set():
+                    return removed
+                # Writers waiting for the lock retry after growing sleeps (SQLite's busy handler):
+                # a pause three times as long as the transaction lets them in before the next.
+                held = time.perf_counter() - started
+                time.sleep(max(0.005, held * (1 - PRUNE_SHARE) / PRUNE_SHARE))
+        except self.errors as exc:
+            raise self.unavailable(exc) from None
+        finally:
+            if conn is not None:
+                conn.close()
+
+    async def prune(self, before: str) -> int:
+        return await asyncio.get_running_loop().run_in_executor(None, self.prune_now, before)
+
+    async def wait_for_commit(self, timeout: float) -> None:
+        # This process's commits set the event, and so does a backend that hears of others';
+        # one that cannot hear of them looks every `poll` seconds.
+        with contextlib.suppress(asyncio.TimeoutError):
+            await asyncio.wait_for(self._committed.wait(), min(timeout, self.poll or timeout))
+        self._committed.clear()
+
+    def write_problem(self) -> str | None:
+        return self._write_problem
+
+    @property
+    def in_flight(self) -> int:
+        """Events of appends queued or being committed, not yet answered (a writability check
+        counts one)."""
+        return self._in_flight
+
+    def _wake_followers(self) -> None:
+        """Say that the log has grown (from any thread)."""
+        self._loop.call_soon_threadsafe(self._committed.set)
+
+    # -- writing
+    async def append(self, events: list[NewEvent]) -> list[Receipt]:
+        if not events:
+            return []
+        return await self._enqueue(events)
+
+    async def check_writable(self) -> None:
+        await self._enqueue([])  # a group with nothing to store still commits a write (publish)
+
+    async def _enqueue(self, events: list[NewEvent]) -> list[Receipt]:
+        pending = Pending(events, self._loop.create_future())
+        self._in_flight += len(events) or 1
+        self._queue.put(pending)
+        return await pending.future
+
+    def _take_group(self) -> list[Pending] | None:
+        """Wait for a request, then take those queued behind it (see GROUP_EVENTS); None to stop."""
+        first = self._queue.get()
+        if first is None:
+            return None
+        group, events = [first], len(first.events)
+        while events < min(GROUP_EVENTS, self._in_flight // 2):
+            try:
+                pending = self._queue.get_nowait()
+            except queue.Empty:
+                break
+            if pending is None:
+                self._queue.put(None)  # stop after this group
+                break
+            group.append(pending)
+            events += len(pending.events)
+        return group
+
+    def _write_loop(self) -> None:
+        while True:
+            group = self._take_group()
+            if group is None:
+                break
+            started = time.perf_counter()
+            try:
+                outcomes = self.write_group([pending.events for pending in group])
+            except Exception as exc:  # a bug: fail this group (500), keep the writer alive
+                logger.exception("writer failed")
+                outcomes = [StoreError(f"the writer failed: {exc!r}")] * len(group)
+            self._count(group, outcomes, time.perf_counter() - started)
+            failed = next((o for o in outcomes if isinstance(o, StoreUnavailable)), None)
+            if failed is not None:
+                self._write_problem = str(failed)
+            elif any(isinstance(o, list) and o for o in outcomes):  # events stored: writes work again
+                self._write_problem = None
+            self._loop.call_soon_threadsafe(self._settle, group, outcomes)
+        self.close_writer()
+
+    def write_group(self, requests: list[list[NewEvent]]) -> list[Outcome]:
+        """Commit the requests (commit_apart), opening the writer's connection first where it
+        has none. After a fault of the store the connection is dropped and the next group
+        opens another: one opened while the file could not be written stays read-only for
+        good, and a lost PostgreSQL connection does not come back."""
+        if self._conn is None:
+            try:
+                self._conn = self.open_log()
+            except StoreUnavailable as exc:
+                return [exc] * len(requests)
+            self._seen.forget()
+        outcomes = commit_apart(
+            functools.partial(self.commit, self._conn), requests, self.broken, self.errors, self.unavailable
+        )
+        if any(isinstance(outcome, StoreUnavailable) for outcome in outcomes):
+            self.close_writer()
+        return outcomes
+
+    def commit(self, conn: Any, requests: list[list[NewEvent]]) -> list[Outcome]:
+        """Store a group of requests in one transaction, under the write lock: read where the
+        log ends and the versions and stored event_ids the group names, count what another
+        program stored, plan each request's outcome (plan_appends), insert the rows, count
+        them (record_summaries), publish the new end; each request's outcome."""
+        try:
+            with self.write_lock(conn):
+                keys, event_ids = lookups(requests)
+                state = self._seen.read(conn, keys)
+                count_stored(self.insert, conn, state.counted_through, state.position)
+                stored = read_receipts(conn, event_ids) if event_ids else {}
+                outcomes, rows = plan_appends(requests, state.position, state.versions, stored, utc_now())
+                self.insert_events(conn, rows)
+                last = state.position + len(rows)
+                with self.pipeline(conn):
+                    record_summaries(self.insert, conn, map(summary_of, rows), last, state.position)
+                    self.publish(conn, state.position, last)
+        except BaseException:
+            self._seen.forget()
+            raise
+        self._seen.commit(state.position, state.versions, rows)
+        return outcomes
+
+    def close_writer(self) -> None:
+        if self._conn is not None:
+            self._conn.close()
+            self._conn = None
+
+    def _count(self, group: list[Pending], outcomes: list[Outcome], seconds: float) -> None:
+        stats, events = self.stats, sum(len(pending.events) for pending in group)
+        if events:  # not only writability checks
+            stats.group_events.observe(events)
+            stats.commit_seconds.observe(seconds)
+        for pending, outcome in zip(group, outcomes):
+            if isinstance(outcome, BaseException):
+                stats.error("append", outcome)
+            else:
+                stats.appended.update(event.event_type for event in pending.events)
+
+    def _settle(self, group: list[Pending], outcomes: list[Outcome]) -> None:
+        """Complete a group's requests (on the event loop)."""
+        self._committed.set()
+        for pending, outcome in zip(group, outcomes):
+            self._in_flight -= len(pending.events) or 1
+            if pending.future.cancelled():
+                continue  # the client went away; the events are stored all the same
+            if isinstance(outcome, BaseException):
+                pending.future.set_exception(outcome)
+            else:
+                pending.future.set_result(outcome)
+
+
+def copied_event(row: Row) -> NewEvent:
+    """A stored row as an event to append elsewhere, the same in every field: its event_id
+    makes a second copy of it a retry, and expected_version checks that the target holds the
+    same history before it."""
+    return NewEvent(
+        AGGREGATE_KINDS.get(row.aggregate_type, "system"),
+        row.event_id,
+        True,
+        row.aggregate_type,
+        row.aggregate_id,
+        False,
+        row.event_type,
+        row.event_name,
+        row.timestamp,
+        row.attributes,
+        row.correlation_id,
+        row.causation_id,
+        row.agent_name,
+        row.user_prompt,
+        row.session_id,
+        row.aggregate_version - 1,
+        row.content_hash,
+    )
+
+
+COPY_PAGE = 5000  # events a transaction when copying, at most
+COPY_CHUNK = 64 * 1024 * 1024  # bytes of events a transaction when copying, about
+
+
+async def copy_log(source: EventStore, target: EventStore, progress: Callable[[int, int], None]) -> int:
+    """Append the source's events to the target, each in the same position with the same
+    version, id, timestamp and content, a page a transaction. The target must be empty, or
+    hold a beginning of the source's log (an interrupted copy, which this resumes): that is
+    checked before anything is written. Returns the events the target holds."""
+    extent = await source.extent()
+    if extent.pruned_through:  # its first events, and their versions, are gone: no copy would match it
+        raise StoreUnavailable(
+            f"retention has removed the events up to position {extent.pruned_through} from the source, and "
+            "copy copies whole logs only: back it up with `backup` (SQLite) or pg_dump instead"
+        )
+    held = await target.last_position()
+    if held:
+        ours = await source.rows_after(held - 1, 1)
+        theirs = await target.rows_after(held - 1, 1)
+        if held > extent.last_position or [r.event_id for r in ours] != [r.event_id for r in theirs]:
+            raise StoreUnavailable(
+                f"the target holds another log ({held:,} events that are not the beginning of the source's): "
+                "copy into an empty log"
+            )
+    position = 0
+    size = ReadSize(COPY_CHUNK, COPY_PAGE)
+    while True:
+        rows = await source.rows_after(position, size.count)
+        if not rows:
+            return position
+        size.saw([len(row.attributes) for row in rows])
+        receipts = await target.append([copied_event(row) for row in rows])
+        if [receipt.position for receipt in receipts] != [row.position for row in rows]:
+            raise StoreUnavailable(
+                f"the target holds other events than the source from position {rows[0].position} on: "
+                "copy into an empty log"
+            )
+        position = rows[-1].position
+        progress(position, extent.last_position)
+
+
+async def copy_stores(source: EventStore, target: EventStore, progress: Callable[[int, int], None]) -> int:
+    """copy_log between two stores it starts and stops."""
+    await source.start()
+    try:
+        await target.start()
+        try:
+            return await copy_log(source, target, progress)
+        finally:
+            await target.stop()
+    finally:
+        await source.stop()
+
+
+# -- 3.3 SQLite ---------------------------------------------------------------------------
+
+SCHEMA_VERSION = 5
+# The planner has no statistics for a new log, and without them it may pick the
+# 3-valued aggregate_type index over aggregate_id's. Fixed, typical statistics in
+# sqlite_stat1 (documented as the way to steer it) keep every read on the selective index.
+MIGRATIONS = {
+    # user_version before -> statements that bring the schema one version up.
+    # A log made by an older server is brought up to date when it is opened.
+    0: """
+    CREATE TABLE events (
+        position          INTEGER PRIMARY KEY,
+        event_id          TEXT NOT NULL,
+        aggregate_type    TEXT NOT NULL,
+        aggregate_id      TEXT NOT NULL,
+        aggregate_version INTEGER NOT NULL,
+        event_type        TEXT NOT NULL,
+        event_name        TEXT NOT NULL,
+        timestamp         TEXT NOT NULL,
+        attributes        TEXT NOT NULL,
+        correlation_id    TEXT,
+        causation_id      TEXT,
+        agent_name        TEXT,
+        user_prompt       TEXT,
+        session_id        TEXT,
+        content_hash      TEXT
+    );
+    CREATE UNIQUE INDEX events_event_id ON events (event_id);
+    CREATE UNIQUE INDEX events_stream ON events (aggregate_type, aggregate_id, aggregate_version);
+    CREATE INDEX events_aggregate_id ON events (aggregate_id, position);
+    CREATE INDEX events_event_type ON events (event_type, position);
+    CREATE INDEX events_aggregate_type ON events (aggregate_type, position);
+    CREATE INDEX events_event_name ON events (event_name, position);
+    CREATE INDEX events_correlation ON events (correlation_id, position);
+    CREATE INDEX events_timestamp ON events (timestamp);
+    CREATE TABLE meta (key TEXT PRIMARY KEY, value TEXT) WITHOUT ROWID;
+    CREATE TABLE counts (
+        field TEXT NOT NULL, value TEXT NOT NULL, n INTEGER NOT NULL, PRIMARY KEY (field, value)
+    ) WITHOUT ROWID;
+    CREATE TABLE workflow_agents (
+        workflow_id TEXT NOT NULL, agent_id TEXT NOT NULL, first_position INTEGER NOT NULL,
+        PRIMARY KEY (workflow_id, agent_id)
+    ) WITHOUT ROWID;
+    ANALYZE sqlite_master;
+    DELETE FROM sqlite_stat1;
+    INSERT INTO sqlite_stat1 VALUES
+        ('events', NULL, '1000000'),
+        ('events', 'events_event_id', '1000000 1'),
+        ('events', 'events_stream', '1000000 333333 20 1'),
+        ('events', 'events_aggregate_id', '1000000 20 1'),
+        ('events', 'events_event_type', '1000000 333333 1'),
+        ('events', 'events_aggregate_type', '1000000 333333 1'),
+        ('events', 'events_event_name', '1000000 20000 1'),
+        ('events', 'events_correlation', '1000000 200 1'),
+        ('events', 'events_timestamp', '1000000 2');
+    """,
+    # event_type and aggregate_type map one to one (KINDS): one index serves both filters.
+    1: "DROP INDEX events_event_type",
+    2: "DELETE FROM counts WHERE field IN ('event_type', 'aggregate_id')",
+    # Counters by aggregate_type too, so that a pair of filters has an exact total at once;
+    # the writers count every event, from position 0 on (see count_stored). The two
+    # low-cardinality columns get (column, timestamp) indexes, which count time windows and
+    # find rare values (read_plan), in place of their (column, position) indexes and the
+    # timestamp index: one index fewer for every append.
+    3: """
+    DROP TABLE counts;
+    CREATE TABLE counts (
+        field TEXT NOT NULL, value TEXT NOT NULL, aggregate_type TEXT NOT NULL, n INTEGER NOT NULL,
+        PRIMARY KEY (field, value, aggregate_type)
+    ) WITHOUT ROWID;
+    DELETE FROM workflow_agents;
+    DROP INDEX events_timestamp;
+    DROP INDEX events_aggregate_type;
+    DROP INDEX events_event_name;
+    CREATE INDEX events_type_time ON events (aggregate_type, timestamp);
+    CREATE INDEX events_name_time ON events (event_name, timestamp);
+    DELETE FROM sqlite_stat1 WHERE idx IN ('events_timestamp', 'events_aggregate_type', 'events_event_name');
+    INSERT INTO sqlite_stat1 VALUES
+        ('events', 'events_type_time', '1000000 333333 2'),
+        ('events', 'events_name_time', '1000000 20000 2');
+    """,
+    # Retention (prune_batch): the highest version of each aggregate that lost events, which
+    # keeps its versions from being used again and its count exact.
+    4: """
+    CREATE TABLE pruned (
+        aggregate_type TEXT NOT NULL, aggregate_id TEXT NOT NULL, version INTEGER NOT NULL,
+        PRIMARY KEY (aggregate_type, aggregate_id)
+    ) WITHOUT ROWID;
+    """,
+}
+
+
+def sql_statements(script: str) -> list:
+    """The statements of a script, a trigger's body kept whole."""
+    statements, pending = [], ""
+    for line in script.splitlines(keepends=True):
+        pending += line
+        if sqlite3.complete_statement(pending):
+            statements.append(pending.strip())
+            pending = ""
+    return [s for s in statements + [pending.strip()] if s.strip(" ;\n")]
+
+
+# SQLite's primary result codes for faults of the environment, which may clear by themselves.
+SQLITE_FAULTS = {
+    5: "database is locked by another process",  # SQLITE_BUSY
+    6: "database is locked",  # SQLITE_LOCKED
+    8: "database is read-only",  # SQLITE_READONLY
+    10: "the database files cannot be written or read: read-only or failing storage?",  # SQLITE_IOERR
+    11: "the database file is damaged",  # SQLITE_CORRUPT
+    13: "disk is full",  # SQLITE_FULL
+    14: "the database file cannot be opened",  # SQLITE_CANTOPEN
+    26: "the file is not an SQLite database",  # SQLITE_NOTADB
+}
+# sqlite3_errstr() of those codes, for Python before 3.11, whose errors carry no code.
+SQLITE_MESSAGES = {
+    "database is locked": 5,
+    "database table is locked": 6,
+    "attempt to write a readonly database": 8,
+    "disk I/O error": 10,
+    "database disk image is malformed": 11,
+    "database or disk is full": 13,
+    "unable to open database file": 14,
+    "file is not a database": 26,
+}
+
+
+def unavailable(exc: Exception) -> StoreUnavailable:
+    """A StoreUnavailable that names the fault and keeps SQLite's own words."""
+    code = getattr(exc, "sqlite_errorcode", None)
+    code = SQLITE_MESSAGES.get(str(exc), 0) if code is None else code & 0xFF
+    return StoreUnavailable(f"{SQLITE_FAULTS.get(code, 'database error')} ({exc})")
+
+
+def connect(path: str, timeout: float, durability: str = "full", readonly: bool = False) -> sqlite3.Connection:
+    # The writer keeps a statement of each size insert_rows uses, for three tables.
+    conn = sqlite3.connect(
+        path, timeout=timeout, isolation_level=None, check_same_thread=False, cached_statements=64 if readonly else 512
+    )
+    conn.execute(f"PRAGMA busy_timeout = {int(timeout * 1000)}")
+    if readonly:
+        conn.execute("PRAGMA query_only = ON")
+        conn.execute("PRAGMA cache_size = -8192")  # KiB: a reader holds this much of the log in memory, at most
+    else:
+        conn.execute("PRAGMA journal_mode = WAL")
+        conn.execute("PRAGMA synchronous = " + ("FULL" if durability == "full" else "NORMAL"))
+        # Index pages touched by every commit stay cached, and the WAL is copied back
+        # every ~40 MB rather than every ~4 MB: each hot page is written out once per
+        # checkpoint instead of once per commit.
+        conn.execute("PRAGMA cache_size = -65536")
+        conn.execute("PRAGMA wal_autocheckpoint = 10000")
+        # Statement journals stay in memory: on disk they cost a temp file (create,
+        # write, unlink) per commit, and a writable temp directory.
+        conn.execute("PRAGMA temp_store = MEMORY")
+    return conn
+
+
+def open_database(path: str, timeout: float, durability: str) -> sqlite3.Connection:
+    """Create or migrate the database and return the writer's connection."""
+    folder = os.path.dirname(path) or "."
+    os.makedirs(folder, mode=0o700, exist_ok=True)
+    if not os.path.exists(path):
+        os.close(os.open(path, os.O_CREAT | os.O_WRONLY, 0o600))
+    conn = connect(path, timeout, durability)
+    version = conn.execute("PRAGMA user_version").fetchone()[0]
+    if version > SCHEMA_VERSION:
+        conn.close()
+        raise StoreUnavailable(
+            f"{path} has schema version {version}; this server ({__version__}) "
+            f"knows versions up to {SCHEMA_VERSION}: upgrade the server"
+        )
+    while version < SCHEMA_VERSION:
+        conn.execute("BEGIN IMMEDIATE")
+        if conn.execute("PRAGMA user_version").fetchone()[0] == version:  # another process may have migrated
+            for statement in sql_statements(MIGRATIONS[version]):
+                conn.execute(statement)
+            conn.execute(f"PRAGMA user_version = {version + 1}")
+        conn.execute("COMMIT")
+        version = conn.execute("PRAGMA user_version").fetchone()[0]
+    state = read_state(conn, [])
+    if state.counted_through < state.position:  # events the counters do not count yet (after schema 4's, all)
+        conn.execute("BEGIN IMMEDIATE")
+        state = read_state(conn, [])
+        count_stored(insert_rows, conn, state.counted_through, state.position)
+        conn.execute("COMMIT")
+    return conn
+
+
+# Rows go in multi-row statements: few statements per group (each one costs the writer a
+# turn for the GIL against the busy event loop), and few distinct statements to compile and
+# keep: up to EXACT_ROWS rows in one statement of that size; more in statements of the
+# largest power of two that fits, then the rest.
+EXACT_ROWS = 64
+
+
+@functools.cache
+def values_sql(head: str, width: int, rows: int, tail: str) -> str:
+    return f"{head} VALUES " + ", ".join(["(" + ", ".join("?" * width) + ")"] * rows) + tail
+
+
+def insert_rows(conn: sqlite3.Connection, table: str, rows: list, tail: str = "") -> None:
+    """INSERT the rows into `table` (its name and columns) in few statements (see EXACT_ROWS).
+    OR ROLLBACK: a broken constraint ends the transaction (the writer then retries the group's
+    requests one by one), so SQLite keeps no statement journal to undo a single statement."""
+    head = f"INSERT OR ROLLBACK INTO {table}"
+    width = len(rows[0]) if rows else 1
+    most = 1 << ((MAX_PARAMS // width).bit_length() - 1)
+    start = 0
+    while start < len(rows):
+        left = len(rows) - start
+        size = left if left <= min(EXACT_ROWS, most) else min(1 << (left.bit_length() - 1), most)
+        conn.execute(
+            values_sql(head, width, size, tail), [value for row in rows[start : start + size] for value in row]
+        )
+        start += size
+
+
+def read_state(conn: sqlite3.Connection, keys: list) -> LogState:
+    """The last position, the position up to which the counters count (COUNTED_THROUGH),
+    and {(aggregate_type, aggregate_id): current version} for `keys`: in one statement for
+    each MAX_PARAMS // 3 keys."""
+    position, counted_through, versions = 0, 0, {}
+    step = MAX_PARAMS // 3
+    for start in range(0, max(len(keys), 1), step):
+        chunk = keys[start : start + step]
+        sql = f"SELECT {LAST_POSITION}, (SELECT n FROM counts WHERE {COUNTED_THROUGH})"
+        if chunk:
+            sql = (
+                "WITH k (i, t, id) AS (VALUES "
+                + ", ".join(["(?, ?, ?)"] * len(chunk))
+                + ") "
+                + sql
+                + f", (SELECT group_concat(i || ' ' || {CURRENT_VERSION.format(t='k.t', id='k.id')}) FROM k)"
+            )
+        row = conn.execute(sql, [value for i, key in enumerate(chunk) for value in (i, *key)]).fetchone()
+        position, counted_through = row[0] or 0, row[1] or 0
+        for pair in row[2].split(",") if chunk else ():
+            i, version = pair.split(" ")
+            versions[chunk[int(i)]] = int(version)
+    return LogState(position, counted_through, versions)
+
+
 def backup_database(source: str, dest: str, timeout: float) -> int:
     """Copy the live database to `dest` with SQLite's online backup API; returns the event
     count of the copy. Writers go on meanwhile: the copy holds every event committed when
@@ -2183,238 +2539,7 @@ def backup_database(source: str, dest: str, timeout: float) -> int:
     return events
 
 
-# -- 3.6 stores served by threads ---------------------------------------------------------
-
-
-class ThreadedStore(EventStore):
-    """What both backends share: one writer thread that commits each waiting group of
-    requests in one transaction (GROUP_EVENTS), and reader threads that each keep a
-    connection and run the queries of section 3.5. A backend provides the connections, the
-    commit of a group, and how it hears of other processes' commits."""
-
-    errors: tuple = ()  # the driver's exceptions, which become StoreUnavailable
-    poll: float | None = None  # seconds between looks for other processes' commits, if it must look
-    _loop: asyncio.AbstractEventLoop  # the server's, from start() on
-    _committed: asyncio.Event  # set at every commit this process hears of
-
-    def __init__(self, location: str) -> None:
-        self.location = location
-        self.stats = StoreStats()
-        self._queue: queue.SimpleQueue = queue.SimpleQueue()
-        self._readers = ThreadPoolExecutor(4, thread_name_prefix="eventuali-read")
-        self._local = threading.local()
-        self._read_conns: list = []
-        self._writer: threading.Thread | None = None
-        self._write_problem: str | None = None  # set and cleared by the writer thread
-        self._in_flight = 0  # events queued and not yet answered; changed on the event loop only
-        self._stopping = threading.Event()  # set by stop(): a prune ends after its transaction
-
-    # -- what a backend provides
-    def open_writer(self) -> None:
-        """Create or migrate the log, and open what commit_group writes with (blocking)."""
-        raise NotImplementedError
-
-    def close_writer(self) -> None:
-        raise NotImplementedError
-
-    def connect_reader(self) -> Any:
-        raise NotImplementedError
-
-    def commit_group(self, requests: list) -> list:
-        """Store the requests (lists of NewEvents) in one transaction: each one's Receipts,
-        or the StoreError that failed it. Runs on the writer thread."""
-        raise NotImplementedError
-
-    def unavailable(self, exc: Exception) -> StoreUnavailable:
-        return StoreUnavailable(str(exc))
-
-    # -- lifecycle
-    def prepare(self) -> None:
-        self.open_writer()
-        self.close_writer()
-
-    async def start(self) -> None:
-        self._loop = asyncio.get_running_loop()
-        self._committed = asyncio.Event()
-        await self._loop.run_in_executor(self._readers, self.open_writer)
-        self._writer = threading.Thread(target=self._write_loop, name="eventuali-write", daemon=True)
-        self._writer.start()
-
-    async def stop(self) -> None:
-        self._stopping.set()
-        if self._writer is not None:
-            self._queue.put(None)
-            await asyncio.get_running_loop().run_in_executor(None, self._writer.join)
-            self._writer = None
-        self._readers.shutdown(wait=True)
-        for conn in self._read_conns:
-            conn.close()
-
-    # -- reading
-    def read_now(self, fn: Callable, *args: Any) -> Any:
-        """fn(connection, *args) with this thread's reader connection (a query of section 3.5)."""
-        conn = getattr(self._local, "conn", None)
-        try:
-            if conn is None:
-                conn = self._local.conn = self.connect_reader()
-                self._read_conns.append(conn)
-            return fn(conn, *args)
-        except self.errors as exc:
-            if getattr(conn, "closed", False):  # a lost connection: the next read opens another
-                self._local.conn = None
-                self._read_conns.remove(conn)
-            problem = self.unavailable(exc)
-            self.stats.error("read", problem)
-            raise problem from None
-
-    async def _read(self, fn: Callable, *args: Any) -> Any:
-        return await asyncio.get_running_loop().run_in_executor(
-            self._readers, functools.partial(self.read_now, fn, *args)
-        )
-
-    async def query(self, query: Query) -> Page:
-        return await self._read(query_page, query)
-
-    async def events_at(self, positions: list[int]) -> list[StoredEvent]:
-        return await self._read(events_at, positions)
-
-    async def events_after(self, position: int, filters: dict[str, str | None], limit: int) -> list[StoredEvent]:
-        return await self._read(read_after, position, filters, limit)
-
-    async def last_position(self) -> int:
-        return await self._read(last_position)
-
-    async def workflow_summary(self, workflow_id: str) -> WorkflowView:
-        return await self._read(workflow_summary, workflow_id)
-
-    async def extent(self) -> Extent:
-        return await self._read(lambda conn: log_extent(conn)._replace(size_bytes=self.size_bytes(conn)))
-
-    def size_bytes(self, conn: Any) -> int | None:
-        """The log's size on disk (on a reader thread)."""
-        return None
-
-    # -- retention
-    def connect_pruner(self) -> Any:
-        """A connection of its own for prune_now, that may write."""
-        raise NotImplementedError
-
-    def prune_in_transaction(self, conn: Any, before: str) -> tuple[int, bool]:
-        """prune_batch in a transaction that holds the write lock."""
-        raise NotImplementedError
-
-    def prune_now(self, before: str) -> int:
-        """prune(), blocking: one short transaction after another, with pauses between them
-        (PRUNE_SHARE)."""
-        conn = None
-        removed = 0
-        try:
-            conn = self.connect_pruner()
-            while True:
-                started = time.perf_counter()
-                count, more = self.prune_in_transaction(conn, before)
-                removed += count
-                if not more or self._stopping.is_set():
-                    return removed
-                # Writers waiting for the lock retry after growing sleeps (SQLite's busy handler):
-                # a pause three times as long as the transaction lets them in before the next.
-                held = time.perf_counter() - started
-                time.sleep(max(0.005, held * (1 - PRUNE_SHARE) / PRUNE_SHARE))
-        except self.errors as exc:
-            raise self.unavailable(exc) from None
-        finally:
-            if conn is not None:
-                conn.close()
-
-    async def prune(self, before: str) -> int:
-        return await asyncio.get_running_loop().run_in_executor(None, self.prune_now, before)
-
-    def read_rows(self, position: int, limit: int) -> list:
-        """Up to `limit` stored rows (ROW_COLUMNS) after `position`, oldest first (blocking:
-        for the copy command)."""
-        return self.read_now(stored_rows, position, limit)
-
-    async def wait_for_commit(self, timeout: float) -> None:
-        # This process's commits set the event, and so does a backend that hears of others';
-        # one that cannot hear of them looks every `poll` seconds.
-        with contextlib.suppress(asyncio.TimeoutError):
-            await asyncio.wait_for(self._committed.wait(), min(timeout, self.poll or timeout))
-        self._committed.clear()
-
-    def write_problem(self) -> str | None:
-        return self._write_problem
-
-    def _wake_followers(self) -> None:
-        """Say that the log has grown (from any thread)."""
-        self._loop.call_soon_threadsafe(self._committed.set)
-
-    # -- writing
-    async def append(self, events: list[NewEvent]) -> list[Receipt]:
-        pending = Pending(events, self._loop.create_future())
-        self._in_flight += len(events) or 1
-        self._queue.put(pending)
-        return await pending.future
-
-    def _take_group(self) -> list | None:
-        """Wait for a request, then take those queued behind it (see GROUP_EVENTS); None to stop."""
-        first = self._queue.get()
-        if first is None:
-            return None
-        group, events = [first], len(first.events)
-        while events < min(GROUP_EVENTS, self._in_flight // 2):
-            try:
-                pending = self._queue.get_nowait()
-            except queue.Empty:
-                break
-            if pending is None:
-                self._queue.put(None)  # stop after this group
-                break
-            group.append(pending)
-            events += len(pending.events)
-        return group
-
-    def _write_loop(self) -> None:
-        while True:
-            group = self._take_group()
-            if group is None:
-                break
-            started = time.perf_counter()
-            try:
-                outcomes = self.commit_group([pending.events for pending in group])
-            except Exception as exc:  # a bug: fail this group (500), keep the writer alive
-                logger.exception("writer failed")
-                outcomes = [exc] * len(group)
-            self._count(group, outcomes, time.perf_counter() - started)
-            failed = next((o for o in outcomes if isinstance(o, StoreUnavailable)), None)
-            if failed is not None:
-                self._write_problem = str(failed)
-            elif any(isinstance(o, list) and o for o in outcomes):  # events stored: writes work again
-                self._write_problem = None
-            self._loop.call_soon_threadsafe(self._settle, group, outcomes)
-        self.close_writer()
-
-    def _count(self, group: list, outcomes: list, seconds: float) -> None:
-        stats, events = self.stats, sum(len(pending.events) for pending in group)
-        if events:  # not only writability checks
-            stats.group_events.observe(events)
-            stats.commit_seconds.observe(seconds)
-        for pending, outcome in zip(group, outcomes):
-            if isinstance(outcome, BaseException):
-                stats.error("append", outcome)
-            else:
-                stats.appended.update(event.event_type for event in pending.events)
-
-    def _settle(self, group: list, outcomes: list) -> None:
-        """Complete a group's requests (on the event loop)."""
-        self._committed.set()
-        for pending, outcome in zip(group, outcomes):
-            self._in_flight -= len(pending.events) or 1
-            if pending.future.cancelled():
-                continue  # the client went away; the events are stored all the same
-            if isinstance(outcome, BaseException):
-                pending.future.set_exception(outcome)
-            else:
-                pending.future.set_result(outcome)
+POLL = 0.05  # seconds between looks for commits of other processes
 
 
 class SQLiteStore(ThreadedStore):
@@ -2422,7 +2547,9 @@ class SQLiteStore(ThreadedStore):
     write lock orders their commits, and each looks for the others' every POLL seconds."""
 
     errors = (sqlite3.Error,)
+    broken = sqlite3.IntegrityError
     poll = POLL
+    index_hints = True
     backend = "sqlite"
 
     def __init__(self, config: APIServerConfig, path: str | None = None) -> None:
@@ -2430,63 +2557,45 @@ class SQLiteStore(ThreadedStore):
         super().__init__(os.path.abspath(self.path))
         self.timeout = config.database_timeout
         self.durability = config.durability
-        self._conn: sqlite3.Connection | None = None  # from open_writer() on
-        self._seen = SeenVersions(read_state)
 
-    def open_writer(self) -> None:
+    def open_log(self) -> sqlite3.Connection:
         try:
-            self._conn = open_database(self.path, self.timeout, self.durability)
+            return open_database(self.path, self.timeout, self.durability)
         except sqlite3.Error as exc:
             raise StoreUnavailable(f"cannot open {self.path}: {unavailable(exc)}") from None
 
-    def close_writer(self) -> None:
-        if self._conn is not None:
-            self._conn.close()
-            self._conn = None
+    def connect(self, writes: bool = False) -> sqlite3.Connection:
+        return connect(self.path, self.timeout, self.durability, readonly=not writes)
 
-    def connect_reader(self) -> sqlite3.Connection:
-        return connect(self.path, self.timeout, readonly=True)
+    @contextlib.contextmanager
+    def write_lock(self, conn: sqlite3.Connection) -> Iterator[None]:
+        conn.execute("BEGIN IMMEDIATE")
+        try:
+            yield
+            conn.execute("COMMIT")
+        except BaseException:
+            if conn.in_transaction:  # a failed COMMIT (disk full, I/O error) has rolled back already
+                conn.execute("ROLLBACK")
+            raise
 
-    def commit_group(self, requests: list) -> list:
-        # After a failure the connection is opened anew for the next group: one opened while
-        # the file could not be written (SQLite then opens it read-only) stays so for good.
-        if self._conn is None:
-            try:
-                self.open_writer()
-            except StoreUnavailable as exc:
-                return [exc] * len(requests)
-        conn = self._conn
-        assert conn is not None
-        outcomes = commit_apart(
-            lambda group: commit_group(conn, group, self._seen),
-            requests,
-            sqlite3.IntegrityError,
-            sqlite3.Error,
-            unavailable,
-        )
-        if any(isinstance(outcome, StoreUnavailable) for outcome in outcomes):
-            self.close_writer()
-        return outcomes
+    def read_state(self, conn: sqlite3.Connection, keys: list) -> LogState:
+        return read_state(conn, keys)
+
+    def insert(self, conn: sqlite3.Connection, table: str, rows: list, tail: str = "") -> None:
+        insert_rows(conn, table, rows, tail)
+
+    def insert_events(self, conn: sqlite3.Connection, rows: list[Row]) -> None:
+        insert_rows(conn, EVENTS_TABLE, rows)
+
+    def publish(self, conn: sqlite3.Connection, before: int, after: int) -> None:
+        if after == before:  # the rows are the write; without any, this
+            conn.execute("INSERT OR REPLACE INTO meta VALUES ('checked', ?)", (utc_now(),))
 
     def unavailable(self, exc: Exception) -> StoreUnavailable:
         return unavailable(exc)
 
     def size_bytes(self, conn: Any) -> int | None:
         return sum(os.path.getsize(name) for name in (self.path, self.path + "-wal") if os.path.exists(name))
-
-    def connect_pruner(self) -> sqlite3.Connection:
-        return connect(self.path, self.timeout, self.durability)
-
-    def prune_in_transaction(self, conn: sqlite3.Connection, before: str) -> tuple[int, bool]:
-        conn.execute("BEGIN IMMEDIATE")
-        try:
-            outcome = prune_batch(conn, before)
-            conn.execute("COMMIT")
-        except BaseException:
-            if conn.in_transaction:
-                conn.execute("ROLLBACK")
-            raise
-        return outcome
 
     def backup(self, dest: str) -> int:
         try:
@@ -2495,7 +2604,7 @@ class SQLiteStore(ThreadedStore):
             raise unavailable(exc) from None
 
 
-# -- 3.7 PostgreSQL -------------------------------------------------------------------------
+# -- 3.4 PostgreSQL -----------------------------------------------------------------------
 # The same log in a PostgreSQL database, shared by server processes on any hosts. Positions
 # come from one head row, updated in the transaction that inserts the events: its row lock
 # makes commits take turns, a rollback undoes it, and PostgreSQL makes a commit visible before
@@ -2566,7 +2675,7 @@ def redact_url(url: str) -> str:
 
 
 class PgConnection:
-    """A psycopg connection that takes the `?` placeholders of the queries (section 3.5)."""
+    """A psycopg connection that takes the `?` placeholders of the queries (section 3.2)."""
 
     def __init__(self, raw: Any) -> None:
         self.raw = raw
@@ -2636,54 +2745,6 @@ def open_pg_database(url: str, timeout: float, durability: str) -> PgConnection:
     return conn
 
 
-def pg_insert_rows(conn: PgConnection, table: str, rows: list, tail: str = "") -> None:
-    """insert_rows' PostgreSQL twin: one short statement, executed for each row in a pipeline
-    (psycopg parses a long statement's placeholders anew each time)."""
-    if rows:
-        marks = ", ".join(["%s"] * len(rows[0]))
-        conn.raw.cursor().executemany(f"INSERT INTO {table} VALUES ({marks}){tail}", rows)
-
-
-def pg_read_state(conn: PgConnection, keys: list) -> tuple:
-    """read_state's PostgreSQL twin (inside the transaction that holds the head row)."""
-    position, counted = conn.execute(
-        f"SELECT (SELECT position FROM head WHERE id = 1), (SELECT n FROM counts WHERE {COUNTED_THROUGH})"
-    ).fetchone()
-    versions = {}
-    if keys:
-        rows = conn.execute(
-            f"SELECT k.t, k.id, {CURRENT_VERSION.format(t='k.t', id='k.id')} "
-            "FROM unnest(?::text[], ?::text[]) AS k (t, id)",
-            ([t for t, _ in keys], [i for _, i in keys]),
-        ).fetchall()
-        versions = {(t, i): version for t, i, version in rows}
-    return position, counted or 0, versions
-
-
-def pg_commit_group(conn: PgConnection, requests: list, seen: SeenVersions) -> list:
-    """commit_group's PostgreSQL twin: the head row's lock is the write lock."""
-    try:
-        with conn.raw.transaction():
-            conn.execute("SELECT position FROM head WHERE id = 1 FOR UPDATE")
-            keys, event_ids = lookups(requests)
-            position, counted, versions = seen.read(conn, keys)
-            count_stored(conn, counted, position, pg_insert_rows)
-            stored = read_receipts(conn, event_ids) if event_ids else {}
-            outcomes, rows = plan_appends(requests, position, versions, stored, utc_now())
-            with conn.raw.cursor().copy(f"COPY {EVENTS_TABLE} FROM STDIN") as copy:  # PostgreSQL's fastest way in
-                for row in rows:
-                    copy.write_row(row)
-            with conn.raw.pipeline():
-                record_summaries(conn, map(summary_of, rows), position + len(rows), position, pg_insert_rows)
-                conn.execute("UPDATE head SET position = ? WHERE id = 1", (position + len(rows),))
-                conn.execute(f"SELECT pg_notify('{PG_CHANNEL}', ?)", (str(position + len(rows)),))
-    except BaseException:
-        seen.forget()
-        raise
-    seen.commit(position, versions, rows)
-    return outcomes
-
-
 class PostgresStore(ThreadedStore):
     """The log in a PostgreSQL database (see above), for any number of server processes."""
 
@@ -2692,27 +2753,63 @@ class PostgresStore(ThreadedStore):
 
     def __init__(self, config: APIServerConfig) -> None:
         super().__init__(redact_url(config.database_url))
-        self.errors = (pg_driver().Error,)
+        psycopg = pg_driver()
+        self.errors, self.broken = (psycopg.Error,), psycopg.IntegrityError
         self.url = config.database_url
         self.timeout = config.database_timeout
         self.durability = config.durability
-        self._conn: PgConnection | None = None
-        self._seen = SeenVersions(pg_read_state)
         self._listening = threading.Event()  # cleared to stop the listener
         self._listener: threading.Thread | None = None
 
-    def open_writer(self) -> None:
+    def open_log(self) -> PgConnection:
         try:
-            self._conn = open_pg_database(self.url, self.timeout, self.durability)
+            return open_pg_database(self.url, self.timeout, self.durability)
         except self.errors as exc:
             raise StoreUnavailable(f"cannot open {self.location}: {pg_unavailable(exc)}") from None
 
-    def close_writer(self) -> None:
-        if self._conn is not None:
-            self._conn.close()
+    def connect(self, writes: bool = False) -> PgConnection:
+        return pg_connect(self.url, self.timeout, autocommit=not writes, durability=self.durability)
 
-    def connect_reader(self) -> PgConnection:
-        return pg_connect(self.url, self.timeout)
+    @contextlib.contextmanager
+    def write_lock(self, conn: PgConnection) -> Iterator[None]:
+        with conn.raw.transaction():
+            conn.execute("SELECT position FROM head WHERE id = 1 FOR UPDATE")
+            yield
+
+    def read_state(self, conn: PgConnection, keys: list) -> LogState:
+        position, counted_through = conn.execute(
+            f"SELECT (SELECT position FROM head WHERE id = 1), (SELECT n FROM counts WHERE {COUNTED_THROUGH})"
+        ).fetchone()
+        versions = {}
+        if keys:
+            rows = conn.execute(
+                f"SELECT k.t, k.id, {CURRENT_VERSION.format(t='k.t', id='k.id')} "
+                "FROM unnest(?::text[], ?::text[]) AS k (t, id)",
+                ([t for t, _ in keys], [i for _, i in keys]),
+            ).fetchall()
+            versions = {(t, i): version for t, i, version in rows}
+        return LogState(position, counted_through or 0, versions)
+
+    def insert(self, conn: PgConnection, table: str, rows: list, tail: str = "") -> None:
+        # One short statement executed for each row, in a pipeline: psycopg parses a long
+        # statement's placeholders anew each time.
+        if rows:
+            marks = ", ".join(["%s"] * len(rows[0]))
+            conn.raw.cursor().executemany(f"INSERT INTO {table} VALUES ({marks}){tail}", rows)
+
+    def insert_events(self, conn: PgConnection, rows: list[Row]) -> None:
+        with conn.raw.cursor().copy(f"COPY {EVENTS_TABLE} FROM STDIN") as copy:  # PostgreSQL's fastest way in
+            for row in rows:
+                copy.write_row(row)
+
+    def pipeline(self, conn: PgConnection) -> contextlib.AbstractContextManager[Any]:
+        return conn.raw.pipeline()
+
+    def publish(self, conn: PgConnection, before: int, after: int) -> None:
+        # The head row's update is the transaction's write even when no row was inserted.
+        conn.execute("UPDATE head SET position = ? WHERE id = 1", (after,))
+        if after > before:
+            conn.execute(f"SELECT pg_notify('{PG_CHANNEL}', ?)", (str(after),))
 
     def unavailable(self, exc: Exception) -> StoreUnavailable:
         return pg_unavailable(exc)
@@ -2723,30 +2820,6 @@ class PostgresStore(ThreadedStore):
                 "SELECT sum(pg_total_relation_size(c.oid)) FROM pg_class c "
                 "JOIN pg_namespace n ON n.oid = c.relnamespace WHERE n.nspname = 'eventuali' AND c.relkind = 'r'"
             ).fetchone()[0]
-        )
-
-    def connect_pruner(self) -> PgConnection:
-        return pg_connect(self.url, self.timeout, autocommit=False, durability=self.durability)
-
-    def prune_in_transaction(self, conn: PgConnection, before: str) -> tuple[int, bool]:
-        with conn.raw.transaction():
-            conn.execute("SELECT position FROM head WHERE id = 1 FOR UPDATE")  # the write lock, as writers take it
-            return prune_batch(conn, before, pg_insert_rows)
-
-    def commit_group(self, requests: list) -> list:
-        if self._conn is None or self._conn.closed:  # lost with PostgreSQL: connect again
-            try:
-                self._conn = pg_connect(self.url, self.timeout, autocommit=False, durability=self.durability)
-            except self.errors as exc:
-                return [pg_unavailable(exc)] * len(requests)
-            self._seen.forget()
-        psycopg, conn = pg_driver(), self._conn
-        return commit_apart(
-            lambda group: pg_commit_group(conn, group, self._seen),
-            requests,
-            psycopg.IntegrityError,
-            psycopg.Error,
-            pg_unavailable,
         )
 
     async def start(self) -> None:
@@ -2794,6 +2867,7 @@ def make_store(config: APIServerConfig) -> EventStore:
 # =============================================================================
 # 4. Live broadcasting
 # =============================================================================
+
 # One task follows the log: woken by the store after each commit (of any process),
 # it reads the new events once, by position, and appends each one's SSE bytes to
 # every matching subscriber's bounded buffer. A subscriber whose buffer overflows
@@ -2818,13 +2892,13 @@ def sse_bytes(event: StoredEvent) -> bytes:
 
 
 async def stored_after(
-    store: EventStore, position: int, filters: dict, read_chunk: int
+    store: EventStore, position: int, match: Match, read_chunk: int
 ) -> AsyncIterator[list[StoredEvent]]:
-    """The stored events after `position` that match `filters`, oldest first, in reads of
-    about `read_chunk` bytes each (see ReadSize)."""
+    """The stored events after `position` that `match`, oldest first, in reads of about
+    `read_chunk` bytes each (see ReadSize)."""
     size = ReadSize(read_chunk, PAGE)
     while True:
-        events = await store.events_after(position, filters, size.count)
+        events = await store.events_after(position, match, size.count)
         if events:
             position = events[-1].position
             yield events
@@ -2836,9 +2910,9 @@ async def stored_after(
 class Subscriber:
     __slots__ = ("filters", "workflow", "live_from", "buffer", "buffered", "wake", "behind", "closed", "pump")
 
-    def __init__(self, filters: dict) -> None:
-        self.filters = [(FILTER_FIELDS[k], v) for k, v in filters.items() if v is not None and k != "workflow_id"]
-        self.workflow = filters.get("workflow_id")  # its timeline: its own events and those correlated
+    def __init__(self, match: Match) -> None:
+        self.filters = [(FILTER_FIELDS[k], v) for k, v in match.filters.items() if v is not None]
+        self.workflow = match.workflow  # its timeline: its own events and those correlated
         self.live_from: int | None = None  # the log's last position just after it subscribed, once read
         self.buffer: deque = deque()  # (position, SSE bytes)
         self.buffered = 0  # bytes in the buffer
@@ -2882,10 +2956,10 @@ class Hub:
             if sub.pump is not None:
                 asyncio.get_running_loop().call_later(CLOSE_GRACE, sub.pump.cancel)
 
-    def subscribe(self, filters: dict) -> Subscriber:
+    def subscribe(self, match: Match) -> Subscriber:
         """A new subscriber; once its live_from is set, every event after it committed from
         now on reaches it."""
-        sub = Subscriber(filters)
+        sub = Subscriber(match)
         self.subscribers.add(sub)
         self._wanted.set()
         return sub
@@ -2911,7 +2985,7 @@ class Hub:
             floor = min(known)
             cursor = floor if cursor is None else max(cursor, floor)
             try:
-                async for events in stored_after(self.store, cursor, {}, self.read_chunk):
+                async for events in stored_after(self.store, cursor, Match(), self.read_chunk):
                     cursor = events[-1].position
                     self._fan_out(events)
             except StoreError as exc:  # the store is failing: streams wait, then go on from the cursor
@@ -2944,8 +3018,15 @@ class Hub:
 
 
 # =============================================================================
-# 5. HTTP handlers
+# 5. HTTP
 # =============================================================================
+# What a request meets, in the order it meets it, is the end of this section: ROUTES, the
+# gate (5.8) and create_app. Before them, the endpoints and what they share.
+#   5.1 Replies and errors   5.2 the emit routes   5.3 reads   5.4 health and the root
+#   5.5 the stream   5.6 metrics   5.7 logs   5.8 the gate   5.9 background tasks
+#   5.10 routes and the application
+
+# -- 5.1 replies and errors ---------------------------------------------------------------
 
 JSON_TYPE = "application/json"
 
@@ -2964,12 +3045,68 @@ def store_problem(exc: StoreError) -> Problem:
     return Problem(status, str(exc), **extra)
 
 
-# -- the emit routes: the hot path -------------------------------------------------
+def problem_json(exc: Problem) -> str:
+    return compact_json({"detail": exc.detail, **exc.extra})
+
+
+def error_reply(exc: Exception) -> tuple[int, str, Sequence]:
+    """An endpoint's exception as (status, JSON body, headers): the one place where errors
+    become replies."""
+    if isinstance(exc, StoreError):
+        exc = store_problem(exc)
+    if isinstance(exc, Problem):
+        return exc.status, problem_json(exc), ()
+    if isinstance(exc, HTTPException):
+        headers = [(k.lower().encode("latin-1"), v.encode("latin-1")) for k, v in (exc.headers or {}).items()]
+        return exc.status_code, compact_json({"detail": exc.detail}), headers
+    return 500, '{"detail":"Internal Server Error"}', ()
+
+
+json_string = json.encoder.encode_basestring  # a JSON string literal, non-ASCII kept as is
+
+
+async def send_json(send: Send, body: str, status: int = 200, headers: Sequence = ()) -> None:
+    data = body.encode()
+    await send(
+        {
+            "type": "http.response.start",
+            "status": status,
+            "headers": [(b"content-type", b"application/json"), (b"content-length", b"%d" % len(data)), *headers],
+        }
+    )
+    await send({"type": "http.response.body", "body": data})
+
+
+class ASGIEndpoint:
+    """An ASGI function that a Route serves as it is (Route takes a function for
+    `request -> response`, and passes anything else through as an ASGI app)."""
+
+    def __init__(self, app: Callable) -> None:
+        self.app = app
+
+    def __call__(self, scope: Scope, receive: Receive, send: Send) -> Any:
+        return self.app(scope, receive, send)
+
+
+def asgi_endpoint(endpoint: Callable) -> Callable:
+    """The route's endpoint as an ASGI function: ASGIEndpoints as they are; a function of a
+    Request to a Response called with one."""
+    if isinstance(endpoint, ASGIEndpoint):
+        return endpoint.app
+
+    async def app(scope: Scope, receive: Receive, send: Send) -> None:
+        response = await endpoint(Request(scope, receive))
+        await response(scope, receive, send)
+
+    return app
+
+
+# -- 5.2 the emit routes: the hot path ----------------------------------------------------
 # Every agent hook POSTs here, so these endpoints are plain ASGI functions (Starlette's
 # Route passes an endpoint that is not a function through as an ASGI app): one pass over
 # the headers, no Request or Response objects, the reply written as JSON text directly.
 
-json_string = json.encoder.encode_basestring  # a JSON string literal, non-ASCII kept as is
+BODY_IN_HAND = "eventuali.body_in_hand"  # in the scope: the server has the whole body (see protocol_with_head_timeout)
 
 
 async def receive_json(scope: Scope, receive: Receive, config: APIServerConfig) -> Any:
@@ -2992,34 +3129,36 @@ async def receive_json(scope: Scope, receive: Receive, config: APIServerConfig) 
     if length.isdigit() and int(length) > limit:
         raise Problem(413, too_large)
     body = bytearray()
-    while True:
-        try:
-            message = await asyncio.wait_for(receive(), config.request_timeout)
-        except asyncio.TimeoutError:
-            raise Problem(408, f"the body stalled for more than {config.request_timeout:g} s") from None
+
+    def take(message: Message) -> bool:
+        """Add a part of the body; whether more follows."""
         if message["type"] == "http.disconnect":
             raise Problem(400, "the client closed the connection before sending the whole body")
-        body += message.get("body", b"")
+        body.extend(message.get("body", b""))
         if len(body) > limit:
             raise Problem(413, too_large)
-        if not message.get("more_body"):
-            return parse_json(body, config.max_depth)
+        return bool(message.get("more_body"))
 
-
-async def send_json(send: Send, body: str, status: int = 200, headers: Sequence = ()) -> None:
-    data = body.encode()
-    await send(
-        {
-            "type": "http.response.start",
-            "status": status,
-            "headers": [(b"content-type", b"application/json"), (b"content-length", b"%d" % len(data)), *headers],
-        }
-    )
-    await send({"type": "http.response.body", "body": data})
-
-
-def problem_json(exc: Problem) -> str:
-    return compact_json({"detail": exc.detail, **exc.extra})
+    seconds = config.request_timeout
+    stalled = f"the body stalled for more than {seconds:g} s"
+    if scope.get(BODY_IN_HAND):
+        while take(await receive()):
+            pass
+    elif sys.version_info >= (3, 11):  # one timer for the whole body, moved on at each part
+        loop = asyncio.get_running_loop()
+        try:
+            async with asyncio.timeout(seconds) as timer:
+                while take(await receive()):
+                    timer.reschedule(loop.time() + seconds)
+        except TimeoutError:
+            raise Problem(408, stalled) from None
+    else:
+        try:
+            while take(await asyncio.wait_for(receive(), seconds)):
+                pass
+        except asyncio.TimeoutError:
+            raise Problem(408, stalled) from None
+    return parse_json(body, config.max_depth)
 
 
 def emit_reply(event: NewEvent, receipt: Receipt) -> str:
@@ -3030,17 +3169,6 @@ def emit_reply(event: NewEvent, receipt: Receipt) -> str:
         f'"timestamp":"{receipt.timestamp}","position":{receipt.position},'
         f'"aggregate_id":{json_string(receipt.aggregate_id)},"aggregate_version":{receipt.version}}}'
     )
-
-
-class ASGIEndpoint:
-    """An ASGI function that a Route serves as it is (Route takes a function for
-    `request -> response`, and passes anything else through as an ASGI app)."""
-
-    def __init__(self, app: Callable) -> None:
-        self.app = app
-
-    def __call__(self, scope: Scope, receive: Receive, send: Send) -> Any:
-        return self.app(scope, receive, send)
 
 
 def emit_one(kind: str) -> ASGIEndpoint:
@@ -3095,6 +3223,9 @@ async def emit_batch(scope: Scope, receive: Receive, send: Send) -> None:
     await send_json(send, '{"success":true,"events":[' + replies + "]}")
 
 
+# -- 5.3 reads: lists of events, a workflow's agents --------------------------------------
+
+
 async def list_reply(store: EventStore, page: Page, params: dict, read_chunk: int) -> Response:
     """The page's events, read and sent in parts of about `read_chunk` bytes, so that a page of
     big events is never whole in memory; the first part is read before the reply starts, so
@@ -3135,11 +3266,14 @@ async def pruned_past(store: EventStore, after: int | None) -> int | None:
 
 
 def page_query(params: dict, agent: str | None = None, workflow: str | None = None) -> Query:
-    if params.get("workflow_id") not in (None, workflow):
-        # ?workflow_id= on a route scoped to a workflow: another one matches nothing (NUL never does)
-        workflow = "\x00" if workflow is not None else params["workflow_id"]
+    given = params.get("workflow_id")
     return Query(
-        filters={name: params.get(name) for name in STREAM_FILTERS},
+        Match(
+            {name: params.get(name) for name in STREAM_FILTERS},
+            agent,
+            workflow if workflow is not None else given,
+            nothing=None not in (workflow, given) and workflow != given,  # a path's workflow and another
+        ),
         since=params.get("since"),
         until=params.get("until"),
         after=params.get("after"),
@@ -3147,8 +3281,6 @@ def page_query(params: dict, agent: str | None = None, workflow: str | None = No
         order=params["order"],
         limit=params["limit"],
         offset=params["offset"],
-        agent=agent,
-        workflow=workflow,
     )
 
 
@@ -3186,6 +3318,9 @@ async def workflow_agents_handler(request: Request) -> Response:
     state = request.app.state
     check_query(request, {})
     return json_response(await state.store.workflow_summary(path_id(request, "workflow_id")))
+
+
+# -- 5.4 health, the root and the pages ---------------------------------------------------
 
 
 async def store_health(store: EventStore) -> tuple:
@@ -3267,13 +3402,28 @@ async def root(request: Request) -> Response:
     )
 
 
+# The pages: the OpenAPI document (section 6) and the HTML of section 8.
+async def openapi_handler(request: Request) -> Response:
+    return json_response(openapi(request.app.state.config))
+
+
+async def docs_handler(request: Request) -> Response:
+    return HTMLResponse(docs_html(request.app.state.config))
+
+
+async def ui_handler(request: Request) -> Response:
+    return HTMLResponse(UI_PAGE.replace("__STATES__", json.dumps(STATES)))
+
+
+# -- 5.5 the stream -----------------------------------------------------------------------
+
 SSE_HEADERS = {"cache-control": "no-cache", "x-accel-buffering": "no", "connection": "keep-alive"}
 
 
 async def stream(request: Request) -> Response:
     state = request.app.state
     params = check_query(request, state.stream_params)
-    filters = {name: params.get(name) for name in (*STREAM_FILTERS, "workflow_id")}
+    match = Match({name: params.get(name) for name in STREAM_FILTERS}, workflow=params.get("workflow_id"))
     after = params.get("after")
     last_id = request.headers.get("last-event-id", "").strip()
     if last_id:
@@ -3286,7 +3436,7 @@ async def stream(request: Request) -> Response:
     hub: Hub = state.hub
     if len(hub.subscribers) >= state.config.max_streams:
         raise Problem(503, f"too many open streams (at most {state.config.max_streams}); try again later")
-    sub = hub.subscribe(filters)  # counted at once: streams opened together cannot all pass the check
+    sub = hub.subscribe(match)  # counted at once: streams opened together cannot all pass the check
     try:
         live_from = sub.live_from = await state.store.last_position()
         pruned = await pruned_past(state.store, after)
@@ -3294,7 +3444,7 @@ async def stream(request: Request) -> Response:
         hub.unsubscribe(sub)
         raise
     start = after if after is not None else live_from
-    response = SSEResponse(sub, filters, hub, state.store, start, state.config.sse_ping)
+    response = SSEResponse(sub, match, hub, state.store, start, state.config.sse_ping)
     if pruned is not None:
         response.preamble += (
             f": pruned through {pruned}: the events after {after} up to {pruned} were removed by retention\n\n"
@@ -3305,8 +3455,8 @@ async def stream(request: Request) -> Response:
 class SSEResponse(Response):
     """Sends a subscriber's events until the client leaves or the server stops."""
 
-    def __init__(self, sub: Subscriber, filters: dict, hub: Hub, store: EventStore, start: int, ping: float) -> None:
-        self.sub, self.filters, self.hub, self.store = sub, filters, hub, store
+    def __init__(self, sub: Subscriber, match: Match, hub: Hub, store: EventStore, start: int, ping: float) -> None:
+        self.sub, self.match, self.hub, self.store = sub, match, hub, store
         self.start, self.ping = start, ping
         self.preamble = b"retry: 3000\n: connected\n\n"
         self.read_chunk = hub.read_chunk
@@ -3351,14 +3501,14 @@ class SSEResponse(Response):
                 raise
 
     async def _messages(self) -> AsyncIterator[bytes]:
-        sub, last, filters = self.sub, self.start, self.filters
+        sub, last, match = self.sub, self.start, self.match
         while not sub.closed:
             if sub.behind:
                 sub.behind = False
                 sub.buffer.clear()
                 sub.buffered = 0
                 try:  # stored events first
-                    async for events in stored_after(self.store, last, filters, self.read_chunk):
+                    async for events in stored_after(self.store, last, match, self.read_chunk):
                         last = events[-1].position
                         self.hub.delivered += len(events)
                         yield b"".join([sse_bytes(event) for event in events])
@@ -3387,178 +3537,50 @@ class SSEResponse(Response):
                 yield b": ping\n\n"
 
 
-# -- errors, access, app -------------------------------------------------------
+# -- 5.6 metrics --------------------------------------------------------------------------
+# What the store, the Hub and the gate count, and GET /metrics, which writes it out in
+# Prometheus' text format.
 
 
-async def problem_handler(request: Request, exc: Problem) -> Response:
-    return Response(problem_json(exc), status_code=exc.status, media_type=JSON_TYPE)
+class Histogram:
+    """Observed values counted by bucket (their upper bounds), with their sum: what a
+    Prometheus histogram shows (`metrics` writes it out)."""
+
+    __slots__ = ("bounds", "counts", "sum")
+
+    def __init__(self, bounds: Sequence[float]) -> None:
+        self.bounds = tuple(bounds)
+        self.counts = [0] * (len(self.bounds) + 1)  # the last: above every bound
+        self.sum = 0.0
+
+    def observe(self, value: float) -> None:
+        self.counts[bisect.bisect_left(self.bounds, value)] += 1
+        self.sum += value
 
 
-async def http_error_handler(request: Request, exc: HTTPException) -> Response:
-    return json_response({"detail": exc.detail}, exc.status_code, getattr(exc, "headers", None))
+SECONDS_BOUNDS = (0.0005, 0.001, 0.0025, 0.005, 0.01, 0.025, 0.05, 0.1, 0.25, 0.5, 1.0, 2.5, 5.0, 10.0)
+GROUP_BOUNDS = tuple(2.0**i for i in range(13))  # 1 to 4096 events
 
 
-async def store_error_handler(request: Request, exc: StoreError) -> Response:
-    return await problem_handler(request, store_problem(exc))
+class StoreStats:
+    """What a store counts as it works, for /metrics: appends and commits (by the writer
+    thread, the only one that writes them) and errors."""
 
+    def __init__(self) -> None:
+        self.appended: collections.Counter = collections.Counter()  # event_type -> events acknowledged
+        self.group_events = Histogram(GROUP_BOUNDS)  # events per commit group
+        self.commit_seconds = Histogram(SECONDS_BOUNDS)
+        self.errors: collections.Counter = collections.Counter()  # (operation, kind) -> errors
+        self._lock = threading.Lock()  # for errors, which several threads count
 
-async def server_error_handler(request: Request, exc: Exception) -> Response:
-    logger.exception("unhandled error on %s %s", request.method, request.url.path)
-    return json_response({"detail": "Internal Server Error"}, 500)
-
-
-def api_keys(setting: str) -> list[bytes]:
-    return [key.strip().encode() for key in setting.split(",") if key.strip()]
-
-
-def one_of(token: bytes, keys: list[bytes]) -> bool:
-    """Whether token is one of keys, compared in constant time, each of them."""
-    found = False
-    for key in keys:
-        found |= hmac.compare_digest(token, key)
-    return found
-
-
-def require_key(app: ASGIApp, config: APIServerConfig, writes: bool, token_in_query: bool) -> ASGIApp:
-    """A route's ASGI app behind `Authorization: Bearer <key>` (or ?access_token=<key> where
-    token_in_query: browsers' EventSource cannot send headers). A write key opens every route;
-    a read key opens those that do not write, and gets 403 from those that do."""
-    write_keys, read_keys = api_keys(config.api_key), api_keys(config.read_api_key)
-
-    async def guard(scope: Scope, receive: Receive, send: Send) -> None:
-        token = b""
-        for name, value in scope["headers"]:
-            if name == b"authorization" and value[:7].lower() == b"bearer ":
-                token = value[7:].strip()
-        if not token and token_in_query:
-            token = Request(scope).query_params.get("access_token", "").encode()
-        reader = one_of(token, read_keys)
-        if one_of(token, write_keys) or (reader and not writes):
-            return await app(scope, receive, send)
-        if reader:
-            detail = "this key may read, not write: emit with a key of --api-key"
-            return await json_response({"detail": detail}, 403)(scope, receive, send)
-        detail = "missing or wrong API key: send 'Authorization: Bearer <key>'"
-        await json_response({"detail": detail}, 401, {"www-authenticate": "Bearer"})(scope, receive, send)
-
-    return guard
-
-
-@functools.lru_cache(maxsize=1024)  # asked for every request, of few distinct names
-def is_loopback(host: str) -> bool:
-    import ipaddress
-
-    if host.lower() == "localhost":
-        return True
-    try:
-        return ipaddress.ip_address(host.strip("[]")).is_loopback
-    except ValueError:
-        return False
-
-
-def host_name(header: bytes) -> str:
-    """The host of a Host header, without its port ("[::1]:8765" -> "[::1]")."""
-    text = header.decode("latin-1").strip().lower()
-    if text.startswith("["):
-        return text.split("]", 1)[0] + "]"
-    return text.rsplit(":", 1)[0] if text.count(":") == 1 else text
-
-
-def check_host(app: ASGIApp, /, allowed: Sequence[str], bound_to_loopback: bool) -> ASGIApp:
-    """Refuse requests whose Host is not allowed (DNS rebinding: a web page that points its own
-    name at 127.0.0.1 would otherwise read and write the log from the browser). A server bound
-    to loopback answers loopback names and `allowed`; one bound elsewhere, only `allowed` if it
-    is given, else any Host. Requests that reach the server through another interface than
-    loopback are not browsers rebinding to it, and pass when it is bound to loopback."""
-    if "*" in allowed or not (allowed or bound_to_loopback):
-        return app
-    names = {name for name in allowed if not name.startswith("*.")}
-    suffixes = tuple(name[1:] for name in allowed if name.startswith("*."))
-
-    def fits(host: str) -> bool:
-        return is_loopback(host) or host in names or (bool(suffixes) and host.endswith(suffixes))
-
-    async def guard(scope: Scope, receive: Receive, send: Send) -> None:
-        if scope["type"] not in ("http", "websocket"):
-            return await app(scope, receive, send)
-        server = scope.get("server") or ("", None)
-        if bound_to_loopback and not allowed and not is_loopback(str(server[0])):
-            return await app(scope, receive, send)
-        for name, value in scope["headers"]:
-            if name == b"host":
-                host = host_name(value)
-                if not fits(host):
-                    detail = (
-                        f"host {host!r} is not allowed here: use localhost, or start the server with "
-                        f"--allowed-hosts (ALLOWED_HOSTS)"
-                    )
-                    return await json_response({"detail": detail}, 403)(scope, receive, send)
-                break
-        await app(scope, receive, send)
-
-    return guard
-
-
-_QUERY_PARAMETER = re.compile(r"([?&]([^=&#\s]*)=)([^&#\s\"']*)")
-
-
-def redact_query(text: str) -> str:
-    """text with the value of every access_token query parameter replaced by ***, however
-    the name is spelled (access%5Ftoken is access_token to the server, and so to this)."""
-    if "=" not in text:
-        return text
-    from urllib.parse import unquote_plus
-
-    return _QUERY_PARAMETER.sub(
-        lambda m: m.group(1) + "***" if unquote_plus(m.group(2)) == "access_token" else m.group(0), text
-    )
-
-
-def redact_token(record: logging.LogRecord) -> bool:
-    """Logging filter, on every handler: the stream's access_token never reaches a log line."""
-    if isinstance(record.msg, str):
-        record.msg = redact_query(record.msg)
-    if isinstance(record.args, tuple):
-        record.args = tuple(redact_query(arg) if isinstance(arg, str) else arg for arg in record.args)
-    return True
-
-
-def log_handlers() -> list:
-    """The handlers that the server's and uvicorn's log records reach."""
-    names = ("", "uvicorn", "uvicorn.access", "uvicorn.error", logger.name)
-    return list({id(h): h for name in names for h in logging.getLogger(name).handlers}.values())
-
-
-class JSONLines(logging.Formatter):
-    """--log-format json: one JSON object a line, with time, level, logger and message, and
-    an access line's fields (ACCESS_FIELDS)."""
-
-    def format(self, record: logging.LogRecord) -> str:
-        line = {
-            "time": format_timestamp(datetime.fromtimestamp(record.created, timezone.utc)),
-            "level": record.levelname.lower(),
-            "logger": record.name,
-            "message": record.getMessage(),
-        }
-        line.update({key: getattr(record, key) for key in ACCESS_FIELDS if hasattr(record, key)})
-        if record.exc_info:
-            line["exception"] = self.formatException(record.exc_info)
-        return json.dumps(line, ensure_ascii=False)
-
-
-def configure_logging(config: APIServerConfig) -> None:
-    """The root logger's level and format; in json, every line (uvicorn's too) is a JSONLines object."""
-    root = logging.getLogger()
-    if not root.handlers:
-        root.addHandler(logging.StreamHandler())
-    for handler in root.handlers:
-        handler.setFormatter(
-            JSONLines() if config.log_format == "json" else logging.Formatter("%(levelname)s:     %(message)s")
+    def error(self, operation: str, exc: BaseException) -> None:
+        kind = (
+            "unavailable" if isinstance(exc, StoreUnavailable) else "conflict" if isinstance(exc, Conflict) else "error"
         )
-    root.setLevel(config.log_level.upper())
+        with self._lock:
+            self.errors[operation, kind] += 1
 
 
-# -- metrics and access lines ------------------------------------------------------------
 ACCESS_FIELDS = ("method", "route", "path", "status", "duration_ms", "client")
 METHODS = frozenset(("GET", "HEAD", "POST", "PUT", "PATCH", "DELETE", "OPTIONS"))
 access_logger = logging.getLogger("eventuali_api_server.access")
@@ -3568,63 +3590,32 @@ class HttpStats:
     """Requests by route template, method and status, and their durations by route: label
     values from bounded sets only (never a raw path or an id)."""
 
-    def __init__(self, routes: Iterable[Route]) -> None:
-        self.templates: dict = {}  # endpoint -> the paths it serves
-        for route in routes:
-            self.templates.setdefault(route.endpoint, []).append(route.path)
+    def __init__(self) -> None:
         self.requests: collections.Counter = collections.Counter()  # (route, method, status) -> requests
         self.seconds: dict[str, Histogram] = {}  # route -> durations
 
-    def route(self, scope: Scope) -> str:
-        paths = self.templates.get(scope.get("endpoint"))
-        if not paths:
-            return "unmatched"
-        return scope["path"] if scope["path"] in paths else paths[0]
-
-
-def observe(app: ASGIApp, /, stats: HttpStats, access_lines: bool) -> ASGIApp:
-    """Count each request in `stats` (for /metrics), and with access_lines log it, with its
-    route template, status and duration (--log-format json)."""
-
-    async def observed(scope: Scope, receive: Receive, send: Send) -> None:
-        if scope["type"] != "http":
-            return await app(scope, receive, send)
-        started = time.perf_counter()
-        status = 500  # unless a response starts
-
-        async def send_status(message: Message) -> None:
-            nonlocal status
-            if message["type"] == "http.response.start":
-                status = message["status"]
-            await send(message)
-
-        try:
-            await app(scope, receive, send_status)
-        finally:
-            seconds = time.perf_counter() - started
-            route = stats.route(scope)
-            method = scope["method"] if scope["method"] in METHODS else "other"
-            stats.requests[route, method, status] += 1
-            histogram = stats.seconds.get(route) or stats.seconds.setdefault(route, Histogram(SECONDS_BOUNDS))
-            histogram.observe(seconds)
-            if access_lines:
-                client = scope.get("client")
-                access_logger.info(
-                    "%s %s %s",
-                    method,
-                    scope["path"],
-                    status,
-                    extra={
-                        "method": method,
-                        "route": route,
-                        "path": scope["path"],
-                        "status": status,
-                        "duration_ms": round(seconds * 1000, 3),
-                        "client": f"{client[0]}:{client[1]}" if client else None,
-                    },
-                )
-
-    return observed
+    def observe(self, scope: Scope, route: str, status: int, seconds: float, access_lines: bool) -> None:
+        """Count a request answered; with access_lines log it (--log-format json)."""
+        method = scope["method"] if scope["method"] in METHODS else "other"
+        self.requests[route, method, status] += 1
+        histogram = self.seconds.get(route) or self.seconds.setdefault(route, Histogram(SECONDS_BOUNDS))
+        histogram.observe(seconds)
+        if access_lines:
+            client = scope.get("client")
+            access_logger.info(
+                "%s %s %s",
+                method,
+                scope["path"],
+                status,
+                extra={
+                    "method": method,
+                    "route": route,
+                    "path": scope["path"],
+                    "status": status,
+                    "duration_ms": round(seconds * 1000, 3),
+                    "client": f"{client[0]}:{client[1]}" if client else None,
+                },
+            )
 
 
 def label_value(value: object) -> str:
@@ -3706,6 +3697,13 @@ async def metrics(request: Request) -> Response:
     write_metric(out, "eventuali_streams_open", "gauge", "Streams open on this process.", [({}, len(hub.subscribers))])
     write_metric(
         out,
+        "eventuali_append_events_in_flight",
+        "gauge",
+        "Events of appends waiting for their commit on this process.",
+        [({}, getattr(store, "in_flight", 0))],
+    )
+    write_metric(
+        out,
         "eventuali_stream_catchups_total",
         "counter",
         "Times a stream fell behind (its buffer full) and caught up from the store.",
@@ -3745,17 +3743,219 @@ async def metrics(request: Request) -> Response:
     return Response("\n".join(out) + "\n", media_type="text/plain; version=0.0.4; charset=utf-8")
 
 
-def cors_when_origin(app: ASGIApp, /, **options: Any) -> ASGIApp:
-    """CORSMiddleware, skipped for requests without an Origin header (agents, scripts):
-    it has nothing to add to those and costs a header parse and a send wrapper each."""
-    cors = CORSMiddleware(app, **options)
+# -- 5.7 logs -----------------------------------------------------------------------------
 
-    async def route(scope: Scope, receive: Receive, send: Send) -> None:
-        if scope["type"] == "http" and any(name == b"origin" for name, _ in scope["headers"]):
-            return await cors(scope, receive, send)
-        await app(scope, receive, send)
+_QUERY_PARAMETER = re.compile(r"([?&]([^=&#\s]*)=)([^&#\s\"']*)")
 
-    return route
+
+def redact_query(text: str) -> str:
+    """text with the value of every access_token query parameter replaced by ***, however
+    the name is spelled (access%5Ftoken is access_token to the server, and so to this)."""
+    if "=" not in text:
+        return text
+    from urllib.parse import unquote_plus
+
+    return _QUERY_PARAMETER.sub(
+        lambda m: m.group(1) + "***" if unquote_plus(m.group(2)) == "access_token" else m.group(0), text
+    )
+
+
+def redact_token(record: logging.LogRecord) -> bool:
+    """Logging filter, on every handler: the stream's access_token never reaches a log line."""
+    if isinstance(record.msg, str):
+        record.msg = redact_query(record.msg)
+    if isinstance(record.args, tuple):
+        record.args = tuple(redact_query(arg) if isinstance(arg, str) else arg for arg in record.args)
+    return True
+
+
+def log_handlers() -> list:
+    """The handlers that the server's and uvicorn's log records reach."""
+    names = ("", "uvicorn", "uvicorn.access", "uvicorn.error", logger.name)
+    return list({id(h): h for name in names for h in logging.getLogger(name).handlers}.values())
+
+
+class JSONLines(logging.Formatter):
+    """--log-format json: one JSON object a line, with time, level, logger and message, and
+    an access line's fields (ACCESS_FIELDS)."""
+
+    def format(self, record: logging.LogRecord) -> str:
+        line = {
+            "time": format_timestamp(datetime.fromtimestamp(record.created, timezone.utc)),
+            "level": record.levelname.lower(),
+            "logger": record.name,
+            "message": record.getMessage(),
+        }
+        line.update({key: getattr(record, key) for key in ACCESS_FIELDS if hasattr(record, key)})
+        if record.exc_info:
+            line["exception"] = self.formatException(record.exc_info)
+        return json.dumps(line, ensure_ascii=False)
+
+
+def configure_logging(config: APIServerConfig) -> None:
+    """The root logger's level and format; in json, every line (uvicorn's too) is a JSONLines object."""
+    root = logging.getLogger()
+    if not root.handlers:
+        root.addHandler(logging.StreamHandler())
+    for handler in root.handlers:
+        handler.setFormatter(
+            JSONLines() if config.log_format == "json" else logging.Formatter("%(levelname)s:     %(message)s")
+        )
+    root.setLevel(config.log_level.upper())
+
+
+# -- 5.8 the gate: what every request passes, in one layer --------------------------------
+# Each route of ROUTES (and the 404 for paths that match none) is served through its own
+# gate, built once from the route and the settings: the Host check, CORS, the method, the
+# key, the endpoint, its errors as JSON replies, and the request counted for /metrics. It
+# reads the headers once, and routing happens once, in Starlette's router.
+
+
+def api_keys(setting: str) -> list[bytes]:
+    return [key.strip().encode() for key in setting.split(",") if key.strip()]
+
+
+def one_of(token: bytes, keys: list[bytes]) -> bool:
+    """Whether token is one of keys, compared in constant time, each of them."""
+    found = False
+    for key in keys:
+        found |= hmac.compare_digest(token, key)
+    return found
+
+
+@functools.lru_cache(maxsize=1024)  # asked for every request, of few distinct names
+def is_loopback(host: str) -> bool:
+    import ipaddress
+
+    if host.lower() == "localhost":
+        return True
+    try:
+        return ipaddress.ip_address(host.strip("[]")).is_loopback
+    except ValueError:
+        return False
+
+
+def host_name(header: bytes) -> str:
+    """The host of a Host header, without its port ("[::1]:8765" -> "[::1]")."""
+    text = header.decode("latin-1").strip().lower()
+    if text.startswith("["):
+        return text.split("]", 1)[0] + "]"
+    return text.rsplit(":", 1)[0] if text.count(":") == 1 else text
+
+
+def host_check(config: APIServerConfig) -> Callable[[Scope, bytes], str | None] | None:
+    """Why a request's Host is refused, or None (DNS rebinding: a web page that points its own
+    name at 127.0.0.1 would otherwise read and write the log from the browser). A server bound
+    to loopback answers loopback names and --allowed-hosts; one bound elsewhere, only those if
+    they are given, else any Host. Requests that reach a server bound to loopback through
+    another interface are not browsers rebinding to it, and pass. None: nothing to check."""
+    allowed, bound_to_loopback = config.allowed_hosts, is_loopback(config.host)
+    if "*" in allowed or not (allowed or bound_to_loopback):
+        return None
+    names = {name for name in allowed if not name.startswith("*.")}
+    suffixes = tuple(name[1:] for name in allowed if name.startswith("*."))
+
+    def refused(scope: Scope, header: bytes) -> str | None:
+        if bound_to_loopback and not allowed and not is_loopback(str((scope.get("server") or ("",))[0])):
+            return None
+        return refused_name(header)
+
+    @functools.lru_cache(maxsize=1024)  # asked for every request, of few distinct values
+    def refused_name(header: bytes) -> str | None:
+        host = host_name(header)
+        if is_loopback(host) or host in names or (bool(suffixes) and host.endswith(suffixes)):
+            return None
+        return (
+            f"host {host!r} is not allowed here: use localhost, or start the server with "
+            "--allowed-hosts (ALLOWED_HOSTS)"
+        )
+
+    return refused
+
+
+def gate(route: ApiRoute, config: APIServerConfig, stats: HttpStats) -> ASGIEndpoint:
+    """The route's endpoint behind everything a request passes first (see above). The key:
+    `Authorization: Bearer <key>` (or ?access_token=<key> on the stream: browsers'
+    EventSource cannot send headers); a write key opens every route, a read key those that
+    do not write, and gets 403 from those that do."""
+    endpoint = asgi_endpoint(route.endpoint)
+    methods = {route.method, "HEAD"} if route.method == "GET" else {route.method} - {""}  # none: any
+    allow = [(b"allow", ", ".join(sorted(methods)).encode())]
+    refused_host = host_check(config)
+    keyed = bool(config.api_key) and not route.public
+    write_keys, read_keys = api_keys(config.api_key), api_keys(config.read_api_key)
+    writes, token_in_query = route.method == "POST", route.path == "/events/stream"
+    access_lines = config.log_format == "json"
+    counted = config.metrics or access_lines
+
+    async def serve(scope: Scope, receive: Receive, send: Send) -> None:
+        if methods and scope["method"] not in methods:
+            return await send_json(send, '{"detail":"Method Not Allowed"}', 405, allow)
+        if keyed:
+            token = b""
+            for name, value in scope["headers"]:
+                if name == b"authorization" and value[:7].lower() == b"bearer ":
+                    token = value[7:].strip()
+            if not token and token_in_query:
+                token = Request(scope).query_params.get("access_token", "").encode()
+            reader = one_of(token, read_keys)
+            if not (one_of(token, write_keys) or (reader and not writes)):
+                if reader:
+                    detail = "this key may read, not write: emit with a key of --api-key"
+                    return await send_json(send, compact_json({"detail": detail}), 403)
+                detail = "missing or wrong API key: send 'Authorization: Bearer <key>'"
+                return await send_json(send, compact_json({"detail": detail}), 401, [(b"www-authenticate", b"Bearer")])
+        try:
+            await endpoint(scope, receive, send)
+        except Exception as exc:
+            status, body, headers = error_reply(exc)
+            if status == 500:
+                logger.exception("unhandled error on %s %s", scope["method"], scope["path"])
+            await send_json(send, body, status, headers)  # raises if the reply had started
+
+    cors = CORSMiddleware(
+        serve,
+        allow_origins=config.cors_origins,
+        allow_credentials=config.cors_allow_credentials,
+        allow_methods=["GET", "POST", "OPTIONS"],
+        allow_headers=["Authorization", "Content-Type", "Last-Event-ID", "Accept", "Cache-Control"],
+    )
+    label = route.path
+
+    async def guarded(scope: Scope, receive: Receive, send: Send) -> None:
+        began = time.perf_counter()
+        status = 0  # until the reply starts
+
+        async def sent(message: Message) -> None:
+            nonlocal status
+            if message["type"] == "http.response.start":
+                if status:  # an error after the reply started: all that is left is to end the connection
+                    raise RuntimeError(f"{scope['method']} {scope['path']} failed after its reply started")
+                status = message["status"]
+            await send(message)
+
+        try:
+            host = origin = b""
+            for name, value in scope["headers"]:
+                if name == b"host":
+                    host = value
+                elif name == b"origin":
+                    origin = value
+            refusal = refused_host(scope, host) if refused_host is not None and host else None
+            if refusal is not None:
+                await send_json(sent, compact_json({"detail": refusal}), 403)
+            elif origin:  # browsers; CORSMiddleware has nothing to add to agents' and scripts' requests
+                await cors(scope, receive, sent)
+            else:
+                await serve(scope, receive, sent)
+        finally:
+            if counted:
+                stats.observe(scope, label, status or 500, time.perf_counter() - began, access_lines)
+
+    return ASGIEndpoint(guarded)
+
+
+# -- 5.9 background tasks: memory, retention, signals -------------------------------------
 
 
 def memory_trimmer() -> Callable[[], object]:
@@ -3828,17 +4028,7 @@ def chain_signals(hub: Hub, loop: asyncio.AbstractEventLoop) -> Callable[[], Non
     return restore
 
 
-# The pages and documents built in section 6.
-def openapi_handler(request: Request) -> Response:
-    return json_response(openapi(request.app.state.config))
-
-
-def docs_handler(request: Request) -> Response:
-    return HTMLResponse(docs_html(request.app.state.config))
-
-
-def ui_handler(request: Request) -> Response:
-    return HTMLResponse(UI_PAGE.replace("__STATES__", json.dumps(STATES)))
+# -- 5.10 routes and the application ------------------------------------------------------
 
 
 class ApiRoute(NamedTuple):
@@ -3876,6 +4066,10 @@ def served_routes(config: APIServerConfig) -> list[ApiRoute]:
     return [route for route in ROUTES if config.metrics or route.operation != "metrics"]
 
 
+async def not_found(request: Request) -> Response:
+    raise HTTPException(404)
+
+
 async def unknown_kind(request: Request) -> Response:
     """/events/emit/ with a kind there is not, or a kind asked with a method other than POST."""
     kind, kinds = request.path_params["kind"], (*KINDS, "batch")
@@ -3883,6 +4077,13 @@ async def unknown_kind(request: Request) -> Response:
         raise HTTPException(405, headers={"Allow": "POST"})
     paths = ", ".join(f"/events/emit/{name}" for name in kinds)
     raise Problem(404, f"no kind {kind!r} to emit: POST to one of {paths}")
+
+
+# Served besides ROUTES, and not in the OpenAPI document: a path under /events/emit/ that
+# names no kind (after the kinds, so that it catches what they do not), and a path that
+# matches no route. Any method; no key.
+UNKNOWN_KIND = ApiRoute("/events/emit/{kind}", "", unknown_kind, "", public=True)
+UNMATCHED = ApiRoute("unmatched", "", not_found, "", public=True)
 
 
 def create_app(config: APIServerConfig | None = None) -> Starlette:
@@ -3932,37 +4133,14 @@ def create_app(config: APIServerConfig | None = None) -> Starlette:
             await hub.stop()
             await store.stop()
 
-    routes = []
-    for api_route in served_routes(config):
-        route = Route(api_route.path, api_route.endpoint, methods=[api_route.method])
-        if config.api_key and not api_route.public:
-            writes, streams = api_route.method == "POST", api_route.path == "/events/stream"
-            route.app = require_key(route.app, config, writes=writes, token_in_query=streams)
-        routes.append(route)
-    every_method = ["GET", "HEAD", "POST", "PUT", "PATCH", "DELETE"]
-    routes.append(Route("/events/emit/{kind}", unknown_kind, methods=every_method))  # after the kinds
-    http_stats = HttpStats(routes)
-    access_lines = config.log_format == "json"
-    middleware = [
-        Middleware(check_host, allowed=config.allowed_hosts, bound_to_loopback=is_loopback(config.host)),
-        Middleware(
-            cors_when_origin,
-            allow_origins=config.cors_origins,
-            allow_credentials=config.cors_allow_credentials,
-            allow_methods=["GET", "POST", "OPTIONS"],
-            allow_headers=["Authorization", "Content-Type", "Last-Event-ID", "Accept", "Cache-Control"],
-        ),
-    ]
-    if config.metrics or access_lines:  # outermost: it sees every request and its final status
-        middleware.insert(0, Middleware(observe, stats=http_stats, access_lines=access_lines))
-    handlers: dict[Any, Callable[..., Any]] = {
-        Problem: problem_handler,
-        HTTPException: http_error_handler,
-        StoreError: store_error_handler,
-        Exception: server_error_handler,
-    }
-    application = Starlette(routes=routes, middleware=middleware, exception_handlers=handlers, lifespan=lifespan)
+    http_stats = HttpStats()
+    routes = [Route(r.path, gate(r, config, http_stats)) for r in (*served_routes(config), UNKNOWN_KIND)]
+    application = Starlette(routes=routes, lifespan=lifespan)
+    application.router.default = gate(UNMATCHED, config, http_stats)
     application.router.redirect_slashes = False  # the original's 307s broke its own client
+    # Each gate turns its route's errors into replies, so that Starlette's error middleware,
+    # which would wrap every request twice more, has nothing to do: the router is the stack.
+    application.middleware_stack = application.router
     application.state.config = config
     application.state.http_stats = http_stats
     application.state.fields = event_fields(config)
@@ -3997,8 +4175,9 @@ def lazy_app() -> ASGIApp:
 
 
 # =============================================================================
-# 6. OpenAPI and docs HTML
+# 6. OpenAPI
 # =============================================================================
+# The document is built from ROUTES and the field specs of section 2; its pages are in section 8.
 
 
 def _nullable(spec: dict) -> dict:
@@ -4484,6 +4663,327 @@ def openapi(config: APIServerConfig) -> dict:
     }
 
 
+def docs_html(config: APIServerConfig) -> str:
+    from html import escape
+
+    assets = config.docs_assets_url.rstrip("/")
+    assets_js = json.dumps(assets).replace("<", "\\u003c")  # a JS string that cannot end the script
+    return DOCS_PAGE.format(title=escape(config.title), assets_js=assets_js)
+
+
+# =============================================================================
+# 7. Running: uvicorn and the command line
+# =============================================================================
+
+# -- 7.1 uvicorn: the protocol, open files, the port --------------------------------------
+
+
+def protocol_with_head_timeout(seconds: float) -> type:
+    """uvicorn's HTTP protocol (httptools' where installed, else h11's), closing a connection
+    that has not sent a whole request head within `seconds` of opening, or of its last
+    response: idle and trickling connections otherwise hold their sockets for good."""
+    base: type
+    try:
+        from uvicorn.protocols.http.httptools_impl import HttpToolsProtocol
+
+        base = HttpToolsProtocol
+    except ImportError:
+        from uvicorn.protocols.http.h11_impl import H11Protocol
+
+        base = H11Protocol
+
+    # One sweep a fraction of `seconds` closes what has waited too long, rather than a timer
+    # armed and cancelled for every request.
+    waiting: set = set()  # this process's connections
+    sweeping: list[asyncio.Task] = []
+
+    async def sweep() -> None:
+        loop = asyncio.get_running_loop()
+        while waiting:
+            await asyncio.sleep(min(1.0, seconds / 4))
+            now = loop.time()
+            for protocol in list(waiting):
+                since = protocol.waiting_since
+                if since is not None and now - since > seconds and not protocol.transport.is_closing():
+                    protocol.transport.close()
+
+    class HeadTimeoutProtocol(base):
+        waiting_since: float | None = None  # when it began to wait for a request head
+
+        def connection_made(self, transport: Any) -> None:
+            super().connection_made(transport)
+            loop = asyncio.get_running_loop()
+            self.waiting_since = loop.time()
+            waiting.add(self)
+            if not sweeping or sweeping[0].done():
+                sweeping[:] = [loop.create_task(sweep())]
+
+        def data_received(self, data: bytes) -> None:
+            super().data_received(data)
+            cycle = getattr(self, "cycle", None)
+            if cycle is not None and not cycle.response_complete:
+                self.waiting_since = None  # a request is in hand: its head came whole
+                if not cycle.more_body:  # and its body: receive_json has no wait to time
+                    cycle.scope[BODY_IN_HAND] = True
+
+        def on_response_complete(self) -> None:
+            super().on_response_complete()
+            self.waiting_since = asyncio.get_running_loop().time()  # for the next request on this connection
+
+        def connection_lost(self, exc: Exception | None) -> None:
+            waiting.discard(self)
+            super().connection_lost(exc)
+
+    return HeadTimeoutProtocol
+
+
+class OncePerSecond(logging.Filter):
+    """Lets through one record a second of each kind, without its traceback: when sockets run
+    out, asyncio reports every failed accept, and every retry of them, thousands a second."""
+
+    def __init__(self) -> None:
+        super().__init__()
+        self.last: dict = {}
+
+    def filter(self, record: logging.LogRecord) -> bool:
+        kind = str(record.msg).split("(", 1)[0]  # "Exception in callback X(...)": the same kind, whatever X holds
+        now = time.monotonic()
+        if now - self.last.get(kind, -1.0) < 1.0:
+            return False
+        self.last[kind] = now
+        record.exc_info = None
+        return True
+
+
+def raise_open_files_limit() -> None:
+    """Every socket takes a file descriptor: allow as many as the system lets this process."""
+    try:
+        import resource
+
+        soft, hard = resource.getrlimit(resource.RLIMIT_NOFILE)
+        if hard == resource.RLIM_INFINITY:
+            hard = 1024 * 1024
+        if soft < hard:
+            resource.setrlimit(resource.RLIMIT_NOFILE, (hard, hard))
+    except (ImportError, ValueError, OSError):
+        pass
+
+
+def check_port(host: str, port: int) -> None:
+    """Raise OSError, saying which setting to change, unless the server can bind host:port now:
+    before anything claims to be running."""
+    import errno
+    import socket
+
+    try:
+        family, kind, proto, _, address = socket.getaddrinfo(host, port, type=socket.SOCK_STREAM)[0]
+    except socket.gaierror as exc:
+        raise OSError(f"cannot bind to host {host!r} ({exc.strerror}); change --host (HOST)") from None
+    with socket.socket(family, kind, proto) as probe:
+        probe.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEADDR, 1)  # as uvicorn binds
+        try:
+            probe.bind(address)
+        except OSError as exc:
+            if exc.errno == errno.EADDRINUSE:
+                raise OSError(f"port {port} on {host} is in use; choose another with --port (PORT)") from None
+            raise OSError(
+                f"cannot bind to {host}:{port} ({exc.strerror}); change --host (HOST) or --port (PORT)"
+            ) from None
+
+
+# -- 7.2 the commands ---------------------------------------------------------------------
+
+
+def build_parser() -> argparse.ArgumentParser:
+    parser = argparse.ArgumentParser(
+        prog="eventuali-api-server",
+        description="Append-only event log for AI-agent workflows, over REST and Server-Sent Events. "
+        "Every option can also be set by the environment variable named in brackets; "
+        "an option given here beats its variable.",
+        epilog="commands (each with its own --help): "
+        "'eventuali-api-server backup DEST' writes a consistent copy of the live SQLite database; "
+        "'eventuali-api-server copy --from SOURCE --to TARGET' moves a whole log between SQLite and "
+        "PostgreSQL; 'eventuali-api-server prune --older-than 30d' removes old events while it serves.",
+    )
+    parser.add_argument("--version", action="version", version=f"%(prog)s {__version__}")
+    for field, env, flag, parse, help_text in SETTINGS:
+        extra: dict[str, Any] = {"nargs": "?", "const": "true"} if parse is _parse_bool else {}
+        parser.add_argument(flag, dest=field, default=None, metavar=env, help=f"{help_text} [{env}]", **extra)
+    return parser
+
+
+def resolve_config(argv: Sequence[str] | None, environ: dict | None = None) -> APIServerConfig:
+    """Flags beat environment variables, which beat defaults. ConfigError names the setting."""
+    args = build_parser().parse_args(argv)
+    overrides = {}
+    for field, _env, flag, parse, _help in SETTINGS:
+        text = getattr(args, field)
+        if text is not None:
+            try:
+                overrides[field] = parse(text)
+            except ValueError as exc:
+                raise ConfigError(f"{flag} {text!r}: {exc}") from None
+    return config_from_env(environ, **overrides)
+
+
+def store_options(parser: argparse.ArgumentParser, database_help: str) -> None:
+    """--data-dir and --database-url, for a command that works on a log."""
+    parser.add_argument("--data-dir", default=None, metavar="DATA_DIR", help="folder of events.db [DATA_DIR]")
+    parser.add_argument("--database-url", default=None, metavar="DATABASE_URL", help=f"{database_help} [DATABASE_URL]")
+
+
+def backup_main(argv: Sequence[str]) -> None:
+    parser = argparse.ArgumentParser(
+        prog="eventuali-api-server backup",
+        description="Write a consistent copy of the live database to DEST while the server keeps serving. "
+        "To restore: stop the server, put the copy in place as DATA_DIR/events.db "
+        "(removing events.db-wal and events.db-shm), start the server.",
+    )
+    parser.add_argument("dest", help="file to create")
+    store_options(parser, "a PostgreSQL database: says how to back it up")
+    args = parser.parse_args(argv)
+    try:
+        config = config_from_env(data_dir=args.data_dir, database_url=args.database_url)
+        store = make_store(config)
+        events = store.backup(args.dest)
+    except (ConfigError, StoreError, OSError) as exc:
+        print(f"eventuali-api-server backup: error: {exc}", file=sys.stderr)
+        sys.exit(1)
+    print(f"backed up {events} events from {store.location} to {args.dest}")
+
+
+def prune_main(argv: Sequence[str]) -> None:
+    parser = argparse.ArgumentParser(
+        prog="eventuali-api-server prune",
+        description="Remove the events older than DURATION from the log, while servers keep serving: in "
+        "short transactions, oldest first. Positions and versions are never used again, and counts stay "
+        "exact. The space is reused for new events (see the README to give it back to the system).",
+    )
+    parser.add_argument("--older-than", required=True, metavar="DURATION", help="30d, 12h, 90m, 45s or 2w")
+    store_options(parser, "a PostgreSQL log")
+    args = parser.parse_args(argv)
+    try:
+        seconds = parse_duration(args.older_than)
+    except ValueError as exc:
+        parser.error(f"--older-than {args.older_than!r}: {exc}")
+    cutoff = format_timestamp(datetime.now(timezone.utc) - timedelta(seconds=seconds))
+    try:
+        store = make_store(config_from_env(data_dir=args.data_dir, database_url=args.database_url))
+        store.prepare()
+        removed = asyncio.run(store.prune(cutoff))
+    except (ConfigError, StoreError, OSError) as exc:
+        print(f"eventuali-api-server prune: error: {exc}", file=sys.stderr)
+        sys.exit(1)
+    print(f"removed {removed:,} events from before {cutoff} from {store.location}")
+
+
+def store_at(where: str) -> ThreadedStore:
+    """The store a command line names: a PostgreSQL URL, an SQLite file, or a data dir."""
+    if where.startswith(("postgresql://", "postgres://")):
+        return PostgresStore(config_from_env(database_url=where))
+    if os.path.isfile(where) or where.endswith(".db"):
+        return SQLiteStore(config_from_env(database_url=""), path=where)
+    return SQLiteStore(config_from_env(data_dir=where, database_url=""))
+
+
+def copy_main(argv: Sequence[str]) -> None:
+    parser = argparse.ArgumentParser(
+        prog="eventuali-api-server copy",
+        description="Copy a whole log to another store (SQLite to PostgreSQL, or back), keeping every event's "
+        "position, version, id, timestamp and content; the counters are rebuilt. Run it again to "
+        "resume an interrupted copy. Stop the servers that write to the source first.",
+    )
+    parser.add_argument(
+        "--from", dest="source", required=True, metavar="SOURCE", help="a PostgreSQL URL, an SQLite file, or a data dir"
+    )
+    parser.add_argument(
+        "--to",
+        dest="target",
+        required=True,
+        metavar="TARGET",
+        help="a PostgreSQL URL, an SQLite file, or a data dir (created if needed)",
+    )
+    args = parser.parse_args(argv)
+
+    def progress(done: int, total: int) -> None:
+        print(f"copied {done:,} of {total:,} events ({done * 100 // max(total, 1)}%)", file=sys.stderr, flush=True)
+
+    try:
+        source, target = store_at(args.source), store_at(args.target)
+        events = asyncio.run(copy_stores(source, target, progress))
+    except (ConfigError, StoreError, OSError) as exc:
+        print(f"eventuali-api-server copy: error: {exc}", file=sys.stderr)
+        sys.exit(1)
+    print(f"copied: {target.location} holds the {events:,} events of {source.location}")
+
+
+SUBCOMMANDS = {"backup": backup_main, "copy": copy_main, "prune": prune_main}
+
+
+def main(argv: Sequence[str] | None = None) -> None:
+    """The `eventuali-api-server` command, and its subcommands (SUBCOMMANDS)."""
+    import uvicorn
+
+    argv = list(sys.argv[1:] if argv is None else argv)
+    if argv[:1] and argv[0] in SUBCOMMANDS:
+        return SUBCOMMANDS[argv[0]](argv[1:])
+    try:
+        config = resolve_config(argv)
+        make_store(config).prepare()
+    except ConfigError as exc:
+        print(f"eventuali-api-server: error: {exc}", file=sys.stderr)
+        sys.exit(2)
+    except (OSError, StoreError) as exc:
+        where = redact_url(config.database_url) if config.database_url else f"data dir {config.data_dir!r}"
+        print(f"eventuali-api-server: error: cannot use {where}: {exc}", file=sys.stderr)
+        sys.exit(1)
+    try:
+        check_port(config.host, config.port)
+    except OSError as exc:
+        print(f"eventuali-api-server: error: {exc}", file=sys.stderr)
+        sys.exit(1)
+    set_config(config)
+    configure_logging(config)
+    logging.getLogger("asyncio").addFilter(OncePerSecond())
+    raise_open_files_limit()
+    serving: dict[str, Any] = {
+        "host": config.host,
+        "port": config.port,
+        "log_level": config.log_level,
+        "timeout_graceful_shutdown": 1,
+        "limit_concurrency": config.limit_concurrency,
+        "http": protocol_with_head_timeout(config.request_timeout),
+    }
+    if config.log_format == "json":  # configure_logging's lines; observe() writes the access lines
+        serving.update(log_config=None, access_log=False)
+    if config.reload or config.workers > 1:
+        # The reloader and the workers import the module afresh in children: hand them the
+        # settings, and the protocol by name (see __getattr__).
+        os.environ.update(config_to_env(config))
+        serving["http"] = "eventuali_api_server:HeadTimeoutProtocol"
+        children = (
+            {"reload": True, "reload_dirs": [os.path.dirname(os.path.abspath(__file__))]}
+            if config.reload
+            else {"workers": config.workers}
+        )
+        uvicorn.run("eventuali_api_server:app", **children, **serving)
+    else:
+        uvicorn.run(create_app(config), **serving)
+
+
+def __getattr__(name: str) -> Any:
+    """HeadTimeoutProtocol, which uvicorn's children (reload, workers) import by name, made
+    from the settings they were handed."""
+    if name == "HeadTimeoutProtocol":
+        return protocol_with_head_timeout(get_config().request_timeout)
+    raise AttributeError(f"module {__name__!r} has no attribute {name!r}")
+
+
+# =============================================================================
+# 8. Assets: the HTML pages
+# =============================================================================
+# /docs (Swagger UI, with a built-in reference when its CDN fails) and /ui (the live view).
+
 # /docs: Swagger UI from --docs-assets-url, and a reference of its own when that cannot load.
 DOCS_PAGE = r"""<!doctype html>
 <html lang="en"><head><meta charset="utf-8"><title>{title} - docs</title>
@@ -4599,14 +5099,6 @@ setTimeout(() => window.SwaggerUIBundle || fallBack("no answer within 5 seconds"
 </script>
 </body></html>
 """
-
-
-def docs_html(config: APIServerConfig) -> str:
-    from html import escape
-
-    assets = config.docs_assets_url.rstrip("/")
-    assets_js = json.dumps(assets).replace("<", "\\u003c")  # a JS string that cannot end the script
-    return DOCS_PAGE.format(title=escape(config.title), assets_js=assets_js)
 
 
 # The live view at /ui: one self-contained page (no external asset, works offline).
@@ -5072,381 +5564,6 @@ changed();
 </script>
 </body></html>
 """
-
-
-# =============================================================================
-# 7. CLI
-# =============================================================================
-
-
-def build_parser() -> argparse.ArgumentParser:
-    parser = argparse.ArgumentParser(
-        prog="eventuali-api-server",
-        description="Append-only event log for AI-agent workflows, over REST and Server-Sent Events. "
-        "Every option can also be set by the environment variable named in brackets; "
-        "an option given here beats its variable.",
-        epilog="commands (each with its own --help): "
-        "'eventuali-api-server backup DEST' writes a consistent copy of the live SQLite database; "
-        "'eventuali-api-server copy --from SOURCE --to TARGET' moves a whole log between SQLite and "
-        "PostgreSQL; 'eventuali-api-server prune --older-than 30d' removes old events while it serves.",
-    )
-    parser.add_argument("--version", action="version", version=f"%(prog)s {__version__}")
-    for field, env, flag, parse, help_text in SETTINGS:
-        extra: dict[str, Any] = {"nargs": "?", "const": "true"} if parse is _parse_bool else {}
-        parser.add_argument(flag, dest=field, default=None, metavar=env, help=f"{help_text} [{env}]", **extra)
-    return parser
-
-
-def resolve_config(argv: Sequence[str] | None, environ: dict | None = None) -> APIServerConfig:
-    """Flags beat environment variables, which beat defaults. ConfigError names the setting."""
-    args = build_parser().parse_args(argv)
-    overrides = {}
-    for field, _env, flag, parse, _help in SETTINGS:
-        text = getattr(args, field)
-        if text is not None:
-            try:
-                overrides[field] = parse(text)
-            except ValueError as exc:
-                raise ConfigError(f"{flag} {text!r}: {exc}") from None
-    return config_from_env(environ, **overrides)
-
-
-def store_options(parser: argparse.ArgumentParser, database_help: str) -> None:
-    """--data-dir and --database-url, for a command that works on a log."""
-    parser.add_argument("--data-dir", default=None, metavar="DATA_DIR", help="folder of events.db [DATA_DIR]")
-    parser.add_argument("--database-url", default=None, metavar="DATABASE_URL", help=f"{database_help} [DATABASE_URL]")
-
-
-def backup_main(argv: Sequence[str]) -> None:
-    parser = argparse.ArgumentParser(
-        prog="eventuali-api-server backup",
-        description="Write a consistent copy of the live database to DEST while the server keeps serving. "
-        "To restore: stop the server, put the copy in place as DATA_DIR/events.db "
-        "(removing events.db-wal and events.db-shm), start the server.",
-    )
-    parser.add_argument("dest", help="file to create")
-    store_options(parser, "a PostgreSQL database: says how to back it up")
-    args = parser.parse_args(argv)
-    try:
-        config = config_from_env(data_dir=args.data_dir, database_url=args.database_url)
-        store = make_store(config)
-        events = store.backup(args.dest)
-    except (ConfigError, StoreError, OSError) as exc:
-        print(f"eventuali-api-server backup: error: {exc}", file=sys.stderr)
-        sys.exit(1)
-    print(f"backed up {events} events from {store.location} to {args.dest}")
-
-
-def prune_main(argv: Sequence[str]) -> None:
-    parser = argparse.ArgumentParser(
-        prog="eventuali-api-server prune",
-        description="Remove the events older than DURATION from the log, while servers keep serving: in "
-        "short transactions, oldest first. Positions and versions are never used again, and counts stay "
-        "exact. The space is reused for new events (see the README to give it back to the system).",
-    )
-    parser.add_argument("--older-than", required=True, metavar="DURATION", help="30d, 12h, 90m, 45s or 2w")
-    store_options(parser, "a PostgreSQL log")
-    args = parser.parse_args(argv)
-    try:
-        seconds = parse_duration(args.older_than)
-    except ValueError as exc:
-        parser.error(f"--older-than {args.older_than!r}: {exc}")
-    cutoff = format_timestamp(datetime.now(timezone.utc) - timedelta(seconds=seconds))
-    try:
-        store = make_store(config_from_env(data_dir=args.data_dir, database_url=args.database_url))
-        store.prepare()
-        removed = asyncio.run(store.prune(cutoff))
-    except (ConfigError, StoreError, OSError) as exc:
-        print(f"eventuali-api-server prune: error: {exc}", file=sys.stderr)
-        sys.exit(1)
-    print(f"removed {removed:,} events from before {cutoff} from {store.location}")
-
-
-def store_at(where: str) -> ThreadedStore:
-    """The store a command line names: a PostgreSQL URL, an SQLite file, or a data dir."""
-    if where.startswith(("postgresql://", "postgres://")):
-        return PostgresStore(config_from_env(database_url=where))
-    if os.path.isfile(where) or where.endswith(".db"):
-        return SQLiteStore(config_from_env(database_url=""), path=where)
-    return SQLiteStore(config_from_env(data_dir=where, database_url=""))
-
-
-def copied_event(row: tuple) -> NewEvent:
-    """A stored row (ROW_COLUMNS) as an event to append elsewhere, the same in every field:
-    its event_id makes a second copy of it a retry, and expected_version checks that the
-    target holds the same history before it."""
-    (
-        _position,
-        version,
-        timestamp,
-        event_id,
-        aggregate_type,
-        aggregate_id,
-        event_type,
-        name,
-        attributes,
-        correlation_id,
-        causation_id,
-        agent_name,
-        user_prompt,
-        session_id,
-        content_hash,
-    ) = row
-    return NewEvent(
-        AGGREGATE_KINDS.get(aggregate_type, "system"),
-        event_id,
-        True,
-        aggregate_type,
-        aggregate_id,
-        False,
-        event_type,
-        name,
-        timestamp,
-        attributes,
-        correlation_id,
-        causation_id,
-        agent_name,
-        user_prompt,
-        session_id,
-        version - 1,
-        content_hash,
-    )
-
-
-COPY_PAGE = 5000  # events a transaction when copying, at most
-COPY_CHUNK = 64 * 1024 * 1024  # bytes of events a transaction when copying, about
-
-
-def copy_log(source: ThreadedStore, target: ThreadedStore, progress: Callable[[int, int], None]) -> int:
-    """Append the source's events to the target, each in the same position with the same
-    version, id, timestamp and content, a page a transaction. The target must be empty, or
-    hold a beginning of the source's log (an interrupted copy, which this resumes). Returns
-    the events the target holds."""
-    extent = source.read_now(log_extent)
-    if extent.pruned_through:  # its first events, and their versions, are gone: no copy would match it
-        raise StoreUnavailable(
-            f"retention has removed the events up to position {extent.pruned_through} from the source, and "
-            "copy copies whole logs only: back it up with `backup` (SQLite) or pg_dump instead"
-        )
-    total = extent.last_position
-    target.open_writer()
-    try:
-        position = 0
-        size = ReadSize(COPY_CHUNK, COPY_PAGE)
-        while True:
-            rows = source.read_rows(position, size.count)
-            if not rows:
-                return position
-            size.saw([len(row[ROW_COLUMNS.index("attributes")]) for row in rows])
-            [outcome] = target.commit_group([[copied_event(row) for row in rows]])
-            if isinstance(outcome, BaseException):
-                raise StoreUnavailable(f"at position {rows[0][0]}: {outcome}")
-            if [receipt.position for receipt in outcome] != [row[0] for row in rows]:
-                raise StoreUnavailable(
-                    f"the target holds other events than the source from position "
-                    f"{rows[0][0]} on: copy into an empty log"
-                )
-            position = rows[-1][0]
-            progress(position, total)
-    finally:
-        target.close_writer()
-
-
-def copy_main(argv: Sequence[str]) -> None:
-    parser = argparse.ArgumentParser(
-        prog="eventuali-api-server copy",
-        description="Copy a whole log to another store (SQLite to PostgreSQL, or back), keeping every event's "
-        "position, version, id, timestamp and content; the counters are rebuilt. Run it again to "
-        "resume an interrupted copy. Stop the servers that write to the source first.",
-    )
-    parser.add_argument(
-        "--from", dest="source", required=True, metavar="SOURCE", help="a PostgreSQL URL, an SQLite file, or a data dir"
-    )
-    parser.add_argument(
-        "--to",
-        dest="target",
-        required=True,
-        metavar="TARGET",
-        help="a PostgreSQL URL, an SQLite file, or a data dir (created if needed)",
-    )
-    args = parser.parse_args(argv)
-
-    def progress(done: int, total: int) -> None:
-        print(f"copied {done:,} of {total:,} events ({done * 100 // max(total, 1)}%)", file=sys.stderr, flush=True)
-
-    try:
-        source, target = store_at(args.source), store_at(args.target)
-        events = copy_log(source, target, progress)
-    except (ConfigError, StoreError, OSError) as exc:
-        print(f"eventuali-api-server copy: error: {exc}", file=sys.stderr)
-        sys.exit(1)
-    print(f"copied: {target.location} holds the {events:,} events of {source.location}")
-
-
-def protocol_with_head_timeout(seconds: float) -> type:
-    """uvicorn's HTTP protocol (httptools' where installed, else h11's), closing a connection
-    that has not sent a whole request head within `seconds` of opening, or of its last
-    response: idle and trickling connections otherwise hold their sockets for good."""
-    base: type
-    try:
-        from uvicorn.protocols.http.httptools_impl import HttpToolsProtocol
-
-        base = HttpToolsProtocol
-    except ImportError:
-        from uvicorn.protocols.http.h11_impl import H11Protocol
-
-        base = H11Protocol
-
-    class HeadTimeoutProtocol(base):
-        head_timer: asyncio.TimerHandle | None = None
-
-        def connection_made(self, transport: Any) -> None:
-            super().connection_made(transport)
-            self.arm_head_timer()
-
-        def arm_head_timer(self) -> None:
-            self.disarm_head_timer()
-            self.head_timer = asyncio.get_running_loop().call_later(seconds, self.head_timed_out)
-
-        def disarm_head_timer(self) -> None:
-            if self.head_timer is not None:
-                self.head_timer.cancel()
-                self.head_timer = None
-
-        def head_timed_out(self) -> None:
-            if not self.transport.is_closing():
-                self.transport.close()
-
-        def data_received(self, data: bytes) -> None:
-            super().data_received(data)
-            if getattr(self, "cycle", None) is not None and not self.cycle.response_complete:
-                self.disarm_head_timer()  # a request is in hand: its head came whole
-
-        def on_response_complete(self) -> None:
-            super().on_response_complete()
-            self.arm_head_timer()  # for the next request on this connection
-
-        def connection_lost(self, exc: Exception | None) -> None:
-            self.disarm_head_timer()
-            super().connection_lost(exc)
-
-    return HeadTimeoutProtocol
-
-
-class OncePerSecond(logging.Filter):
-    """Lets through one record a second of each kind, without its traceback: when sockets run
-    out, asyncio reports every failed accept, and every retry of them, thousands a second."""
-
-    def __init__(self) -> None:
-        super().__init__()
-        self.last: dict = {}
-
-    def filter(self, record: logging.LogRecord) -> bool:
-        kind = str(record.msg).split("(", 1)[0]  # "Exception in callback X(...)": the same kind, whatever X holds
-        now = time.monotonic()
-        if now - self.last.get(kind, -1.0) < 1.0:
-            return False
-        self.last[kind] = now
-        record.exc_info = None
-        return True
-
-
-def raise_open_files_limit() -> None:
-    """Every socket takes a file descriptor: allow as many as the system lets this process."""
-    try:
-        import resource
-
-        soft, hard = resource.getrlimit(resource.RLIMIT_NOFILE)
-        if hard == resource.RLIM_INFINITY:
-            hard = 1024 * 1024
-        if soft < hard:
-            resource.setrlimit(resource.RLIMIT_NOFILE, (hard, hard))
-    except (ImportError, ValueError, OSError):
-        pass
-
-
-def check_port(host: str, port: int) -> None:
-    """Raise OSError, saying which setting to change, unless the server can bind host:port now:
-    before anything claims to be running."""
-    import errno
-    import socket
-
-    try:
-        family, kind, proto, _, address = socket.getaddrinfo(host, port, type=socket.SOCK_STREAM)[0]
-    except socket.gaierror as exc:
-        raise OSError(f"cannot bind to host {host!r} ({exc.strerror}); change --host (HOST)") from None
-    with socket.socket(family, kind, proto) as probe:
-        probe.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEADDR, 1)  # as uvicorn binds
-        try:
-            probe.bind(address)
-        except OSError as exc:
-            if exc.errno == errno.EADDRINUSE:
-                raise OSError(f"port {port} on {host} is in use; choose another with --port (PORT)") from None
-            raise OSError(
-                f"cannot bind to {host}:{port} ({exc.strerror}); change --host (HOST) or --port (PORT)"
-            ) from None
-
-
-SUBCOMMANDS = {"backup": backup_main, "copy": copy_main, "prune": prune_main}
-
-
-def main(argv: Sequence[str] | None = None) -> None:
-    """The `eventuali-api-server` command, and its subcommands (SUBCOMMANDS)."""
-    import uvicorn
-
-    argv = list(sys.argv[1:] if argv is None else argv)
-    if argv[:1] and argv[0] in SUBCOMMANDS:
-        return SUBCOMMANDS[argv[0]](argv[1:])
-    try:
-        config = resolve_config(argv)
-        make_store(config).prepare()
-    except ConfigError as exc:
-        print(f"eventuali-api-server: error: {exc}", file=sys.stderr)
-        sys.exit(2)
-    except (OSError, StoreError) as exc:
-        where = redact_url(config.database_url) if config.database_url else f"data dir {config.data_dir!r}"
-        print(f"eventuali-api-server: error: cannot use {where}: {exc}", file=sys.stderr)
-        sys.exit(1)
-    try:
-        check_port(config.host, config.port)
-    except OSError as exc:
-        print(f"eventuali-api-server: error: {exc}", file=sys.stderr)
-        sys.exit(1)
-    set_config(config)
-    configure_logging(config)
-    logging.getLogger("asyncio").addFilter(OncePerSecond())
-    raise_open_files_limit()
-    serving: dict[str, Any] = {
-        "host": config.host,
-        "port": config.port,
-        "log_level": config.log_level,
-        "timeout_graceful_shutdown": 1,
-        "limit_concurrency": config.limit_concurrency,
-        "http": protocol_with_head_timeout(config.request_timeout),
-    }
-    if config.log_format == "json":  # configure_logging's lines; observe() writes the access lines
-        serving.update(log_config=None, access_log=False)
-    if config.reload or config.workers > 1:
-        # The reloader and the workers import the module afresh in children: hand them the
-        # settings, and the protocol by name (see __getattr__).
-        os.environ.update(config_to_env(config))
-        serving["http"] = "eventuali_api_server:HeadTimeoutProtocol"
-        children = (
-            {"reload": True, "reload_dirs": [os.path.dirname(os.path.abspath(__file__))]}
-            if config.reload
-            else {"workers": config.workers}
-        )
-        uvicorn.run("eventuali_api_server:app", **children, **serving)
-    else:
-        uvicorn.run(create_app(config), **serving)
-
-
-def __getattr__(name: str) -> Any:
-    """HeadTimeoutProtocol, which uvicorn's children (reload, workers) import by name, made
-    from the settings they were handed."""
-    if name == "HeadTimeoutProtocol":
-        return protocol_with_head_timeout(get_config().request_timeout)
-    raise AttributeError(f"module {__name__!r} has no attribute {name!r}")
 
 
 app = lazy_app()

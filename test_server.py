@@ -37,6 +37,11 @@ except ImportError:  # the PostgreSQL tests say so and skip
 import eventuali_api_server as eas
 
 HERE = Path(__file__).resolve().parent
+# The columns of the table events as the schemas before 4 lay them out, for logs made by hand.
+OLD_COLUMNS = (
+    "position, event_id, aggregate_type, aggregate_id, aggregate_version, event_type, event_name, "
+    "timestamp, attributes, correlation_id, causation_id, agent_name, user_prompt, session_id"
+)
 SERVER = str(HERE / "eventuali_api_server.py")
 AGENT = {
     "name": "agent.started",
@@ -1655,7 +1660,7 @@ def test_older_schema_is_migrated(tmp_path):
     conn = sqlite3.connect(data / "events.db", isolation_level=None)
     conn.executescript(eas.MIGRATIONS[0] + "; PRAGMA user_version = 1;")
     conn.execute(
-        f"INSERT INTO events ({eas.COLUMNS}, content_hash) VALUES "
+        f"INSERT INTO events ({OLD_COLUMNS}, content_hash) VALUES "
         "(1, 'e1', 'agent_aggregate', 'a1', 1, 'AgentEvent', 'agent.started', "
         "'2026-01-01T00:00:00.000000+00:00', '{}', 'w1', NULL, NULL, NULL, NULL, NULL)"
     )
@@ -2047,7 +2052,7 @@ def test_events_stored_by_another_program_are_counted_by_the_next_commit(sqlite_
     emit(sqlite_srv.client, name="agent.started", aggregate_id="a1", correlation_id="w")
     conn = sqlite3.connect(sqlite_srv.config.database_path, isolation_level=None)
     conn.execute(
-        f"INSERT INTO events ({eas.COLUMNS}) VALUES (2, 'e2', 'agent_aggregate', 'a2', 1, 'AgentEvent', "
+        f"INSERT INTO events ({OLD_COLUMNS}) VALUES (2, 'e2', 'agent_aggregate', 'a2', 1, 'AgentEvent', "
         "'agent.started', '2026-01-01T00:00:00.000000+00:00', '{}', 'w', NULL, NULL, NULL, NULL)"
     )
     conn.close()
@@ -2374,17 +2379,31 @@ def test_groups_of_any_size_store_each_event_once(tmp_path, sizes):
         assert len(c.get("/events/workflows/w/agents").json()["agents"]) == min(7, max(sizes))
 
 
+def wait_until(condition, timeout: float = 10) -> None:
+    """Return once condition() holds; fail after `timeout` seconds."""
+    deadline = time.time() + timeout
+    while not condition():
+        assert time.time() < deadline, "the condition never held"
+        time.sleep(0.01)
+
+
+def in_flight(server: ThreadServer) -> int:
+    """Events a server has taken and not yet answered, as its /metrics says."""
+    text = server.client.get("/metrics").text
+    return int(float(re.search(r"^eventuali_append_events_in_flight (\S+)$", text, re.M).group(1)))
+
+
 def test_failing_append_fails_only_its_own_request(srv):
     """Hold the write lock so requests pile up into one group, with a conflict among them."""
     emit(srv.client, name="seed", aggregate_id="x")
     blocker = hold_write_lock(srv)
     with ThreadPoolExecutor(8) as pool:
         first = pool.submit(post_many, srv.url, [{"name": "warm", "aggregate_id": "w"}])
-        time.sleep(0.3)  # the writer now waits for the lock with a group of one
+        wait_until(lambda: in_flight(srv) == 1)  # the writer waits for the lock with a group of one
         bodies = [{"name": f"ok{i}", "aggregate_id": f"o{i}"} for i in range(5)]
         bodies.insert(2, {"name": "stale", "aggregate_id": "x", "expected_version": 0})
         rest = pool.submit(post_many, srv.url, bodies, "agent", 6)
-        time.sleep(0.3)  # these queue up behind it and form the next group
+        wait_until(lambda: in_flight(srv) == 7)  # these queue up behind it and form the next group
         blocker.release()
         assert first.result()[0][0] == 200
         replies = rest.result()
@@ -2400,9 +2419,9 @@ def test_a_group_takes_at_most_half_of_the_events_in_flight(srv):
     blocker = hold_write_lock(srv)
     with ThreadPoolExecutor(2) as pool:
         first = pool.submit(post_many, srv.url, [{"name": "first"}])
-        time.sleep(0.3)  # the writer now waits for the lock with a group of one
+        wait_until(lambda: in_flight(srv) == 1)  # the writer waits for the lock with a group of one
         rest = pool.submit(post_many, srv.url, [{"name": f"e{i}"} for i in range(8)], "agent", 8)
-        time.sleep(0.3)  # 9 events in flight
+        wait_until(lambda: in_flight(srv) == 9)
         blocker.release()
         replies = rest.result()
         assert first.result()[0][0] == 200
@@ -2844,7 +2863,9 @@ def test_copy_moves_a_whole_log_both_ways_and_resumes(tmp_path, pg_url):
     with ThreadServer(tmp_path / "other") as server:
         emit(server.client, name="something else")
     refused = copy(str(source), str(tmp_path / "other"))
-    assert refused.returncode == 1 and "other events" in refused.stderr
+    assert refused.returncode == 1 and "the target holds another log" in refused.stderr
+    other = sqlite3.connect(tmp_path / "other" / "events.db")
+    assert other.execute("SELECT count(*) FROM events").fetchone()[0] == 1  # checked first: nothing written
 
 
 # -- live streaming -------------------------------------------------------------------------------
@@ -4645,3 +4666,211 @@ def test_two_workers_share_one_log(tmp_path):
     finally:
         err = stop_process(proc)
     assert len(set(re.findall(r"worker (\d+)", err))) == 2, err  # both started, each with its start line
+
+
+# -- the store contract: what every EventStore must do, through the interface alone ----------
+# A new backend passes these before it serves anything; both of ours run them.
+
+
+def new_event(kind: str = "agent", **body) -> eas.NewEvent:
+    """A validated event, as the emit routes hand one to the store."""
+    errors: list = []
+    event = eas.prepare_event(kind, {"name": "agent.started", **body}, ["body"], errors, FIELDS)
+    assert not errors, errors
+    return event
+
+
+FIELDS = eas.event_fields(eas.APIServerConfig())
+EID1, EID2 = "0190a4d2-0000-7000-8000-000000000001", "0190a4d2-0000-7000-8000-000000000002"
+
+
+def on_store(settings: dict, body) -> Any:
+    """body(store) on a started store of these backend settings, on an event loop of its own."""
+
+    async def main():
+        store = eas.make_store(eas.APIServerConfig(**settings))
+        await store.start()
+        try:
+            return await body(store)
+        finally:
+            await store.stop()
+
+    return asyncio.run(main())
+
+
+def test_store_appends_in_order_with_versions_and_reads_back(backend):
+    async def body(store):
+        receipts = await store.append([new_event(aggregate_id="a1"), new_event(aggregate_id="a1")])
+        more = await store.append([new_event("workflow", aggregate_id="w1")])
+        assert [(r.position, r.version, r.aggregate_id) for r in receipts + more] == [
+            (1, 1, "a1"),
+            (2, 2, "a1"),
+            (3, 1, "w1"),
+        ]
+        assert await store.last_position() == 3
+        assert await store.append([]) == []  # nothing to store: nothing happens
+        await store.check_writable()
+        assert await store.last_position() == 3
+        events = await store.events_at([3, 1])
+        assert [(e.position, e.aggregate_id, e.event_type) for e in events] == [
+            (3, "w1", "WorkflowEvent"),
+            (1, "a1", "AgentEvent"),
+        ]
+        assert json.loads(events[1].json)["aggregate_version"] == 1
+        rows = await store.rows_after(1, 10)
+        assert [(r.position, r.aggregate_version, r.event_id) for r in rows] == [
+            (2, 2, receipts[1].event_id),
+            (3, 1, more[0].event_id),
+        ]
+        assert all(isinstance(r, eas.Row) for r in rows)
+
+    on_store(backend, body)
+
+
+def test_store_client_event_ids_are_idempotent_and_conflicts_store_nothing(backend):
+    async def body(store):
+        first = await store.append([new_event(event_id=EID1, aggregate_id="a")])
+        again = await store.append([new_event(event_id=EID1, aggregate_id="a")])
+        assert again == first
+        with pytest.raises(eas.Conflict, match="other content"):
+            await store.append([new_event(event_id=EID1, aggregate_id="a", name="agent.completed")])
+        with pytest.raises(eas.VersionConflict) as caught:  # the whole request fails: its first event too
+            await store.append([new_event(aggregate_id="b"), new_event(aggregate_id="a", expected_version=5)])
+        assert caught.value.current_version == 1
+        assert await store.last_position() == 1
+        [receipt] = await store.append([new_event(aggregate_id="a", expected_version=1)])
+        assert (receipt.position, receipt.version) == (2, 2)
+
+    on_store(backend, body)
+
+
+def test_store_queries_match_filters_scopes_and_pages(backend):
+    async def body(store):
+        await store.append(
+            [
+                new_event("workflow", aggregate_id="w", name="workflow.started"),
+                new_event(aggregate_id="a1", correlation_id="w"),
+                new_event(aggregate_id="a2", correlation_id="w", name="agent.completed"),
+                new_event(aggregate_id="a1", correlation_id="other"),
+                new_event("system", name="tick"),
+            ]
+        )
+        everything = await store.query(eas.Query(order="asc"))
+        assert (everything.positions, everything.total, everything.next) == ([1, 2, 3, 4, 5], 5, None)
+        paged = await store.query(eas.Query(limit=2))
+        assert (paged.positions, paged.total, paged.next) == ([5, 4], 5, 4)
+        after = await store.query(eas.Query(after=4, order="asc"))
+        assert after.positions == [5]
+        timeline = await store.query(eas.Query(eas.Match(workflow="w"), order="asc"))
+        assert (timeline.positions, timeline.total) == ([1, 2, 3], 3)
+        agent = await store.query(eas.Query(eas.Match({"correlation_id": "w"}, agent="a1")))
+        assert (agent.positions, agent.total) == ([2], 1)
+        named = await store.query(eas.Query(eas.Match({"event_name": "agent.completed"})))
+        assert (named.positions, named.total) == ([3], 1)
+        typed = await store.query(eas.Query(eas.Match({"event_type": "SystemEvent"})))
+        assert (typed.positions, typed.total) == ([5], 1)
+        for nothing in (eas.Match(workflow="w", nothing=True), eas.Match({"event_type": "NoSuchEvent"})):
+            assert await store.query(eas.Query(nothing)) == eas.Page([], 0, None)
+        live = await store.events_after(1, eas.Match({"aggregate_id": "a1"}), 10)
+        assert [e.position for e in live] == [2, 4]
+        live = await store.events_after(0, eas.Match(workflow="w"), 2)
+        assert [e.position for e in live] == [1, 2]
+
+    on_store(backend, body)
+
+
+def test_store_prunes_a_prefix_and_never_reuses_positions_or_versions(backend):
+    async def body(store):
+        old = "2020-01-01T00:00:00+00:00"
+        await store.append([new_event(aggregate_id="a", timestamp=old, correlation_id="w") for _ in range(3)])
+        await store.append([new_event(aggregate_id="b")])
+        assert await store.prune("2021-01-01T00:00:00+00:00") == 3
+        extent = await store.extent()
+        assert (extent.last_position, extent.oldest_position, extent.pruned_through) == (4, 4, 3)
+        assert (await store.query(eas.Query(eas.Match({"aggregate_id": "a"})))).total == 0
+        [receipt] = await store.append([new_event(aggregate_id="a", expected_version=3)])
+        assert (receipt.position, receipt.version) == (5, 4)
+        assert (await store.query(eas.Query())).total == 2
+        assert (await store.workflow_summary("w"))["agents"] == []
+
+    on_store(backend, body)
+
+
+def test_store_workflow_summary_resolves_parents_by_the_rules(backend):
+    async def body(store):
+        [root] = await store.append([new_event(aggregate_id="root", correlation_id="w", causation_id="w")])
+        await store.append(
+            [
+                new_event(aggregate_id="child", correlation_id="w", causation_id=root.event_id),  # an event of root
+                new_event(aggregate_id="grand", correlation_id="w", causation_id="child"),  # an agent
+                new_event(aggregate_id="stray", correlation_id="w", causation_id="nowhere"),  # unknown: as it is
+                new_event(aggregate_id="x", correlation_id="w", causation_id="y"),  # a cycle, cut
+                new_event(aggregate_id="y", correlation_id="w", causation_id="x"),
+                new_event(aggregate_id="grand", correlation_id="w", name="agent.failed"),
+            ]
+        )
+        view = await store.workflow_summary("w")
+        parents = {a["agent_id"]: a["parent_agent_id"] for a in view["agents"]}
+        assert parents == {"root": None, "child": "root", "grand": "child", "stray": "nowhere", "x": None, "y": "x"}
+        states = {a["agent_id"]: a["state"] for a in view["agents"]}
+        assert states["grand"] == "failed" and states["root"] == "running"
+        assert (view["workflow"]["agent_count"], view["workflow"]["event_count"]) == (6, 7)
+
+    on_store(backend, body)
+
+
+def test_plan_appends_decides_each_request_alone():
+    now = "2026-01-01T00:00:00.000000+00:00"
+    a, b = new_event(aggregate_id="a"), new_event(aggregate_id="a")
+    bad = new_event(aggregate_id="a", expected_version=0)  # a is at 3 by then
+    retried = new_event(event_id=EID2, aggregate_id="k")
+    stored = {EID2: (retried.content_hash, eas.Receipt(EID2, 7, 1, now, "k"))}
+    outcomes, rows = eas.plan_appends([[a], [bad], [b], [retried]], 10, {("agent_aggregate", "a"): 1}, stored, now)
+    assert [[r.position for r in o] if isinstance(o, list) else type(o) for o in outcomes] == [
+        [11],
+        eas.VersionConflict,
+        [12],
+        [7],
+    ]
+    assert outcomes[1].current_version == 2
+    assert [(row.position, row.aggregate_version, row.event_id) for row in rows] == [
+        (11, 2, a.event_id),
+        (12, 3, b.event_id),
+    ]
+    same = new_event(event_id=EID1, aggregate_id="t")
+    outcomes, rows = eas.plan_appends([[same, same]], 0, {}, {}, now)
+    assert outcomes == [[eas.Receipt(EID1, 1, 1, now, "t")] * 2] and len(rows) == 1
+
+
+def test_commit_apart_fails_the_request_that_breaks_a_constraint_alone():
+    class Broken(Exception):
+        pass
+
+    class Fault(Exception):
+        pass
+
+    def commit(requests):
+        if any("bad" in request for request in requests):
+            raise Broken()
+        if any("down" in request for request in requests):
+            raise Fault("disk")
+        return [[request] for request in requests]
+
+    describe = lambda exc: eas.StoreUnavailable(f"unavailable: {exc}")  # noqa: E731
+    outcomes = eas.commit_apart(commit, ["ok", "bad", "fine"], Broken, Fault, describe)
+    assert outcomes[0] == ["ok"] and outcomes[2] == ["fine"]
+    assert isinstance(outcomes[1], eas.Conflict)
+    outcomes = eas.commit_apart(commit, ["ok", "down"], Broken, Fault, describe)
+    assert [str(o) for o in outcomes] == ["unavailable: disk"] * 2
+
+
+def test_event_state_reads_the_last_word():
+    cases = {
+        "agent.completed": "completed",
+        "Agent-Failed": "failed",
+        "task timed_out": "failed",
+        "tool.call/done": "completed",
+        "agent.started": "running",
+        "agent.progress": "running",
+    }
+    assert {name: eas.event_state(name) for name in cases} == cases

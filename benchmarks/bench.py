@@ -540,7 +540,27 @@ async def _idle_streams(url: str, count: int) -> list:
     return conns
 
 
+def sse_against(args: argparse.Namespace, results: dict) -> None:
+    """SSE latency with 20 subscribers on this checkout and on --against's, in alternating
+    rounds, each on a fresh server."""
+    rounds: dict = {"server": [], "against": []}
+    for _ in range(args.runs):
+        for name, code in (("server", ROOT), ("against", args.against)):
+            with events_server(code=code) as url:
+                rounds[name].append(asyncio.run(_sse_latency(url, 20, args.sse_events)))
+    results["sse_against"] = {"path": str(args.against), "rounds": rounds}
+    for name in rounds:
+        p50 = [row["p50_ms"] for row in rounds[name]]
+        p99 = [row["p99_ms"] for row in rounds[name]]
+        print(
+            f"SSE, 20 subscribers, {name}: p50 {statistics.median(p50):.2f} ms (rounds: "
+            f"{', '.join(f'{v:.2f}' for v in p50)}), p99 {statistics.median(p99):.2f} ms"
+        )
+
+
 def bench_sse(args: argparse.Namespace, results: dict) -> None:
+    if args.against:
+        return sse_against(args, results)
     rows = []
     for count in args.sse_subscribers:
         with events_server() as url:
@@ -938,7 +958,7 @@ def main(argv: list | None = None) -> dict:
         type=Path,
         default=None,
         metavar="CHECKOUT",
-        help="another checkout of the server to measure emit and batch against (A/B)",
+        help="another checkout of the server to measure emit, batch and sse against (A/B)",
     )
     parser.add_argument(
         "--fast", action="store_true", help="run the parts with uvloop and httptools (the [fast] extra)"
