@@ -10,15 +10,17 @@ Sections, in dependency order (each opens with what it holds):
     2. Validation: field specs, which also make the OpenAPI schemas
     3. Storage: the EventStore interface, the commit both backends share, SQLite, PostgreSQL
     4. Live broadcasting: the Hub, which follows the log and feeds the streams
-    5. HTTP: endpoints, metrics, logs, the gate every request passes, the application
-    6. OpenAPI: the document, built from ROUTES and the field specs
-    7. Running: uvicorn's protocol and the command line
-    8. Assets: the HTML of /docs and /ui
+    5. OpenTelemetry in: OTLP trace exports read (protobuf or JSON) and mapped to events
+    6. HTTP: endpoints, metrics, logs, the gate every request passes, the application
+    7. OpenAPI: the document, built from ROUTES and the field specs
+    8. Running: uvicorn's protocol and the command line
+    9. Assets: the HTML of /docs and /ui
 
-Where to start: `create_app` (5.10) builds the application from `ROUTES`, the one table of
-routes, each served through its `gate` (5.8). `EventStore` (3.1) is all the handlers know of
+Where to start: `create_app` (6.11) builds the application from `ROUTES`, the one table of
+routes, each served through its `gate` (6.9). `EventStore` (3.1) is all the handlers know of
 the log; `ThreadedStore.commit` (3.2) is how every append is stored; the `Hub` (4) follows
-the log for the streams; `main` (7.2) is the command line.
+the log for the streams; `span_events` (5.3) maps a span to events; `main` (8.2) is the
+command line.
 
 Vendoring: copy this file into your project; `pip install starlette uvicorn`.
 """
@@ -28,6 +30,7 @@ from __future__ import annotations
 import abc
 import argparse
 import asyncio
+import base64
 import bisect
 import collections
 import contextlib
@@ -37,6 +40,7 @@ import hashlib
 import hmac
 import json
 import logging
+import math
 import operator
 import os
 import platform
@@ -44,11 +48,13 @@ import queue
 import re
 import signal
 import sqlite3
+import struct
 import sys
 import tempfile
 import threading
 import time
 import uuid
+import zlib
 from collections import deque
 from collections.abc import AsyncIterator, Iterable, Iterator, Mapping, Sequence
 from concurrent.futures import ThreadPoolExecutor
@@ -108,6 +114,7 @@ class APIServerConfig:
     max_streams: int = 1000
     max_batch: int = 1000
     max_body: int = 1024 * 1024
+    otlp_max_body: int = 16 * 1024 * 1024
     max_depth: int = 32
     max_id_length: int = 256
     read_chunk: int = 4 * 1024 * 1024
@@ -257,6 +264,13 @@ SETTINGS: list[tuple[str, str, str, Callable[[str], Any], str]] = [
     ("max_streams", "MAX_STREAMS", "--max-streams", _parse_int(1), "open streams at most (default 1000)"),
     ("max_batch", "MAX_BATCH", "--max-batch", _parse_int(1, 100000), "events per batch at most (default 1000)"),
     ("max_body", "MAX_BODY", "--max-body", _parse_int(1024), "request body bytes at most (default 1 MiB)"),
+    (
+        "otlp_max_body",
+        "OTLP_MAX_BODY",
+        "--otlp-max-body",
+        _parse_int(1024),
+        "bytes of an OTLP export at most, compressed and not (default 16 MiB)",
+    ),
     ("max_depth", "MAX_DEPTH", "--max-depth", _parse_int(1, 1000), "attributes nesting depth at most (default 32)"),
     (
         "max_id_length",
@@ -986,6 +1000,8 @@ class AgentSummary(TypedDict):
     first_event_time: str
     last_event_time: str
     event_count: int
+    call_count: int
+    failed_calls: int
     status: str
     state: str
 
@@ -1710,8 +1726,11 @@ PARENT_RULES = (
     "An agent's parent comes from the `causation_id`s of its events, oldest first: the first that "
     "names another agent of the workflow, or an event of another agent, makes that agent the parent; "
     "one that names the workflow itself, or an event of the workflow, makes the agent a root "
-    "(`parent_agent_id` null). The agent's own id and its own events are passed over. Without "
-    "any of those, the first cause that names nothing stored is shown as it is; a cycle is cut."
+    "(`parent_agent_id` null). A cause that names a call of the workflow (the `aggregate_id` of a "
+    "system event correlated with it, as every OpenTelemetry span that is not an agent is stored) "
+    "stands for that call's own cause, and so on up. The agent's own id and its own events are "
+    "passed over. Without any of those, the first cause that names nothing stored is shown as it "
+    "is; a cycle is cut. A call belongs to the agent its cause leads to in the same way."
 )
 
 
@@ -1752,13 +1771,37 @@ def owners(conn: Connection, event_ids: list[str]) -> dict:
     return found
 
 
-def resolve_parents(conn: Connection, workflow_id: str, agent_ids: list[str]) -> dict:
+WORKFLOW_CALLS = (
+    "SELECT aggregate_id, causation_id, event_name FROM events WHERE correlation_id = ? "
+    "AND aggregate_type = 'system_aggregate' AND causation_id IS NOT NULL ORDER BY position"
+)
+
+
+def workflow_calls(conn: Connection, workflow_id: str) -> dict[str, tuple[str, str]]:
+    """The workflow's calls: {aggregate_id: (cause, latest event name)} of its correlated
+    system events, the cause their first event names."""
+    calls: dict[str, tuple[str, str]] = {}
+    for call_id, cause, name in conn.execute(WORKFLOW_CALLS, (workflow_id,)):
+        calls[call_id] = (calls[call_id][0] if call_id in calls else cause, name)
+    return calls
+
+
+def through_calls(cause: str, calls: dict[str, tuple[str, str]], members: set) -> str:
+    """The cause a chain of calls leads to: the first link that is not a call (PARENT_RULES)."""
+    seen = set()
+    while cause in calls and cause not in members and cause not in seen:
+        seen.add(cause)
+        cause = calls[cause][0]
+    return cause
+
+
+def resolve_parents(conn: Connection, workflow_id: str, agent_ids: list[str], calls: dict) -> dict:
     """agent_id -> its parent agent's id or None (PARENT_RULES): the first cause named by
-    the agent's events that is the workflow or one of its events (a root: None), another
-    agent or an event of one; else the first cause that names nothing stored. A cycle is
-    cut at the agent that joined the workflow first."""
+    the agent's events (through calls) that is the workflow or one of its events (a root:
+    None), another agent or an event of one; else the first cause that names nothing
+    stored. A cycle is cut at the agent that joined the workflow first."""
     members = set(agent_ids)
-    named = causations(conn, agent_ids)
+    named = [(agent_id, through_calls(cause, calls, members)) for agent_id, cause in causations(conn, agent_ids)]
     stored = owners(conn, sorted({cause for _, cause in named if cause not in members and cause != workflow_id}))
     parents: dict = {}
     unknown: dict = {}
@@ -1796,16 +1839,25 @@ OWN_LAST = (
 def workflow_summary(conn: Connection, workflow_id: str) -> WorkflowView:
     """The workflow and its agents: those with an event correlated to it, in order of their
     first such event. An agent's figures cover all its events: the first's and the latest's
-    times, the count, the latest event's name as status and its state (STATE_RULES)."""
+    times, the count, the latest event's name as status and its state (STATE_RULES); and
+    the calls that belong to it (PARENT_RULES), with those that failed (STATE_RULES too)."""
     if "\x00" in workflow_id:  # no stored id holds NUL
         rows: list = []
         first = last = None
-        events, own = 0, None
+        events, own, calls = 0, None, {}
     else:
         rows = conn.execute(WORKFLOW_AGENTS, (workflow_id,)).fetchall()
         first, last, events = conn.execute(TIMELINE_FIGURES, (workflow_id, workflow_id)).fetchone()
         own = conn.execute(OWN_LAST, (workflow_id,)).fetchone()
-    parents = resolve_parents(conn, workflow_id, [row[0] for row in rows]) if rows else {}
+        calls = workflow_calls(conn, workflow_id)
+    members = {row[0] for row in rows}
+    parents = resolve_parents(conn, workflow_id, [row[0] for row in rows], calls) if rows else {}
+    call_counts: collections.Counter = collections.Counter()
+    for cause, name in calls.values():
+        owner = through_calls(cause, calls, members)
+        if owner in members:
+            call_counts[owner, "calls"] += 1
+            call_counts[owner, "failed"] += event_state(name) == "failed"
     agents: list[AgentSummary] = [
         {
             "agent_id": agent_id,
@@ -1815,6 +1867,8 @@ def workflow_summary(conn: Connection, workflow_id: str) -> WorkflowView:
             "first_event_time": first_time,
             "last_event_time": last_time,
             "event_count": count,
+            "call_count": call_counts[agent_id, "calls"],
+            "failed_calls": call_counts[agent_id, "failed"],
             "status": status,
             "state": event_state(status),
         }
@@ -3018,15 +3072,571 @@ class Hub:
 
 
 # =============================================================================
-# 5. HTTP
+# 5. OpenTelemetry in: OTLP traces as events
+# =============================================================================
+# POST /v1/traces takes what the stock OTLP/HTTP exporters send, protobuf or JSON, and
+# stores each span as events of the log, so that traces of agent frameworks (GenAI semantic
+# conventions) show as workflows, agents and their calls:
+#   a trace is a workflow (its id: the trace id, 32 hex digits); its root span, when it comes,
+#     gives the workflow `workflow.started` and `workflow.completed` or `workflow.failed`;
+#   a span of gen_ai.operation.name `invoke_agent` is an agent run (its id: the span id, 16 hex
+#     digits): `agent.started` and `agent.completed` or `agent.failed`;
+#   any other span is a call, one system event named after its operation and outcome
+#     (`execute_tool.completed`, `chat.failed`, `span.completed`), under the span's id.
+# Each event names the span's parent in causation_id (the trace id for a root), so that the
+# ancestry lives in the log itself: an agent's parent, and the agent a call belongs to, is
+# the nearest agent up that chain, found when the workflow is read (resolve_parents,
+# call_owners), whatever order the spans came in. Event ids are made from the span's ids,
+# and a span's events from its content alone, so a span exported again stores nothing new.
+# Both readers check the wire format as they go and raise OtlpError (400) at the first
+# thing that is not what the schema says.
+
+
+class OtlpError(ValueError):
+    """The body is not an OTLP export request that can be read."""
+
+
+class Span(NamedTuple):
+    """A span as both readers give it."""
+
+    trace_id: str  # lowercase hex, as sent (checked by span_events)
+    span_id: str
+    parent_span_id: str  # "" for a root
+    name: str
+    kind: int
+    start_ns: int
+    end_ns: int
+    attributes: dict
+    events: list  # (time_ns, name, attributes)
+    links: list  # (trace_id, span_id, attributes)
+    status_code: int  # 0 unset, 1 ok, 2 error
+    status_message: str
+    resource: dict
+    scope: dict  # name, version
+
+
+SPAN_KINDS = ("unspecified", "internal", "server", "client", "producer", "consumer")
+STATUS_CODES = ("UNSET", "OK", "ERROR")
+WIRE_DEPTH = 32  # nested arrays and maps in one attribute value, at most
+
+
+# -- 5.1 the protobuf wire format ---------------------------------------------------------
+
+
+def wire_fields(buf: bytes, pos: int, end: int) -> Iterator[tuple[int, int, int, int]]:
+    """The fields of the message in buf[pos:end] as (number, wire type, a, b): a varint's
+    value in a; where a length-delimited field's bytes begin and end in a and b; where a
+    fixed field's bytes begin in a."""
+    while pos < end:
+        key, pos = varint(buf, pos, end)
+        number, kind = key >> 3, key & 7
+        if kind == 0:
+            value, pos = varint(buf, pos, end)
+            yield number, 0, value, 0
+            continue
+        if kind == 2:
+            size, start = varint(buf, pos, end)
+            pos = start + size
+        elif kind == 1 or kind == 5:
+            start, pos = pos, pos + (8 if kind == 1 else 4)
+        else:
+            raise OtlpError(f"field {number} at byte {pos} has wire type {kind}, which OTLP does not use")
+        if pos > end:
+            raise OtlpError(f"field {number} at byte {start} runs past the end of its message")
+        yield number, kind, start, pos
+
+
+def varint(buf: bytes, pos: int, end: int) -> tuple[int, int]:
+    """The varint at buf[pos], and the position after it."""
+    result = shift = 0
+    while True:
+        if pos >= end:
+            raise OtlpError(f"a number is cut off at byte {pos}")
+        byte = buf[pos]
+        pos += 1
+        result |= (byte & 0x7F) << shift
+        if byte < 0x80:
+            return result, pos
+        shift += 7
+        if shift >= 70:
+            raise OtlpError(f"a number at byte {pos} is longer than 10 bytes")
+
+
+def wire_text(buf: bytes, start: int, end: int) -> str:
+    try:
+        return buf[start:end].decode()
+    except UnicodeDecodeError:
+        raise OtlpError(f"a string at byte {start} is not valid UTF-8") from None
+
+
+def wire_value(buf: bytes, pos: int, end: int, depth: int = 0) -> Any:
+    """An AnyValue as a JSON value (bytes as base64 text); None when it holds none."""
+    if depth > WIRE_DEPTH:
+        raise OtlpError(f"an attribute value is nested deeper than {WIRE_DEPTH} levels")
+    value: Any = None
+    for number, kind, a, b in wire_fields(buf, pos, end):
+        if number == 1 and kind == 2:
+            value = wire_text(buf, a, b)
+        elif number == 2 and kind == 0:
+            value = bool(a)
+        elif number == 3 and kind == 0:
+            value = a - (1 << 64) if a >= 1 << 63 else a
+        elif number == 4 and kind == 1:
+            value = finite(struct.unpack_from("<d", buf, a)[0])
+        elif number == 5 and kind == 2:
+            value = [wire_value(buf, s, e, depth + 1) for n, k, s, e in wire_fields(buf, a, b) if n == 1 and k == 2]
+        elif number == 6 and kind == 2:
+            value = wire_attributes(buf, a, b, depth + 1)
+        elif number == 7 and kind == 2:
+            value = base64.b64encode(buf[a:b]).decode()
+    return value
+
+
+def wire_attributes(buf: bytes, pos: int, end: int, depth: int = 0) -> dict:
+    """The KeyValues of a KeyValueList (field 1 of the message in buf[pos:end]) as a dict."""
+    return dict(wire_key_value(buf, a, b, depth) for n, k, a, b in wire_fields(buf, pos, end) if n == 1 and k == 2)
+
+
+def wire_key_value(buf: bytes, pos: int, end: int, depth: int = 0) -> tuple[str, Any]:
+    key, value = "", None
+    for number, kind, a, b in wire_fields(buf, pos, end):
+        if number == 1 and kind == 2:
+            key = wire_text(buf, a, b)
+        elif number == 2 and kind == 2:
+            value = wire_value(buf, a, b, depth)
+    return key, value
+
+
+def read_protobuf(buf: bytes) -> list[Span]:
+    """The spans of an ExportTraceServiceRequest in the protobuf wire format."""
+    spans: list[Span] = []
+    for number, kind, rs, re_ in wire_fields(buf, 0, len(buf)):
+        if number != 1 or kind != 2:  # resource_spans
+            continue
+        resource: dict = {}
+        scopes = []
+        for field, kind_, a, b in wire_fields(buf, rs, re_):
+            if field == 1 and kind_ == 2:  # the Resource: its attributes are field 1
+                resource = wire_attributes(buf, a, b)
+            elif field == 2 and kind_ == 2:
+                scopes.append((a, b))
+        for ss, se in scopes:
+            scope = {"name": "", "version": ""}
+            for field, kind_, a, b in wire_fields(buf, ss, se):
+                if field == 1 and kind_ == 2:
+                    for f, k, c, d in wire_fields(buf, a, b):
+                        if f in (1, 2) and k == 2:
+                            scope["name" if f == 1 else "version"] = wire_text(buf, c, d)
+                elif field == 2 and kind_ == 2:
+                    spans.append(wire_span(buf, a, b, resource, scope))
+    return spans
+
+
+def wire_span(buf: bytes, pos: int, end: int, resource: dict, scope: dict) -> Span:
+    ids = ["", "", "", "", ""]  # by field number: 1 trace_id, 2 span_id, 4 parent_span_id
+    name, span_kind, start, stop, code, message = "", 0, 0, 0, 0, ""
+    attributes: dict = {}
+    events: list = []
+    links: list = []
+    for number, kind, a, b in wire_fields(buf, pos, end):
+        if kind == 2:
+            if number in (1, 2, 4):
+                ids[number] = buf[a:b].hex()
+            elif number == 5:
+                name = wire_text(buf, a, b)
+            elif number == 9:
+                key, value = wire_key_value(buf, a, b)
+                attributes[key] = value
+            elif number == 11:
+                events.append(wire_event(buf, a, b))
+            elif number == 13:
+                links.append(wire_link(buf, a, b))
+            elif number == 15:
+                for f, k, c, d in wire_fields(buf, a, b):
+                    if f == 2 and k == 2:
+                        message = wire_text(buf, c, d)
+                    elif f == 3 and k == 0:
+                        code = c
+        elif number == 6 and kind == 0:
+            span_kind = a
+        elif number == 7 and kind == 1:
+            start = int.from_bytes(buf[a : a + 8], "little")
+        elif number == 8 and kind == 1:
+            stop = int.from_bytes(buf[a : a + 8], "little")
+    return Span(
+        ids[1], ids[2], ids[4], name, span_kind, start, stop, attributes, events, links, code, message, resource, scope
+    )
+
+
+def wire_event(buf: bytes, pos: int, end: int) -> tuple[int, str, dict]:
+    moment, name, attributes = 0, "", {}
+    for number, kind, a, b in wire_fields(buf, pos, end):
+        if number == 1 and kind == 1:
+            moment = int.from_bytes(buf[a : a + 8], "little")
+        elif number == 2 and kind == 2:
+            name = wire_text(buf, a, b)
+        elif number == 3 and kind == 2:
+            key, value = wire_key_value(buf, a, b)
+            attributes[key] = value
+    return moment, name, attributes
+
+
+def wire_link(buf: bytes, pos: int, end: int) -> tuple[str, str, dict]:
+    trace_id, span_id, attributes = "", "", {}
+    for number, kind, a, b in wire_fields(buf, pos, end):
+        if number == 1 and kind == 2:
+            trace_id = buf[a:b].hex()
+        elif number == 2 and kind == 2:
+            span_id = buf[a:b].hex()
+        elif number == 4 and kind == 2:
+            key, value = wire_key_value(buf, a, b)
+            attributes[key] = value
+    return trace_id, span_id, attributes
+
+
+def wire_varint(value: int) -> bytes:
+    out = bytearray()
+    while value >= 0x80:
+        out.append(value & 0x7F | 0x80)
+        value >>= 7
+    out.append(value)
+    return bytes(out)
+
+
+def wire_message(number: int, payload: bytes) -> bytes:
+    """Field `number`, length-delimited, in the wire format (for the replies)."""
+    return wire_varint(number << 3 | 2) + wire_varint(len(payload)) + payload
+
+
+def finite(number: float) -> float | str:
+    """A double as JSON holds it: NaN and the infinities as the strings OTLP's JSON uses."""
+    if math.isfinite(number):
+        return number
+    return "NaN" if math.isnan(number) else "Infinity" if number > 0 else "-Infinity"
+
+
+# -- 5.2 OTLP's JSON mapping --------------------------------------------------------------
+
+
+def json_field(obj: dict, key: str, kind: type | tuple, where: str, default: Any = None) -> Any:
+    """obj[key] (lowerCamelCase, or the .proto's snake_case name) if it is of `kind`."""
+    value = obj.get(key, obj.get(SNAKE_CASE.get(key, key), default))
+    if value is not None and not isinstance(value, kind) or isinstance(value, bool) and kind is int:
+        raise OtlpError(f"{where}.{key}: must be {JSON_KINDS.get(kind, 'of another type')}")
+    return default if value is None else value
+
+
+SNAKE_CASE = {
+    name: re.sub(r"([A-Z])", lambda m: "_" + m.group(1).lower(), name)
+    for name in (
+        "resourceSpans", "scopeSpans", "traceId", "spanId", "parentSpanId", "startTimeUnixNano",
+        "endTimeUnixNano", "timeUnixNano", "stringValue", "boolValue", "intValue", "doubleValue",
+        "arrayValue", "kvlistValue", "bytesValue",
+    )
+}  # fmt: skip
+JSON_KINDS = {list: "a list", dict: "an object", str: "a string", (int, str): "an integer or a string of digits"}
+
+
+def json_int(obj: dict, key: str, where: str) -> int:
+    """A 64-bit integer, given as a JSON number or a string of digits."""
+    value = json_field(obj, key, (int, str), where, 0)
+    if isinstance(value, bool):
+        raise OtlpError(f"{where}.{key}: must be an integer or a string of digits")
+    if isinstance(value, str):
+        if not re.fullmatch(r"-?[0-9]{1,20}", value):
+            raise OtlpError(f"{where}.{key}: must be an integer or a string of digits")
+        value = int(value)
+    if not -(2**63) <= value < 2**64:
+        raise OtlpError(f"{where}.{key}: out of the 64-bit range")
+    return value
+
+
+def json_enum(obj: dict, key: str, where: str, names: Sequence[str]) -> int:
+    """An enum: an integer, as OTLP's JSON says, or its name in the .proto, as protobuf's
+    JSON writers give it."""
+    value = obj.get(key)
+    if isinstance(value, str) and not value.lstrip("-").isdigit():
+        if value not in names:
+            raise OtlpError(f"{where}.{key}: {value!r} is none of {', '.join(names)}")
+        return names.index(value)
+    return json_int(obj, key, where)
+
+
+SPAN_KIND_NAMES = [f"SPAN_KIND_{kind.upper()}" for kind in SPAN_KINDS]
+STATUS_CODE_NAMES = [f"STATUS_CODE_{code}" for code in STATUS_CODES]
+
+
+def json_value(value: Any, where: str, depth: int = 0) -> Any:
+    """An AnyValue of OTLP's JSON as a JSON value."""
+    if depth > WIRE_DEPTH:
+        raise OtlpError(f"{where}: nested deeper than {WIRE_DEPTH} levels")
+    if not isinstance(value, dict):
+        raise OtlpError(f"{where}: must be an object")
+    if "stringValue" in value or "string_value" in value:
+        return json_field(value, "stringValue", str, where)
+    if "boolValue" in value or "bool_value" in value:
+        flag = json_field(value, "boolValue", bool, where)
+        return flag
+    if "intValue" in value or "int_value" in value:
+        return json_int(value, "intValue", where)
+    if "doubleValue" in value or "double_value" in value:
+        number = json_field(value, "doubleValue", (int, float, str), where)
+        if isinstance(number, str) and number not in ("NaN", "Infinity", "-Infinity"):
+            raise OtlpError(f"{where}.doubleValue: must be a number")
+        return number
+    if "arrayValue" in value or "array_value" in value:
+        items = json_field(json_field(value, "arrayValue", dict, where), "values", list, where + ".arrayValue", [])
+        return [json_value(item, f"{where}.arrayValue.values[{i}]", depth + 1) for i, item in enumerate(items)]
+    if "kvlistValue" in value or "kvlist_value" in value:
+        pairs = json_field(json_field(value, "kvlistValue", dict, where), "values", list, where + ".kvlistValue", [])
+        return json_attributes(pairs, where + ".kvlistValue.values", depth + 1)
+    if "bytesValue" in value or "bytes_value" in value:
+        return json_field(value, "bytesValue", str, where)
+    return None
+
+
+def json_attributes(pairs: Any, where: str, depth: int = 0) -> dict:
+    if not isinstance(pairs, list):
+        raise OtlpError(f"{where}: must be a list")
+    attributes = {}
+    for i, pair in enumerate(pairs):
+        at = f"{where}[{i}]"
+        if not isinstance(pair, dict):
+            raise OtlpError(f"{at}: must be an object")
+        value = pair.get("value")
+        attributes[json_field(pair, "key", str, at, "")] = (
+            None if value is None else json_value(value, at + ".value", depth)
+        )
+    return attributes
+
+
+def read_json(body: Any) -> list[Span]:
+    """The spans of an ExportTraceServiceRequest in OTLP's JSON mapping: hex ids, enums as
+    integers, 64-bit integers as numbers or strings, unknown keys ignored."""
+    if not isinstance(body, dict):
+        raise OtlpError("the body must be a JSON object with resourceSpans")
+    spans: list[Span] = []
+    for r, rs in enumerate(json_field(body, "resourceSpans", list, "body", [])):
+        at = f"resourceSpans[{r}]"
+        if not isinstance(rs, dict):
+            raise OtlpError(f"{at}: must be an object")
+        resource_obj = json_field(rs, "resource", dict, at, {})
+        resource = json_attributes(resource_obj.get("attributes", []), at + ".resource.attributes")
+        for s, ss in enumerate(json_field(rs, "scopeSpans", list, at, [])):
+            at_scope = f"{at}.scopeSpans[{s}]"
+            if not isinstance(ss, dict):
+                raise OtlpError(f"{at_scope}: must be an object")
+            scope_obj = json_field(ss, "scope", dict, at_scope, {})
+            scope = {
+                "name": json_field(scope_obj, "name", str, at_scope + ".scope", ""),
+                "version": json_field(scope_obj, "version", str, at_scope + ".scope", ""),
+            }
+            for n, span in enumerate(json_field(ss, "spans", list, at_scope, [])):
+                spans.append(json_span(span, f"{at_scope}.spans[{n}]", resource, scope))
+    return spans
+
+
+def json_span(span: Any, at: str, resource: dict, scope: dict) -> Span:
+    if not isinstance(span, dict):
+        raise OtlpError(f"{at}: must be an object")
+    status = json_field(span, "status", dict, at, {})
+    events = []
+    for i, event in enumerate(json_field(span, "events", list, at, [])):
+        where = f"{at}.events[{i}]"
+        if not isinstance(event, dict):
+            raise OtlpError(f"{where}: must be an object")
+        events.append(
+            (
+                json_int(event, "timeUnixNano", where),
+                json_field(event, "name", str, where, ""),
+                json_attributes(event.get("attributes", []), where + ".attributes"),
+            )
+        )
+    links = []
+    for i, link in enumerate(json_field(span, "links", list, at, [])):
+        where = f"{at}.links[{i}]"
+        if not isinstance(link, dict):
+            raise OtlpError(f"{where}: must be an object")
+        links.append(
+            (
+                json_field(link, "traceId", str, where, "").lower(),
+                json_field(link, "spanId", str, where, "").lower(),
+                json_attributes(link.get("attributes", []), where + ".attributes"),
+            )
+        )
+    return Span(
+        json_field(span, "traceId", str, at, "").lower(),
+        json_field(span, "spanId", str, at, "").lower(),
+        json_field(span, "parentSpanId", str, at, "").lower(),
+        json_field(span, "name", str, at, ""),
+        json_enum(span, "kind", at, SPAN_KIND_NAMES),
+        json_int(span, "startTimeUnixNano", at),
+        json_int(span, "endTimeUnixNano", at),
+        json_attributes(span.get("attributes", []), at + ".attributes"),
+        events,
+        links,
+        json_enum(status, "code", at + ".status", STATUS_CODE_NAMES),
+        json_field(status, "message", str, at + ".status", ""),
+        resource,
+        scope,
+    )
+
+
+# -- 5.3 spans as events ------------------------------------------------------------------
+
+HEX_ID = {16: re.compile(r"[0-9a-f]{32}"), 8: re.compile(r"[0-9a-f]{16}")}  # by bytes: trace, span ids
+OPERATION = re.compile(r"[a-z][a-z0-9_]{0,63}")  # an operation name that may name an event
+
+
+def otel_time(nanoseconds: int) -> str:
+    seconds, rest = divmod(nanoseconds, 1_000_000_000)
+    return format_timestamp(datetime.fromtimestamp(seconds, timezone.utc).replace(microsecond=rest // 1000))
+
+
+def span_event_id(span: Span, role: str) -> str:
+    """The id of a span's event of this role: the same whenever the span is exported again."""
+    digest = bytearray(hashlib.sha256(f"{span.trace_id}:{span.span_id}:{role}".encode()).digest()[:16])
+    digest[6] = digest[6] & 0x0F | 0x80  # UUID version 8: made by this server's own rule
+    digest[8] = digest[8] & 0x3F | 0x80
+    return str(uuid.UUID(bytes=bytes(digest)))
+
+
+def is_agent(span: Span) -> bool:
+    operation = span.attributes.get("gen_ai.operation.name")
+    return operation == "invoke_agent" or (operation is None and span.name.startswith("invoke_agent"))
+
+
+def span_problem(span: Span) -> str | None:
+    """Why the span cannot be stored, or None."""
+    if not HEX_ID[16].fullmatch(span.trace_id) or span.trace_id == "0" * 32:
+        return f"span {span.span_id or '?'}: trace_id must be 16 bytes, not all zero"
+    if not HEX_ID[8].fullmatch(span.span_id) or span.span_id == "0" * 16:
+        return f"span in trace {span.trace_id}: span_id must be 8 bytes, not all zero"
+    if span.parent_span_id and not HEX_ID[8].fullmatch(span.parent_span_id):
+        return f"span {span.span_id}: parent_span_id must be 8 bytes or empty"
+    if not span.start_ns or span.end_ns < span.start_ns:
+        return f"span {span.span_id}: it needs a start time, and an end time not before it"
+    if not 0 <= span.start_ns < 253402300800 * 10**9 or span.end_ns >= 253402300800 * 10**9:
+        return f"span {span.span_id}: its times are past the year 9999"
+    name = span.attributes.get("gen_ai.agent.name")
+    if isinstance(name, str) and "\x00" in name:
+        return f"span {span.span_id}: gen_ai.agent.name holds NUL"
+    return None
+
+
+def span_events(span: Span) -> list[NewEvent]:
+    """The events that store `span` (see the start of this section); span_problem(span) must
+    be None."""
+    ended = STATUS_CODES[span.status_code] if 0 <= span.status_code < 3 else str(span.status_code)
+    outcome = "failed" if span.status_code == 2 else "completed"
+    start, end = otel_time(span.start_ns), otel_time(span.end_ns)
+    cause = span.parent_span_id or span.trace_id  # a root's cause is its workflow
+    exceptions = [
+        {"type": attributes.get("exception.type"), "message": attributes.get("exception.message")}
+        for _, name, attributes in span.events
+        if name == "exception"
+    ]
+    ids = {
+        "otel.trace_id": span.trace_id,
+        "otel.span_id": span.span_id,
+        "otel.parent_span_id": span.parent_span_id or None,
+    }
+    ending = {
+        **ids,
+        "otel.end_time": end,
+        "otel.duration_ms": round((span.end_ns - span.start_ns) / 1e6, 3),
+        "otel.status_code": ended,
+        **({"otel.status_description": span.status_message} if span.status_message else {}),
+        **({"otel.exceptions": exceptions} if exceptions else {}),
+    }
+    whole = {
+        **span.attributes,
+        "otel.span.name": span.name,
+        "otel.span.kind": SPAN_KINDS[span.kind] if 0 <= span.kind < 6 else str(span.kind),
+        "otel.start_time": start,
+        **ending,
+        **(
+            {"otel.events": [{"name": n, "time": otel_time(t), "attributes": a} for t, n, a in span.events]}
+            if span.events
+            else {}
+        ),
+        **(
+            {"otel.links": [{"trace_id": t, "span_id": s, "attributes": a} for t, s, a in span.links]}
+            if span.links
+            else {}
+        ),
+        "otel.scope": span.scope,
+        "otel.resource": span.resource,
+    }
+    if "service.name" in span.resource:
+        whole.setdefault("service.name", span.resource["service.name"])
+    events = []
+
+    def event(kind: str, role: str, name: str, moment: str, attributes: dict, aggregate_id: str, **fields: Any) -> None:
+        aggregate_type, event_type, _label = KINDS[kind]
+        text = compact_json(attributes)
+        content = [kind, name, text, moment, aggregate_id, span.trace_id, cause]
+        events.append(
+            NewEvent(
+                kind=kind,
+                event_id=span_event_id(span, role),
+                client_event_id=True,
+                aggregate_type=aggregate_type,
+                aggregate_id=aggregate_id,
+                fresh=True,
+                event_type=event_type,
+                name=name,
+                timestamp=moment,
+                attributes=text,
+                correlation_id=None if kind == "workflow" else span.trace_id,
+                causation_id=cause,
+                agent_name=fields.get("agent_name"),
+                user_prompt=None,
+                session_id=aggregate_id if kind == "system" else None,
+                expected_version=None,
+                content_hash=hashlib.sha256(json.dumps(content).encode()).hexdigest(),
+            )
+        )
+
+    root = not span.parent_span_id
+    if root:
+        event("workflow", "workflow.started", "workflow.started", start, whole, span.trace_id)
+    if is_agent(span):
+        name = span.attributes.get("gen_ai.agent.name")
+        agent_name = name if isinstance(name, str) else None
+        event("agent", "agent.started", "agent.started", start, whole, span.span_id, agent_name=agent_name)
+        event("agent", "agent.ended", f"agent.{outcome}", end, ending, span.span_id, agent_name=agent_name)
+    elif not root:
+        operation = span.attributes.get("gen_ai.operation.name")
+        operation = operation if isinstance(operation, str) and OPERATION.fullmatch(operation) else "span"
+        event("system", "call", f"{operation}.{outcome}", start, whole, span.span_id)
+    if root:
+        event("workflow", "workflow.ended", f"workflow.{outcome}", end, ending, span.trace_id)
+    return events
+
+
+def trace_events(spans: list[Span]) -> tuple[list[tuple[str, list[NewEvent]]], list[str]]:
+    """Each storable span's id and events, and why each other span is left out."""
+    stored, problems = [], []
+    for span in spans:
+        problem = span_problem(span)
+        if problem is None:
+            stored.append((span.span_id, span_events(span)))
+        else:
+            problems.append(problem)
+    return stored, problems
+
+
+# =============================================================================
+# 6. HTTP
 # =============================================================================
 # What a request meets, in the order it meets it, is the end of this section: ROUTES, the
-# gate (5.8) and create_app. Before them, the endpoints and what they share.
-#   5.1 Replies and errors   5.2 the emit routes   5.3 reads   5.4 health and the root
-#   5.5 the stream   5.6 metrics   5.7 logs   5.8 the gate   5.9 background tasks
-#   5.10 routes and the application
+# gate (6.9) and create_app. Before them, the endpoints and what they share.
+#   6.1 replies and errors   6.2 the emit routes   6.3 OTLP traces   6.4 reads
+#   6.5 health, the root and the pages   6.6 the stream   6.7 metrics   6.8 logs
+#   6.9 the gate   6.10 background tasks   6.11 routes and the application
 
-# -- 5.1 replies and errors ---------------------------------------------------------------
+# -- 6.1 replies and errors ---------------------------------------------------------------
 
 JSON_TYPE = "application/json"
 
@@ -3101,7 +3711,7 @@ def asgi_endpoint(endpoint: Callable) -> Callable:
     return app
 
 
-# -- 5.2 the emit routes: the hot path ----------------------------------------------------
+# -- 6.2 the emit routes: the hot path ----------------------------------------------------
 # Every agent hook POSTs here, so these endpoints are plain ASGI functions (Starlette's
 # Route passes an endpoint that is not a function through as an ASGI app): one pass over
 # the headers, no Request or Response objects, the reply written as JSON text directly.
@@ -3109,22 +3719,40 @@ def asgi_endpoint(endpoint: Callable) -> Callable:
 BODY_IN_HAND = "eventuali.body_in_hand"  # in the scope: the server has the whole body (see protocol_with_head_timeout)
 
 
-async def receive_json(scope: Scope, receive: Receive, config: APIServerConfig) -> Any:
-    """The request's JSON body: 415 unless it is JSON, 413 as soon as it passes max_body."""
-    content_type, length = b"application/json", b""
+def body_headers(scope: Scope) -> tuple[bytes, list[bytes], bytes, bytes]:
+    """(media type, its options, Content-Length, Content-Encoding), lowercased."""
+    content_type = length = encoding = b""
     for name, value in scope["headers"]:
         if name == b"content-type":
             content_type = value
         elif name == b"content-length":
             length = value
+        elif name == b"content-encoding":
+            encoding = value.strip().lower()
     media, *options = [part.strip().lower() for part in content_type.split(b";")]
-    if media != b"application/json" and not media.endswith(b"+json"):
-        raise Problem(415, f"content type must be {JSON_TYPE}, not {media.decode('latin-1')!r}")
+    return media, options, length, encoding
+
+
+def check_charset(options: list[bytes]) -> None:
     for option in options:
         name, _, charset = option.partition(b"=")
         if name.strip() == b"charset" and charset.strip(b' "') not in (b"utf-8", b"utf8"):
             raise Problem(415, f"the body must be UTF-8, not {charset.strip(b' ').decode('latin-1')!r}")
-    limit = config.max_body
+
+
+async def receive_json(scope: Scope, receive: Receive, config: APIServerConfig) -> Any:
+    """The request's JSON body: 415 unless it is JSON, 413 as soon as it passes max_body."""
+    media, options, length, _encoding = body_headers(scope)
+    if media and media != b"application/json" and not media.endswith(b"+json"):
+        raise Problem(415, f"content type must be {JSON_TYPE}, not {media.decode('latin-1')!r}")
+    check_charset(options)
+    body = await receive_body(scope, receive, length, config.max_body, config.request_timeout)
+    return parse_json(body, config.max_depth)
+
+
+async def receive_body(scope: Scope, receive: Receive, length: bytes, limit: int, seconds: float) -> bytearray:
+    """The request's body: 413 as soon as it passes `limit` bytes (or says it will), 408 when
+    it stalls for `seconds`, 400 when the client leaves before the end."""
     too_large = f"request body is larger than {limit} bytes"
     if length.isdigit() and int(length) > limit:
         raise Problem(413, too_large)
@@ -3139,7 +3767,6 @@ async def receive_json(scope: Scope, receive: Receive, config: APIServerConfig) 
             raise Problem(413, too_large)
         return bool(message.get("more_body"))
 
-    seconds = config.request_timeout
     stalled = f"the body stalled for more than {seconds:g} s"
     if scope.get(BODY_IN_HAND):
         while take(await receive()):
@@ -3158,7 +3785,7 @@ async def receive_json(scope: Scope, receive: Receive, config: APIServerConfig) 
                 pass
         except asyncio.TimeoutError:
             raise Problem(408, stalled) from None
-    return parse_json(body, config.max_depth)
+    return body
 
 
 def emit_reply(event: NewEvent, receipt: Receipt) -> str:
@@ -3223,7 +3850,119 @@ async def emit_batch(scope: Scope, receive: Receive, send: Send) -> None:
     await send_json(send, '{"success":true,"events":[' + replies + "]}")
 
 
-# -- 5.3 reads: lists of events, a workflow's agents --------------------------------------
+# -- 6.3 OpenTelemetry: POST /v1/traces ---------------------------------------------------
+
+PROTOBUF_TYPE = "application/x-protobuf"
+# gRPC's codes, which OTLP's error replies (google.rpc.Status) carry, by HTTP status
+STATUS_CODES_RPC = {400: 3, 408: 4, 413: 8, 415: 3, 503: 14}
+
+
+def read_traces(body: bytes, protobuf: bool, max_depth: int) -> tuple[list[tuple[str, list[NewEvent]]], list[str]]:
+    """An export's spans as events, and why any span is left out (off the event loop)."""
+    if protobuf:
+        spans = read_protobuf(body)
+    else:
+        try:
+            spans = read_json(parse_json(body, max_depth))
+        except Problem as exc:
+            raise OtlpError(exc.detail[0]["msg"] if isinstance(exc.detail, list) else str(exc.detail)) from None
+    return trace_events(spans)
+
+
+def gunzip(body: bytes | bytearray, limit: int) -> bytes:
+    """A gzip (or zlib: HTTP's deflate) body, decompressed up to `limit` bytes (413 beyond: a
+    small body may unpack to a huge one)."""
+    inflate = zlib.decompressobj(32 + zlib.MAX_WBITS)  # either header
+    try:
+        data = inflate.decompress(body, limit + 1)
+        if not inflate.eof:
+            if len(data) > limit:
+                raise Problem(413, f"the body unpacks to more than {limit} bytes")
+            raise Problem(400, "the compressed body is cut off")
+    except zlib.error as exc:
+        raise Problem(400, f"the body is not valid gzip or deflate: {exc}") from None
+    return data
+
+
+def otlp_reply(protobuf: bool, rejected: int = 0, message: str = "") -> tuple[str, bytes]:
+    """(content type, body) of ExportTraceServiceResponse: empty, or with a partial success."""
+    if protobuf:
+        inner = wire_varint(1 << 3) + wire_varint(rejected) + wire_message(2, message.encode()) if rejected else b""
+        return PROTOBUF_TYPE, wire_message(1, inner) if rejected else b""
+    if not rejected:
+        return JSON_TYPE, b"{}"
+    return JSON_TYPE, compact_json(
+        {"partialSuccess": {"rejectedSpans": str(rejected), "errorMessage": message}}
+    ).encode()
+
+
+async def send_otlp_error(send: Send, protobuf: bool, status: int, message: str) -> None:
+    """An error as OTLP says: a google.rpc.Status in the request's encoding (with `detail`
+    too in JSON, as every error of this server has)."""
+    code = STATUS_CODES_RPC.get(status, 2)
+    if protobuf:
+        body = wire_varint(1 << 3) + wire_varint(code) + wire_message(2, message.encode())
+        return await send_bytes(send, body, PROTOBUF_TYPE, status)
+    await send_json(send, compact_json({"code": code, "message": message, "detail": message}), status)
+
+
+async def ingest_traces(scope: Scope, receive: Receive, send: Send) -> None:
+    """POST /v1/traces: OTLP/HTTP, protobuf or JSON, gzip or not (see section 5)."""
+    state = scope["app"].state
+    config: APIServerConfig = state.config
+    media, options, length, encoding = body_headers(scope)
+    if media == PROTOBUF_TYPE.encode():
+        protobuf = True
+    elif media == b"application/json":
+        protobuf = False
+        check_charset(options)
+    else:
+        raise Problem(415, f"content type must be {PROTOBUF_TYPE} or {JSON_TYPE}, not {media.decode('latin-1')!r}")
+    try:
+        if encoding not in (b"", b"identity", b"gzip", b"deflate"):
+            raise Problem(
+                415, f"content encoding must be gzip, deflate or identity, not {encoding.decode('latin-1')!r}"
+            )
+        body = await receive_body(scope, receive, length, config.otlp_max_body, config.request_timeout)
+        data = gunzip(body, config.otlp_max_body) if encoding in (b"gzip", b"deflate") else bytes(body)
+        loop = asyncio.get_running_loop()
+        requests, problems = await loop.run_in_executor(None, read_traces, data, protobuf, config.max_depth)
+        outcomes = await asyncio.gather(*[state.store.append(events) for _, events in requests], return_exceptions=True)
+    except Problem as exc:
+        return await send_otlp_error(send, protobuf, exc.status, str(exc.detail))
+    except OtlpError as exc:
+        return await send_otlp_error(send, protobuf, 400, f"the body is not an OTLP trace export: {exc}")
+    except StoreUnavailable as exc:
+        return await send_otlp_error(send, protobuf, 503, str(exc))
+    failed = next((o for o in outcomes if isinstance(o, StoreUnavailable)), None)
+    if failed is not None:  # some spans may be stored: the exporter's retry finds them (idempotent)
+        return await send_otlp_error(send, protobuf, 503, str(failed))
+    refused = 0
+    for (span_id, _events), outcome in zip(requests, outcomes):
+        if isinstance(outcome, Conflict):  # the same span ids, other content: stored before
+            problems.append(f"span {span_id}: {outcome}")
+            refused += 1
+        elif isinstance(outcome, BaseException):
+            raise outcome
+    state.otlp_spans["stored"] += len(requests) - refused
+    state.otlp_spans["rejected"] += len(problems)
+    message = "; ".join(problems[:10]) + (f"; and {len(problems) - 10} more" if len(problems) > 10 else "")
+    content_type, reply = otlp_reply(protobuf, len(problems), message)
+    await send_bytes(send, reply, content_type)
+
+
+async def send_bytes(send: Send, body: bytes, content_type: str, status: int = 200) -> None:
+    await send(
+        {
+            "type": "http.response.start",
+            "status": status,
+            "headers": [(b"content-type", content_type.encode()), (b"content-length", b"%d" % len(body))],
+        }
+    )
+    await send({"type": "http.response.body", "body": body})
+
+
+# -- 6.4 reads: lists of events, a workflow's agents --------------------------------------
 
 
 async def list_reply(store: EventStore, page: Page, params: dict, read_chunk: int) -> Response:
@@ -3320,7 +4059,7 @@ async def workflow_agents_handler(request: Request) -> Response:
     return json_response(await state.store.workflow_summary(path_id(request, "workflow_id")))
 
 
-# -- 5.4 health, the root and the pages ---------------------------------------------------
+# -- 6.5 health, the root and the pages ---------------------------------------------------
 
 
 async def store_health(store: EventStore) -> tuple:
@@ -3402,7 +4141,7 @@ async def root(request: Request) -> Response:
     )
 
 
-# The pages: the OpenAPI document (section 6) and the HTML of section 8.
+# The pages: the OpenAPI document (section 7) and the HTML of section 9.
 async def openapi_handler(request: Request) -> Response:
     return json_response(openapi(request.app.state.config))
 
@@ -3415,7 +4154,7 @@ async def ui_handler(request: Request) -> Response:
     return HTMLResponse(UI_PAGE.replace("__STATES__", json.dumps(STATES)))
 
 
-# -- 5.5 the stream -----------------------------------------------------------------------
+# -- 6.6 the stream -----------------------------------------------------------------------
 
 SSE_HEADERS = {"cache-control": "no-cache", "x-accel-buffering": "no", "connection": "keep-alive"}
 
@@ -3537,7 +4276,7 @@ class SSEResponse(Response):
                 yield b": ping\n\n"
 
 
-# -- 5.6 metrics --------------------------------------------------------------------------
+# -- 6.7 metrics --------------------------------------------------------------------------
 # What the store, the Hub and the gate count, and GET /metrics, which writes it out in
 # Prometheus' text format.
 
@@ -3697,6 +4436,13 @@ async def metrics(request: Request) -> Response:
     write_metric(out, "eventuali_streams_open", "gauge", "Streams open on this process.", [({}, len(hub.subscribers))])
     write_metric(
         out,
+        "eventuali_otlp_spans_total",
+        "counter",
+        "Spans received on /v1/traces, by outcome: stored (or found stored), rejected.",
+        [({"outcome": outcome}, request.app.state.otlp_spans[outcome]) for outcome in ("stored", "rejected")],
+    )
+    write_metric(
+        out,
         "eventuali_append_events_in_flight",
         "gauge",
         "Events of appends waiting for their commit on this process.",
@@ -3743,7 +4489,7 @@ async def metrics(request: Request) -> Response:
     return Response("\n".join(out) + "\n", media_type="text/plain; version=0.0.4; charset=utf-8")
 
 
-# -- 5.7 logs -----------------------------------------------------------------------------
+# -- 6.8 logs -----------------------------------------------------------------------------
 
 _QUERY_PARAMETER = re.compile(r"([?&]([^=&#\s]*)=)([^&#\s\"']*)")
 
@@ -3804,7 +4550,7 @@ def configure_logging(config: APIServerConfig) -> None:
     root.setLevel(config.log_level.upper())
 
 
-# -- 5.8 the gate: what every request passes, in one layer --------------------------------
+# -- 6.9 the gate: what every request passes, in one layer --------------------------------
 # Each route of ROUTES (and the 404 for paths that match none) is served through its own
 # gate, built once from the route and the settings: the Host check, CORS, the method, the
 # key, the endpoint, its errors as JSON replies, and the request counted for /metrics. It
@@ -3896,6 +4642,8 @@ def gate(route: ApiRoute, config: APIServerConfig, stats: HttpStats) -> ASGIEndp
             for name, value in scope["headers"]:
                 if name == b"authorization" and value[:7].lower() == b"bearer ":
                     token = value[7:].strip()
+                elif name == b"x-api-key":  # what OTLP exporters are often set to send
+                    token = token or value.strip()
             if not token and token_in_query:
                 token = Request(scope).query_params.get("access_token", "").encode()
             reader = one_of(token, read_keys)
@@ -3955,7 +4703,7 @@ def gate(route: ApiRoute, config: APIServerConfig, stats: HttpStats) -> ASGIEndp
     return ASGIEndpoint(guarded)
 
 
-# -- 5.9 background tasks: memory, retention, signals -------------------------------------
+# -- 6.10 background tasks: memory, retention, signals ------------------------------------
 
 
 def memory_trimmer() -> Callable[[], object]:
@@ -4028,7 +4776,7 @@ def chain_signals(hub: Hub, loop: asyncio.AbstractEventLoop) -> Callable[[], Non
     return restore
 
 
-# -- 5.10 routes and the application ------------------------------------------------------
+# -- 6.11 routes and the application ------------------------------------------------------
 
 
 class ApiRoute(NamedTuple):
@@ -4044,6 +4792,7 @@ class ApiRoute(NamedTuple):
 ROUTES = [
     *[ApiRoute(f"/events/emit/{kind}", "POST", emit_one(kind), f"emit_{kind}") for kind in KINDS],
     ApiRoute("/events/emit/batch", "POST", ASGIEndpoint(emit_batch), "emit_batch"),
+    ApiRoute("/v1/traces", "POST", ASGIEndpoint(ingest_traces), "otlp_traces"),
     ApiRoute("/", "GET", root, "root", public=True),
     ApiRoute("/health", "GET", health, "health_no_slash", public=True),
     ApiRoute("/health/", "GET", health, "health", public=True),
@@ -4143,6 +4892,7 @@ def create_app(config: APIServerConfig | None = None) -> Starlette:
     application.middleware_stack = application.router
     application.state.config = config
     application.state.http_stats = http_stats
+    application.state.otlp_spans = collections.Counter()  # spans stored and left out
     application.state.fields = event_fields(config)
     application.state.batch_fields = {"kind": KIND_FIELD, **application.state.fields}
     application.state.list_params = list_params(config)
@@ -4175,9 +4925,9 @@ def lazy_app() -> ASGIApp:
 
 
 # =============================================================================
-# 6. OpenAPI
+# 7. OpenAPI
 # =============================================================================
-# The document is built from ROUTES and the field specs of section 2; its pages are in section 8.
+# The document is built from ROUTES and the field specs of section 2; its pages are in section 9.
 
 
 def _nullable(spec: dict) -> dict:
@@ -4320,7 +5070,13 @@ def _schemas(config: APIServerConfig) -> dict:
         "parent_agent_id": STRING_OR_NULL,
         "first_event_time": {"type": "string"},
         "last_event_time": {"type": "string"},
-        "event_count": {"type": "integer"},
+        "event_count": {"type": "integer", "description": "The agent's own events."},
+        "call_count": {
+            "type": "integer",
+            "description": "Calls that belong to the agent: system events of the workflow whose cause leads to it "
+            "(OpenTelemetry spans of model and tool calls), each counted once.",
+        },
+        "failed_calls": {"type": "integer", "description": "Of those, the calls whose latest event name says failed."},
         "status": {"type": "string", "description": "The agent's latest event name."},
         "state": STATE_FIELD,
     }
@@ -4672,10 +5428,10 @@ def docs_html(config: APIServerConfig) -> str:
 
 
 # =============================================================================
-# 7. Running: uvicorn and the command line
+# 8. Running: uvicorn and the command line
 # =============================================================================
 
-# -- 7.1 uvicorn: the protocol, open files, the port --------------------------------------
+# -- 8.1 uvicorn: the protocol, open files, the port --------------------------------------
 
 
 def protocol_with_head_timeout(seconds: float) -> type:
@@ -4791,7 +5547,7 @@ def check_port(host: str, port: int) -> None:
             ) from None
 
 
-# -- 7.2 the commands ---------------------------------------------------------------------
+# -- 8.2 the commands ---------------------------------------------------------------------
 
 
 def build_parser() -> argparse.ArgumentParser:
@@ -4980,7 +5736,7 @@ def __getattr__(name: str) -> Any:
 
 
 # =============================================================================
-# 8. Assets: the HTML pages
+# 9. Assets: the HTML pages
 # =============================================================================
 # /docs (Swagger UI, with a built-in reference when its CDN fails) and /ui (the live view).
 

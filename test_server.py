@@ -3,8 +3,10 @@
 from __future__ import annotations
 
 import asyncio
+import base64
 import collections
 import contextlib
+import gzip
 import json
 import logging
 import os
@@ -4874,3 +4876,340 @@ def test_event_state_reads_the_last_word():
         "agent.progress": "running",
     }
     assert {name: eas.event_state(name) for name in cases} == cases
+
+
+# -- OpenTelemetry in: POST /v1/traces ------------------------------------------------------------
+# Spans made by the real SDK, sent by its stock OTLP/HTTP exporter or encoded by its own encoder.
+
+otel_sdk = pytest.importorskip("opentelemetry.sdk.trace")
+from google.protobuf import json_format  # noqa: E402
+from google.rpc.status_pb2 import Status as RpcStatus  # noqa: E402
+from opentelemetry.exporter.otlp.proto.common.trace_encoder import encode_spans  # noqa: E402
+from opentelemetry.exporter.otlp.proto.http import Compression  # noqa: E402
+from opentelemetry.exporter.otlp.proto.http.trace_exporter import OTLPSpanExporter  # noqa: E402
+from opentelemetry.proto.collector.trace.v1.trace_service_pb2 import ExportTraceServiceResponse  # noqa: E402
+from opentelemetry.sdk.resources import Resource  # noqa: E402
+from opentelemetry.sdk.trace.export import BatchSpanProcessor, SimpleSpanProcessor  # noqa: E402
+from opentelemetry.sdk.trace.export.in_memory_span_exporter import InMemorySpanExporter  # noqa: E402
+from opentelemetry.trace import Status, StatusCode  # noqa: E402
+
+PROTOBUF = {"content-type": "application/x-protobuf"}
+
+
+def agent_run(tracer) -> str:
+    """What an agent framework emits for one run: a planner agent that calls a model, then
+    runs tools, one of which is a researcher agent whose search tool fails; a failing
+    reviewer agent. Returns the trace id."""
+    agent = {"gen_ai.operation.name": "invoke_agent"}
+    with tracer.start_as_current_span(
+        "invoke_agent planner", attributes={**agent, "gen_ai.agent.name": "planner"}
+    ) as root:
+        with tracer.start_as_current_span(
+            "chat gpt-4o",
+            attributes={
+                "gen_ai.operation.name": "chat",
+                "gen_ai.request.model": "gpt-4o",
+                "gen_ai.usage.input_tokens": 120,
+                "gen_ai.usage.output_tokens": 40,
+                "gen_ai.input.messages": "x" * 600,  # about a kilobyte of attributes
+            },
+        ):
+            pass
+        tool = {"gen_ai.operation.name": "execute_tool", "gen_ai.tool.name": "search"}
+        with (
+            tracer.start_as_current_span("running tools"),
+            tracer.start_as_current_span(
+                "invoke_agent researcher", attributes={**agent, "gen_ai.agent.name": "researcher"}
+            ),
+            tracer.start_as_current_span("execute_tool search", attributes=tool) as search,
+        ):
+            search.record_exception(ValueError("no results"))
+            search.set_status(Status(StatusCode.ERROR, "no results"))
+        with tracer.start_as_current_span(
+            "invoke_reviewer", attributes={**agent, "gen_ai.agent.name": "reviewer"}
+        ) as bad:
+            bad.set_status(Status(StatusCode.ERROR, "rejected the plan"))
+    return format(root.get_span_context().trace_id, "032x")
+
+
+def tracer_to(processor) -> tuple[Any, Any]:
+    provider = otel_sdk.TracerProvider(resource=Resource.create({"service.name": "demo-agents"}))
+    provider.add_span_processor(processor)
+    return provider, provider.get_tracer("eventuali-tests", "1.0")
+
+
+def recorded_run() -> tuple[str, list]:
+    """An agent run's spans, in the order they ended, not sent anywhere."""
+    memory = InMemorySpanExporter()
+    provider, tracer = tracer_to(SimpleSpanProcessor(memory))
+    trace_id = agent_run(tracer)
+    provider.shutdown()
+    return trace_id, list(memory.get_finished_spans())
+
+
+def protobuf_of(spans: list) -> bytes:
+    return encode_spans(spans).SerializeToString()
+
+
+def json_of(spans: list) -> bytes:
+    """OTLP's JSON mapping of the spans: protobuf's JSON, with hex ids as OTLP says."""
+    body = json_format.MessageToDict(encode_spans(spans), use_integers_for_enums=True)
+    for rs in body["resourceSpans"]:
+        for ss in rs["scopeSpans"]:
+            for span in ss["spans"]:
+                for key in ("traceId", "spanId", "parentSpanId"):
+                    if key in span:
+                        span[key] = base64.b64decode(span[key]).hex()
+    return json.dumps(body).encode()
+
+
+def run_summary(client, trace_id: str) -> dict:
+    """The run as the server shows it: {agent name: (parent's name, state, calls, failed calls)}."""
+    view = client.get(f"/events/workflows/{trace_id}/agents").json()
+    names = {a["agent_id"]: a["agent_name"] for a in view["agents"]}
+    agents = {
+        a["agent_name"]: (names.get(a["parent_agent_id"]), a["state"], a["call_count"], a["failed_calls"])
+        for a in view["agents"]
+    }
+    return {"workflow": (view["workflow"]["state"], view["workflow"]["agent_count"]), "agents": agents}
+
+
+EXPECTED_RUN = {
+    "workflow": ("completed", 3),
+    "agents": {
+        "planner": (None, "completed", 2, 0),  # the model call and the "running tools" span
+        "researcher": ("planner", "completed", 1, 1),  # under planner, through "running tools"
+        "reviewer": ("planner", "failed", 0, 0),
+    },
+}
+
+
+def test_otlp_stock_exporter_batches_make_the_run(shared):
+    provider, tracer = tracer_to(BatchSpanProcessor(OTLPSpanExporter(endpoint=shared.url + "/v1/traces")))
+    trace_id = agent_run(tracer)
+    provider.shutdown()  # flushes
+    assert run_summary(shared.client, trace_id) == EXPECTED_RUN
+    events = events_of(shared.client, correlation_id=trace_id, order="asc", limit=100)["events"]
+    own = events_of(shared.client, aggregate_id=trace_id)["events"]
+    assert sorted(e["event_name"] for e in own) == ["workflow.completed", "workflow.started"]
+    names = collections.Counter(e["event_name"] for e in events)
+    assert names == {
+        "agent.started": 3,
+        "agent.completed": 2,
+        "agent.failed": 1,
+        "chat.completed": 1,
+        "span.completed": 1,
+        "execute_tool.failed": 1,
+    }
+    [chat] = [e for e in events if e["event_name"] == "chat.completed"]
+    attributes = chat["attributes"]
+    assert attributes["gen_ai.usage.input_tokens"] == 120 and attributes["gen_ai.request.model"] == "gpt-4o"
+    assert attributes["service.name"] == "demo-agents" and attributes["otel.resource"]["service.name"] == "demo-agents"
+    assert attributes["otel.scope"] == {"name": "eventuali-tests", "version": "1.0"}
+    assert attributes["otel.trace_id"] == trace_id and attributes["otel.span.name"] == "chat gpt-4o"
+    assert attributes["otel.duration_ms"] >= 0 and attributes["otel.status_code"] == "UNSET"
+    assert chat["timestamp"] == attributes["otel.start_time"]
+    [tool] = [e for e in events if e["event_name"] == "execute_tool.failed"]
+    assert tool["attributes"]["otel.status_description"] == "no results"
+    assert tool["attributes"]["otel.exceptions"] == [{"type": "ValueError", "message": "no results"}]
+    [failed] = [e for e in events if e["event_name"] == "agent.failed"]
+    assert failed["agent_name"] == "reviewer" and failed["attributes"]["otel.status_description"] == "rejected the plan"
+    assert all(len(e["agent_id"]) == 16 for e in events if e["event_type"] == "AgentEvent")
+
+
+def test_otlp_any_order_of_arrival_makes_the_same_tree(shared):
+    """Spans reach the server when they end, children before parents, often in other
+    requests: span by span in end order, all at once, and backwards, the run is the same."""
+    orders = {"end order": lambda spans: [[s] for s in spans], "backwards": lambda spans: [[s] for s in spans[::-1]]}
+    for name, requests in orders.items():
+        trace_id, spans = recorded_run()
+        for part in requests(spans):
+            assert shared.client.post("/v1/traces", content=protobuf_of(part), headers=PROTOBUF).status_code == 200
+        assert run_summary(shared.client, trace_id) == EXPECTED_RUN, name
+    provider, tracer = tracer_to(SimpleSpanProcessor(OTLPSpanExporter(endpoint=shared.url + "/v1/traces")))
+    trace_id = agent_run(tracer)
+    provider.shutdown()
+    assert run_summary(shared.client, trace_id) == EXPECTED_RUN
+
+
+def test_otlp_exports_again_store_nothing_new_in_either_encoding(shared):
+    trace_id, spans = recorded_run()
+    first = shared.client.post("/v1/traces", content=protobuf_of(spans), headers=PROTOBUF)
+    assert first.status_code == 200 and first.content == b""
+    assert first.headers["content-type"] == "application/x-protobuf"
+    total = shared.client.get(f"/events/workflows/{trace_id}").json()["total"]
+    last = events_of(shared.client, limit=1)["events"][0]["position"]
+    again = shared.client.post("/v1/traces", content=protobuf_of(spans), headers=PROTOBUF)
+    as_json = shared.client.post("/v1/traces", content=json_of(spans), headers={"content-type": "application/json"})
+    assert again.status_code == 200 and as_json.status_code == 200 and as_json.json() == {}
+    assert events_of(shared.client, limit=1)["events"][0]["position"] == last
+    assert shared.client.get(f"/events/workflows/{trace_id}").json()["total"] == total == 11
+
+
+def test_otlp_json_and_gzip_and_the_stream(shared):
+    trace_id, spans = recorded_run()
+    stream = open_stream(shared.url, f"?workflow_id={trace_id}")
+    try:
+        body = gzip.compress(json_of(spans))
+        reply = shared.client.post(
+            "/v1/traces", content=body, headers={"content-type": "application/json", "content-encoding": "gzip"}
+        )
+        assert reply.status_code == 200 and reply.json() == {}
+        seen = [json.loads(stream.event()["data"])["event_name"] for _ in range(11)]
+    finally:
+        stream.close()
+    assert seen.count("agent.started") == 3 and "workflow.completed" in seen
+    assert run_summary(shared.client, trace_id) == EXPECTED_RUN
+    provider, tracer = tracer_to(
+        SimpleSpanProcessor(OTLPSpanExporter(endpoint=shared.url + "/v1/traces", compression=Compression.Gzip))
+    )
+    trace_id = agent_run(tracer)
+    provider.shutdown()
+    assert run_summary(shared.client, trace_id) == EXPECTED_RUN
+
+
+def test_otlp_rejects_what_it_cannot_store_and_keeps_the_rest(front):
+    trace_id, spans = recorded_run()
+    body = json.loads(json_of(spans))
+    listed = body["resourceSpans"][0]["scopeSpans"][0]["spans"]
+    listed[0]["spanId"] = "abc"  # not 8 bytes
+    listed[1]["endTimeUnixNano"] = "1"  # ends before it starts
+    reply = front.post("/v1/traces", json=body)
+    assert reply.status_code == 200
+    partial = reply.json()["partialSuccess"]
+    assert partial["rejectedSpans"] == "2" and "span_id must be 8 bytes" in partial["errorMessage"]
+    assert "end time" in partial["errorMessage"]
+    assert events_of(front, correlation_id=trace_id)["total"] > 0
+    proto = encode_spans(spans)
+    proto.resource_spans[0].scope_spans[0].spans[0].trace_id = b"\x01" * 3
+    reply = front.post("/v1/traces", content=proto.SerializeToString(), headers=PROTOBUF)
+    assert reply.status_code == 200 and reply.headers["content-type"] == "application/x-protobuf"
+    answer = ExportTraceServiceResponse()
+    answer.ParseFromString(reply.content)
+    assert answer.partial_success.rejected_spans == 1 and "trace_id" in answer.partial_success.error_message
+
+
+def test_otlp_bad_bodies_are_4xx_that_name_the_problem(front):
+    good = protobuf_of(recorded_run()[1])
+    cases = [
+        (good[: len(good) // 2], PROTOBUF, 400, "runs past the end"),
+        (b"\x0f\xff", PROTOBUF, 400, "wire type 7"),
+        (b"\x0a\x05\x12\x03\x0a\x01\xff", PROTOBUF, 400, ""),  # a span id cut short inside
+        (b"{", {"content-type": "application/json"}, 400, "invalid JSON"),
+        (b'{"resourceSpans": {}}', {"content-type": "application/json"}, 400, "resourceSpans: must be a list"),
+        (
+            b'{"resourceSpans": [{"scopeSpans": [{"spans": [{"startTimeUnixNano": "soon"}]}]}]}',
+            {"content-type": "application/json"},
+            400,
+            "startTimeUnixNano: must be an integer",
+        ),
+        (good, {"content-type": "text/plain"}, 415, "application/x-protobuf"),
+        (good, {**PROTOBUF, "content-encoding": "br"}, 415, "content encoding"),
+        (good, {**PROTOBUF, "content-encoding": "gzip"}, 400, "not valid gzip"),
+        (b"", {}, 415, "content type must be"),
+    ]
+    for body, headers, status, words in cases:
+        reply = front.post("/v1/traces", content=body, headers=headers)
+        assert reply.status_code == status, (body[:20], reply.text)
+        if reply.headers["content-type"] == "application/x-protobuf":  # OTLP's error: a google.rpc.Status
+            assert headers.get("content-type") == "application/x-protobuf"
+            problem = RpcStatus()
+            problem.ParseFromString(reply.content)
+            assert problem.code == 3 and words in problem.message, problem.message
+        else:
+            assert words in reply.json()["detail"], reply.json()
+
+
+def test_otlp_body_limits(tmp_path):
+    with ThreadServer(tmp_path / "d", otlp_max_body=1500) as server:
+        spans = recorded_run()[1]
+        big = protobuf_of(spans)
+        assert len(big) > 1500
+        reply = server.client.post("/v1/traces", content=big, headers=PROTOBUF)
+        assert reply.status_code == 413
+        bomb = gzip.compress(b"\x00" * 100_000)  # small, and past the limit unpacked
+        reply = server.client.post("/v1/traces", content=bomb, headers={**PROTOBUF, "content-encoding": "gzip"})
+        assert reply.status_code == 413
+        small = gzip.compress(protobuf_of(spans[:1]))
+        reply = server.client.post("/v1/traces", content=small, headers={**PROTOBUF, "content-encoding": "gzip"})
+        assert reply.status_code == 200
+
+
+def test_otlp_takes_the_write_key_by_either_header(tmp_path):
+    with ThreadServer(tmp_path / "d", api_key="w-key", read_api_key="r-key") as server:
+        body = protobuf_of(recorded_run()[1][:1])
+        post = lambda **h: server.client.post("/v1/traces", content=body, headers={**PROTOBUF, **h}).status_code  # noqa: E731
+        assert post() == 401
+        assert post(authorization="Bearer r-key") == 403 and post(**{"x-api-key": "r-key"}) == 403
+        assert post(authorization="Bearer w-key") == 200 and post(**{"x-api-key": "w-key"}) == 200
+        provider, tracer = tracer_to(
+            SimpleSpanProcessor(OTLPSpanExporter(endpoint=server.url + "/v1/traces", headers={"x-api-key": "w-key"}))
+        )
+        trace_id = agent_run(tracer)
+        provider.shutdown()
+        client = httpx.Client(base_url=server.url, headers={"authorization": "Bearer r-key"})
+        assert run_summary(client, trace_id) == EXPECTED_RUN
+
+
+def test_otlp_reader_agrees_with_the_official_encoder_on_random_spans():
+    """Random spans with every kind of attribute value, nested arrays and maps, events and
+    links, through the official encoder and back through the server's reader."""
+    rng = random.Random(7)
+
+    def value(depth: int = 0):
+        kind = rng.choice(["str", "int", "float", "bool", "list"] + (["map"] if depth < 3 else []))
+        if kind == "str":
+            return "".join(rng.choice('abcé✓ \n"\\') for _ in range(rng.randint(0, 12)))
+        if kind == "int":
+            return rng.choice([0, -1, 2**63 - 1, -(2**63), rng.randint(-1000, 1000)])
+        if kind == "float":
+            return rng.choice([0.5, -1e300, 3.25])
+        if kind == "bool":
+            return rng.random() < 0.5
+        if kind == "list":
+            return [rng.randint(0, 9) for _ in range(rng.randint(0, 4))]
+        return {f"k{i}": value(depth + 1) for i in range(rng.randint(0, 3))}
+
+    memory = InMemorySpanExporter()
+    provider, tracer = tracer_to(SimpleSpanProcessor(memory))
+    for n in range(40):
+        attributes = {f"a{i}": value() for i in range(rng.randint(0, 6))}
+        attributes = {k: v for k, v in attributes.items() if not isinstance(v, dict)}  # the SDK keeps flat values
+        with tracer.start_as_current_span(f"span {n}", attributes=attributes) as span:
+            span.add_event("note", {"n": n})
+    provider.shutdown()
+    spans = list(memory.get_finished_spans())
+    request = encode_spans(spans)
+    # maps nested in arrays and maps, which the SDK's attributes cannot hold, set on the message itself
+    attribute = request.resource_spans[0].scope_spans[0].spans[0].attributes.add()
+    attribute.key = "nested"
+    inner = attribute.value.kvlist_value.values.add()
+    inner.key = "list"
+    inner.value.array_value.values.add().kvlist_value.values.add(key="deep").value.bytes_value = b"\x00\xff"
+    read = eas.read_protobuf(request.SerializeToString())
+    assert len(read) == len(spans)
+    for got, span in zip(read, spans):
+        context = span.get_span_context()
+        assert got.trace_id == format(context.trace_id, "032x") and got.span_id == format(context.span_id, "016x")
+        assert (got.name, got.start_ns, got.end_ns) == (span.name, span.start_time, span.end_time)
+        expected = {k: list(v) if isinstance(v, tuple) else v for k, v in span.attributes.items()}
+        assert {k: v for k, v in got.attributes.items() if k != "nested"} == expected
+        assert got.events == [(e.timestamp, e.name, dict(e.attributes)) for e in span.events]
+        assert got.resource["service.name"] == "demo-agents"
+    assert read[0].attributes["nested"] == {"list": [{"deep": base64.b64encode(b"\x00\xff").decode()}]}
+    as_json = eas.read_json(json.loads(json_of(spans)))
+    assert [s._replace(attributes={}) for s in as_json] == [s._replace(attributes={}) for s in read]
+    named = json_format.MessageToDict(request)  # enums by name, ids in base64: protobuf's own JSON
+    for span in named["resourceSpans"][0]["scopeSpans"][0]["spans"]:
+        for key in ("traceId", "spanId", "parentSpanId"):
+            span[key] = base64.b64decode(span[key]).hex() if key in span else ""
+    assert [(s.kind, s.status_code) for s in eas.read_json(named)] == [(s.kind, s.status_code) for s in read]
+    # every cut of a real body either reads (a cut between fields) or says why not
+    body = protobuf_of(spans[:2])
+    for cut in range(len(body)):
+        with contextlib.suppress(eas.OtlpError):
+            eas.read_protobuf(body[:cut])
+    for _ in range(300):  # and so does noise
+        noise = bytes(rng.randrange(256) for _ in range(rng.randint(1, 64)))
+        with contextlib.suppress(eas.OtlpError):
+            eas.read_protobuf(noise)
