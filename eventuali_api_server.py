@@ -3118,6 +3118,7 @@ class Span(NamedTuple):
 SPAN_KINDS = ("unspecified", "internal", "server", "client", "producer", "consumer")
 STATUS_CODES = ("UNSET", "OK", "ERROR")
 WIRE_DEPTH = 32  # nested arrays and maps in one attribute value, at most
+OTLP_JSON_DEPTH = 3 * WIRE_DEPTH + 16  # JSON levels that holds, in OTLP's JSON
 
 
 # -- 5.1 the protobuf wire format ---------------------------------------------------------
@@ -3319,36 +3320,41 @@ def finite(number: float) -> float | str:
 
 
 def json_field(obj: dict, key: str, kind: type | tuple, where: str, default: Any = None) -> Any:
-    """obj[key] (lowerCamelCase, or the .proto's snake_case name) if it is of `kind`."""
-    value = obj.get(key, obj.get(SNAKE_CASE.get(key, key), default))
-    if value is not None and not isinstance(value, kind) or isinstance(value, bool) and kind is int:
+    """obj[key] if it is of `kind`; `default` where it is missing or null (protobuf's JSON
+    says null is the default value)."""
+    value = obj.get(key)
+    if value is None:
+        return default
+    if not isinstance(value, kind) or (isinstance(value, bool) and kind is not bool):
         raise OtlpError(f"{where}.{key}: must be {JSON_KINDS.get(kind, 'of another type')}")
-    return default if value is None else value
+    return value
 
 
-SNAKE_CASE = {
-    name: re.sub(r"([A-Z])", lambda m: "_" + m.group(1).lower(), name)
-    for name in (
-        "resourceSpans", "scopeSpans", "traceId", "spanId", "parentSpanId", "startTimeUnixNano",
-        "endTimeUnixNano", "timeUnixNano", "stringValue", "boolValue", "intValue", "doubleValue",
-        "arrayValue", "kvlistValue", "bytesValue",
-    )
-}  # fmt: skip
-JSON_KINDS = {list: "a list", dict: "an object", str: "a string", (int, str): "an integer or a string of digits"}
+JSON_KINDS = {
+    list: "a list",
+    dict: "an object",
+    str: "a string",
+    bool: "true or false",
+    (int, str): "an integer or a string of digits",
+    (int, float, str): "a number",
+}
 
 
 def json_int(obj: dict, key: str, where: str) -> int:
     """A 64-bit integer, given as a JSON number or a string of digits."""
-    value = json_field(obj, key, (int, str), where, 0)
-    if isinstance(value, bool):
-        raise OtlpError(f"{where}.{key}: must be an integer or a string of digits")
-    if isinstance(value, str):
-        if not re.fullmatch(r"-?[0-9]{1,20}", value):
+    value = json_field(obj, key, (int, float, str), where, 0)
+    if isinstance(value, float):  # JSON's 5.0 is the integer 5
+        if not value.is_integer():
             raise OtlpError(f"{where}.{key}: must be an integer or a string of digits")
         value = int(value)
-    if not -(2**63) <= value < 2**64:
-        raise OtlpError(f"{where}.{key}: out of the 64-bit range")
+    if isinstance(value, str):
+        if not JSON_DIGITS.fullmatch(value):
+            raise OtlpError(f"{where}.{key}: must be an integer or a string of digits")
+        value = int(value)
     return value
+
+
+JSON_DIGITS = re.compile(r"-?[0-9]{1,20}")
 
 
 def json_enum(obj: dict, key: str, where: str, names: Sequence[str]) -> int:
@@ -3367,32 +3373,33 @@ STATUS_CODE_NAMES = [f"STATUS_CODE_{code}" for code in STATUS_CODES]
 
 
 def json_value(value: Any, where: str, depth: int = 0) -> Any:
-    """An AnyValue of OTLP's JSON as a JSON value."""
+    """An AnyValue of OTLP's JSON as a JSON value: each of its fields is checked, the first
+    one given is the value (bytes stay base64 text)."""
     if depth > WIRE_DEPTH:
         raise OtlpError(f"{where}: nested deeper than {WIRE_DEPTH} levels")
     if not isinstance(value, dict):
         raise OtlpError(f"{where}: must be an object")
-    if "stringValue" in value or "string_value" in value:
-        return json_field(value, "stringValue", str, where)
-    if "boolValue" in value or "bool_value" in value:
-        flag = json_field(value, "boolValue", bool, where)
-        return flag
-    if "intValue" in value or "int_value" in value:
-        return json_int(value, "intValue", where)
-    if "doubleValue" in value or "double_value" in value:
+    found = []
+    if value.get("stringValue") is not None:
+        found.append(json_field(value, "stringValue", str, where))
+    if value.get("boolValue") is not None:
+        found.append(json_field(value, "boolValue", bool, where))
+    if value.get("intValue") is not None:
+        found.append(json_int(value, "intValue", where))
+    if value.get("doubleValue") is not None:
         number = json_field(value, "doubleValue", (int, float, str), where)
         if isinstance(number, str) and number not in ("NaN", "Infinity", "-Infinity"):
-            raise OtlpError(f"{where}.doubleValue: must be a number")
-        return number
-    if "arrayValue" in value or "array_value" in value:
+            raise OtlpError(f"{where}.doubleValue: must be a number, NaN, Infinity or -Infinity")
+        found.append(number)
+    if value.get("arrayValue") is not None:
         items = json_field(json_field(value, "arrayValue", dict, where), "values", list, where + ".arrayValue", [])
-        return [json_value(item, f"{where}.arrayValue.values[{i}]", depth + 1) for i, item in enumerate(items)]
-    if "kvlistValue" in value or "kvlist_value" in value:
+        found.append([json_value(item, f"{where}.arrayValue.values[{i}]", depth + 1) for i, item in enumerate(items)])
+    if value.get("kvlistValue") is not None:
         pairs = json_field(json_field(value, "kvlistValue", dict, where), "values", list, where + ".kvlistValue", [])
-        return json_attributes(pairs, where + ".kvlistValue.values", depth + 1)
-    if "bytesValue" in value or "bytes_value" in value:
-        return json_field(value, "bytesValue", str, where)
-    return None
+        found.append(json_attributes(pairs, where + ".kvlistValue.values", depth + 1))
+    if value.get("bytesValue") is not None:
+        found.append(json_field(value, "bytesValue", str, where))
+    return found[0] if found else None
 
 
 def json_attributes(pairs: Any, where: str, depth: int = 0) -> dict:
@@ -3421,7 +3428,9 @@ def read_json(body: Any) -> list[Span]:
         if not isinstance(rs, dict):
             raise OtlpError(f"{at}: must be an object")
         resource_obj = json_field(rs, "resource", dict, at, {})
-        resource = json_attributes(resource_obj.get("attributes", []), at + ".resource.attributes")
+        resource = json_attributes(
+            json_field(resource_obj, "attributes", list, at + ".resource", []), at + ".resource.attributes"
+        )
         for s, ss in enumerate(json_field(rs, "scopeSpans", list, at, [])):
             at_scope = f"{at}.scopeSpans[{s}]"
             if not isinstance(ss, dict):
@@ -3449,7 +3458,7 @@ def json_span(span: Any, at: str, resource: dict, scope: dict) -> Span:
             (
                 json_int(event, "timeUnixNano", where),
                 json_field(event, "name", str, where, ""),
-                json_attributes(event.get("attributes", []), where + ".attributes"),
+                json_attributes(json_field(event, "attributes", list, where, []), where + ".attributes"),
             )
         )
     links = []
@@ -3461,7 +3470,7 @@ def json_span(span: Any, at: str, resource: dict, scope: dict) -> Span:
             (
                 json_field(link, "traceId", str, where, "").lower(),
                 json_field(link, "spanId", str, where, "").lower(),
-                json_attributes(link.get("attributes", []), where + ".attributes"),
+                json_attributes(json_field(link, "attributes", list, where, []), where + ".attributes"),
             )
         )
     return Span(
@@ -3472,7 +3481,7 @@ def json_span(span: Any, at: str, resource: dict, scope: dict) -> Span:
         json_enum(span, "kind", at, SPAN_KIND_NAMES),
         json_int(span, "startTimeUnixNano", at),
         json_int(span, "endTimeUnixNano", at),
-        json_attributes(span.get("attributes", []), at + ".attributes"),
+        json_attributes(json_field(span, "attributes", list, at, []), at + ".attributes"),
         events,
         links,
         json_enum(status, "code", at + ".status", STATUS_CODE_NAMES),
@@ -3863,7 +3872,7 @@ def read_traces(body: bytes, protobuf: bool, max_depth: int) -> tuple[list[tuple
         spans = read_protobuf(body)
     else:
         try:
-            spans = read_json(parse_json(body, max_depth))
+            spans = read_json(parse_json(body, max(max_depth, OTLP_JSON_DEPTH)))
         except Problem as exc:
             raise OtlpError(exc.detail[0]["msg"] if isinstance(exc.detail, list) else str(exc.detail)) from None
     return trace_events(spans)
@@ -5028,6 +5037,90 @@ SEED_EXAMPLES = {
 }
 
 
+def otlp_schemas() -> dict:
+    """ExportTraceServiceRequest in OTLP's JSON mapping, as read_json reads it: a null is a
+    field not given; 64-bit integers are JSON integers or strings of digits; enums are
+    integers or their names; keys not named here are ignored."""
+
+    def maybe(schema: dict) -> dict:
+        return {"anyOf": [schema, {"type": "null"}]}
+
+    def obj(**props: dict) -> dict:
+        return maybe({"type": "object", "properties": props})
+
+    def many(items: dict) -> dict:
+        return maybe({"type": "array", "items": items})
+
+    text = {"type": ["string", "null"]}
+    integer = {"type": ["integer", "string", "null"], "pattern": "^-?[0-9]{1,20}$"}
+
+    def enum(names: Sequence[str]) -> dict:
+        return {"anyOf": [integer, {"enum": list(names)}]}
+
+    attributes = many(_ref("OtlpKeyValue"))
+    return {
+        "OtlpKeyValue": {"type": "object", "properties": {"key": text, "value": maybe(_ref("OtlpAnyValue"))}},
+        "OtlpAnyValue": {
+            "type": "object",
+            "description": "One value: the first of these given (bytesValue in base64).",
+            "properties": {
+                "stringValue": text,
+                "boolValue": {"type": ["boolean", "null"]},
+                "intValue": integer,
+                "doubleValue": {"anyOf": [{"type": ["number", "null"]}, {"enum": ["NaN", "Infinity", "-Infinity"]}]},
+                "arrayValue": obj(values=many(_ref("OtlpAnyValue"))),
+                "kvlistValue": obj(values=attributes),
+                "bytesValue": text,
+            },
+        },
+        "OtlpSpan": {
+            "type": "object",
+            "properties": {
+                "traceId": {**text, "description": "16 bytes in hex."},
+                "spanId": {**text, "description": "8 bytes in hex."},
+                "parentSpanId": {**text, "description": "8 bytes in hex; empty for a root."},
+                "name": text,
+                "kind": enum(SPAN_KIND_NAMES),
+                "startTimeUnixNano": integer,
+                "endTimeUnixNano": integer,
+                "attributes": attributes,
+                "events": many(
+                    {"type": "object", "properties": {"timeUnixNano": integer, "name": text, "attributes": attributes}}
+                ),
+                "links": many(
+                    {"type": "object", "properties": {"traceId": text, "spanId": text, "attributes": attributes}}
+                ),
+                "status": obj(code=enum(STATUS_CODE_NAMES), message=text),
+            },
+        },
+        "OtlpRequest": {
+            "type": "object",
+            "description": "ExportTraceServiceRequest in OTLP's JSON mapping: lowerCamelCase keys, trace and span "
+            "ids in hex, enums as integers (or their names), 64-bit integers as numbers or strings; a null is a "
+            "field not given; other keys are ignored.",
+            "properties": {
+                "resourceSpans": many(
+                    {
+                        "type": "object",
+                        "properties": {
+                            "resource": obj(attributes=attributes),
+                            "scopeSpans": many(
+                                {
+                                    "type": "object",
+                                    "properties": {
+                                        "scope": obj(name=text, version=text),
+                                        "spans": many(_ref("OtlpSpan")),
+                                    },
+                                }
+                            ),
+                        },
+                    }
+                )
+            },
+        },
+    }
+
+
 def _schemas(config: APIServerConfig) -> dict:
     fields = event_fields(config)
     item_props = {
@@ -5181,6 +5274,29 @@ def _schemas(config: APIServerConfig) -> dict:
             }
         ),
         "Error": obj({"detail": {"type": "string"}}),
+        "OtlpStatus": obj(
+            {
+                "code": {
+                    "type": "integer",
+                    "description": "gRPC's code: 3 invalid argument, 8 too large, 14 unavailable.",
+                },
+                "message": {"type": "string"},
+                "detail": {"type": "string", "description": "The message again, as every error of this server has."},
+            }
+        ),
+        **otlp_schemas(),
+        "OtlpReply": {
+            "type": "object",
+            "description": "ExportTraceServiceResponse: empty when every span was stored.",
+            "properties": {
+                "partialSuccess": obj(
+                    {
+                        "rejectedSpans": {"type": ["string", "integer"], "description": "Spans left out (int64)."},
+                        "errorMessage": {"type": "string"},
+                    }
+                )
+            },
+        },
         # One Server-Sent Event as a client parses it (before OpenAPI 3.2, the schema of a
         # text/event-stream reply describes each event): its data is the JSON text of an event
         # item, or of an error when the store fails mid-stream.
@@ -5301,6 +5417,55 @@ def operations(config: APIServerConfig) -> dict:
                 },
             },
         ),
+        "otlp_traces": {
+            "summary": "Receive OpenTelemetry traces (OTLP/HTTP)",
+            "tags": ["opentelemetry"],
+            "description": (
+                "What the stock OTLP/HTTP exporters send: set `OTEL_EXPORTER_OTLP_TRACES_ENDPOINT` to this URL. "
+                "A trace is a workflow (its id: the trace id in hex), an `invoke_agent` span an agent (its id: "
+                "the span id), any other span a call (a system event) that belongs to its nearest agent. The "
+                "reply, in the request's encoding, comes after the spans are committed; a span sent again "
+                "stores nothing new. Spans that cannot be stored are left out and counted in "
+                "`partialSuccess`; the rest are stored."
+            ),
+            "requestBody": {
+                "required": True,
+                "content": {
+                    PROTOBUF_TYPE: {
+                        "schema": {"type": "string", "format": "binary", "description": "ExportTraceServiceRequest."}
+                    },
+                    JSON_TYPE: {"schema": _ref("OtlpRequest")},
+                },
+            },
+            "responses": {
+                "200": {
+                    "description": "Stored (and committed), every span or those not counted as rejected.",
+                    "content": {
+                        PROTOBUF_TYPE: {"schema": {"type": "string", "format": "binary"}},
+                        JSON_TYPE: {"schema": _ref("OtlpReply")},
+                    },
+                },
+                **{
+                    str(status): {
+                        "description": text,
+                        "content": {
+                            PROTOBUF_TYPE: {"schema": {"type": "string", "format": "binary"}},
+                            JSON_TYPE: {"schema": _ref("OtlpStatus")},
+                        },
+                    }
+                    for status, text in (
+                        (
+                            400,
+                            "The body cannot be read as an OTLP trace export (google.rpc.Status, naming the problem).",
+                        ),
+                        (408, "The body stalled."),
+                        (413, "The body, or what it unpacks to, is larger than --otlp-max-body."),
+                        (503, "The store cannot take the spans now: exporters retry."),
+                    )
+                },
+                "415": _json(_ref("Error"), "Content type is neither protobuf nor JSON, or an unknown encoding."),
+            },
+        },
         "agent_events": list_op("An agent's events", "Events of the agent aggregate with this id.", "agent_id"),
         "workflow_events": list_op(
             "A workflow's timeline",
@@ -5901,6 +6066,7 @@ ul.tree { list-style: none; margin: .2rem 0 0 .2rem; padding-left: .8rem; border
 #tl-svg .s-running { fill: var(--running); } #tl-svg .s-completed { fill: var(--completed); }
 #tl-svg .s-failed { fill: var(--failed); }
 #tl-svg .ticks { stroke: #fff; stroke-opacity: .75; stroke-width: 1; pointer-events: none; }
+#tl-svg .call { fill: #1d2433; fill-opacity: .45; } #tl-svg .call.failed { fill: var(--failed); fill-opacity: 1; }
 #tl-svg .label { fill: #1d2433; cursor: pointer; } #tl-svg .label.failed { fill: var(--failed); font-weight: 700; }
 #tl-svg .axis { stroke: #c9ced8; } #tl-svg .axis-text { fill: #777; font-size: 11px; }
 #tl-svg .rowline { stroke: #f0f1f4; }
@@ -6137,7 +6303,8 @@ function openTimeline(id) {
   if (id) url.searchParams.set("workflow", id); else url.searchParams.delete("workflow");
   history.replaceState(null, "", url);
   if (!id) return;
-  tl = {id, agents: new Map(), own: [], count: 0, last: 0, t0: Infinity, t1: -Infinity, known: new Set(),
+  tl = {id, agents: new Map(), own: [], calls: new Map(), count: 0, last: 0, t0: Infinity, t1: -Infinity,
+        known: new Set(),
         fetching: false, again: false, pending: false, chosen: null};
   $("tl-title").textContent = id;
   const mine = tl;
@@ -6174,8 +6341,30 @@ function timelineEvent(mine, e) {
     a.status = e.event_name; a.state = stateOf(e.event_name);
     if (e.agent_name) a.name = e.agent_name;
     if (!tl.known.has(a.id) || (e.causation_id && a.parent === undefined)) askParents();
+  } else if (e.aggregate_type === "system_aggregate" && e.causation_id) {  // a call: a model, a tool, a span
+    const attrs = e.attributes || {}, end = Date.parse(attrs["otel.end_time"] || e.timestamp);
+    if (end > tl.t1) tl.t1 = end;
+    if (keep || tl.calls.has(e.aggregate_id)) {
+      tl.calls.set(e.aggregate_id, {cause: tl.calls.has(e.aggregate_id) ? tl.calls.get(e.aggregate_id).cause :
+        e.causation_id, e, start: ms, end, failed: stateOf(e.event_name) === "failed"});
+    }
   }
   drawTimeline();
+}
+function callsByOwner() {
+  // a call belongs to the agent its cause leads to, through other calls (the server's parent rules)
+  const out = new Map();
+  for (const [id, c] of tl.calls) {
+    let cause = c.cause;
+    const seen = new Set([id]);
+    while (tl.calls.has(cause) && !tl.agents.has(cause) && !seen.has(cause)) {
+      seen.add(cause); cause = tl.calls.get(cause).cause;
+    }
+    const owner = tl.agents.has(cause) ? cause : "";
+    if (!out.has(owner)) out.set(owner, []);
+    out.get(owner).push(c);
+  }
+  return out;
 }
 function askParents() {
   if (!tl) return;
@@ -6257,9 +6446,15 @@ function renderTimeline() {
     for (const e of list) d += `M${x(e.ms).toFixed(1)} ${y + 4}v${ROW - 8}`;
     return d ? `<path class="ticks" d="${d}"/>` : "";
   };
+  const owners = callsByOwner();
+  const calls = (owner, y) => (owners.get(owner) || []).map((c) => {
+    const x1 = x(c.start), w = Math.max(2, x(c.end) - x1);
+    return `<rect class="call${c.failed ? " failed" : ""}" data-call="${esc(c.e.aggregate_id)}" x="${x1.toFixed(1)}"` +
+           ` y="${y + ROW - 8}" width="${w.toFixed(1)}" height="4"><title>${esc(c.e.event_name)}</title></rect>`;
+  }).join("");
   let y = TOP;
   parts.push(`<g class="workflow" data-state="${state}">` + label(state, 0, y, "workflow " + tl.id, tl.status || "") +
-             (tl.count ? bar("wfbar s-" + state, y, t0, tl.t1) : "") + ticks(tl.own, y) + "</g>");
+             (tl.count ? bar("wfbar s-" + state, y, t0, tl.t1) : "") + ticks(tl.own, y) + calls("", y) + "</g>");
   let drawn = tl.own.length;
   for (const [a, depth] of list) {
     y += ROW;
@@ -6267,7 +6462,8 @@ function renderTimeline() {
     parts.push(`<g class="agent" data-agent="${esc(a.id)}" data-parent="${esc(parent)}" data-depth="${depth}"` +
                ` data-state="${a.state}"><line class="rowline" x1="0" x2="${width}" y1="${y + ROW}" y2="${y + ROW}"/>` +
                label(a.state, depth, y, a.name || a.id, a.id + ": " + a.status) +
-               (a.first <= a.last ? bar("bar s-" + a.state, y, a.first, a.last) : "") + ticks(a.events, y) + "</g>");
+               (a.first <= a.last ? bar("bar s-" + a.state, y, a.first, a.last) : "") + ticks(a.events, y) +
+               calls(a.id, y) + "</g>");
     drawn += a.events.length;
   }
   svg.setAttribute("width", width); svg.setAttribute("height", height);

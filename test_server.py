@@ -5213,3 +5213,26 @@ def test_otlp_reader_agrees_with_the_official_encoder_on_random_spans():
         noise = bytes(rng.randrange(256) for _ in range(rng.randint(1, 64)))
         with contextlib.suppress(eas.OtlpError):
             eas.read_protobuf(noise)
+
+
+@pytest.mark.browser
+@pytest.mark.slow
+def test_otlp_run_on_the_timeline(sqlite_srv, browser):
+    """Calls are drawn under the agent they belong to, whatever spans lie between; a failed
+    one in red."""
+    provider, tracer = tracer_to(SimpleSpanProcessor(OTLPSpanExporter(endpoint=sqlite_srv.url + "/v1/traces")))
+    trace_id = agent_run(tracer)
+    provider.shutdown()
+    agents = {
+        a["agent_name"]: a["agent_id"]
+        for a in sqlite_srv.client.get(f"/events/workflows/{trace_id}/agents").json()["agents"]
+    }
+    page = browser.new_page(viewport={"width": 1280, "height": 760})
+    page.goto(sqlite_srv.url + f"/ui?workflow={trace_id}")
+    page.wait_for_selector('#tl-svg[data-agents="3"]', timeout=5000)
+    page.wait_for_selector(f'g[data-agent="{agents["researcher"]}"][data-parent="{agents["planner"]}"]', timeout=3000)
+    assert page.locator(f'g[data-agent="{agents["planner"]}"] rect.call').count() == 2
+    researcher = page.locator(f'g[data-agent="{agents["researcher"]}"] rect.call.failed')
+    assert researcher.count() == 1 and "execute_tool.failed" in researcher.text_content()
+    assert fill(page, f'g[data-agent="{agents["researcher"]}"] rect.call.failed') == "rgb(217, 45, 32)"
+    assert page.text_content("#tl-badge") == "completed"
