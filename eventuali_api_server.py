@@ -3199,6 +3199,14 @@ def wire_attributes(buf: bytes, pos: int, end: int, depth: int = 0) -> dict:
 
 
 def wire_key_value(buf: bytes, pos: int, end: int, depth: int = 0) -> tuple[str, Any]:
+    # The usual shape first: a short key (field 1), then a value (field 2) that is one short
+    # string (field 1), read without walking the fields; anything else walks them.
+    if end - pos > 4 and buf[pos] == 0x0A and buf[pos + 1] < 0x80:
+        stop = pos + 2 + buf[pos + 1]
+        if stop + 3 < end and buf[stop] == 0x12 and buf[stop + 1] < 0x80 and stop + 2 + buf[stop + 1] == end:
+            inner = stop + 2
+            if buf[inner] == 0x0A and buf[inner + 1] < 0x80 and inner + 2 + buf[inner + 1] == end:
+                return wire_text(buf, pos + 2, stop), wire_text(buf, inner + 2, end)
     key, value = "", None
     for number, kind, a, b in wire_fields(buf, pos, end):
         if number == 1 and kind == 2:
@@ -3503,11 +3511,10 @@ def otel_time(nanoseconds: int) -> str:
 
 
 def span_event_id(span: Span, role: str) -> str:
-    """The id of a span's event of this role: the same whenever the span is exported again."""
-    digest = bytearray(hashlib.sha256(f"{span.trace_id}:{span.span_id}:{role}".encode()).digest()[:16])
-    digest[6] = digest[6] & 0x0F | 0x80  # UUID version 8: made by this server's own rule
-    digest[8] = digest[8] & 0x3F | 0x80
-    return str(uuid.UUID(bytes=bytes(digest)))
+    """The id of a span's event of this role, the same whenever the span is exported again: a
+    UUID of version 8 (made by this server's own rule) from a hash of the span's ids."""
+    h = hashlib.sha256(f"{span.trace_id}:{span.span_id}:{role}".encode()).hexdigest()
+    return f"{h[:8]}-{h[8:12]}-8{h[13:16]}-{'89ab'[int(h[16], 16) & 3]}{h[17:20]}-{h[20:32]}"
 
 
 def is_agent(span: Span) -> bool:
@@ -3584,7 +3591,7 @@ def span_events(span: Span) -> list[NewEvent]:
     def event(kind: str, role: str, name: str, moment: str, attributes: dict, aggregate_id: str, **fields: Any) -> None:
         aggregate_type, event_type, _label = KINDS[kind]
         text = compact_json(attributes)
-        content = [kind, name, text, moment, aggregate_id, span.trace_id, cause]
+        content = "\x1f".join([kind, name, moment, aggregate_id, span.trace_id, cause, text])  # ids hold no \x1f
         events.append(
             NewEvent(
                 kind=kind,
@@ -3603,7 +3610,7 @@ def span_events(span: Span) -> list[NewEvent]:
                 user_prompt=None,
                 session_id=aggregate_id if kind == "system" else None,
                 expected_version=None,
-                content_hash=hashlib.sha256(json.dumps(content).encode()).hexdigest(),
+                content_hash=hashlib.sha256(content.encode()).hexdigest(),
             )
         )
 
@@ -3915,6 +3922,16 @@ async def send_otlp_error(send: Send, protobuf: bool, status: int, message: str)
     await send_json(send, compact_json({"code": code, "message": message, "detail": message}), status)
 
 
+async def append_spans(store: EventStore, requests: list[tuple[str, list[NewEvent]]]) -> list[Any]:
+    """Each span's outcome: the export in one append (one commit) and, only if that conflicts
+    with a stored span, span by span, so that the conflicting ones fail alone."""
+    try:
+        await store.append([event for _, events in requests for event in events])
+        return [None] * len(requests)
+    except Conflict:
+        return await asyncio.gather(*[store.append(events) for _, events in requests], return_exceptions=True)
+
+
 async def ingest_traces(scope: Scope, receive: Receive, send: Send) -> None:
     """POST /v1/traces: OTLP/HTTP, protobuf or JSON, gzip or not (see section 5)."""
     state = scope["app"].state
@@ -3936,7 +3953,7 @@ async def ingest_traces(scope: Scope, receive: Receive, send: Send) -> None:
         data = gunzip(body, config.otlp_max_body) if encoding in (b"gzip", b"deflate") else bytes(body)
         loop = asyncio.get_running_loop()
         requests, problems = await loop.run_in_executor(None, read_traces, data, protobuf, config.max_depth)
-        outcomes = await asyncio.gather(*[state.store.append(events) for _, events in requests], return_exceptions=True)
+        outcomes = await append_spans(state.store, requests)
     except Problem as exc:
         return await send_otlp_error(send, protobuf, exc.status, str(exc.detail))
     except OtlpError as exc:

@@ -21,6 +21,7 @@ import contextlib
 import json
 import os
 import platform
+import re
 import shutil
 import socket
 import statistics
@@ -387,6 +388,199 @@ def bench_batch(args: argparse.Namespace, results: dict) -> None:
             f"{', '.join(f'{r:,.0f}' for r in rates['server'])}; that: "
             f"{', '.join(f'{r:,.0f}' for r in rates['against'])}"
         )
+
+
+def agent_traces(spans: int, per_request: int = 512) -> list[bytes]:
+    """About `spans` spans of agent runs made with the OpenTelemetry SDK, in OTLP protobuf
+    requests of `per_request` spans (the BatchSpanProcessor's default batch): each trace a
+    root agent and two sub-agents, each agent two model calls with usage and two tool calls,
+    about a kilobyte of GenAI attributes a span."""
+    from opentelemetry.exporter.otlp.proto.common.trace_encoder import encode_spans
+    from opentelemetry.sdk.resources import Resource
+    from opentelemetry.sdk.trace import TracerProvider
+    from opentelemetry.sdk.trace.export import SimpleSpanProcessor
+    from opentelemetry.sdk.trace.export.in_memory_span_exporter import InMemorySpanExporter
+
+    memory = InMemorySpanExporter()
+    provider = TracerProvider(resource=Resource.create({"service.name": "bench-agents"}))
+    provider.add_span_processor(SimpleSpanProcessor(memory))
+    tracer = provider.get_tracer("bench")
+    prompt, answer = "Summarise the quarterly report. " * 18, "The report says revenue grew. " * 10
+
+    def agent(name: str, depth: int) -> None:
+        attributes = {"gen_ai.operation.name": "invoke_agent", "gen_ai.agent.name": name, "gen_ai.system": "openai"}
+        with tracer.start_as_current_span(f"invoke_agent {name}", attributes=attributes):
+            for i in range(2):
+                with tracer.start_as_current_span(
+                    "chat gpt-4o",
+                    attributes={
+                        "gen_ai.operation.name": "chat",
+                        "gen_ai.request.model": "gpt-4o",
+                        "gen_ai.response.model": "gpt-4o-2024-08-06",
+                        "gen_ai.usage.input_tokens": 812 + i,
+                        "gen_ai.usage.output_tokens": 96,
+                        "gen_ai.input.messages": prompt,
+                        "gen_ai.output.messages": answer,
+                    },
+                ):
+                    pass
+                with tracer.start_as_current_span(
+                    "execute_tool search",
+                    attributes={
+                        "gen_ai.operation.name": "execute_tool",
+                        "gen_ai.tool.name": "search",
+                        "gen_ai.tool.call.id": f"call_{i}",
+                        "gen_ai.tool.call.arguments": prompt[:400],
+                        "gen_ai.tool.call.result": answer,
+                    },
+                ):
+                    pass
+            if depth == 0:
+                agent("researcher", 1)
+                agent("writer", 1)
+
+    while len(memory.get_finished_spans()) < spans:
+        agent("planner", 0)
+    provider.shutdown()
+    finished = list(memory.get_finished_spans())
+    return [
+        encode_spans(finished[i : i + per_request]).SerializeToString() for i in range(0, len(finished), per_request)
+    ]
+
+
+def span_count(bodies: list[bytes]) -> int:
+    from opentelemetry.proto.collector.trace.v1.trace_service_pb2 import ExportTraceServiceRequest
+
+    total = 0
+    for body in bodies:
+        request = ExportTraceServiceRequest.FromString(body)
+        total += sum(len(ss.spans) for rs in request.resource_spans for ss in rs.scope_spans)
+    return total
+
+
+def post_exports(url: str, bodies: list[bytes], senders: int = 2) -> float:
+    """POST the OTLP requests from a few concurrent exporters; seconds until every one was
+    answered (on this server, answered means committed)."""
+
+    def send(chunk: list) -> None:
+        with httpx.Client(base_url=url, timeout=300, headers={"content-type": "application/x-protobuf"}) as client:
+            for body in chunk:
+                client.post("/v1/traces", content=body).raise_for_status()
+
+    started = time.perf_counter()
+    with ThreadPoolExecutor(senders) as pool:
+        list(pool.map(send, [bodies[i::senders] for i in range(senders)]))
+    return time.perf_counter() - started
+
+
+def peak_rss_kib(pid: int) -> int:
+    """The largest resident set the process and its children have had (VmHWM, Linux)."""
+    total = 0
+    for entry in Path("/proc").iterdir():
+        if entry.name.isdigit():
+            try:
+                status = (entry / "status").read_text()
+                parent = int((entry / "stat").read_text().rsplit(")", 1)[1].split()[1])
+            except (OSError, ValueError, IndexError):
+                continue
+            if int(entry.name) == pid or parent == pid:
+                total += int(re.search(r"VmHWM:\s+(\d+)", status).group(1)) if "VmHWM" in status else 0
+    return total
+
+
+def bench_otlp(args: argparse.Namespace, results: dict) -> None:
+    """OTLP ingest of agent traces: spans per second until every span is queryable, and peak
+    memory, on this server beside its own batch emit in the same run; and on Arize Phoenix
+    where `phoenix` is installed (PHOENIX_PYTHON names its interpreter: it lives best in a
+    virtualenv of its own)."""
+    bodies = agent_traces(args.otlp_spans)
+    spans = span_count(bodies)
+    row: dict = {"spans": spans, "requests": len(bodies), "request_bytes": sum(map(len, bodies)) // len(bodies)}
+    with events_server({"DURABILITY": args.durability}) as url:
+        pid = PIDS[url]
+        seconds = post_exports(url, bodies)
+        with httpx.Client(base_url=url) as client:
+            stored = client.get("/events/", params={"limit": 1}).json()["total"]
+        row.update(
+            spans_per_second=spans / seconds,
+            events_stored=stored,
+            peak_rss_mib=peak_rss_kib(pid) / 1024,
+        )
+    with events_server({"DURABILITY": args.durability}) as url:
+        row["batch_events_per_second"] = load_events(url, args.batch_events)
+    row["ratio_to_batch"] = row["spans_per_second"] / row["batch_events_per_second"]
+    print(
+        f"OTLP ingest: {spans:,} spans in {len(bodies)} protobuf requests of ~{row['request_bytes'] // 1024} KiB: "
+        f"{row['spans_per_second']:,.0f} spans/s until queryable ({stored:,} events), peak RSS "
+        f"{row['peak_rss_mib']:.0f} MiB; batch emit in the same run {row['batch_events_per_second']:,.0f} "
+        f"events/s: ratio {row['ratio_to_batch']:.2f}"
+    )
+    phoenix = os.environ.get("PHOENIX_PYTHON") or shutil.which("phoenix") and sys.executable
+    if phoenix:
+        row["phoenix"] = bench_phoenix(phoenix, bodies, spans)
+    results["otlp"] = row
+
+
+def bench_phoenix(python: str, bodies: list[bytes], spans: int) -> dict:
+    """Arize Phoenix on its SQLite default in a throwaway working dir: its start, idle and peak
+    memory, how fast it acknowledges the spans and how long until its GraphQL API counts them."""
+    port, grpc = free_port(), free_port()
+    with tempfile.TemporaryDirectory() as work:
+        env = {
+            "PHOENIX_WORKING_DIR": work,
+            "PHOENIX_PORT": str(port),
+            "PHOENIX_GRPC_PORT": str(grpc),
+            "PHOENIX_HOST": "127.0.0.1",
+        }
+        started = time.perf_counter()
+        proc = subprocess.Popen(
+            [python, "-m", "phoenix.server.main", "serve"],
+            env={**os.environ, **env},
+            stdout=subprocess.DEVNULL,
+            stderr=subprocess.DEVNULL,
+        )
+        url = f"http://127.0.0.1:{port}"
+        try:
+            deadline = time.time() + 180
+            while True:
+                try:
+                    if httpx.get(url + "/healthz", timeout=1).status_code == 200:
+                        break
+                except httpx.HTTPError:
+                    pass
+                if proc.poll() is not None or time.time() > deadline:
+                    raise RuntimeError("phoenix did not start")
+                time.sleep(0.2)
+            row: dict = {"start_seconds": time.perf_counter() - started}
+            time.sleep(2)
+            row["idle_rss_mib"] = peak_rss_kib(proc.pid) / 1024
+            began = time.perf_counter()
+            acknowledged = post_exports(url, bodies)
+            query = {"query": "{ projects { edges { node { recordCount } } } }"}
+            while True:
+                reply = httpx.post(url + "/graphql", json=query, timeout=30).json()
+                counted = sum(edge["node"]["recordCount"] for edge in reply["data"]["projects"]["edges"])
+                if counted >= spans or time.perf_counter() - began > 900:
+                    break
+                time.sleep(0.5)
+            queryable = time.perf_counter() - began
+            row.update(
+                acknowledged_spans_per_second=spans / acknowledged,
+                queryable_after_seconds=queryable,
+                spans_per_second=counted / queryable,
+                counted=counted,
+                peak_rss_mib=peak_rss_kib(proc.pid) / 1024,
+            )
+        finally:
+            proc.terminate()
+            proc.wait(30)
+    print(
+        f"  Arize Phoenix: started in {row['start_seconds']:.1f} s at {row['idle_rss_mib']:.0f} MiB; acknowledged "
+        f"{row['acknowledged_spans_per_second']:,.0f} spans/s; all {row['counted']:,} queryable after "
+        f"{row['queryable_after_seconds']:.1f} s ({row['spans_per_second']:,.0f} spans/s); peak RSS "
+        f"{row['peak_rss_mib']:.0f} MiB"
+    )
+    return row
 
 
 READS = [
@@ -943,6 +1137,7 @@ PARTS = {
     "metrics": bench_metrics,
     "install": bench_install,
     "retention": bench_retention,
+    "otlp": bench_otlp,
 }
 
 
@@ -977,6 +1172,7 @@ def main(argv: list | None = None) -> dict:
     args.sse_events = 5 if quick else 50
     args.idle_streams = 20 if quick else 1000
     args.size_events = 1000 if quick else 100_000
+    args.otlp_spans = 1024 if quick else 20_480
     results: dict = {
         "machine": {"platform": platform.platform(), "python": platform.python_version(), "cpus": os.cpu_count()},
         "load_generator": "wrk" if shutil.which("wrk") else "python (asyncio; slower than wrk)",
