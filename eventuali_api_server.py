@@ -70,7 +70,7 @@ from starlette.responses import HTMLResponse, Response, StreamingResponse
 from starlette.routing import Route
 from starlette.types import ASGIApp, Message, Receive, Scope, Send
 
-__version__ = "1.2.0"
+__version__ = "1.3.0"
 __all__ = ["APIServerConfig", "get_config", "set_config", "create_app", "app", "main"]
 
 logger = logging.getLogger("eventuali_api_server")

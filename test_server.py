@@ -5236,3 +5236,24 @@ def test_otlp_run_on_the_timeline(sqlite_srv, browser):
     assert researcher.count() == 1 and "execute_tool.failed" in researcher.text_content()
     assert fill(page, f'g[data-agent="{agents["researcher"]}"] rect.call.failed') == "rgb(217, 45, 32)"
     assert page.text_content("#tl-badge") == "completed"
+
+
+def test_readme_opentelemetry_example_runs(shared):
+    """The README's example, as a user runs it: the stock exporter, configured by the
+    environment variable the README names."""
+    readme = (HERE / "README.md").read_text()
+    section = readme[readme.index("## Sending OpenTelemetry traces") :]
+    code = section[section.index("```python\n") + 10 : section.index("```\n", section.index("```python"))]
+    done = subprocess.run(
+        [sys.executable, "-c", code],
+        env={**os.environ, "OTEL_EXPORTER_OTLP_TRACES_ENDPOINT": shared.url + "/v1/traces"},
+        capture_output=True,
+        text=True,
+        timeout=60,
+    )
+    assert done.returncode == 0, done.stderr
+    trace_id = done.stdout.strip().rsplit("=", 1)[1]
+    view = shared.client.get(f"/events/workflows/{trace_id}/agents").json()
+    [planner] = view["agents"]
+    assert (planner["agent_name"], planner["call_count"], planner["state"]) == ("planner", 2, "completed")
+    assert view["workflow"]["state"] == "completed"
