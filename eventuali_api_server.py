@@ -123,6 +123,7 @@ class APIServerConfig:
     stream_buffer: int = 8 * 1024 * 1024
     docs_assets_url: str = DOCS_ASSETS_URL
     retain: float = 0.0  # seconds events are kept; 0: for ever
+    max_future: float = 86400.0  # seconds an event's timestamp may be ahead of the server's clock; 0: any
     metrics: bool = True
     workers: int = 1
     log_format: str = "text"
@@ -132,6 +133,8 @@ class APIServerConfig:
             raise ConfigError("--read-api-key (READ_API_KEY) needs --api-key (API_KEY): the key that may write")
         if "*" in self.cors_origins:
             self.cors_allow_credentials = False  # browsers refuse credentials with a wildcard origin
+        # Host names match in any case and on any port: entries are kept as host_name reads a Host
+        self.allowed_hosts = [host_name(name.encode("latin-1")) for name in self.allowed_hosts]
 
     @property
     def database_path(self) -> str:
@@ -322,6 +325,13 @@ SETTINGS: list[tuple[str, str, str, Callable[[str], Any], str]] = [
         _parse_retain,
         "remove events older than this (30d, 12h, 90m; default 0: keep every event)",
     ),
+    (
+        "max_future",
+        "MAX_FUTURE",
+        "--max-future",
+        _parse_retain,
+        "how far ahead of the server's clock an event's timestamp may be (default 1d; 0: any)",
+    ),
     ("metrics", "METRICS", "--metrics", _parse_bool, "serve /metrics for Prometheus (on|off, default on)"),
     ("workers", "WORKERS", "--workers", _parse_int(1, 256), "server processes (default 1)"),
     ("log_format", "LOG_FORMAT", "--log-format", _parse_choice("text", "json"), "text|json (default text)"),
@@ -471,7 +481,14 @@ def event_fields(config: APIServerConfig) -> dict:
         "timestamp": {
             "type": "string",
             "format": "date-time",
-            "description": "When it happened; default: when the server stores it. Accepted forms: " + TIMESTAMP_FORMS,
+            "description": "When it happened; default: when the server stores it. Accepted forms: "
+            + TIMESTAMP_FORMS
+            + (
+                f". At most {config.max_future:g} s ahead of the server's clock (--max-future)."
+                if config.max_future
+                else ""
+            ),
+            **({"x-max-future": config.max_future} if config.max_future else {}),
         },
         "aggregate_id": id_field(
             "The agent, workflow or session this event belongs to. Default: a new "
@@ -566,8 +583,17 @@ def check_value(spec: dict, value: Any, loc: Sequence, errors: list, key: Any = 
         elif "format" in spec:
             try:
                 if spec["format"] == "date-time":
-                    return format_timestamp(parse_timestamp(value))
-                return str(uuid.UUID(value))
+                    moment = parse_timestamp(value)
+                    ahead = spec.get("x-max-future")
+                    if ahead and (moment - datetime.now(timezone.utc)).total_seconds() > ahead:
+                        problem = (
+                            f"is more than {ahead:g} s ahead of the server's clock (--max-future, MAX_FUTURE)",
+                            "value_error.datetime.future",
+                        )
+                    else:
+                        return format_timestamp(moment)
+                else:
+                    return str(uuid.UUID(value))
             except (ValueError, OverflowError) as exc:
                 problem = (
                     (f"invalid timestamp ({exc}); accepted: {TIMESTAMP_FORMS}", "value_error.datetime")
@@ -1051,6 +1077,7 @@ class EventStore(abc.ABC):
 
     location = ""  # where the log is, for /health/database (never a password)
     backend = ""  # its kind: sqlite, postgresql
+    timeout = 10.0  # seconds a request may wait for the store, from its arrival (--database-timeout)
     stats: StoreStats  # what it has done, for /metrics
 
     @abc.abstractmethod
@@ -1120,6 +1147,15 @@ class EventStore(abc.ABC):
     @abc.abstractmethod
     def backup(self, dest: str) -> int:
         """Write a consistent copy of the log to `dest`; the events it holds (blocking)."""
+
+
+class LostBeforeWriting(Exception):
+    """The writer's connection was found lost at the start of a transaction, before anything
+    of it was sent (a backend raises it from write_lock): trying again cannot store twice."""
+
+    def __init__(self, cause: Exception) -> None:
+        super().__init__(str(cause))
+        self.cause = cause
 
 
 class LogState(NamedTuple):
@@ -1307,7 +1343,10 @@ def prune_batch(insert: Inserter, conn: Any, before: str) -> tuple[int, bool]:
         f"SELECT position, timestamp FROM events WHERE {IN_RANGE} ORDER BY position LIMIT ?",
         (done, counted_through, PRUNE_BATCH),
     ).fetchall()
-    old = next((i for i, (_, timestamp) in enumerate(rows) if timestamp >= before), len(rows))
+    # An event stops the prefix when it is not old enough; one whose timestamp is ahead of the
+    # clock (a client's skew, a local time read as UTC) says nothing of its age, and does not.
+    now = utc_now()
+    old = next((i for i, (_, timestamp) in enumerate(rows) if before <= timestamp <= now), len(rows))
     if old == 0:
         return 0, False
     through = rows[old - 1][0]
@@ -1786,13 +1825,21 @@ def workflow_calls(conn: Connection, workflow_id: str) -> dict[str, tuple[str, s
     return calls
 
 
-def through_calls(cause: str, calls: dict[str, tuple[str, str]], members: set) -> str:
-    """The cause a chain of calls leads to: the first link that is not a call (PARENT_RULES)."""
-    seen = set()
-    while cause in calls and cause not in members and cause not in seen:
-        seen.add(cause)
+def through_calls(cause: str, calls: dict[str, tuple[str, str]], members: set, known: dict | None = None) -> str:
+    """The cause a chain of calls leads to: the first link that is not a call (PARENT_RULES).
+    `known` remembers the ends of chains already walked, so that walking every call of a
+    workflow costs the number of calls, however deep they nest."""
+    known = {} if known is None else known
+    path: list = []
+    walked: set = set()
+    while cause in calls and cause not in members and cause not in known and cause not in walked:
+        path.append(cause)
+        walked.add(cause)
         cause = calls[cause][0]
-    return cause
+    end = known.get(cause, cause)
+    for link in path:
+        known[link] = end
+    return end
 
 
 def resolve_parents(conn: Connection, workflow_id: str, agent_ids: list[str], calls: dict) -> dict:
@@ -1801,7 +1848,8 @@ def resolve_parents(conn: Connection, workflow_id: str, agent_ids: list[str], ca
     None), another agent or an event of one; else the first cause that names nothing
     stored. A cycle is cut at the agent that joined the workflow first."""
     members = set(agent_ids)
-    named = [(agent_id, through_calls(cause, calls, members)) for agent_id, cause in causations(conn, agent_ids)]
+    ends: dict = {}
+    named = [(agent_id, through_calls(cause, calls, members, ends)) for agent_id, cause in causations(conn, agent_ids)]
     stored = owners(conn, sorted({cause for _, cause in named if cause not in members and cause != workflow_id}))
     parents: dict = {}
     unknown: dict = {}
@@ -1817,13 +1865,27 @@ def resolve_parents(conn: Connection, workflow_id: str, agent_ids: list[str], ca
             unknown.setdefault(agent_id, cause)
     for agent_id in agent_ids:
         parents.setdefault(agent_id, unknown.get(agent_id))
-        seen, parent = {agent_id}, parents[agent_id]
-        while parent in parents and parent not in seen:
-            seen.add(parent)
-            parent = parents[parent]
-        if parent == agent_id:
-            parents[agent_id] = None
+    cut_cycles(parents, agent_ids)
     return parents
+
+
+def cut_cycles(parents: dict, order: list[str]) -> None:
+    """Make each cycle of parents a tree, cut at its member first in `order` (whose parent
+    becomes None); every agent is walked once, so a chain of any length costs its length."""
+    rank = {agent_id: i for i, agent_id in enumerate(order)}
+    done: set = set()
+    for start in order:
+        path: list = []
+        on_path: set = set()
+        node = start
+        while node in parents and node not in done and node not in on_path:
+            path.append(node)
+            on_path.add(node)
+            node = parents[node]
+        if node in on_path:  # the walk came back: path[path.index(node):] is a cycle
+            cycle = path[path.index(node) :]
+            parents[min(cycle, key=rank.__getitem__)] = None
+        done.update(path)
 
 
 TIMELINE_FIGURES = """
@@ -1853,8 +1915,9 @@ def workflow_summary(conn: Connection, workflow_id: str) -> WorkflowView:
     members = {row[0] for row in rows}
     parents = resolve_parents(conn, workflow_id, [row[0] for row in rows], calls) if rows else {}
     call_counts: collections.Counter = collections.Counter()
+    ends: dict = {}
     for cause, name in calls.values():
-        owner = through_calls(cause, calls, members)
+        owner = through_calls(cause, calls, members, ends)
         if owner in members:
             call_counts[owner, "calls"] += 1
             call_counts[owner, "failed"] += event_state(name) == "failed"
@@ -1928,11 +1991,15 @@ class ReadSize:
 GROUP_EVENTS = 4096
 
 
-class Pending(NamedTuple):
-    """A request in the writer's queue."""
+class Pending:
+    """A request in the writer's queue. `taken` (the writer has it) and `expired` (its wait
+    ran out first) change under the store's claim lock: one of them wins."""
 
-    events: list[NewEvent]
-    future: asyncio.Future[list[Receipt]]
+    __slots__ = ("events", "future", "deadline", "taken", "expired")
+
+    def __init__(self, events: list[NewEvent], future: asyncio.Future[list[Receipt]], deadline: float) -> None:
+        self.events, self.future, self.deadline = events, future, deadline
+        self.taken = self.expired = False
 
 
 class ThreadedStore(EventStore):
@@ -1949,8 +2016,9 @@ class ThreadedStore(EventStore):
     _loop: asyncio.AbstractEventLoop  # the server's, from start() on
     _committed: asyncio.Event  # set at every commit this process hears of
 
-    def __init__(self, location: str) -> None:
+    def __init__(self, location: str, timeout: float) -> None:
         self.location = location
+        self.timeout = timeout  # seconds a request may wait for the store, from its arrival
         self.stats = StoreStats()
         self._queue: queue.SimpleQueue = queue.SimpleQueue()
         self._readers = ThreadPoolExecutor(4, thread_name_prefix="eventuali-read")
@@ -1961,6 +2029,9 @@ class ThreadedStore(EventStore):
         self._seen = SeenVersions(self.read_state)
         self._write_problem: str | None = None  # set and cleared by the writer thread
         self._in_flight = 0  # events queued and not yet answered; changed on the event loop only
+        self._waiting: set[Pending] = set()  # requests not yet answered (on the event loop)
+        self._claim = threading.Lock()  # for Pending.taken and Pending.expired
+        self._expiry: asyncio.Future | None = None
         self._stopping = threading.Event()  # set by stop(): a prune ends after its transaction
 
     # -- what a backend provides
@@ -2019,9 +2090,12 @@ class ThreadedStore(EventStore):
         self._conn = await self._loop.run_in_executor(self._readers, self.open_log)
         self._writer = threading.Thread(target=self._write_loop, name="eventuali-write", daemon=True)
         self._writer.start()
+        self._expiry = asyncio.ensure_future(self._expire())
 
     async def stop(self) -> None:
         self._stopping.set()
+        if self._expiry is not None:
+            self._expiry.cancel()
         if self._writer is not None:
             self._queue.put(None)
             await asyncio.get_running_loop().run_in_executor(None, self._writer.join)
@@ -2032,20 +2106,27 @@ class ThreadedStore(EventStore):
 
     # -- reading
     def read_now(self, fn: Callable, *args: Any) -> Any:
-        """fn(connection, *args) with this thread's reader connection (a query of 3.2)."""
-        conn = getattr(self._local, "conn", None)
-        try:
-            if conn is None:
-                conn = self._local.conn = self.connect()
-                self._read_conns.append(conn)
-            return fn(conn, *args)
-        except self.errors as exc:
-            if getattr(conn, "closed", False):  # a lost connection: the next read opens another
-                self._local.conn = None
-                self._read_conns.remove(conn)
-            problem = self.unavailable(exc)
-            self.stats.error("read", problem)
-            raise problem from None
+        """fn(connection, *args) with this thread's reader connection (a query of 3.2). A
+        connection found lost (the database restarted, or ended it while idle) is replaced,
+        and the read tried once more on the new one."""
+        for attempt in (1, 2):
+            conn = getattr(self._local, "conn", None)
+            try:
+                if conn is None:
+                    conn = self._local.conn = self.connect()
+                    self._read_conns.append(conn)
+                return fn(conn, *args)
+            except self.errors as exc:
+                lost = getattr(conn, "closed", False)
+                if lost:  # the next read opens another
+                    self._local.conn = None
+                    self._read_conns.remove(conn)
+                if lost and attempt == 1:
+                    continue
+                problem = self.unavailable(exc)
+                self.stats.error("read", problem)
+                raise problem from None
+        raise AssertionError("unreachable")
 
     async def _read(self, fn: Callable, *args: Any) -> Any:
         return await asyncio.get_running_loop().run_in_executor(
@@ -2131,27 +2212,58 @@ class ThreadedStore(EventStore):
         await self._enqueue([])  # a group with nothing to store still commits a write (publish)
 
     async def _enqueue(self, events: list[NewEvent]) -> list[Receipt]:
-        pending = Pending(events, self._loop.create_future())
+        pending = Pending(events, self._loop.create_future(), self._loop.time() + self.timeout)
         self._in_flight += len(events) or 1
+        self._waiting.add(pending)
         self._queue.put(pending)
         return await pending.future
 
+    async def _expire(self) -> None:
+        """Answer 503 to every request that has waited `timeout` since it arrived, whatever is
+        ahead of it (a lock held elsewhere, a store that does not answer). One the writer has
+        not taken is dropped: nothing of it is stored. One it has may still commit."""
+        while True:
+            await asyncio.sleep(min(1.0, self.timeout / 4))
+            now = self._loop.time()
+            overdue = [pending for pending in self._waiting if pending.deadline <= now]
+            with self._claim:
+                for pending in overdue:
+                    pending.expired = not pending.taken
+            for pending in overdue:
+                self._waiting.discard(pending)
+                if pending.expired:
+                    self._in_flight -= len(pending.events) or 1
+                    reason = "nothing was stored"
+                else:
+                    reason = "the events may yet be stored: send them again with the same event_id to be sure"
+                problem = StoreUnavailable(f"the database did not answer within {self.timeout:g} s; {reason}")
+                self.stats.error("append", problem)
+                if not pending.future.done():
+                    pending.future.set_exception(problem)
+
     def _take_group(self) -> list[Pending] | None:
-        """Wait for a request, then take those queued behind it (see GROUP_EVENTS); None to stop."""
-        first = self._queue.get()
-        if first is None:
-            return None
-        group, events = [first], len(first.events)
-        while events < min(GROUP_EVENTS, self._in_flight // 2):
-            try:
-                pending = self._queue.get_nowait()
-            except queue.Empty:
-                break
-            if pending is None:
-                self._queue.put(None)  # stop after this group
-                break
-            group.append(pending)
-            events += len(pending.events)
+        """Wait for a request, then take those queued behind it (see GROUP_EVENTS), less those
+        whose wait ran out; None to stop."""
+        group: list[Pending] = []
+        while not group:
+            first = self._queue.get()
+            if first is None:
+                return None
+            candidates, events = [first], len(first.events)
+            while events < min(GROUP_EVENTS, self._in_flight // 2):
+                try:
+                    pending = self._queue.get_nowait()
+                except queue.Empty:
+                    break
+                if pending is None:
+                    self._queue.put(None)  # stop after this group
+                    break
+                candidates.append(pending)
+                events += len(pending.events)
+            with self._claim:
+                for pending in candidates:
+                    pending.taken = not pending.expired
+            group = [pending for pending in candidates if pending.taken]
         return group
 
     def _write_loop(self) -> None:
@@ -2179,15 +2291,22 @@ class ThreadedStore(EventStore):
         has none. After a fault of the store the connection is dropped and the next group
         opens another: one opened while the file could not be written stays read-only for
         good, and a lost PostgreSQL connection does not come back."""
-        if self._conn is None:
+        for attempt in (1, 2):
+            if self._conn is None:
+                try:
+                    self._conn = self.open_log()
+                except StoreUnavailable as exc:
+                    return [exc] * len(requests)
+                self._seen.forget()
             try:
-                self._conn = self.open_log()
-            except StoreUnavailable as exc:
-                return [exc] * len(requests)
-            self._seen.forget()
-        outcomes = commit_apart(
-            functools.partial(self.commit, self._conn), requests, self.broken, self.errors, self.unavailable
-        )
+                outcomes = commit_apart(
+                    functools.partial(self.commit, self._conn), requests, self.broken, self.errors, self.unavailable
+                )
+                break
+            except LostBeforeWriting as exc:  # nothing was sent: open another and try once more
+                self.close_writer()
+                if attempt == 2:
+                    return [self.unavailable(exc.cause)] * len(requests)
         if any(isinstance(outcome, StoreUnavailable) for outcome in outcomes):
             self.close_writer()
         return outcomes
@@ -2236,8 +2355,9 @@ class ThreadedStore(EventStore):
         self._committed.set()
         for pending, outcome in zip(group, outcomes):
             self._in_flight -= len(pending.events) or 1
-            if pending.future.cancelled():
-                continue  # the client went away; the events are stored all the same
+            self._waiting.discard(pending)
+            if pending.future.done():
+                continue  # the client went away, or its wait ran out: the events are stored all the same
             if isinstance(outcome, BaseException):
                 pending.future.set_exception(outcome)
             else:
@@ -2608,8 +2728,7 @@ class SQLiteStore(ThreadedStore):
 
     def __init__(self, config: APIServerConfig, path: str | None = None) -> None:
         self.path = path or config.database_path  # by default events.db in the data dir
-        super().__init__(os.path.abspath(self.path))
-        self.timeout = config.database_timeout
+        super().__init__(os.path.abspath(self.path), config.database_timeout)
         self.durability = config.durability
 
     def open_log(self) -> sqlite3.Connection:
@@ -2728,6 +2847,25 @@ def redact_url(url: str) -> str:
     return re.sub(r"(password=)[^&]*", r"\1***", re.sub(r"(://[^:/@]*:)[^@]*@", r"\1***@", url))
 
 
+def redact_secrets(text: str, url: str) -> str:
+    """`text` (a driver's message) without the password of `url`, however malformed the URL
+    is (libpq quotes the whole URL it could not parse): the password as given and decoded,
+    any `scheme://user:…@` and any `password=…` are hidden."""
+    from urllib.parse import unquote
+
+    secrets = []
+    given = re.match(r"\s*[^:]*://[^:/@]*:(.*)@", url, re.S)  # to the last @: a raw @ may be in it
+    if given:
+        secrets.append(given.group(1))
+    secrets += [m.group(1) for m in re.finditer(r"password\s*=\s*('[^']*'|\"[^\"]*\"|[^&\s]+)", url, re.I)]
+    for secret in secrets:
+        for form in {secret, unquote(secret), secret.strip("'\"")}:
+            if len(form) >= 3:
+                text = text.replace(form, "***")
+    text = re.sub(r"([A-Za-z][\w+.-]*://[^:/@\s]*:)[^\s\"']*@", r"\1***@", text)
+    return re.sub(r"(password\s*=\s*)('[^']*'|\"[^\"]*\"|[^&\s\"']+)", r"\1***", text, flags=re.I)
+
+
 class PgConnection:
     """A psycopg connection that takes the `?` placeholders of the queries (section 3.2)."""
 
@@ -2747,11 +2885,27 @@ class PgConnection:
 
 def pg_connect(url: str, timeout: float, autocommit: bool = True, durability: str = "full") -> PgConnection:
     psycopg = pg_driver()
-    raw = psycopg.connect(url, autocommit=autocommit, connect_timeout=max(1, int(timeout)))
+    ms = max(1000, int(timeout * 1000))
+    # TCP keepalives and a user timeout: a connection to a host that vanished fails in about
+    # `timeout` seconds instead of when TCP gives up (hours).
+    raw = psycopg.connect(
+        url,
+        autocommit=autocommit,
+        connect_timeout=max(1, int(timeout)),
+        keepalives=1,
+        keepalives_idle=max(1, int(timeout)),
+        keepalives_interval=1,
+        keepalives_count=3,
+        tcp_user_timeout=ms,
+    )
     raw.execute("SET search_path TO eventuali")
     # A statement that waits longer than --database-timeout (for a lock, a slow disk) fails
-    # with a 503 rather than holding its request.
-    raw.execute(f"SET statement_timeout = {int(timeout * 1000)}")
+    # with a 503 rather than holding its request; and a server that stops in the middle of a
+    # transaction (frozen, paused, cut off) has it ended by PostgreSQL after as long, which
+    # frees the head row's lock for the other servers.
+    raw.execute(f"SET statement_timeout = {ms}")
+    raw.execute(f"SET lock_timeout = {ms}")
+    raw.execute(f"SET idle_in_transaction_session_timeout = {ms}")
     if durability == "normal":  # an acknowledged commit may be lost if PostgreSQL's host fails
         raw.execute("SET synchronous_commit = off")
     if not autocommit:
@@ -2770,11 +2924,12 @@ PG_FAULTS = {
 }
 
 
-def pg_unavailable(exc: Exception) -> StoreUnavailable:
+def pg_unavailable(exc: Exception, url: str) -> StoreUnavailable:
+    """The driver's error as StoreUnavailable, its reason named, never the password of `url`."""
     code = getattr(exc, "sqlstate", None) or ("08" if isinstance(exc, pg_driver().OperationalError) else "")
     reason = next((text for prefix, text in PG_FAULTS.items() if code.startswith(prefix)), "database error")
     detail = str(exc).strip().splitlines()[0] if str(exc).strip() else type(exc).__name__
-    return StoreUnavailable(f"{reason} ({detail})")
+    return StoreUnavailable(f"{reason} ({redact_secrets(detail, url)})")
 
 
 def open_pg_database(url: str, timeout: float, durability: str) -> PgConnection:
@@ -2806,11 +2961,10 @@ class PostgresStore(ThreadedStore):
     backend = "postgresql"
 
     def __init__(self, config: APIServerConfig) -> None:
-        super().__init__(redact_url(config.database_url))
+        super().__init__(redact_url(config.database_url), config.database_timeout)
         psycopg = pg_driver()
         self.errors, self.broken = (psycopg.Error,), psycopg.IntegrityError
         self.url = config.database_url
-        self.timeout = config.database_timeout
         self.durability = config.durability
         self._listening = threading.Event()  # cleared to stop the listener
         self._listener: threading.Thread | None = None
@@ -2819,16 +2973,23 @@ class PostgresStore(ThreadedStore):
         try:
             return open_pg_database(self.url, self.timeout, self.durability)
         except self.errors as exc:
-            raise StoreUnavailable(f"cannot open {self.location}: {pg_unavailable(exc)}") from None
+            raise StoreUnavailable(f"cannot open {self.location}: {pg_unavailable(exc, self.url)}") from None
 
     def connect(self, writes: bool = False) -> PgConnection:
         return pg_connect(self.url, self.timeout, autocommit=not writes, durability=self.durability)
 
     @contextlib.contextmanager
     def write_lock(self, conn: PgConnection) -> Iterator[None]:
-        with conn.raw.transaction():
-            conn.execute("SELECT position FROM head WHERE id = 1 FOR UPDATE")
-            yield
+        locked = False
+        try:
+            with conn.raw.transaction():
+                conn.execute("SELECT position FROM head WHERE id = 1 FOR UPDATE")
+                locked = True
+                yield
+        except pg_driver().OperationalError as exc:
+            if not locked and conn.closed:  # ended while idle (a restart, a timeout): nothing was sent
+                raise LostBeforeWriting(exc) from exc
+            raise
 
     def read_state(self, conn: PgConnection, keys: list) -> LogState:
         position, counted_through = conn.execute(
@@ -2866,7 +3027,7 @@ class PostgresStore(ThreadedStore):
             conn.execute(f"SELECT pg_notify('{PG_CHANNEL}', ?)", (str(after),))
 
     def unavailable(self, exc: Exception) -> StoreUnavailable:
-        return pg_unavailable(exc)
+        return pg_unavailable(exc, self.url)
 
     def size_bytes(self, conn: PgConnection) -> int | None:
         return int(
@@ -2903,7 +3064,7 @@ class PostgresStore(ThreadedStore):
                             self._wake_followers()
             except psycopg.Error as exc:
                 if self._listening.is_set():
-                    logger.warning("listening for commits: %s; trying again", pg_unavailable(exc))
+                    logger.warning("listening for commits: %s; trying again", pg_unavailable(exc, self.url))
                     time.sleep(0.5)
 
     def backup(self, dest: str) -> int:
@@ -4092,9 +4253,13 @@ async def store_health(store: EventStore) -> tuple:
     """(connected, events, latency_ms, problem): read and commit a write, timed; unhealthy
     too while the last append of events failed (a tiny write may fit where events do not)."""
     started = time.perf_counter()
+    timeout = store.timeout
     try:
-        events = await store.last_position()
-        await store.check_writable()
+        try:  # health answers within the timeout, whatever the readers and the queue hold
+            events = await asyncio.wait_for(store.last_position(), timeout)
+        except asyncio.TimeoutError:
+            raise StoreUnavailable(f"the database did not answer within {timeout:g} s") from None
+        await store.check_writable()  # bounded by the store's own expiry
         problem = store.write_problem()
         if problem:
             raise StoreUnavailable(f"the last append failed: {problem}")
@@ -4192,12 +4357,20 @@ async def stream(request: Request) -> Response:
     after = params.get("after")
     last_id = request.headers.get("last-event-id", "").strip()
     if last_id:
-        if not re.fullmatch(r"[0-9]{1,19}", last_id):
+        if not re.fullmatch(r"[0-9]{1,19}", last_id) or int(last_id) > MAX_INT:
             raise Problem(
                 422,
-                [invalid(["header", "last-event-id"], "must be an event position (an integer)", "type_error.integer")],
+                [
+                    invalid(
+                        ["header", "last-event-id"],
+                        f"must be an event position (an integer from 0 to {MAX_INT})",
+                        "type_error.integer",
+                    )
+                ],
             )
         after = int(last_id)
+    if request.method == "HEAD":  # the headers a stream would have; no body, so no subscription
+        return Response(headers=SSE_HEADERS, media_type="text/event-stream")
     hub: Hub = state.hub
     if len(hub.subscribers) >= state.config.max_streams:
         raise Problem(503, f"too many open streams (at most {state.config.max_streams}); try again later")
@@ -4517,7 +4690,7 @@ async def metrics(request: Request) -> Response:
 
 # -- 6.8 logs -----------------------------------------------------------------------------
 
-_QUERY_PARAMETER = re.compile(r"([?&]([^=&#\s]*)=)([^&#\s\"']*)")
+_QUERY_PARAMETER = re.compile(r"([?&]([^=&#\s]*)=)([^&#\s]*)")
 
 
 def redact_query(text: str) -> str:
@@ -4615,6 +4788,15 @@ def host_name(header: bytes) -> str:
     return text.rsplit(":", 1)[0] if text.count(":") == 1 else text
 
 
+HOST_VALUE = re.compile(r"(\[[0-9A-Fa-f:.]+\]|[A-Za-z0-9._~%!$&'()*+,;=-]*)(:[0-9]*)?")  # RFC 3986's host [":" port]
+
+
+@functools.lru_cache(maxsize=1024)  # asked for every request, of few distinct values
+def bad_host(header: bytes) -> bool:
+    """Whether a Host header's value is not a host and port as RFC 3986 writes them."""
+    return HOST_VALUE.fullmatch(header.decode("latin-1").strip()) is None
+
+
 def host_check(config: APIServerConfig) -> Callable[[Scope, bytes], str | None] | None:
     """Why a request's Host is refused, or None (DNS rebinding: a web page that points its own
     name at 127.0.0.1 would otherwise read and write the log from the browser). A server bound
@@ -4710,11 +4892,16 @@ def gate(route: ApiRoute, config: APIServerConfig, stats: HttpStats) -> ASGIEndp
 
         try:
             host = origin = b""
+            hosts = 0
             for name, value in scope["headers"]:
                 if name == b"host":
                     host = value
+                    hosts += 1
                 elif name == b"origin":
                     origin = value
+            if hosts > 1 or (hosts and bad_host(host)) or (not hosts and scope.get("http_version") == "1.1"):
+                detail = "an HTTP/1.1 request needs exactly one Host header, a host and maybe a port (RFC 9112)"
+                return await send_json(sent, compact_json({"detail": detail}), 400)
             refusal = refused_host(scope, host) if refused_host is not None and host else None
             if refusal is not None:
                 await send_json(sent, compact_json({"detail": refusal}), 403)
@@ -5806,7 +5993,10 @@ def prune_main(argv: Sequence[str]) -> None:
         parser.error(f"--older-than {args.older_than!r}: {exc}")
     cutoff = format_timestamp(datetime.now(timezone.utc) - timedelta(seconds=seconds))
     try:
-        store = make_store(config_from_env(data_dir=args.data_dir, database_url=args.database_url))
+        config = config_from_env(data_dir=args.data_dir, database_url=args.database_url)
+        if not config.database_url and not os.path.isfile(config.database_path):
+            raise ConfigError(f"no log at {config.database_path}: name the data dir with --data-dir (DATA_DIR)")
+        store = make_store(config)
         store.prepare()
         removed = asyncio.run(store.prune(cutoff))
     except (ConfigError, StoreError, OSError) as exc:
