@@ -121,6 +121,7 @@ class APIServerConfig:
     request_timeout: float = 10.0
     limit_concurrency: int = 4096
     stream_buffer: int = 8 * 1024 * 1024
+    stream_memory: int = 64 * 1024 * 1024
     docs_assets_url: str = DOCS_ASSETS_URL
     retain: float = 0.0  # seconds events are kept; 0: for ever
     max_future: float = 86400.0  # seconds an event's timestamp may be ahead of the server's clock; 0: any
@@ -310,6 +311,13 @@ SETTINGS: list[tuple[str, str, str, Callable[[str], Any], str]] = [
         "--stream-buffer",
         _parse_int(64 * 1024),
         "bytes of events a stream may have waiting before it catches up from the store (default 8 MiB)",
+    ),
+    (
+        "stream_memory",
+        "STREAM_MEMORY",
+        "--stream-memory",
+        _parse_int(1024 * 1024),
+        "bytes of events all streams catching up from the store hold at once, about (default 64 MiB)",
     ),
     (
         "docs_assets_url",
@@ -1014,6 +1022,7 @@ class Extent(NamedTuple):
     oldest_timestamp: str | None
     pruned_through: int  # retention has removed every event up to this position
     size_bytes: int | None  # on disk, as the backend counts it
+    events: int = 0  # kept: the last position less what retention removed
 
 
 class AgentSummary(TypedDict):
@@ -1734,7 +1743,7 @@ def log_extent(conn: Connection) -> Extent:
         "(SELECT timestamp FROM events ORDER BY position LIMIT 1), "
         f"coalesce((SELECT n FROM counts WHERE {PRUNED_THROUGH}), 0)"
     ).fetchone()
-    return Extent(last, oldest, timestamp, pruned, None)
+    return Extent(last, oldest, timestamp, pruned, None, counter_total(conn, {}) or 0)
 
 
 def last_position(conn: Connection) -> int:
@@ -3122,6 +3131,24 @@ async def stored_after(
         size.saw([len(event.json) for event in events])
 
 
+class ByteBudget:
+    """Bytes of events that streams catching up from the store may hold at once, all
+    together (on the event loop). A stream takes before each read and gives back once the
+    read is sent. It gets what is free, but never less than `least`, so that it never waits:
+    a stream whose client stopped reading keeps its grant, and the others read less at a time."""
+
+    def __init__(self, total: int, least: int) -> None:
+        self.free, self.least = total, least
+
+    def take(self, wanted: int) -> int:
+        grant = min(wanted, max(self.free, self.least))
+        self.free -= grant
+        return grant
+
+    def give(self, grant: int) -> None:
+        self.free += grant
+
+
 class Subscriber:
     __slots__ = ("filters", "workflow", "live_from", "buffer", "buffered", "wake", "behind", "closed", "pump")
 
@@ -3140,9 +3167,10 @@ class Subscriber:
 class Hub:
     """Subscribers of this process and the task that feeds them."""
 
-    def __init__(self, store: EventStore, read_chunk: int, buffer_bytes: int) -> None:
+    def __init__(self, store: EventStore, read_chunk: int, buffer_bytes: int, catchup_bytes: int) -> None:
         self.store = store
         self.read_chunk, self.buffer_bytes = read_chunk, buffer_bytes
+        self.catchup = ByteBudget(catchup_bytes, min(read_chunk, 64 * 1024))
         self.subscribers: set = set()
         self.overflows = 0  # times a subscriber fell behind and was caught up from the store
         self.delivered = 0  # events handed to streams
@@ -4236,6 +4264,9 @@ async def agent_events(request: Request) -> Response:
 async def workflow_events(request: Request) -> Response:
     state = request.app.state
     params = check_query(request, state.list_params)
+    if params.get("workflow_id") not in (None, request.path_params["workflow_id"]):
+        problem = "names another workflow than the path: leave it out here"
+        raise Problem(422, [invalid(["query", "workflow_id"], problem, "value_error.conflict")])
     page = await state.store.query(page_query(params, workflow=path_id(request, "workflow_id")))
     return await list_reply(state.store, page, params, state.config.read_chunk)
 
@@ -4292,7 +4323,8 @@ async def health_database(request: Request) -> Response:
         "timestamp": utc_now(),
         "connected": connected,
         "path": state.store.location,
-        "events": events,
+        "events": None,
+        "last_position": events,
         "latency_ms": latency,
         "streams": len(state.hub.subscribers),
         "oldest_position": None,
@@ -4304,6 +4336,7 @@ async def health_database(request: Request) -> Response:
         with contextlib.suppress(StoreError):
             extent = await state.store.extent()
             reply.update(
+                events=extent.events,
                 oldest_position=extent.oldest_position,
                 oldest_timestamp=extent.oldest_timestamp,
                 pruned_through=extent.pruned_through,
@@ -4327,6 +4360,8 @@ async def root(request: Request) -> Response:
                 "docs": "/docs",
                 "openapi": "/openapi.json",
                 "ui": "/ui",
+                "traces": "/v1/traces",
+                **({"metrics": "/metrics"} if config.metrics else {}),
             },
         }
     )
@@ -4445,13 +4480,21 @@ class SSEResponse(Response):
                 sub.behind = False
                 sub.buffer.clear()
                 sub.buffered = 0
-                try:  # stored events first
-                    async for events in stored_after(self.store, last, match, self.read_chunk):
-                        last = events[-1].position
-                        self.hub.delivered += len(events)
-                        yield b"".join([sse_bytes(event) for event in events])
-                        if sub.closed:
+                try:  # stored events first, in reads of what the streams' budget grants
+                    while not sub.closed:
+                        grant = self.hub.catchup.take(self.read_chunk)
+                        try:
+                            size = ReadSize(grant, PAGE)
+                            events = await self.store.events_after(last, match, size.count)
+                            if events:
+                                last = events[-1].position
+                                self.hub.delivered += len(events)
+                                yield b"".join([sse_bytes(event) for event in events])
+                        finally:
+                            self.hub.catchup.give(grant)
+                        if len(events) < size.count:
                             break
+                        size.saw([len(event.json) for event in events])
                 except StoreError as exc:
                     yield f"event: error\ndata: {json.dumps({'detail': str(exc)})}\n\n".encode()
                     return
@@ -5009,7 +5052,7 @@ ROUTES = [
     ApiRoute("/", "GET", root, "root", public=True),
     ApiRoute("/health", "GET", health, "health_no_slash", public=True),
     ApiRoute("/health/", "GET", health, "health", public=True),
-    ApiRoute("/health/database", "GET", health_database, "health_database", public=True),
+    ApiRoute("/health/database", "GET", health_database, "health_database"),  # its path and sizes: keyed
     ApiRoute("/events", "GET", list_events, "list_events_no_slash"),
     ApiRoute("/events/", "GET", list_events, "list_events"),
     ApiRoute("/events/stream", "GET", stream, "stream_events"),
@@ -5019,7 +5062,7 @@ ROUTES = [
     ApiRoute("/openapi.json", "GET", openapi_handler, "openapi", public=True),
     ApiRoute("/docs", "GET", docs_handler, "docs", public=True),
     ApiRoute("/ui", "GET", ui_handler, "live_view", public=True),
-    ApiRoute("/metrics", "GET", metrics, "metrics", public=True),
+    ApiRoute("/metrics", "GET", metrics, "metrics"),  # counts, sizes, versions: keyed when there is a key
 ]
 
 
@@ -5056,7 +5099,7 @@ def create_app(config: APIServerConfig | None = None) -> Starlette:
     async def lifespan(app: Starlette) -> AsyncIterator[None]:
         store = make_store(config)
         await store.start()
-        hub = Hub(store, config.read_chunk, config.stream_buffer)
+        hub = Hub(store, config.read_chunk, config.stream_buffer, config.stream_memory)
         hub.start()
         trimming = asyncio.ensure_future(give_back_memory())
         retaining = asyncio.ensure_future(retain(store, config.retain)) if config.retain else None
@@ -5589,7 +5632,7 @@ def operations(config: APIServerConfig) -> dict:
     )
     return {
         "root": op("Server information", "info", {"200": _json(_ref("Root"), "Name, version, endpoints.")}),
-        "health_no_slash": health_op,
+        "health_no_slash": {**health_op, "deprecated": True, "description": "The same as `/health/`."},
         "health": health_op,
         "health_database": op(
             "Database health",
@@ -5597,7 +5640,7 @@ def operations(config: APIServerConfig) -> dict:
             {"200": _json(_ref("DatabaseHealth"), "Healthy."), "503": _json(_ref("DatabaseHealth"), "Unhealthy.")},
             description="Query parameters are ignored.",
         ),
-        "list_events_no_slash": events_list,
+        "list_events_no_slash": {**events_list, "deprecated": True, "description": "The same as `/events/`."},
         "list_events": events_list,
         **{f"emit_{kind}": emit_op(kind) for kind in KINDS},
         "emit_batch": op(
@@ -5803,6 +5846,14 @@ def docs_html(config: APIServerConfig) -> str:
 # -- 8.1 uvicorn: the protocol, open files, the port --------------------------------------
 
 
+MAX_HEAD = 64 * 1024  # bytes of a request head (its line and headers), at most
+_TOO_LARGE = compact_json({"detail": f"the request head is larger than {MAX_HEAD} bytes"}).encode()
+HEAD_TOO_LARGE = (
+    b"HTTP/1.1 431 Request Header Fields Too Large\r\ncontent-type: application/json\r\n"
+    b"content-length: %d\r\nconnection: close\r\n\r\n%s" % (len(_TOO_LARGE), _TOO_LARGE)
+)
+
+
 def protocol_with_head_timeout(seconds: float) -> type:
     """uvicorn's HTTP protocol (httptools' where installed, else h11's), closing a connection
     that has not sent a whole request head within `seconds` of opening, or of its last
@@ -5834,6 +5885,7 @@ def protocol_with_head_timeout(seconds: float) -> type:
 
     class HeadTimeoutProtocol(base):
         waiting_since: float | None = None  # when it began to wait for a request head
+        head_bytes = 0  # of the head it waits for, so far
 
         def connection_made(self, transport: Any) -> None:
             super().connection_made(transport)
@@ -5844,10 +5896,18 @@ def protocol_with_head_timeout(seconds: float) -> type:
                 sweeping[:] = [loop.create_task(sweep())]
 
         def data_received(self, data: bytes) -> None:
+            if self.waiting_since is not None:  # counted before any parser sees it
+                end = data.find(b"\r\n\r\n")
+                self.head_bytes += len(data) if end < 0 else end
+                if self.head_bytes > MAX_HEAD:
+                    self.transport.write(HEAD_TOO_LARGE)
+                    self.transport.close()
+                    return
             super().data_received(data)
             cycle = getattr(self, "cycle", None)
             if cycle is not None and not cycle.response_complete:
                 self.waiting_since = None  # a request is in hand: its head came whole
+                self.head_bytes = 0
                 if not cycle.more_body:  # and its body: receive_json has no wait to time
                     cycle.scope[BODY_IN_HAND] = True
 
@@ -6039,6 +6099,9 @@ def copy_main(argv: Sequence[str]) -> None:
     try:
         source, target = store_at(args.source), store_at(args.target)
         events = asyncio.run(copy_stores(source, target, progress))
+    except KeyboardInterrupt:
+        print("eventuali-api-server copy: interrupted; run the same command again to resume", file=sys.stderr)
+        sys.exit(130)
     except (ConfigError, StoreError, OSError) as exc:
         print(f"eventuali-api-server copy: error: {exc}", file=sys.stderr)
         sys.exit(1)
@@ -6081,6 +6144,7 @@ def main(argv: Sequence[str] | None = None) -> None:
         "timeout_graceful_shutdown": 1,
         "limit_concurrency": config.limit_concurrency,
         "http": protocol_with_head_timeout(config.request_timeout),
+        "h11_max_incomplete_event_size": MAX_HEAD + 1,  # the protocol answers 431 past MAX_HEAD first
     }
     if config.log_format == "json":  # configure_logging's lines; observe() writes the access lines
         serving.update(log_config=None, access_log=False)
