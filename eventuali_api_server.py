@@ -6065,13 +6065,22 @@ def prune_main(argv: Sequence[str]) -> None:
     print(f"removed {removed:,} events from before {cutoff} from {store.location}")
 
 
-def store_at(where: str) -> ThreadedStore:
-    """The store a command line names: a PostgreSQL URL, an SQLite file, or a data dir."""
-    if where.startswith(("postgresql://", "postgres://")):
+DATABASE_URL_LIKE = re.compile(r"\s*[A-Za-z][\w+.-]*://|.*\b(host|dbname|password|user)\s*=", re.S)
+
+
+def store_at(where: str, existing: bool = False) -> ThreadedStore:
+    """The store a command line names: a database URL (anything that looks like one, so that a
+    mistyped URL fails as one, its password hidden), an SQLite file, or a data dir. With
+    `existing`, an SQLite log that is not there is refused rather than created."""
+    if DATABASE_URL_LIKE.match(where):
         return PostgresStore(config_from_env(database_url=where))
     if os.path.isfile(where) or where.endswith(".db"):
-        return SQLiteStore(config_from_env(database_url=""), path=where)
-    return SQLiteStore(config_from_env(data_dir=where, database_url=""))
+        store = SQLiteStore(config_from_env(database_url=""), path=where)
+    else:
+        store = SQLiteStore(config_from_env(data_dir=where, database_url=""))
+    if existing and not os.path.isfile(store.path):
+        raise ConfigError(f"no log at {store.path}")
+    return store
 
 
 def copy_main(argv: Sequence[str]) -> None:
@@ -6097,7 +6106,7 @@ def copy_main(argv: Sequence[str]) -> None:
         print(f"copied {done:,} of {total:,} events ({done * 100 // max(total, 1)}%)", file=sys.stderr, flush=True)
 
     try:
-        source, target = store_at(args.source), store_at(args.target)
+        source, target = store_at(args.source, existing=True), store_at(args.target)
         events = asyncio.run(copy_stores(source, target, progress))
     except KeyboardInterrupt:
         print("eventuali-api-server copy: interrupted; run the same command again to resume", file=sys.stderr)

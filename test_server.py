@@ -5273,3 +5273,305 @@ def test_readme_opentelemetry_example_runs(shared):
     [planner] = view["agents"]
     assert (planner["agent_name"], planner["call_count"], planner["state"]) == ("planner", 2, "completed")
     assert view["workflow"]["state"] == "completed"
+
+
+# -- hardening, third round (issue 31): each of these failed on 1.2.0 ------------------------------
+
+
+def test_head_stream_with_a_pipelined_request_keeps_no_slot(tmp_path):
+    with ThreadServer(tmp_path / "d", max_streams=3) as server:
+        for _ in range(5):
+            with socket.create_connection(("127.0.0.1", server.port)) as sock:
+                sock.sendall(
+                    b"HEAD /events/stream HTTP/1.1\r\nHost: localhost\r\n\r\n"
+                    b"GET /health HTTP/1.1\r\nHost: localhost\r\n\r\n"
+                )
+                sock.settimeout(3)
+                head = sock.recv(4096)
+                assert head.startswith(b"HTTP/1.1 200") and b"text/event-stream" in head, head
+        wait_until(lambda: server.client.get("/health/database").json()["streams"] == 0)
+        streams = [open_stream(server.url) for _ in range(3)]  # every slot is free
+        for stream in streams:
+            stream.close()
+
+
+def test_last_event_id_past_the_integer_range_is_422(front):
+    for value in (str(2**63), "9999999999999999999"):
+        reply = front.get("/events/stream", headers={"Last-Event-ID": value})
+        assert_invalid(reply, "header", "last-event-id")
+
+
+def test_future_timestamps_are_refused_and_cannot_hold_retention(tmp_path):
+    with ThreadServer(tmp_path / "d") as server:
+        reply = server.client.post("/events/emit/agent", json={"name": "x", "timestamp": "9999-12-31T23:59:59Z"})
+        assert_invalid(reply, "body", "timestamp")
+        assert "ahead of the server's clock" in reply.text and "--max-future" in reply.text
+        soon = (datetime.now(timezone.utc) + timedelta(hours=1)).isoformat()
+        assert emit(server.client, name="skewed", timestamp=soon)["position"] == 1  # within a day: taken
+    with ThreadServer(tmp_path / "any", max_future=0) as server:  # the limit off: a log as 1.2.0 kept it
+        c = server.client
+        emit(c, name="old", timestamp="2020-01-01T00:00:00Z")
+        emit(c, name="far", timestamp="9999-12-31T23:59:59Z")
+        emit(c, name="old2", timestamp="2020-01-02T00:00:00Z")
+        emit(c, name="fresh")
+        assert asyncio.run(eas.make_store(server.config).prune("2021-01-01T00:00:00+00:00")) == 3
+        assert [e["event_name"] for e in events_of(c)["events"]] == ["fresh"]
+
+
+@pytest.mark.slow
+def test_agents_of_a_deep_causation_chain_answer_in_linear_time(sqlite_srv):
+    """10,000 agents, each caused by the one before: 1.2.0 took 16.9 s for one request."""
+    count = 10_000
+    agents = [{"kind": "agent", "name": "agent.started", "aggregate_id": "a0", "correlation_id": "deep"}]
+    agents += [
+        {
+            "kind": "agent",
+            "name": "agent.started",
+            "aggregate_id": f"a{i}",
+            "correlation_id": "deep",
+            "causation_id": f"a{i - 1}",
+        }
+        for i in range(1, count)
+    ]
+    for start in range(0, count, 1000):
+        reply = sqlite_srv.client.post("/events/emit/batch", json={"events": agents[start : start + 1000]})
+        assert reply.status_code == 200
+    started = time.time()
+    view = sqlite_srv.client.get("/events/workflows/deep/agents").json()
+    took = time.time() - started
+    parents = {a["agent_id"]: a["parent_agent_id"] for a in view["agents"]}
+    assert parents["a0"] is None and parents["a9999"] == "a9998" and len(parents) == count
+    assert took < 5, f"{took:.1f} s"
+
+
+def test_cut_cycles_cuts_at_the_first_member():
+    parents = {"a": "c", "b": "a", "c": "b", "d": "c", "e": "f", "f": "e"}
+    eas.cut_cycles(parents, ["b", "c", "a", "d", "e", "f"])
+    assert parents == {"a": "c", "b": None, "c": "b", "d": "c", "e": None, "f": "e"}
+
+
+def test_every_wait_is_bounded_by_the_timeout_from_its_arrival(backend):
+    """Requests queued behind a lock held elsewhere each answer 503 within the timeout of their
+    own arrival (1.2.0: each later group waited a timeout more); those the writer had not
+    taken are not stored; health answers within it too."""
+    with ThreadServer(**backend, database_timeout=1) as server:
+        emit(server.client, name="before")
+        blocker = hold_write_lock(server)
+        try:
+            started = time.time()
+            with ThreadPoolExecutor(13) as pool:
+                posts = [
+                    pool.submit(httpx.post, server.url + "/events/emit/agent", json={"name": f"q{i}"}, timeout=30)
+                    for i in range(12)
+                ]
+                health = pool.submit(httpx.get, server.url + "/health/", timeout=30)
+                replies = [post.result() for post in posts]
+                assert health.result().status_code == 503
+            took = time.time() - started
+        finally:
+            blocker.release()
+        assert [r.status_code for r in replies] == [503] * 12
+        assert took < 4, f"{took:.1f} s"
+        dropped = [f"q{i}" for i, r in enumerate(replies) if "nothing was stored" in r.json()["detail"]]
+        assert dropped, [r.json()["detail"] for r in replies]
+        emit(server.client, name="after")
+        names = {e["event_name"] for e in events_of(server.client, limit=100)["events"]}
+        assert not names & set(dropped) and {"before", "after"} <= names
+
+
+@pytest.mark.parametrize(
+    "url",
+    [
+        " postgresql://ev:Hunter2SecretPw@127.0.0.1:1/x",
+        "postgresq://ev:Hunter2SecretPw@127.0.0.1:1/x",
+        "mysql://ev:Hunter2SecretPw@127.0.0.1:1/x",
+        "POSTGRESQL://ev:Hunter2SecretPw@127.0.0.1:1/x",
+        "postgresql://ev:Hunter2 SecretPw@127.0.0.1:1/x",
+        "postgresql://ev:Hunter2%zzSecretPw@127.0.0.1:1/x",
+        "host=127.0.0.1 port=1 password=Hunter2SecretPw dbname=x",
+    ],
+)
+def test_database_password_never_shown_for_malformed_urls(tmp_path, url):
+    pytest.importorskip("psycopg")
+    for args in (
+        ["--port", str(free_port()), "--database-url", url],
+        ["prune", "--older-than", "1d", "--database-url", url],
+        ["copy", "--from", url, "--to", str(tmp_path / "t.db")],
+    ):
+        done = subprocess.run([sys.executable, SERVER, *args], capture_output=True, text=True, timeout=60)
+        assert done.returncode != 0
+        out = done.stdout + done.stderr
+        assert "Hunter2" not in out and "SecretPw" not in out, out
+
+
+def test_redact_secrets():
+    url = "postgresql://ev:p%40ss word@db/x"
+    assert "p%40ss word" not in eas.redact_secrets(f'invalid connection option "{url}"', url)
+    assert "p@ss word" not in eas.redact_secrets("password p@ss word is wrong", url)
+    assert eas.redact_secrets("password=abc123 host=x", "host=x password=abc123") == "password=*** host=x"
+
+
+def test_request_heads_over_the_cap_get_431(tmp_path):
+    for command in ([sys.executable, SERVER], [sys.executable, "-c", HIDE_FAST.format(server=SERVER)]):
+        port = free_port()
+        proc = spawn([*command, "--port", str(port), "--data-dir", str(tmp_path / "d")])
+        try:
+            url = f"http://127.0.0.1:{port}"
+            wait_healthy(url, proc)
+            with socket.create_connection(("127.0.0.1", port)) as sock:
+                sock.sendall(b"GET /health HTTP/1.1\r\nHost: localhost\r\nX-Big: " + b"a" * (70 * 1024) + b"\r\n\r\n")
+                sock.settimeout(5)
+                reply = b""
+                with contextlib.suppress(OSError):
+                    while chunk := sock.recv(4096):
+                        reply += chunk
+            assert reply.startswith(b"HTTP/1.1 431") and b"request head is larger" in reply, reply[:200]
+            big_body = {"name": "x", "attributes": {"blob": "b" * 200_000}}  # a big body is not a big head
+            assert httpx.post(url + "/events/emit/agent", json=big_body).status_code == 200
+        finally:
+            stop_process(proc)
+
+
+def test_host_headers_as_rfc_9112_says(front):
+    raw = lambda head: raw_request(front, head)  # noqa: E731
+    for head in (
+        b"GET /health HTTP/1.1\r\nHost: [::1]evil.com\r\n\r\n",
+        b"GET /health HTTP/1.1\r\nHost: localhost:evil\r\n\r\n",
+        b"GET /health HTTP/1.1\r\nHost: localhost\r\nHost: localhost\r\n\r\n",
+    ):
+        assert raw(head).startswith(b"HTTP/1.1 400"), head
+    assert raw(b"GET /health HTTP/1.1\r\nHost: localhost:8765\r\n\r\n").startswith(b"HTTP/1.1 200")
+    assert raw(b"GET /health HTTP/1.0\r\n\r\n").startswith(b"HTTP/1.1 200")  # 1.0 needs no Host
+
+
+def raw_request(client: httpx.Client, head: bytes) -> bytes:
+    port = httpx.URL(str(client.base_url)).port
+    with socket.create_connection(("127.0.0.1", port)) as sock:
+        sock.sendall(head)
+        sock.settimeout(5)
+        return sock.recv(4096)
+
+
+def test_allowed_hosts_match_in_any_case_and_port(tmp_path):
+    with ThreadServer(tmp_path / "d", allowed_hosts=["Events.Example.com:443"]) as server:
+        assert server.client.get("/health", headers={"Host": "events.example.com"}).status_code == 200
+        assert server.client.get("/health", headers={"Host": "EVENTS.example.com:8765"}).status_code == 200
+        assert server.client.get("/health", headers={"Host": "other.example.com"}).status_code == 403
+
+
+def test_access_token_redacted_past_a_quote():
+    line = eas.redact_query("GET /events/stream?access_token=ab'cd-secret&x=1")
+    assert "secret" not in line and "access_token=***&x=1" in line
+
+
+def test_prune_of_a_missing_data_dir_creates_nothing(tmp_path):
+    done = subprocess.run(
+        [sys.executable, SERVER, "prune", "--older-than", "1d", "--data-dir", str(tmp_path / "typo")],
+        capture_output=True,
+        text=True,
+        timeout=60,
+    )
+    assert done.returncode == 1 and "no log at" in done.stderr and not (tmp_path / "typo").exists()
+
+
+def test_health_database_says_events_kept_and_last_position(tmp_path):
+    with ThreadServer(tmp_path / "d") as server:
+        emit(server.client, name="old", timestamp="2020-01-01T00:00:00Z")
+        emit(server.client, name="new")
+        asyncio.run(eas.make_store(server.config).prune("2021-01-01T00:00:00+00:00"))
+        health = server.client.get("/health/database").json()
+        assert (health["events"], health["last_position"], health["pruned_through"]) == (1, 2, 1)
+
+
+def test_openapi_marks_the_unslashed_twins_deprecated(front):
+    paths = front.get("/openapi.json").json()["paths"]
+    assert paths["/health"]["get"]["deprecated"] is True and paths["/events"]["get"]["deprecated"] is True
+    assert "deprecated" not in paths["/health/"]["get"] and "deprecated" not in paths["/events/"]["get"]
+
+
+def test_byte_budget_never_waits_and_stays_bounded():
+    budget = eas.ByteBudget(10, 2)
+    grants = [budget.take(4) for _ in range(5)]
+    assert grants == [4, 4, 2, 2, 2]  # what is free, then the floor
+    for grant in grants:
+        budget.give(grant)
+    assert budget.free == 10
+
+
+def test_streams_catch_up_within_a_small_shared_budget(tmp_path):
+    with ThreadServer(tmp_path / "d", stream_memory=1024 * 1024, read_chunk=64 * 1024) as server:
+        post_many(server.url, [{"name": f"e{i}", "attributes": {"pad": "x" * 2000}} for i in range(300)], workers=4)
+        streams = [open_stream(server.url, "?after=0") for _ in range(4)]
+        try:
+            for stream in streams:
+                assert [int(stream.event()["id"]) for _ in range(300)] == list(range(1, 301))
+        finally:
+            for stream in streams:
+                stream.close()
+
+
+@pytest.mark.slow
+def test_a_frozen_postgres_writer_releases_its_lock_within_the_timeout(tmp_path, pg_url):
+    """A server stopped inside a commit (SIGSTOP: a paused VM, a partition) kept the head
+    row locked in 1.2.0 until TCP gave up; its session now ends the transaction after
+    --database-timeout, and the other servers write again."""
+    frozen, frozen_url = start_process(tmp_path / "a", "--database-url", pg_url, "--database-timeout", "2")
+    stop = threading.Event()
+
+    def load() -> None:  # big batches: the frozen server is almost always inside a commit
+        with httpx.Client(base_url=frozen_url, timeout=5) as client:
+            while not stop.is_set():
+                with contextlib.suppress(httpx.HTTPError):
+                    client.post("/events/emit/batch", json={"events": [{"kind": "agent", "name": "x"}] * 1000})
+
+    threads = [threading.Thread(target=load) for _ in range(2)]
+    try:
+        with ThreadServer(tmp_path / "b", database_url=pg_url, database_timeout=20) as other:
+            for thread in threads:
+                thread.start()
+            time.sleep(1)
+            frozen.send_signal(signal.SIGSTOP)
+            stop.set()
+            started = time.time()
+            reply = other.client.post("/events/emit/agent", json={"name": "while the other is frozen"})
+            took = time.time() - started
+            assert reply.status_code == 200, reply.text
+            assert took < 10, f"{took:.1f} s"
+    finally:
+        stop.set()
+        frozen.send_signal(signal.SIGCONT)
+        for thread in threads:
+            thread.join(10)
+        stop_process(frozen)
+
+
+def test_postgres_connections_ended_while_idle_cost_no_503(tmp_path, pg_url):
+    with ThreadServer(tmp_path / "d", database_url=pg_url) as server:
+        emit(server.client, name="before")
+        assert events_of(server.client)["total"] == 1
+        with psycopg.connect(pg_url, autocommit=True) as admin:  # what a restart or an idle timeout does
+            admin.execute(
+                "SELECT pg_terminate_backend(pid) FROM pg_stat_activity "
+                "WHERE datname = current_database() AND pid <> pg_backend_pid() AND query NOT LIKE 'LISTEN%'"
+            )
+        assert emit(server.client, name="after")["position"] == 2
+        assert events_of(server.client)["total"] == 2
+
+
+def test_copy_into_another_log_writes_nothing(tmp_path, backend):
+    source = tmp_path / "source"
+    with ThreadServer(source) as server:
+        for i in range(3):
+            emit(server.client, name=f"s{i}")
+    with ThreadServer(**backend) as server:
+        emit(server.client, name="something else")
+    target = backend.get("database_url") or str(Path(backend["data_dir"]))
+    done = subprocess.run(
+        [sys.executable, SERVER, "copy", "--from", str(source), "--to", target],
+        capture_output=True,
+        text=True,
+        timeout=60,
+    )
+    assert done.returncode == 1 and "the target holds another log" in done.stderr, done.stderr
+    with ThreadServer(**backend) as server:
+        assert [e["event_name"] for e in events_of(server.client)["events"]] == ["something else"]
