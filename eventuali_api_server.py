@@ -6228,6 +6228,11 @@ function el(tag, text, cls) {{
   if (cls) node.className = cls;
   return node;
 }}
+function prose(tag, text) {{  // the document's `code` spans as code, the rest as text
+  const node = el(tag);
+  String(text).split("`").forEach((part, i) => node.append(i % 2 ? el("code", part) : part));
+  return node;
+}}
 function render(doc) {{
   const refOf = (schema) => (schema && schema.$ref ? doc.components.schemas[schema.$ref.split("/").pop()] : schema);
   function describe(schema, depth) {{
@@ -6240,12 +6245,13 @@ function render(doc) {{
     const required = new Set(schema.required || []);
     return type + " {{\n" + Object.entries(schema.properties).map(([name, sub]) =>
       pad + "  " + name + (required.has(name) ? "" : "?") + ": " + describe(sub, depth + 1) +
-      (refOf(sub) && refOf(sub).description ? "  \u2014 " + refOf(sub).description.split("\n")[0] : "")
+      (refOf(sub) && refOf(sub).description ?
+        "  \u2014 " + refOf(sub).description.split("\n")[0].replace(/`/g, "") : "")
     ).join("\n") + "\n" + pad + "}}";
   }}
   const ops = document.getElementById("ops");
   ops.textContent = "";
-  ops.append(el("h1", doc.info.title + " " + doc.info.version), el("p", doc.info.description || ""));
+  ops.append(el("h1", doc.info.title + " " + doc.info.version), prose("p", doc.info.description || ""));
   for (const [path, methods] of Object.entries(doc.paths)) {{
     for (const [method, op] of Object.entries(methods)) {{
       const box = el("section", undefined, "op");
@@ -6253,7 +6259,7 @@ function render(doc) {{
       const head = el("h3");
       head.append(el("span", method.toUpperCase(), "method " + method), el("code", path), " " + (op.summary || ""));
       box.append(head);
-      if (op.description) box.append(el("p", op.description));
+      if (op.description) box.append(prose("p", op.description));
       if (op.parameters && op.parameters.length) {{
         box.append(el("h4", "Parameters"));
         const table = el("table");
@@ -6261,7 +6267,7 @@ function render(doc) {{
         for (const p of op.parameters) {{
           const tr = el("tr");
           tr.append(el("td", p.name + (p.required ? " *" : "")), el("td", p.in), el("td", describe(p.schema, 0)),
-                    el("td", (p.description || (p.schema && p.schema.description) || "")));
+                    prose("td", (p.description || (p.schema && p.schema.description) || "")));
           table.append(tr);
         }}
         box.append(table);
@@ -6275,7 +6281,7 @@ function render(doc) {{
       box.append(el("h4", "Responses"));
       for (const [code, reply] of Object.entries(op.responses || {{}})) {{
         const json = reply.content && Object.values(reply.content)[0];
-        box.append(el("p", code + ": " + (reply.description || "")));
+        box.append(prose("p", code + ": " + (reply.description || "")));
         if (json && json.schema) box.append(el("pre", describe(json.schema, 0)));
       }}
       ops.append(box);
@@ -6761,12 +6767,19 @@ function showAgent(id) {
   tl.chosen = id; renderTimeline();
   $("agent-panel").hidden = false;
   $("agent-title").textContent = a.name ? a.name + " (" + id + ")" : id;
+  const parent = a.parent && tl.agents.get(a.parent);
   $("agent-figures").textContent = [a.state, a.status, a.events.length + " events",
-    span(a.last - a.first)].join(" · ");
+    span(a.last - a.first), parent ? "under " + (parent.name || parent.id) : ""].filter(Boolean).join(" · ");
+  const owners = new Map();  // event id -> its agent, for causes that name an event
+  for (const other of tl.agents.values()) for (const e of other.events) owners.set(e.event_id, other);
+  const cause = (id) => {  // a cause by the agent it names, where one is known
+    const agent = tl.agents.get(id) || owners.get(id);
+    return !id ? "" : agent ? "← " + (agent.name || agent.id) : id === tl.id ? "← workflow" : id;
+  };
   const body = $("agent-events"), rowsOut = document.createDocumentFragment();
   for (const e of a.events.slice(-MAX_ROWS)) {
     rowsOut.append(row(e, [[e.position, "muted"], [e.timestamp.slice(11, 23), "muted"], [e.event_name, ""],
-                           [e.causation_id || "", "muted"]]));
+                           [cause(e.causation_id), "muted"]]));
   }
   body.textContent = ""; body.append(rowsOut);
 }

@@ -4089,6 +4089,7 @@ def test_timeline_in_browser(srv, browser, tmp_path):
     page.click('g[data-agent="coder"] rect.bar')
     page.wait_for_selector("#agent-panel:not([hidden])")
     assert page.locator("#agent-events tr.event").count() == 10
+    assert "under planner" in page.text_content("#agent-figures")  # the resolved parent, not a raw cause
     page.click("#agent-events tr.event >> nth=-1")
     assert json.loads(page.text_content("#json"))["event_name"] == "agent.completed"
     page.screenshot(path=str(tmp_path / "timeline.png"))
@@ -4172,6 +4173,8 @@ def test_docs_fall_back_to_a_reference_when_swagger_ui_cannot_load(tmp_path, bro
                 emit_op = page.text_content("#op-emit_agent")
                 assert "expected_version" in emit_op and "url-cacher" in emit_op  # request schema and example
                 assert "Retry-After" in page.text_content("#reference") or "503" in emit_op
+                assert "`" not in page.text_content("#reference")  # the document's code spans, as code
+                assert page.locator("#op-workflow_agents p code").count() >= 2  # e.g. `status`, `state`
                 page.close()
     finally:
         silent.close()
@@ -5136,6 +5139,7 @@ def test_otlp_bad_bodies_are_4xx_that_name_the_problem(front):
             assert words in reply.json()["detail"], reply.json()
 
 
+@pytest.mark.slow
 def test_otlp_body_limits(tmp_path):
     with ThreadServer(tmp_path / "d", otlp_max_body=1500) as server:
         spans = recorded_run()[1]
@@ -5151,6 +5155,7 @@ def test_otlp_body_limits(tmp_path):
         assert reply.status_code == 200
 
 
+@pytest.mark.slow
 def test_otlp_takes_the_write_key_by_either_header(tmp_path):
     with ThreadServer(tmp_path / "d", api_key="w-key", read_api_key="r-key") as server:
         body = protobuf_of(recorded_run()[1][:1])
@@ -5254,6 +5259,7 @@ def test_otlp_run_on_the_timeline(sqlite_srv, browser):
     assert page.text_content("#tl-badge") == "completed"
 
 
+@pytest.mark.slow
 def test_readme_opentelemetry_example_runs(shared):
     """The README's example, as a user runs it: the stock exporter, configured by the
     environment variable the README names."""
@@ -5350,6 +5356,7 @@ def test_cut_cycles_cuts_at_the_first_member():
     assert parents == {"a": "c", "b": None, "c": "b", "d": "c", "e": None, "f": "e"}
 
 
+@pytest.mark.slow
 def test_every_wait_is_bounded_by_the_timeout_from_its_arrival(backend):
     """Requests queued behind a lock held elsewhere each answer 503 within the timeout of their
     own arrival (1.2.0: each later group waited a timeout more); those the writer had not
@@ -5379,6 +5386,7 @@ def test_every_wait_is_bounded_by_the_timeout_from_its_arrival(backend):
         assert not names & set(dropped) and {"before", "after"} <= names
 
 
+@pytest.mark.slow
 @pytest.mark.parametrize(
     "url",
     [
@@ -5411,6 +5419,7 @@ def test_redact_secrets():
     assert eas.redact_secrets("password=abc123 host=x", "host=x password=abc123") == "password=*** host=x"
 
 
+@pytest.mark.slow
 def test_request_heads_over_the_cap_get_431(tmp_path):
     for command in ([sys.executable, SERVER], [sys.executable, "-c", HIDE_FAST.format(server=SERVER)]):
         port = free_port()
@@ -5498,6 +5507,7 @@ def test_byte_budget_never_waits_and_stays_bounded():
     assert budget.free == 10
 
 
+@pytest.mark.slow
 def test_streams_catch_up_within_a_small_shared_budget(tmp_path):
     with ThreadServer(tmp_path / "d", stream_memory=1024 * 1024, read_chunk=64 * 1024) as server:
         post_many(server.url, [{"name": f"e{i}", "attributes": {"pad": "x" * 2000}} for i in range(300)], workers=4)
@@ -5558,6 +5568,7 @@ def test_postgres_connections_ended_while_idle_cost_no_503(tmp_path, pg_url):
         assert events_of(server.client)["total"] == 2
 
 
+@pytest.mark.slow
 def test_copy_into_another_log_writes_nothing(tmp_path, backend):
     source = tmp_path / "source"
     with ThreadServer(source) as server:
