@@ -2033,6 +2033,13 @@ class ThreadedStore(EventStore):
         self._readers = ThreadPoolExecutor(4, thread_name_prefix="eventuali-read")
         self._local = threading.local()
         self._read_conns: list = []
+        # After a fault of the store in a write, every connection is opened anew: SQLite shares a
+        # file's shared memory among a process's connections, and one opened while the files
+        # were read-only keeps it so for all. Readers not in a read are closed at once, the others
+        # when their read ends (under _idle_lock).
+        self._generation = 0
+        self._idle: set = set()  # reader connections not in a read
+        self._idle_lock = threading.Lock()
         self._writer: threading.Thread | None = None
         self._conn: Any = None  # the writer's connection, opened by the writer when it has none
         self._seen = SeenVersions(self.read_state)
@@ -2119,10 +2126,11 @@ class ThreadedStore(EventStore):
         connection found lost (the database restarted, or ended it while idle) is replaced,
         and the read tried once more on the new one."""
         for attempt in (1, 2):
-            conn = getattr(self._local, "conn", None)
+            conn = self._reader()
             try:
                 if conn is None:
                     conn = self._local.conn = self.connect()
+                    self._local.generation = self._generation
                     self._read_conns.append(conn)
                 return fn(conn, *args)
             except self.errors as exc:
@@ -2135,7 +2143,39 @@ class ThreadedStore(EventStore):
                 problem = self.unavailable(exc)
                 self.stats.error("read", problem)
                 raise problem from None
+            finally:
+                conn = getattr(self._local, "conn", None)
+                if conn is not None:
+                    with self._idle_lock:
+                        self._idle.add(conn)
         raise AssertionError("unreachable")
+
+    def _reader(self) -> Any:
+        """This thread's reader connection, taken out of the idle ones; None where it has none,
+        or where the one it had is of an older generation (then it is closed here)."""
+        conn = getattr(self._local, "conn", None)
+        if conn is None:
+            return None
+        with self._idle_lock:
+            idle = conn in self._idle
+            self._idle.discard(conn)
+        if idle and getattr(self._local, "generation", 0) == self._generation:
+            return conn
+        if idle:  # reset_connections did not get to it
+            conn.close()
+        self._local.conn = None
+        self._read_conns.remove(conn)
+        return None
+
+    def reset_connections(self) -> None:
+        """Have every connection opened anew: the writer's at its next group, readers not in a
+        read now, the others after theirs."""
+        self.close_writer()
+        with self._idle_lock:
+            self._generation += 1
+            idle, self._idle = self._idle, set()
+        for conn in idle:
+            conn.close()
 
     async def _read(self, fn: Callable, *args: Any) -> Any:
         return await asyncio.get_running_loop().run_in_executor(
@@ -2228,13 +2268,18 @@ class ThreadedStore(EventStore):
         return await pending.future
 
     async def _expire(self) -> None:
-        """Answer 503 to every request that has waited `timeout` since it arrived, whatever is
-        ahead of it (a lock held elsewhere, a store that does not answer). One the writer has
-        not taken is dropped: nothing of it is stored. One it has may still commit."""
+        """Answer 503 to every request still queued `timeout` after it arrived, whatever is ahead
+        of it (a lock held elsewhere, a store that does not answer): it is dropped, nothing of it
+        is stored. One the writer is committing gets a timeout more, since the store's own error
+        (which names the fault) comes within one; past that it may still commit."""
         while True:
             await asyncio.sleep(min(1.0, self.timeout / 4))
             now = self._loop.time()
-            overdue = [pending for pending in self._waiting if pending.deadline <= now]
+            overdue = [
+                pending
+                for pending in self._waiting
+                if pending.deadline <= now and (not pending.taken or pending.deadline + self.timeout <= now)
+            ]
             with self._claim:
                 for pending in overdue:
                     pending.expired = not pending.taken
@@ -2317,7 +2362,7 @@ class ThreadedStore(EventStore):
                 if attempt == 2:
                     return [self.unavailable(exc.cause)] * len(requests)
         if any(isinstance(outcome, StoreUnavailable) for outcome in outcomes):
-            self.close_writer()
+            self.reset_connections()
         return outcomes
 
     def commit(self, conn: Any, requests: list[list[NewEvent]]) -> list[Outcome]:
@@ -2838,6 +2883,14 @@ CREATE TABLE IF NOT EXISTS pruned (
 );
 """
 PG_CHANNEL = "eventuali"
+# The sessions that hold the head row's lock (a row lock takes a lock on its table) and have
+# waited for their client longer than the timeout; and each of them ended.
+LOST_WRITERS = """
+SELECT a.pid FROM pg_locks l JOIN pg_stat_activity a ON a.pid = l.pid
+WHERE l.relation = 'eventuali.head'::regclass AND l.granted AND a.pid <> pg_backend_pid()
+AND a.wait_event = 'ClientRead' AND a.state <> 'idle' AND now() - a.state_change > make_interval(secs => ?)
+AND pg_terminate_backend(a.pid)
+"""
 
 
 def pg_driver() -> Any:
@@ -2998,7 +3051,24 @@ class PostgresStore(ThreadedStore):
         except pg_driver().OperationalError as exc:
             if not locked and conn.closed:  # ended while idle (a restart, a timeout): nothing was sent
                 raise LostBeforeWriting(exc) from exc
+            if not locked and getattr(exc, "sqlstate", "") in ("55P03", "57014"):  # waited too long
+                self.end_lost_writers()
             raise
+
+    def end_lost_writers(self) -> None:
+        """End the sessions that hold the write lock while they wait for their own client
+        longer than the timeout: a server stopped inside a commit (frozen, paused, cut off),
+        which PostgreSQL cannot tell from a slow one (its kernel still answers TCP), and whose
+        timeouts do not run while a statement waits for the client. A working writer never
+        waits that long for itself. Best effort: the next commit tries again."""
+        try:
+            with contextlib.closing(self.connect()) as conn:
+                for (pid,) in conn.execute(LOST_WRITERS, (self.timeout,)).fetchall():
+                    logger.warning(
+                        "ending PostgreSQL session %s: it holds the write lock and its client is silent", pid
+                    )
+        except self.errors as exc:
+            logger.warning("could not end a silent writer's session: %s", self.unavailable(exc))
 
     def read_state(self, conn: PgConnection, keys: list) -> LogState:
         position, counted_through = conn.execute(
