@@ -453,8 +453,13 @@ def invalid(loc: Sequence, msg: str, kind: str) -> dict:
 # /events/workflows/{id}) cannot hold "/" either, which would split its path.
 NO_NUL = "^[^\\u0000]*$"
 PATH_ID = "^[^\\u0000/]*$"
+CONSUMER_NAME = "^[A-Za-z0-9._:-]{1,128}$"
 PATTERNS = {
     NO_NUL: (lambda value: "\x00" not in value, "must not contain the NUL character (U+0000)"),
+    CONSUMER_NAME: (
+        lambda value: re.fullmatch(CONSUMER_NAME[1:-1], value) is not None,
+        "must be 1 to 128 of the characters A-Z, a-z, 0-9, '.', '_', ':' and '-'",
+    ),
     PATH_ID: (
         lambda value: "\x00" not in value and "/" not in value,
         "must not contain '/' (it is read back as a segment of a path) or the NUL character (U+0000)",
@@ -817,7 +822,7 @@ WORKFLOW_SCOPE = (
 # Query parameters of the list routes: name -> JSON Schema (also the OpenAPI parameters).
 def list_params(config: APIServerConfig) -> dict:
     n = config.max_id_length
-    return {
+    params = {
         "limit": {"type": "integer", "minimum": 1, "maximum": 1000, "default": 100, "description": "Events per page."},
         "offset": {
             "type": "integer",
@@ -869,6 +874,12 @@ def list_params(config: APIServerConfig) -> dict:
             "description": "Only events whose timestamp is at or before this instant.",
         },
     }
+    params["consumer"] = {
+        **CONSUMER_FIELD,
+        "description": "Page on from the position this consumer acknowledged (from the beginning if it has none), "
+        'oldest first, unless `after` is given: `?consumer=NAME` alone is "what is new since I last looked".',
+    }
+    return params
 
 
 STREAM_FILTERS = ("event_type", "aggregate_type", "aggregate_id", "correlation_id", "event_name")
@@ -887,7 +898,23 @@ def stream_params(config: APIServerConfig) -> dict:
         "type": "string",
         "description": "The API key, for browsers' EventSource, which cannot send an Authorization header.",
     }
+    params["consumer"] = {
+        **CONSUMER_FIELD,
+        "description": "Start right after the position this consumer acknowledged (from the beginning if it has "
+        "none) when neither `Last-Event-ID` nor `after` is given.",
+    }
     return params
+
+
+CONSUMER_FIELD = {"type": "string", "minLength": 1, "maxLength": 128, "pattern": CONSUMER_NAME}
+ACK_FIELDS = {
+    "position": {
+        "type": "integer",
+        "minimum": 0,
+        "maximum": MAX_INT,
+        "description": "The consumer has handled every event up to this position.",
+    }
+}
 
 
 def check_query(request: Request, specs: dict) -> dict:
@@ -1006,6 +1033,15 @@ class Query:
     limit: int = 100
     offset: int = 0
     index_hints: bool = False  # the backend takes SQLite's INDEXED BY: the store sets it
+
+
+class Consumer(NamedTuple):
+    """A reader whose place in the log the store keeps: it has handled every event up to
+    `position`."""
+
+    name: str
+    position: int
+    updated_at: str
 
 
 class Page(NamedTuple):
@@ -1149,6 +1185,24 @@ class EventStore(abc.ABC):
         event (see workflow_summary in 3.2)."""
 
     @abc.abstractmethod
+    async def ack(self, name: str, position: int) -> tuple[Consumer, bool]:
+        """Record that the consumer `name` (created on first use) has handled every event up to
+        `position`; positions only move forward. The consumer as it is now, and whether it moved.
+        Conflict when `position` is past the log's last position."""
+
+    @abc.abstractmethod
+    async def consumer(self, name: str) -> Consumer | None:
+        """The consumer of this name, or None."""
+
+    @abc.abstractmethod
+    async def consumers(self) -> list[Consumer]:
+        """Every consumer, by name."""
+
+    @abc.abstractmethod
+    async def delete_consumer(self, name: str) -> bool:
+        """Remove the consumer; whether there was one."""
+
+    @abc.abstractmethod
     async def wait_for_commit(self, timeout: float) -> None:
         """Return soon after a commit to the log, by any process, or after `timeout` seconds;
         it may also return early. Readers then read by position: nothing is missed."""
@@ -1156,6 +1210,14 @@ class EventStore(abc.ABC):
     @abc.abstractmethod
     def backup(self, dest: str) -> int:
         """Write a consistent copy of the log to `dest`; the events it holds (blocking)."""
+
+
+class Chore(NamedTuple):
+    """Work for the writer thread besides appends (a consumer's position): fn(conn), alone, in a
+    transaction that holds the write lock, so that it is ordered with the commits."""
+
+    fn: Callable[[Any], Any]
+    future: asyncio.Future
 
 
 class LostBeforeWriting(Exception):
@@ -2011,6 +2073,34 @@ class Pending:
         self.taken = self.expired = False
 
 
+CONSUMER_COLUMNS = "name, position, updated_at"
+
+
+def read_consumer(conn: Connection, name: str) -> Consumer | None:
+    row = conn.execute(f"SELECT {CONSUMER_COLUMNS} FROM consumers WHERE name = ?", (name,)).fetchone()
+    return Consumer(*row) if row else None
+
+
+def read_consumers(conn: Connection) -> list[Consumer]:
+    return [Consumer(*row) for row in conn.execute(f"SELECT {CONSUMER_COLUMNS} FROM consumers ORDER BY name")]
+
+
+def move_consumer(conn: Connection, last: int, name: str, position: int, now: str) -> tuple[Consumer, bool]:
+    """In a transaction that holds the write lock: the consumer at `position` unless it is past
+    the log's `last` position (Conflict) or the consumer is there or further already."""
+    if position > last:
+        raise Conflict(f"position {position} is past the log's last position {last}")
+    known = read_consumer(conn, name)
+    if known is not None and known.position >= position:
+        return known, False
+    conn.execute(
+        "INSERT INTO consumers VALUES (?, ?, ?) "
+        "ON CONFLICT (name) DO UPDATE SET position = excluded.position, updated_at = excluded.updated_at",
+        (name, position, now),
+    )
+    return Consumer(name, position, now), True
+
+
 class ThreadedStore(EventStore):
     """What both backends share: one writer thread that commits each waiting group of
     requests in one transaction (GROUP_EVENTS, `commit`), reader threads that each keep a
@@ -2041,6 +2131,7 @@ class ThreadedStore(EventStore):
         self._idle: set = set()  # reader connections not in a read
         self._idle_lock = threading.Lock()
         self._writer: threading.Thread | None = None
+        self._next: Chore | None = None  # what the writer found behind a group, for its next turn
         self._conn: Any = None  # the writer's connection, opened by the writer when it has none
         self._seen = SeenVersions(self.read_state)
         self._write_problem: str | None = None  # set and cleared by the writer thread
@@ -2200,6 +2291,32 @@ class ThreadedStore(EventStore):
     async def workflow_summary(self, workflow_id: str) -> WorkflowView:
         return await self._read(workflow_summary, workflow_id)
 
+    async def consumer(self, name: str) -> Consumer | None:
+        return await self._read(read_consumer, name)
+
+    async def consumers(self) -> list[Consumer]:
+        return await self._read(read_consumers)
+
+    async def ack(self, name: str, position: int) -> tuple[Consumer, bool]:
+        def move(conn: Any) -> tuple[Consumer, bool]:
+            return move_consumer(conn, self.read_state(conn, []).position, name, position, utc_now())
+
+        return await self._chore(move)
+
+    async def delete_consumer(self, name: str) -> bool:
+        def delete(conn: Any) -> bool:
+            return conn.execute("DELETE FROM consumers WHERE name = ?", (name,)).rowcount > 0
+
+        return await self._chore(delete)
+
+    async def _chore(self, fn: Callable[[Any], Any]) -> Any:
+        chore = Chore(fn, self._loop.create_future())
+        self._queue.put(chore)
+        try:
+            return await asyncio.wait_for(asyncio.shield(chore.future), 2 * self.timeout)
+        except asyncio.TimeoutError:
+            raise StoreUnavailable(f"the database did not answer within {2 * self.timeout:g} s") from None
+
     async def extent(self) -> Extent:
         return await self._read(lambda conn: log_extent(conn)._replace(size_bytes=self.size_bytes(conn)))
 
@@ -2295,14 +2412,15 @@ class ThreadedStore(EventStore):
                 if not pending.future.done():
                     pending.future.set_exception(problem)
 
-    def _take_group(self) -> list[Pending] | None:
+    def _take_group(self) -> list[Pending] | Chore | None:
         """Wait for a request, then take those queued behind it (see GROUP_EVENTS), less those
-        whose wait ran out; None to stop."""
+        whose wait ran out; a chore alone; None to stop."""
         group: list[Pending] = []
         while not group:
-            first = self._queue.get()
-            if first is None:
-                return None
+            first = self._next or self._queue.get()
+            self._next = None
+            if first is None or isinstance(first, Chore):
+                return first
             candidates, events = [first], len(first.events)
             while events < min(GROUP_EVENTS, self._in_flight // 2):
                 try:
@@ -2311,6 +2429,9 @@ class ThreadedStore(EventStore):
                     break
                 if pending is None:
                     self._queue.put(None)  # stop after this group
+                    break
+                if isinstance(pending, Chore):
+                    self._next = pending  # after this group
                     break
                 candidates.append(pending)
                 events += len(pending.events)
@@ -2325,6 +2446,9 @@ class ThreadedStore(EventStore):
             group = self._take_group()
             if group is None:
                 break
+            if isinstance(group, Chore):
+                self._do_chore(group)
+                continue
             started = time.perf_counter()
             try:
                 outcomes = self.write_group([pending.events for pending in group])
@@ -2339,6 +2463,37 @@ class ThreadedStore(EventStore):
                 self._write_problem = None
             self._loop.call_soon_threadsafe(self._settle, group, outcomes)
         self.close_writer()
+
+    def _do_chore(self, chore: Chore) -> None:
+        """A chore in a transaction of its own that holds the write lock (on the writer thread)."""
+        outcome: Any
+        try:
+            if self._conn is None:
+                self._conn = self.open_log()
+                self._seen.forget()
+            with self.write_lock(self._conn):
+                outcome = chore.fn(self._conn)
+        except StoreError as exc:
+            outcome = exc
+        except LostBeforeWriting as exc:
+            self.close_writer()
+            outcome = self.unavailable(exc.cause)
+        except self.errors as exc:
+            outcome = self.unavailable(exc)
+            self.reset_connections()
+        except Exception as exc:  # a bug: fail the chore (500), keep the writer alive
+            logger.exception("writer failed")
+            outcome = StoreError(f"the writer failed: {exc!r}")
+
+        def settle() -> None:
+            if chore.future.done():
+                return
+            if isinstance(outcome, BaseException):
+                chore.future.set_exception(outcome)
+            else:
+                chore.future.set_result(outcome)
+
+        self._loop.call_soon_threadsafe(settle)
 
     def write_group(self, requests: list[list[NewEvent]]) -> list[Outcome]:
         """Commit the requests (commit_apart), opening the writer's connection first where it
@@ -2499,7 +2654,7 @@ async def copy_stores(source: EventStore, target: EventStore, progress: Callable
 
 # -- 3.3 SQLite ---------------------------------------------------------------------------
 
-SCHEMA_VERSION = 5
+SCHEMA_VERSION = 6
 # The planner has no statistics for a new log, and without them it may pick the
 # 3-valued aggregate_type index over aggregate_id's. Fixed, typical statistics in
 # sqlite_stat1 (documented as the way to steer it) keep every read on the selective index.
@@ -2585,6 +2740,9 @@ MIGRATIONS = {
         aggregate_type TEXT NOT NULL, aggregate_id TEXT NOT NULL, version INTEGER NOT NULL,
         PRIMARY KEY (aggregate_type, aggregate_id)
     ) WITHOUT ROWID;
+    """,
+    5: """
+    CREATE TABLE consumers (name TEXT PRIMARY KEY, position INTEGER NOT NULL, updated_at TEXT NOT NULL) WITHOUT ROWID;
     """,
 }
 
@@ -2840,7 +2998,7 @@ class SQLiteStore(ThreadedStore):
 # then reads the new events by position, so a lost notification delays an event, never loses it.
 # Tables live in the schema `eventuali`, beside whatever else the database holds.
 
-PG_SCHEMA_VERSION = 2  # 2: the table pruned (retention)
+PG_SCHEMA_VERSION = 3  # 2: the table pruned (retention); 3: consumers
 PG_SCHEMA = """
 CREATE SCHEMA IF NOT EXISTS eventuali;
 CREATE TABLE IF NOT EXISTS meta (key text PRIMARY KEY, value text NOT NULL);
@@ -2881,15 +3039,16 @@ CREATE TABLE IF NOT EXISTS pruned (
     aggregate_type text NOT NULL, aggregate_id text NOT NULL, version bigint NOT NULL,
     PRIMARY KEY (aggregate_type, aggregate_id)
 );
+CREATE TABLE IF NOT EXISTS consumers (name text PRIMARY KEY, position bigint NOT NULL, updated_at text NOT NULL);
 """
 PG_CHANNEL = "eventuali"
 # The sessions that hold the head row's lock (a row lock takes a lock on its table) and have
-# waited for their client longer than the timeout; and each of them ended.
+# waited for their client longer than the timeout. (Ended one by one, apart: a WHERE clause
+# may call its functions before it has filtered.)
 LOST_WRITERS = """
 SELECT a.pid FROM pg_locks l JOIN pg_stat_activity a ON a.pid = l.pid
 WHERE l.relation = 'eventuali.head'::regclass AND l.granted AND a.pid <> pg_backend_pid()
 AND a.wait_event = 'ClientRead' AND a.state <> 'idle' AND now() - a.state_change > make_interval(secs => ?)
-AND pg_terminate_backend(a.pid)
 """
 
 
@@ -3067,6 +3226,7 @@ class PostgresStore(ThreadedStore):
                     logger.warning(
                         "ending PostgreSQL session %s: it holds the write lock and its client is silent", pid
                     )
+                    conn.execute("SELECT pg_terminate_backend(?)", (pid,))
         except self.errors as exc:
             logger.warning("could not end a silent writer's session: %s", self.unavailable(exc))
 
@@ -3171,6 +3331,7 @@ def make_store(config: APIServerConfig) -> EventStore:
 PAGE = 500  # events per read when following the log or catching a stream up
 FOLLOW_WAIT = 1.0  # seconds the follower waits for a commit before it looks anyway
 CLOSE_GRACE = 0.3  # seconds a stream stuck on a slow client gets to finish when the server stops
+MARK_EVERY = 1.0  # seconds between a filtered stream's progress marks, at least
 FILTER_FIELDS = {name: StoredEvent._fields.index(name) for name in STREAM_FILTERS}
 
 
@@ -3244,6 +3405,7 @@ class Hub:
         self.subscribers: set = set()
         self.overflows = 0  # times a subscriber fell behind and was caught up from the store
         self.delivered = 0  # events handed to streams
+        self.fanned_out = 0  # the position up to which events have been handed to the streams
         self._task: asyncio.Future | None = None
         # from start() on:
         self.loop: asyncio.AbstractEventLoop
@@ -3301,6 +3463,7 @@ class Hub:
                 async for events in stored_after(self.store, cursor, Match(), self.read_chunk):
                     cursor = events[-1].position
                     self._fan_out(events)
+                    self.fanned_out = cursor  # every stream has what matched up to here
             except StoreError as exc:  # the store is failing: streams wait, then go on from the cursor
                 logger.warning("stream follower: %s", exc)
             except Exception:  # a bug: say so, and keep following
@@ -4318,22 +4481,30 @@ def path_id(request: Request, name: str) -> str:
     return value
 
 
+async def from_consumer(store: EventStore, params: dict) -> dict:
+    """With ?consumer=NAME and no `after`: the page on from where that consumer is, oldest first."""
+    if params.get("consumer") is None or params.get("after") is not None:
+        return params
+    consumer = await store.consumer(params["consumer"])
+    return {**params, "after": consumer.position if consumer else 0, "order": "asc"}
+
+
 async def list_events(request: Request) -> Response:
     state = request.app.state
-    params = check_query(request, state.list_params)
+    params = await from_consumer(state.store, check_query(request, state.list_params))
     return await list_reply(state.store, await state.store.query(page_query(params)), params, state.config.read_chunk)
 
 
 async def agent_events(request: Request) -> Response:
     state = request.app.state
-    params = check_query(request, state.list_params)
+    params = await from_consumer(state.store, check_query(request, state.list_params))
     page = await state.store.query(page_query(params, agent=path_id(request, "agent_id")))
     return await list_reply(state.store, page, params, state.config.read_chunk)
 
 
 async def workflow_events(request: Request) -> Response:
     state = request.app.state
-    params = check_query(request, state.list_params)
+    params = await from_consumer(state.store, check_query(request, state.list_params))
     if params.get("workflow_id") not in (None, request.path_params["workflow_id"]):
         problem = "names another workflow than the path: leave it out here"
         raise Problem(422, [invalid(["query", "workflow_id"], problem, "value_error.conflict")])
@@ -4345,6 +4516,69 @@ async def workflow_agents_handler(request: Request) -> Response:
     state = request.app.state
     check_query(request, {})
     return json_response(await state.store.workflow_summary(path_id(request, "workflow_id")))
+
+
+# -- consumers: the server keeps each reader's place ------------------------------------------
+
+
+def consumer_name(request: Request) -> str:
+    name = request.path_params["name"]
+    errors: list = []
+    check_value(CONSUMER_FIELD, name, ["path", "name"], errors)
+    if errors:
+        raise Problem(422, errors)
+    return name
+
+
+def consumer_reply(consumer: Consumer, last: int) -> dict:
+    return {
+        "name": consumer.name,
+        "position": consumer.position,
+        "last_position": last,
+        "lag": max(0, last - consumer.position),
+        "updated_at": consumer.updated_at,
+    }
+
+
+async def ack_consumer(request: Request) -> Response:
+    """POST /consumers/{name}/ack: the consumer has handled every event up to `position`."""
+    state = request.app.state
+    name = consumer_name(request)
+    body = await receive_json(request.scope, request.receive, state.config)
+    errors: list = []
+    clean = check_object(body, ACK_FIELDS, ("position",), ["body"], errors)
+    if errors:
+        raise Problem(422, errors)
+    consumer, moved = await state.store.ack(name, clean["position"])
+    reply = {**consumer_reply(consumer, await state.store.last_position()), "moved": moved}
+    if not moved:
+        reply["detail"] = f"{name} is at {consumer.position} already: an ack of {clean['position']} changes nothing"
+    return json_response(reply)
+
+
+async def get_consumer(request: Request) -> Response:
+    state = request.app.state
+    check_query(request, {})
+    name = consumer_name(request)
+    consumer = await state.store.consumer(name)
+    if consumer is None:
+        raise Problem(404, f"no consumer {name!r}: acknowledge a position to make one")
+    return json_response(consumer_reply(consumer, await state.store.last_position()))
+
+
+async def list_consumers(request: Request) -> Response:
+    state = request.app.state
+    check_query(request, {})
+    consumers, last = await state.store.consumers(), await state.store.last_position()
+    return json_response({"consumers": [consumer_reply(c, last) for c in consumers], "last_position": last})
+
+
+async def delete_consumer(request: Request) -> Response:
+    state = request.app.state
+    name = consumer_name(request)
+    if not await state.store.delete_consumer(name):
+        raise Problem(404, f"no consumer {name!r}")
+    return json_response({"deleted": name})
 
 
 # -- 6.5 health, the root and the pages ---------------------------------------------------
@@ -4431,6 +4665,7 @@ async def root(request: Request) -> Response:
                 "openapi": "/openapi.json",
                 "ui": "/ui",
                 "traces": "/v1/traces",
+                "consumers": "/consumers",
                 **({"metrics": "/metrics"} if config.metrics else {}),
             },
         }
@@ -4476,6 +4711,9 @@ async def stream(request: Request) -> Response:
         after = int(last_id)
     if request.method == "HEAD":  # the headers a stream would have; no body, so no subscription
         return Response(headers=SSE_HEADERS, media_type="text/event-stream")
+    if after is None and params.get("consumer") is not None:
+        consumer = await state.store.consumer(params["consumer"])
+        after = consumer.position if consumer else 0
     hub: Hub = state.hub
     if len(hub.subscribers) >= state.config.max_streams:
         raise Problem(503, f"too many open streams (at most {state.config.max_streams}); try again later")
@@ -4545,6 +4783,7 @@ class SSEResponse(Response):
 
     async def _messages(self) -> AsyncIterator[bytes]:
         sub, last, match = self.sub, self.start, self.match
+        pinged = time.monotonic()  # when the client last got something
         while not sub.closed:
             if sub.behind:
                 sub.behind = False
@@ -4582,10 +4821,21 @@ class SSEResponse(Response):
             sub.wake.clear()
             if sub.buffer or sub.behind or sub.closed:
                 continue
+            # A filtered stream sends a progress mark (an `id:` alone, which moves a client's
+            # Last-Event-ID without an event) at most once a second while events that do not
+            # match go by: a client that reconnects, or acks what it saw, skips them.
+            filtered = bool(sub.filters or sub.workflow)
             try:
-                await asyncio.wait_for(sub.wake.wait(), self.ping)
+                await asyncio.wait_for(sub.wake.wait(), min(self.ping, MARK_EVERY) if filtered else self.ping)
             except asyncio.TimeoutError:
-                yield b": ping\n\n"
+                now = time.monotonic()
+                if filtered and self.hub.fanned_out > last:
+                    last = self.hub.fanned_out
+                    yield f"id: {last}\n\n".encode()
+                    pinged = now
+                elif now - pinged >= self.ping - 0.01:
+                    yield b": ping\n\n"
+                    pinged = now
 
 
 # -- 6.7 metrics --------------------------------------------------------------------------
@@ -4775,6 +5025,21 @@ async def metrics(request: Request) -> Response:
         write_metric(
             out, "eventuali_last_position", "gauge", "The newest event's position.", [({}, extent.last_position)]
         )
+        consumers = await store.consumers()  # named by whoever acks: as many as they make
+        write_metric(
+            out,
+            "eventuali_consumer_position",
+            "gauge",
+            "The position each consumer has acknowledged.",
+            [({"consumer": c.name}, c.position) for c in consumers],
+        )
+        write_metric(
+            out,
+            "eventuali_consumer_lag",
+            "gauge",
+            "Events each consumer is behind the log's last position.",
+            [({"consumer": c.name}, max(0, extent.last_position - c.position)) for c in consumers],
+        )
         write_metric(
             out,
             "eventuali_pruned_through_position",
@@ -4940,24 +5205,43 @@ def host_check(config: APIServerConfig) -> Callable[[Scope, bytes], str | None] 
     return refused
 
 
-def gate(route: ApiRoute, config: APIServerConfig, stats: HttpStats) -> ASGIEndpoint:
-    """The route's endpoint behind everything a request passes first (see above). The key:
-    `Authorization: Bearer <key>` (or ?access_token=<key> on the stream: browsers'
-    EventSource cannot send headers); a write key opens every route, a read key those that
-    do not write, and gets 403 from those that do."""
-    endpoint = asgi_endpoint(route.endpoint)
-    methods = {route.method, "HEAD"} if route.method == "GET" else {route.method} - {""}  # none: any
-    allow = [(b"allow", ", ".join(sorted(methods)).encode())]
+class Served(NamedTuple):
+    """What the gate does for one method of a path."""
+
+    endpoint: Callable  # an ASGI function
+    keyed: bool  # a key is needed
+    writes: bool  # and it must be a write key
+
+
+def gate(routes: Sequence[ApiRoute], config: APIServerConfig, stats: HttpStats) -> ASGIEndpoint:
+    """The endpoints of one path (a route of ROUTES for each of its methods) behind everything
+    a request passes first (see above). The key: `Authorization: Bearer <key>` or `X-API-Key`
+    (or ?access_token=<key> on the stream: browsers' EventSource cannot send headers); a write
+    key opens every route, a read key those that do not write, and gets 403 from those that do."""
+    path = routes[0].path
+    served = {
+        route.method: Served(
+            asgi_endpoint(route.endpoint),
+            bool(config.api_key) and not route.public,
+            route.method in ("POST", "DELETE") if route.writes is None else route.writes,
+        )
+        for route in routes
+    }
+    if "GET" in served:
+        served["HEAD"] = served["GET"]
+    anything = served.pop("", None)  # a route of any method
+    allow = [(b"allow", ", ".join(sorted(served)).encode())]
     refused_host = host_check(config)
-    keyed = bool(config.api_key) and not route.public
     write_keys, read_keys = api_keys(config.api_key), api_keys(config.read_api_key)
-    writes, token_in_query = route.method == "POST", route.path == "/events/stream"
+    token_in_query = path == "/events/stream"
     access_lines = config.log_format == "json"
     counted = config.metrics or access_lines
 
     async def serve(scope: Scope, receive: Receive, send: Send) -> None:
-        if methods and scope["method"] not in methods:
+        this = served.get(scope["method"], anything)
+        if this is None:
             return await send_json(send, '{"detail":"Method Not Allowed"}', 405, allow)
+        endpoint, keyed, writes = this
         if keyed:
             token = b""
             for name, value in scope["headers"]:
@@ -4989,7 +5273,7 @@ def gate(route: ApiRoute, config: APIServerConfig, stats: HttpStats) -> ASGIEndp
         allow_methods=["GET", "POST", "OPTIONS"],
         allow_headers=["Authorization", "Content-Type", "Last-Event-ID", "Accept", "Cache-Control"],
     )
-    label = route.path
+    label = path
 
     async def guarded(scope: Scope, receive: Receive, send: Send) -> None:
         began = time.perf_counter()
@@ -5111,6 +5395,7 @@ class ApiRoute(NamedTuple):
     endpoint: Callable
     operation: str  # its operationId; OPERATIONS describes it in the OpenAPI document
     public: bool = False  # open without the API key
+    writes: bool | None = None  # needs a write key (None: POST and DELETE do)
 
 
 # The one list of routes: it drives routing, the API key's reach and the OpenAPI paths.
@@ -5129,6 +5414,10 @@ ROUTES = [
     ApiRoute("/events/agents/{agent_id}", "GET", agent_events, "agent_events"),
     ApiRoute("/events/workflows/{workflow_id}", "GET", workflow_events, "workflow_events"),
     ApiRoute("/events/workflows/{workflow_id}/agents", "GET", workflow_agents_handler, "workflow_agents"),
+    ApiRoute("/consumers", "GET", list_consumers, "list_consumers"),
+    ApiRoute("/consumers/{name}", "GET", get_consumer, "get_consumer"),
+    ApiRoute("/consumers/{name}", "DELETE", delete_consumer, "delete_consumer"),
+    ApiRoute("/consumers/{name}/ack", "POST", ack_consumer, "ack_consumer", writes=False),  # a read key may ack
     ApiRoute("/openapi.json", "GET", openapi_handler, "openapi", public=True),
     ApiRoute("/docs", "GET", docs_handler, "docs", public=True),
     ApiRoute("/ui", "GET", ui_handler, "live_view", public=True),
@@ -5209,9 +5498,12 @@ def create_app(config: APIServerConfig | None = None) -> Starlette:
             await store.stop()
 
     http_stats = HttpStats()
-    routes = [Route(r.path, gate(r, config, http_stats)) for r in (*served_routes(config), UNKNOWN_KIND)]
+    by_path: dict[str, list[ApiRoute]] = {}
+    for api_route in (*served_routes(config), UNKNOWN_KIND):
+        by_path.setdefault(api_route.path, []).append(api_route)
+    routes = [Route(path, gate(same, config, http_stats)) for path, same in by_path.items()]
     application = Starlette(routes=routes, lifespan=lifespan)
-    application.router.default = gate(UNMATCHED, config, http_stats)
+    application.router.default = gate([UNMATCHED], config, http_stats)
     application.router.redirect_slashes = False  # the original's 307s broke its own client
     # Each gate turns its route's errors into replies, so that Starlette's error middleware,
     # which would wrap every request twice more, has nothing to do: the router is the stack.
@@ -5352,6 +5644,10 @@ SEED_EXAMPLES = {
         "aggregate_id": "session-ghi789",
     },
 }
+
+
+def obj_schema(props: dict) -> dict:
+    return {"type": "object", "properties": props, "required": list(props)}
 
 
 def otlp_schemas() -> dict:
@@ -5591,6 +5887,31 @@ def _schemas(config: APIServerConfig) -> dict:
             }
         ),
         "Error": obj({"detail": {"type": "string"}}),
+        "Consumer": obj(
+            {
+                "name": {"type": "string"},
+                "position": {"type": "integer", "description": "It has handled every event up to here."},
+                "last_position": {"type": "integer", "description": "The log's."},
+                "lag": {"type": "integer", "description": "last_position - position"},
+                "updated_at": {"type": "string", "format": "date-time"},
+            }
+        ),
+        "AckReply": {
+            "allOf": [
+                _ref("Consumer"),
+                obj(
+                    {
+                        "moved": {"type": "boolean", "description": "false: it was there or further already"},
+                        "detail": {"type": "string"},
+                    },
+                    ("detail",),
+                ),
+            ]
+        },
+        "ConsumerList": obj(
+            {"consumers": {"type": "array", "items": _ref("Consumer")}, "last_position": {"type": "integer"}}
+        ),
+        "AckRequest": {**_request_schema(ACK_FIELDS, ("position",), "What the consumer has handled.")},
         "OtlpStatus": obj(
             {
                 "code": {
@@ -5676,7 +5997,10 @@ def operations(config: APIServerConfig) -> dict:
         )
 
     def list_op(summary: str, description: str, path_param: str | None = None) -> dict:
-        params = ([_path_parameter(path_param, config)] if path_param else []) + lists
+        # a path's own id is not a filter of that route too (another value is a 422)
+        params = ([_path_parameter(path_param, config)] if path_param else []) + [
+            p for p in lists if p["name"] != path_param
+        ]
         return op(
             summary,
             "events",
@@ -5689,6 +6013,13 @@ def operations(config: APIServerConfig) -> dict:
         )
 
     events_list = list_op("Query events", "Events with filters, newest first by default.")
+    consumer_param = {
+        "name": "name",
+        "in": "path",
+        "required": True,
+        "schema": CONSUMER_FIELD,
+        "description": "1 to 128 of A-Z, a-z, 0-9, `.`, `_`, `:`, `-`.",
+    }
     health_op = op(
         "Health of the API and its database",
         "health",
@@ -5783,6 +6114,51 @@ def operations(config: APIServerConfig) -> dict:
                 "415": _json(_ref("Error"), "Content type is neither protobuf nor JSON, or an unknown encoding."),
             },
         },
+        "list_consumers": op(
+            "Consumers and their places",
+            "consumers",
+            {"200": _json(_ref("ConsumerList"), "Every consumer, by name.")},
+            422,
+            503,
+        ),
+        "get_consumer": op(
+            "A consumer's place",
+            "consumers",
+            {"200": _json(_ref("Consumer"), "Where it is, and how far behind the log.")},
+            404,
+            422,
+            503,
+            parameters=[consumer_param],
+        ),
+        "delete_consumer": op(
+            "Forget a consumer",
+            "consumers",
+            {"200": _json(obj_schema({"deleted": {"type": "string"}}), "It is gone.")},
+            403,
+            404,
+            422,
+            503,
+            description="Only a write key may, where the server has keys.",
+            parameters=[consumer_param],
+        ),
+        "ack_consumer": op(
+            "Acknowledge: the consumer has handled everything up to a position",
+            "consumers",
+            {"200": _json(_ref("AckReply"), "Where the consumer is now.")},
+            409,
+            413,
+            415,
+            422,
+            503,
+            description="Creates the consumer on first use. Positions only move forward: an ack behind the "
+            "consumer's place changes nothing and says so (`moved` false). A position past the log's last is a "
+            "409. A read key may ack.",
+            parameters=[consumer_param],
+            requestBody={
+                "required": True,
+                "content": {JSON_TYPE: {"schema": _ref("AckRequest"), "example": {"position": 42}}},
+            },
+        ),
         "agent_events": list_op("An agent's events", "Events of the agent aggregate with this id.", "agent_id"),
         "workflow_events": list_op(
             "A workflow's timeline",

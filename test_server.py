@@ -228,18 +228,33 @@ def sqlite_srv(tmp_path):
 
 
 class hold_write_lock:
-    """Take the store's write lock from outside, as another writer would, until release()."""
+    """Take the store's write lock from outside, as another writer busy in a commit would, until
+    release(). On PostgreSQL the session stays busy (pg_sleep) while it holds the lock: a session
+    that waits for its client with the lock is a lost writer, which the servers end."""
 
     def __init__(self, server: ThreadServer) -> None:
-        if server.config.database_url:
-            self.conn = psycopg.connect(server.config.database_url)  # in a transaction until released
+        self.url = server.config.database_url
+        if self.url:
+            self.conn = psycopg.connect(self.url)  # in a transaction until released
             self.conn.execute("SELECT position FROM eventuali.head FOR UPDATE")
+            self.busy = threading.Thread(target=self._sleep, daemon=True)
+            self.busy.start()
         else:
             self.conn = sqlite3.connect(server.config.database_path, isolation_level=None)
             self.conn.execute("BEGIN IMMEDIATE")
 
+    def _sleep(self) -> None:
+        with contextlib.suppress(psycopg.Error):
+            self.conn.execute("SELECT pg_sleep(120)")
+
     def release(self) -> None:
-        self.conn.execute("ROLLBACK")
+        if self.url:
+            with psycopg.connect(self.url, autocommit=True) as admin:
+                admin.execute("SELECT pg_cancel_backend(%s)", (self.conn.info.backend_pid,))
+            self.busy.join(10)
+            self.conn.rollback()
+        else:
+            self.conn.execute("ROLLBACK")
         self.conn.close()
 
 
@@ -597,6 +612,7 @@ def test_root(front):
         "openapi": "/openapi.json",
         "ui": "/ui",
         "traces": "/v1/traces",
+        "consumers": "/consumers",
         "metrics": "/metrics",
     }
 
@@ -1687,7 +1703,7 @@ def test_older_schema_is_migrated(tmp_path):
         assert events_of(server.client, event_name="agent.started", since="2025-12-31T00:00:00Z")["total"] == 1
         assert [a["agent_id"] for a in server.client.get("/events/workflows/w1/agents").json()["agents"]] == ["a1"]
     conn = sqlite3.connect(data / "events.db")
-    assert conn.execute("PRAGMA user_version").fetchone()[0] == eas.SCHEMA_VERSION == 5
+    assert conn.execute("PRAGMA user_version").fetchone()[0] == eas.SCHEMA_VERSION == 6
     indexes = {row[0] for row in conn.execute("SELECT name FROM sqlite_master WHERE type = 'index'")}
     assert not {"events_event_type", "events_timestamp", "events_aggregate_type", "events_event_name"} & indexes
     assert {"events_type_time", "events_name_time"} <= indexes
@@ -3263,9 +3279,12 @@ def two_keys(tmp_path_factory):
 def test_read_key_reads_write_key_writes_and_neither_without(two_keys):
     """Every route, with no key, a read key and a write key: public routes open to all;
     reading routes to both keys; emitting routes to the write key, 403 to a read key."""
-    bodies = {"/events/emit/batch": {"events": [{"kind": "system", "name": "x"}]}}
+    bodies = {"/events/emit/batch": {"events": [{"kind": "system", "name": "x"}]}, "/consumers/c1/ack": {"position": 0}}
+    writer = {"Authorization": f"Bearer {KEY}"}
+    assert two_keys.client.post("/consumers/c1/ack", json={"position": 0}, headers=writer).status_code == 200
     for route in eas.ROUTES:
-        path = route.path.replace("{agent_id}", "a1").replace("{workflow_id}", "w1")
+        path = route.path.replace("{agent_id}", "a1").replace("{workflow_id}", "w1").replace("{name}", "c1")
+        writes = route.method in ("POST", "DELETE") if route.writes is None else route.writes
         for label, key in (
             ("none", None),
             ("read", READ_KEY),
@@ -3286,11 +3305,13 @@ def test_read_key_reads_write_key_writes_and_neither_without(two_keys):
                 expected = 200
             elif key is None:
                 expected = 401
-            elif route.method == "POST" and label.startswith("read"):
+            elif writes and label.startswith("read"):
                 expected = 403
             else:
                 expected = 200
             assert reply.status_code == expected, (route.method, path, label, reply.text)
+            if route.method == "DELETE" and reply.status_code == 200:  # for the next key
+                two_keys.client.post("/consumers/c1/ack", json={"position": 0}, headers=writer)
             if expected == 403:
                 assert "may read, not write" in reply.json()["detail"]
 
@@ -3636,12 +3657,23 @@ def schemathesis_command() -> list:
     return [str(exe)] if exe.exists() else ["schemathesis"]
 
 
+@pytest.fixture
+def fuzzed(backend):
+    """The server the fuzzer checks against its document: with --max-future off, since how far
+    ahead of the server's clock a timestamp may be is a rule no JSON schema can state (the
+    document says it in words; test_future_timestamps_are_refused_and_cannot_hold_retention
+    holds the server to it)."""
+    with ThreadServer(**backend, max_future=0) as server:
+        yield server
+
+
 @pytest.mark.slow
-def test_fuzz_against_openapi_document(srv, tmp_path):
+def test_fuzz_against_openapi_document(fuzzed, tmp_path):
     """schemathesis: every check, positive and negative data, against the live document. The
     stream's reply never ends, so it has a run of its own that reads each reply for half a
     second and checks the events that came (the stored one, when a query asks for it)
     against the document's schema of a stream event, the event item JSON in it included."""
+    srv = fuzzed
     if not shutil.which(schemathesis_command()[0]):
         pytest.skip("schemathesis is not installed (it needs Python 3.10+ in the test extra): fuzz test not run")
     emit(srv.client, name="stored", aggregate_id="0", attributes={"nested": [1, {"x": None}]}, correlation_id="0")
@@ -3663,9 +3695,14 @@ def test_fuzz_against_openapi_document(srv, tmp_path):
         ["--exclude-path", "/events/stream", "-n", os.environ.get("FUZZ_EXAMPLES", "30")],
         ["--include-path", "/events/stream", "-n", "10", "--request-timeout", "0.5"],
     ):
-        proc = subprocess.run(
-            [*run, *options], capture_output=True, text=True, timeout=480, cwd=tmp_path
-        )  # its cache stays out of the repo
+        for _attempt in (1, 2):
+            proc = subprocess.run(
+                [*run, *options], capture_output=True, text=True, timeout=480, cwd=tmp_path
+            )  # its cache stays out of the repo
+            # A crash of the fuzzer itself, not a finding: CPython 3.11's AST builder keeps its
+            # recursion count per process, and schemathesis's two worker threads race on it.
+            if "AST constructor recursion depth mismatch" not in proc.stdout + proc.stderr:
+                break
         assert proc.returncode == 0, f"seed {seed}, {options[:2]}:\n" + proc.stdout[-6000:] + proc.stderr[-2000:]
         assert "passed" in proc.stdout
 
@@ -4538,7 +4575,7 @@ def test_postgres_schema_1_is_upgraded(backend):
     with ThreadServer(**backend) as server:
         assert emit(server.client, name="second")["position"] == 2
     conn = direct(backend)
-    assert conn.execute("SELECT value FROM meta WHERE key = 'schema_version'").fetchone()[0] == "2"
+    assert conn.execute("SELECT value FROM meta WHERE key = 'schema_version'").fetchone()[0] == "3"
     assert conn.execute("SELECT count(*) FROM pruned").fetchone()[0] == 0
     conn.close()
 
@@ -5625,3 +5662,169 @@ def test_a_database_read_only_at_start_heals_once_writable(tmp_path):
             time.sleep(0.5)
     finally:
         stop_process(proc)
+
+
+# -- durable named consumers ----------------------------------------------------------------------
+
+
+def ack(client, name: str, position: int, **headers):
+    return client.post(f"/consumers/{name}/ack", json={"position": position}, headers=headers)
+
+
+def test_consumers_are_kept_and_move_forward_only(backend):
+    with ThreadServer(**backend) as server:
+        c = server.client
+        for i in range(5):
+            emit(c, name=f"e{i}")
+        assert c.get("/consumers/notifier").status_code == 404
+        first = ack(c, "notifier", 3).json()
+        assert (first["position"], first["last_position"], first["lag"], first["moved"]) == (3, 5, 2, True)
+        older = ack(c, "notifier", 2).json()
+        assert older["position"] == 3 and older["moved"] is False and "changes nothing" in older["detail"]
+        past = ack(c, "notifier", 6)
+        assert past.status_code == 409 and "past the log's last position 5" in past.json()["detail"]
+        ack(c, "warehouse", 5)
+        listed = c.get("/consumers").json()
+        assert [(x["name"], x["position"], x["lag"]) for x in listed["consumers"]] == [
+            ("notifier", 3, 2),
+            ("warehouse", 5, 0),
+        ]
+        assert c.delete("/consumers/warehouse").json() == {"deleted": "warehouse"}
+        assert c.delete("/consumers/warehouse").status_code == 404
+        page = events_of(c, consumer="notifier")  # what is new since it last looked, oldest first
+        assert positions(page) == [4, 5]
+        assert positions(events_of(c, consumer="nobody-yet", limit=2)) == [1, 2]
+        metrics = c.get("/metrics").text
+        assert 'eventuali_consumer_position{consumer="notifier"} 3' in metrics
+        assert 'eventuali_consumer_lag{consumer="notifier"} 2' in metrics
+    with ThreadServer(**backend) as server:  # a restart keeps them
+        assert server.client.get("/consumers/notifier").json()["position"] == 3
+
+
+def test_concurrent_acks_keep_the_furthest(backend):
+    with ThreadServer(**backend) as server:
+        post_many(server.url, [{"name": f"e{i}"} for i in range(60)], workers=4)
+        with ThreadPoolExecutor(8) as pool:
+            replies = list(pool.map(lambda p: ack(httpx.Client(base_url=server.url), "racer", p), range(61)))
+        assert all(r.status_code == 200 for r in replies)
+        assert server.client.get("/consumers/racer").json()["position"] == 60
+
+
+def test_consumer_names_positions_and_keys(tmp_path):
+    with ThreadServer(tmp_path / "d", api_key="writer", read_api_key="reader") as server:
+        c, read, write = server.client, {"Authorization": "Bearer reader"}, {"Authorization": "Bearer writer"}
+        c.post("/events/emit/agent", json={"name": "x"}, headers=write)
+        for bad in ("a b", "x" * 129, "é", "a!b"):
+            assert_invalid(c.post(f"/consumers/{bad}/ack", json={"position": 0}, headers=read), "path", "name")
+        for body in ({}, {"position": "one"}, {"position": -1}, {"position": 1.5}, {"position": 0, "x": 1}):
+            assert c.post("/consumers/ok/ack", json=body, headers=read).status_code == 422, body
+        assert c.post("/consumers/ok/ack", json={"position": 1}).status_code == 401
+        assert c.post("/consumers/ok/ack", json={"position": 1}, headers=read).status_code == 200  # a read key acks
+        assert c.get("/consumers/ok", headers=read).status_code == 200
+        assert c.delete("/consumers/ok", headers=read).status_code == 403  # only a write key deletes
+        assert c.delete("/consumers/ok", headers=write).status_code == 200
+
+
+def test_consumers_shared_by_two_postgres_servers(tmp_path, pg_url):
+    with (
+        ThreadServer(tmp_path / "a", database_url=pg_url) as one,
+        ThreadServer(tmp_path / "b", database_url=pg_url) as two,
+    ):
+        for i in range(4):
+            emit(one.client, name=f"e{i}")
+        assert ack(one.client, "shared", 2).status_code == 200
+        assert two.client.get("/consumers/shared").json()["position"] == 2
+        stream = open_stream(two.url, "?consumer=shared")
+        try:
+            assert [int(stream.event()["id"]) for _ in range(2)] == [3, 4]
+        finally:
+            stream.close()
+
+
+def test_a_filtered_stream_sends_progress_marks_and_a_consumer_resumes_past_them(srv):
+    c = srv.client
+    emit(c, name="wanted", aggregate_id="watched")
+    stream = SSE(srv.url, "/events/stream?aggregate_id=watched&consumer=watcher")
+    try:
+        assert json.loads(stream.event()["data"])["event_name"] == "wanted"
+        post_many(srv.url, [{"name": f"other{i}", "aggregate_id": "elsewhere"} for i in range(300)], workers=4)
+        last = events_of(c, limit=1)["events"][0]["position"]
+        deadline = time.time() + 5
+        while True:  # an `id:` alone: the stream's place moves on without an event
+            message = stream.message()
+            if "id" in message and "data" not in message and int(message["id"]) == last:
+                break
+            assert "data" not in message, message
+            assert time.time() < deadline, "no progress mark"
+    finally:
+        stream.close()
+    assert ack(c, "watcher", last).json()["position"] == last  # what a client does with the mark
+    emit(c, name="wanted later", aggregate_id="watched")
+    resumed = open_stream(srv.url, "?aggregate_id=watched&consumer=watcher")
+    try:
+        event = resumed.event()
+        assert int(event["id"]) == last + 1 and json.loads(event["data"])["event_name"] == "wanted later"
+    finally:
+        resumed.close()
+
+
+def test_a_consumer_pruned_past_resumes_at_the_oldest_kept(tmp_path):
+    with ThreadServer(tmp_path / "d") as server:
+        c = server.client
+        for i in range(3):
+            emit(c, name=f"old{i}", timestamp="2020-01-01T00:00:00Z")
+        emit(c, name="kept")
+        ack(c, "slow", 1)
+        asyncio.run(eas.make_store(server.config).prune("2021-01-01T00:00:00+00:00"))
+        page = events_of(c, consumer="slow")
+        assert positions(page) == [4] and page["pruned_through"] == 3
+        stream = SSE(server.url, "/events/stream?consumer=slow")
+        try:
+            assert stream.message().get("") == "connected"
+            assert "pruned through 3" in stream.message()[""]
+            assert int(stream.event()["id"]) == 4
+        finally:
+            stream.close()
+
+
+def test_readme_consumer_example_runs(shared):
+    readme = (HERE / "README.md").read_text()
+    section = readme[readme.index("## Processing events reliably") :]
+    code = section[section.index("```python\n") + 10 : section.index("```\n", section.index("```python"))]
+    run = f"agent-run-{uuid.uuid4().hex[:8]}"
+    emit(shared.client, name="agent.failed", aggregate_id=run, correlation_id="wf-readme")
+    code = code.replace('"http://127.0.0.1:8765"', repr(shared.url)).replace('"failure-notifier"', repr(run))
+    done = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, timeout=60)
+    assert done.returncode == 0, done.stderr
+    assert f"failed: {run} wf-readme" in done.stdout
+    consumer = shared.client.get(f"/consumers/{run}").json()
+    again = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, timeout=60)
+    assert consumer["position"] > 0 and run not in again.stdout  # acked: not seen twice
+
+
+@pytest.mark.slow
+def test_a_filtered_consumer_skips_100000_other_events_on_resume(sqlite_srv):
+    """The mark after 100,000 events that do not match is the place the consumer acks; resuming
+    from it reads none of them again."""
+    c = sqlite_srv.client
+    emit(c, name="first", aggregate_id="rare")
+    stream = SSE(sqlite_srv.url, "/events/stream?aggregate_id=rare&after=0")
+    try:
+        assert int(stream.event()["id"]) == 1
+        body = {"events": [{"kind": "system", "name": "noise"}] * 1000}
+        for _ in range(100):
+            assert c.post("/events/emit/batch", json=body).status_code == 200
+        deadline = time.time() + 10
+        while (message := stream.message()).get("id") != "100001":
+            assert "data" not in message and time.time() < deadline, message
+    finally:
+        stream.close()
+    assert ack(c, "rare-watcher", 100_001).status_code == 200
+    emit(c, name="second", aggregate_id="rare")
+    started = time.time()
+    resumed = open_stream(sqlite_srv.url, "?aggregate_id=rare&consumer=rare-watcher")
+    try:
+        event = resumed.event()
+    finally:
+        resumed.close()
+    assert int(event["id"]) == 100_002 and time.time() - started < 2
