@@ -5832,25 +5832,3 @@ def test_a_filtered_consumer_skips_100000_other_events_on_resume(sqlite_srv):
     finally:
         resumed.close()
     assert int(event["id"]) == 100_002 and time.time() - started < 2
-
-
-@pytest.mark.slow
-def test_ctrl_c_in_copy_says_how_to_resume(tmp_path):
-    source = tmp_path / "source"
-    with ThreadServer(source) as server:
-        body = {"events": [{"kind": "system", "name": "x", "attributes": {"pad": "y" * 2000}}] * 400}
-        for _ in range(75):  # 30,000 events: copied in six transactions
-            assert server.client.post("/events/emit/batch", json=body).status_code == 200
-    proc = subprocess.Popen(
-        [sys.executable, SERVER, "copy", "--from", str(source), "--to", str(tmp_path / "target.db")],
-        stderr=subprocess.PIPE,
-        text=True,
-    )
-    err = ""
-    while "copied" not in err:  # under way
-        err += proc.stderr.readline()
-        assert proc.poll() is None, err
-    proc.send_signal(signal.SIGINT)
-    err += proc.communicate(timeout=30)[1]
-    assert proc.returncode == 130 and "run the same command again to resume" in err, err
-    assert "Traceback" not in err
