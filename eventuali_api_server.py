@@ -453,7 +453,8 @@ def invalid(loc: Sequence, msg: str, kind: str) -> dict:
 # /events/workflows/{id}) cannot hold "/" either, which would split its path.
 NO_NUL = "^[^\\u0000]*$"
 PATH_ID = "^[^\\u0000/]*$"
-CONSUMER_NAME = "^[A-Za-z0-9._:-]+$"  # 1 to 128 of them: minLength and maxLength say how many
+# No leading dot: HTTP clients rewrite /consumers/. and /consumers/.. before sending them.
+CONSUMER_NAME = "^[A-Za-z0-9_:-][A-Za-z0-9._:-]*$"  # minLength and maxLength say how many
 PATTERNS = {
     NO_NUL: (lambda value: "\x00" not in value, "must not contain the NUL character (U+0000)"),
     CONSUMER_NAME: (

@@ -3690,20 +3690,27 @@ def test_fuzz_against_openapi_document(fuzzed, tmp_path):
         str(seed),
     ]
     examples = os.environ.get("FUZZ_EXAMPLES", "30")
-    apart = ["--exclude-path", "/events/stream", "--exclude-path", "/v1/traces"]
+    # One worker each: two race in CPython 3.11's AST builder (SystemError "AST constructor
+    # recursion depth mismatch") when they compile the document's strategies at once; and in
+    # the stateful phase two would act on the same resources and see each other's changes.
     for options in (
-        [*apart, "-n", examples, "--phases", "examples,coverage,fuzzing", "--workers", "2"],
-        # the OTLP request's schema is recursive (a value holds values): on one worker, as two
-        # race in CPython 3.11's AST builder when they compile its strategies at once
-        ["--include-path", "/v1/traces", "-n", examples, "--workers", "1"],
-        # sequences of calls on one worker: two would act on the same resources and see each
-        # other's changes. DELETE is left out here: once (seed 1234) a consumer deleted was
-        # found again by the next GET, which 200 direct tries did not repeat: an open question
-        [*apart, "-n", examples, "--phases", "stateful", "--workers", "1", "--exclude-method", "DELETE"],
-        ["--include-path", "/events/stream", "-n", "10", "--request-timeout", "0.5", "--workers", "2"],
+        ["--exclude-path", "/events/stream", "-n", examples, "--phases", "examples,coverage,fuzzing"],
+        # use_after_free is left out: an ack makes a consumer anew after its DELETE (made on
+        # first use), and the check counts the GET that then finds it as the deleted one found
+        [
+            "--exclude-path",
+            "/events/stream",
+            "-n",
+            examples,
+            "--phases",
+            "stateful",
+            "--exclude-checks",
+            "use_after_free",
+        ],
+        ["--include-path", "/events/stream", "-n", "10", "--request-timeout", "0.5"],
     ):
         proc = subprocess.run(
-            [*run, *options], capture_output=True, text=True, timeout=480, cwd=tmp_path
+            [*run, *options, "--workers", "1"], capture_output=True, text=True, timeout=480, cwd=tmp_path
         )  # its cache stays out of the repo
         assert proc.returncode == 0, f"seed {seed}, {options[:2]}:\n" + proc.stdout[-6000:] + proc.stderr[-2000:]
         assert "passed" in proc.stdout
@@ -5718,7 +5725,7 @@ def test_consumer_names_positions_and_keys(tmp_path):
     with ThreadServer(tmp_path / "d", api_key="writer", read_api_key="reader") as server:
         c, read, write = server.client, {"Authorization": "Bearer reader"}, {"Authorization": "Bearer writer"}
         c.post("/events/emit/agent", json={"name": "x"}, headers=write)
-        for bad in ("a b", "x" * 129, "é", "a!b"):
+        for bad in ("a b", "x" * 129, "é", "a!b", ".hidden"):
             assert_invalid(c.post(f"/consumers/{bad}/ack", json={"position": 0}, headers=read), "path", "name")
         for body in ({}, {"position": "one"}, {"position": -1}, {"position": 1.5}, {"position": 0, "x": 1}):
             assert c.post("/consumers/ok/ack", json=body, headers=read).status_code == 422, body
