@@ -41,7 +41,6 @@ import hmac
 import json
 import logging
 import math
-import operator
 import os
 import platform
 import queue
@@ -128,8 +127,12 @@ class APIServerConfig:
     metrics: bool = True
     workers: int = 1
     log_format: str = "text"
+    prices: str = ""  # a JSON file of USD per million tokens by model (load_prices)
+    price_list: dict = dataclasses.field(default_factory=dict, repr=False)
 
     def __post_init__(self) -> None:
+        if self.prices and not self.price_list:
+            self.price_list = load_prices(self.prices)
         if self.read_api_key and not self.api_key:
             raise ConfigError("--read-api-key (READ_API_KEY) needs --api-key (API_KEY): the key that may write")
         if "*" in self.cors_origins:
@@ -149,6 +152,31 @@ class APIServerConfig:
 
 class ConfigError(ValueError):
     """A setting has a value it cannot take; the message names the setting."""
+
+
+PRICE_KINDS = ("input", "output", "cache_read", "cache_creation")
+
+
+def load_prices(path: str) -> dict:
+    """The price list of --prices: {model: {"input": USD per million tokens, "output": …,
+    optionally "cache_read" and "cache_creation" (else priced as input)}}."""
+    try:
+        with open(path, encoding="utf-8") as file:
+            prices = json.load(file)
+    except (OSError, ValueError) as exc:
+        raise ConfigError(f"--prices {path}: cannot be read as JSON ({exc})") from None
+    if not isinstance(prices, dict):
+        raise ConfigError(f"--prices {path}: expected an object of model names")
+    for model, price in prices.items():
+        if not isinstance(price, dict) or not {"input", "output"} <= price.keys() <= set(PRICE_KINDS):
+            raise ConfigError(
+                f"--prices {path}: {model!r} must be an object with input and output (and optionally "
+                "cache_read and cache_creation): USD per million tokens"
+            )
+        for kind, value in price.items():
+            if isinstance(value, bool) or not isinstance(value, (int, float)) or not 0 <= value < 1e9:
+                raise ConfigError(f"--prices {path}: {model!r} {kind} must be a number of USD, 0 or more")
+    return prices
 
 
 def _parse_bool(text: str) -> bool:
@@ -343,6 +371,13 @@ SETTINGS: list[tuple[str, str, str, Callable[[str], Any], str]] = [
     ("metrics", "METRICS", "--metrics", _parse_bool, "serve /metrics for Prometheus (on|off, default on)"),
     ("workers", "WORKERS", "--workers", _parse_int(1, 256), "server processes (default 1)"),
     ("log_format", "LOG_FORMAT", "--log-format", _parse_choice("text", "json"), "text|json (default text)"),
+    (
+        "prices",
+        "PRICES",
+        "--prices",
+        str,
+        'a JSON file of model prices in USD per million tokens: {"MODEL": {"input": 2.5, "output": 10}}',
+    ),
 ]
 
 
@@ -884,6 +919,35 @@ def list_params(config: APIServerConfig) -> dict:
 
 
 STREAM_FILTERS = ("event_type", "aggregate_type", "aggregate_id", "correlation_id", "event_name")
+WORKFLOW_STATES = ("running", "completed", "failed")
+WORKFLOW_INDEX_PARAMS = {
+    "state": {"type": "string", "enum": list(WORKFLOW_STATES), "description": "Only workflows in this state."},
+    "since": {
+        "type": "string",
+        "format": "date-time",
+        "description": "Only workflows whose latest event's timestamp is after this instant. " + TIMESTAMP_FORMS,
+    },
+    "until": {
+        "type": "string",
+        "format": "date-time",
+        "description": "Only workflows whose latest event's timestamp is at or before this instant.",
+    },
+    "before": {
+        "type": "integer",
+        "minimum": 0,
+        "maximum": MAX_INT,
+        "description": "Cursor: only workflows whose latest activity (`last_position`) is below this position; "
+        "a page's `next` is the cursor of the page after it.",
+    },
+    "limit": {"type": "integer", "minimum": 1, "maximum": 1000, "default": 50, "description": "Workflows per page."},
+    "offset": {
+        "type": "integer",
+        "minimum": 0,
+        "maximum": MAX_INT,
+        "default": 0,
+        "description": "Workflows to skip. Prefer the `before` cursor for deep pages.",
+    },
+}
 
 
 def stream_params(config: APIServerConfig) -> dict:
@@ -1062,6 +1126,9 @@ class Extent(NamedTuple):
     events: int = 0  # kept: the last position less what retention removed
 
 
+ModelUsage = list  # [(model, request_model, figures by ROLLUP_FIGURES)]: what a store reads of usage
+
+
 class AgentSummary(TypedDict):
     """An agent of a workflow, as /events/workflows/{id}/agents lists it."""
 
@@ -1076,6 +1143,7 @@ class AgentSummary(TypedDict):
     failed_calls: int
     status: str
     state: str
+    usage: ModelUsage
 
 
 class WorkflowSummary(TypedDict):
@@ -1084,9 +1152,16 @@ class WorkflowSummary(TypedDict):
     state: str
     start_time: str | None
     end_time: str | None
+    last_event_time: str | None
+    last_position: int
     duration_seconds: float | None
     event_count: int
     agent_count: int
+    failed_agents: int
+    name: str | None
+    service: str | None
+    user_prompt: str | None
+    usage: ModelUsage
 
 
 class WorkflowView(TypedDict):
@@ -1094,6 +1169,24 @@ class WorkflowView(TypedDict):
 
     workflow: WorkflowSummary
     agents: list[AgentSummary]
+
+
+@dataclasses.dataclass(frozen=True)
+class WorkflowIndex:
+    """Which workflows GET /events/workflows asks for: by state and latest activity, paged."""
+
+    state: str | None = None
+    since: str | None = None
+    until: str | None = None
+    before: int | None = None  # cursor: latest activity before this position
+    limit: int = 50
+    offset: int = 0
+
+
+class WorkflowPage(NamedTuple):
+    total: int  # every workflow the filters match, the cursor and paging aside
+    workflows: list[WorkflowSummary]
+    next: int | None  # the cursor for the next page, when this one is full
 
 
 class StoreError(Exception):
@@ -1181,9 +1274,13 @@ class EventStore(abc.ABC):
         before `before` (an ISO timestamp), in short transactions; how many it removed."""
 
     @abc.abstractmethod
-    async def workflow_summary(self, workflow_id: str) -> WorkflowView:
+    async def workflow_summary(self, workflow_id: str) -> WorkflowView | None:
         """The workflow's state and figures, and its agents in order of their first correlated
-        event (see workflow_summary in 3.2)."""
+        event (see workflow_summary in 3.2); None where it has no events."""
+
+    @abc.abstractmethod
+    async def workflows(self, index: WorkflowIndex) -> WorkflowPage:
+        """A page of the workflows, most recent activity first (see workflow_index in 3.2)."""
 
     @abc.abstractmethod
     async def ack(self, name: str, position: int) -> tuple[Consumer, bool]:
@@ -1341,7 +1438,6 @@ MAX_PARAMS = 32766 if sqlite3.sqlite_version_info >= (3, 32, 0) else 999
 EVENTS_TABLE = f"events ({', '.join(ROW_COLUMNS)})"
 READ_COLUMNS = ", ".join(ROW_COLUMNS)
 COUNTS_UPSERT = " ON CONFLICT (field, value, aggregate_type) DO UPDATE SET n = counts.n + excluded.n"
-MEMBERS_UPSERT = " ON CONFLICT DO NOTHING"
 
 
 # The counters and the workflow membership are written by the writers, in the transaction
@@ -1360,40 +1456,332 @@ CURRENT_VERSION = (
     + PRUNED_VERSION
     + ", 0)"
 )
-SUMMARY_COLUMNS = ("position", "aggregate_type", "aggregate_id", "event_name", "correlation_id")
-summary_of = operator.itemgetter(*[ROW_COLUMNS.index(name) for name in SUMMARY_COLUMNS])  # from a row
-
-
 Inserter = Callable[[Any, str, list, str], None]  # a backend's insert(conn, table, rows, tail)
+Write = tuple  # (table, rows, tail): what a backend's insert takes after its connection
 
 
-def record_summaries(insert: Inserter, conn: Any, events: Iterable, through: int, counted_through: int) -> None:
-    """Count new events, given as SUMMARY_COLUMNS, which take the counters from position
-    `counted_through` to `through`. `insert` is the backend's (ThreadedStore.insert)."""
+def summaries(conn: Any, rows: Sequence[Row], through: int, counted_through: int) -> tuple[list[Write], list[Call]]:
+    """What the writer adds to the summaries for new events, which take the counters from
+    position `counted_through` to `through`: the writes (for the backend's insert) and the
+    calls the events report. It reads what it needs first (roll_up), so that the writes can
+    go in one pipeline."""
     counts: collections.Counter = collections.Counter({("log", "counted_through", ""): through - counted_through})
-    members: dict = {}
-    for position, aggregate_type, aggregate_id, name, correlation_id in events:
+    for row in rows:
+        aggregate_type = row.aggregate_type
         counts["aggregate_type", aggregate_type, aggregate_type] += 1
-        counts["event_name", name, aggregate_type] += 1
-        if correlation_id is not None:
-            counts["correlation_id", correlation_id, aggregate_type] += 1
-            if aggregate_type == "agent_aggregate":
-                members.setdefault((correlation_id, aggregate_id), position)
-    insert(conn, "counts", [(*key, n) for key, n in counts.items()], COUNTS_UPSERT)
-    insert(conn, "workflow_agents", [(*key, position) for key, position in members.items()], MEMBERS_UPSERT)
+        counts["event_name", row.event_name, aggregate_type] += 1
+        if row.correlation_id is not None:
+            counts["correlation_id", row.correlation_id, aggregate_type] += 1
+    writes, calls = roll_up(conn, rows)
+    return [("counts", [(*key, n) for key, n in counts.items()], COUNTS_UPSERT), *writes], calls
 
 
 def count_stored(insert: Inserter, conn: Any, counted_through: int, position: int) -> None:
     """Count the events after `counted_through` up to `position` that no writer of ours counted."""
     while counted_through < position:
-        rows = conn.execute(
-            f"SELECT {', '.join(SUMMARY_COLUMNS)} FROM events WHERE position > ? AND position <= ? "
-            "ORDER BY position LIMIT 10000",
-            (counted_through, position),
-        ).fetchall()
-        through = rows[-1][0] if rows else position
-        record_summaries(insert, conn, rows, through, counted_through)
+        rows = [
+            Row(*values)
+            for values in conn.execute(
+                f"SELECT {READ_COLUMNS} FROM events WHERE position > ? AND position <= ? ORDER BY position LIMIT 10000",
+                (counted_through, position),
+            ).fetchall()
+        ]
+        through = rows[-1].position if rows else position
+        for write in summaries(conn, rows, through, counted_through)[0]:
+            insert(conn, *write)
         counted_through = through
+
+
+def select_in(conn: Any, sql: str, values: Sequence, args: Sequence = (), chunk: int = 500) -> list:
+    """The rows of `sql`, whose `{}` is filled with placeholders for a part of `values`, for
+    all the parts (`args` go after them)."""
+    rows: list = []
+    for start in range(0, len(values), chunk):
+        part = list(values[start : start + chunk])
+        rows += conn.execute(sql.format(", ".join("?" * len(part))), [*part, *args]).fetchall()
+    return rows
+
+
+# -- runs at a glance: workflows, their agents' states, usage -----------------------------
+# The writers keep, in the transaction that appends the events (roll_up): a row for each
+# workflow in `workflows` (its times, its event count, its own latest event and lifecycle
+# event, its agents by state, its state, name, service and first user prompt), each member
+# agent's state in `workflow_agents`, and in `rollups` what the events of each of its
+# aggregates report (USAGE_RULES), by model. Retention rebuilds the workflows it touches
+# from the events that remain (rebuild_workflows); prices apply when read, so that a new
+# price list needs no rewrite.
+
+USAGE_KINDS = (
+    "input_tokens", "output_tokens", "cache_read_input_tokens", "cache_creation_input_tokens",
+    "reasoning_output_tokens",
+)  # fmt: skip
+# The attributes each figure is read from, the first given wins: the GenAI conventions' names,
+# then names that older instrumentations send.
+USAGE_NAMES = (
+    ("gen_ai.usage.input_tokens", "gen_ai.usage.prompt_tokens"),
+    ("gen_ai.usage.output_tokens", "gen_ai.usage.completion_tokens"),
+    ("gen_ai.usage.cache_read.input_tokens", "gen_ai.usage.cache_read_input_tokens"),
+    ("gen_ai.usage.cache_creation.input_tokens", "gen_ai.usage.cache_creation_input_tokens"),
+    ("gen_ai.usage.reasoning.output_tokens", "gen_ai.usage.reasoning_tokens"),
+)
+CONTAINER_OPERATIONS = ("invoke_agent", "invoke_workflow", "create_agent")
+MODEL_OPERATIONS = ("chat", "text_completion", "generate_content", "embeddings")
+TOOL_OPERATIONS = ("execute_tool",)
+START_WORDS = ("started", "start", "begin", "began")
+USAGE_RULES = (
+    "Usage comes from the event's attributes, named as the OpenTelemetry GenAI conventions name them "
+    "(`gen_ai.usage.input_tokens`, `gen_ai.usage.output_tokens`, `gen_ai.usage.cache_read.input_tokens`, "
+    "`gen_ai.usage.cache_creation.input_tokens`, `gen_ai.usage.reasoning.output_tokens`; the older "
+    "`gen_ai.usage.prompt_tokens` and `gen_ai.usage.completion_tokens` too), on OTLP spans and emitted events "
+    "alike. An event whose `gen_ai.operation.name` is `execute_tool` is a tool call; one whose operation is "
+    "`chat`, `text_completion`, `generate_content` or `embeddings`, or that reports tokens under another "
+    "operation or none, is a model call. Its tokens and the call are counted once, on the event that ends it: "
+    "an emitted event whose name ends in `started`, `start`, `begin` or `began` counts nothing. Containers "
+    "(`invoke_agent`, `invoke_workflow`, `create_agent`) repeat their children's usage and count nothing. "
+    "Failed events are those whose name's last word is a failure (STATE_RULES). The model is "
+    "`gen_ai.response.model`, else `gen_ai.request.model`. An agent's usage is that of its own events and of "
+    "the calls that belong to it; a workflow's, that of all its events."
+)
+
+
+class Call(NamedTuple):
+    """What an event reports of a model or tool call (USAGE_RULES)."""
+
+    model: str  # gen_ai.response.model, "" where not given
+    request_model: str  # gen_ai.request.model
+    tokens: tuple  # by USAGE_KINDS
+    model_call: bool
+    tool_call: bool
+
+
+class Facts(NamedTuple):
+    """What the rollups take from an event's attributes."""
+
+    call: Call | None
+    name: str | None  # the workflow's name, on its own events
+    service: str | None
+
+
+NO_FACTS = Facts(None, None, None)
+
+
+def usage_count(value: Any) -> int | None:
+    if isinstance(value, bool):
+        return None
+    if isinstance(value, float) and value.is_integer():
+        value = int(value)
+    if isinstance(value, str) and value.isdigit() and len(value) < 19:
+        value = int(value)
+    return value if isinstance(value, int) and 0 <= value <= MAX_INT else None
+
+
+def plain_text(value: Any, limit: int = 200) -> str | None:
+    return value[:limit] if isinstance(value, str) and value and "\x00" not in value else None
+
+
+def event_facts(name: str, attributes: str) -> Facts:
+    """The call, workflow name and service an event's attributes report (USAGE_RULES)."""
+    if "gen_ai." not in attributes and "service.name" not in attributes and ".name" not in attributes:
+        return NO_FACTS
+    try:
+        values = json.loads(attributes)
+    except ValueError:  # attributes stored by another program
+        return NO_FACTS
+    if not isinstance(values, dict):
+        return NO_FACTS
+    workflow_name = next(
+        filter(
+            None, (plain_text(values.get(key)) for key in ("workflow.name", "gen_ai.workflow.name", "otel.span.name"))
+        ),
+        None,
+    )
+    facts = Facts(None, workflow_name, plain_text(values.get("service.name")))
+    operation = values.get("gen_ai.operation.name")
+    if operation in CONTAINER_OPERATIONS:
+        return facts
+    if "otel.span_id" not in values and _LAST_WORD.split(name.lower())[-1] in START_WORDS:
+        return facts
+    tokens = tuple(
+        next((n for n in (usage_count(values.get(key)) for key in keys) if n is not None), 0) for keys in USAGE_NAMES
+    )
+    tool_call = operation in TOOL_OPERATIONS
+    model_call = not tool_call and (operation in MODEL_OPERATIONS or any(tokens))
+    if not (tool_call or model_call):
+        return facts
+    model = plain_text(values.get("gen_ai.response.model")) or ""
+    call = Call(model, plain_text(values.get("gen_ai.request.model")) or "", tokens, model_call, tool_call)
+    return facts._replace(call=call)
+
+
+def lifecycle_state(kind: str, name: str) -> str | None:
+    """The state an event of an agent (`kind` "agent") or a workflow ("workflow") gives it:
+    None unless the name's first word is the kind (a lifecycle event), else by STATE_RULES."""
+    return event_state(name) if _LAST_WORD.split(name.lower(), 1)[0] == kind else None
+
+
+WORKFLOW_COLUMNS = (
+    "workflow_id", "start_time", "last_time", "last_position", "event_count", "status", "lifecycle",
+    "agents_running", "agents_completed", "agents_failed", "state", "name", "service", "user_prompt",
+)  # fmt: skip
+WORKFLOW_UPSERT = " ON CONFLICT (workflow_id) DO UPDATE SET " + ", ".join(
+    f"{column} = excluded.{column}" for column in WORKFLOW_COLUMNS[1:]
+)
+MEMBER_UPSERT = " ON CONFLICT (workflow_id, agent_id) DO UPDATE SET state = excluded.state"
+ROLLUP_KEY = ("workflow_id", "aggregate_type", "aggregate_id", "model", "request_model")
+ROLLUP_FIGURES = (*USAGE_KINDS, "model_calls", "tool_calls", "failed_events")
+ROLLUP_UPSERT = f" ON CONFLICT ({', '.join(ROLLUP_KEY)}) DO UPDATE SET " + ", ".join(
+    f"{figure} = rollups.{figure} + excluded.{figure}" for figure in ROLLUP_FIGURES
+)
+AGENT_STATE_COLUMN = {"running": 7, "completed": 8, "failed": 9}  # in a workflows row
+# Both backends' tables for them (SQLite's INTEGER holds 64 bits, as PostgreSQL's bigint).
+ROLLUP_TABLES = f"""
+CREATE TABLE IF NOT EXISTS workflow_agents (
+    workflow_id TEXT NOT NULL, agent_id TEXT NOT NULL, first_position BIGINT NOT NULL, state TEXT NOT NULL,
+    PRIMARY KEY (workflow_id, agent_id)
+);
+CREATE INDEX IF NOT EXISTS workflow_agents_agent ON workflow_agents (agent_id);
+CREATE TABLE IF NOT EXISTS workflows (
+    workflow_id TEXT PRIMARY KEY, start_time TEXT, last_time TEXT, last_position BIGINT NOT NULL,
+    event_count BIGINT NOT NULL, status TEXT, lifecycle TEXT, agents_running BIGINT NOT NULL,
+    agents_completed BIGINT NOT NULL, agents_failed BIGINT NOT NULL, state TEXT NOT NULL, name TEXT,
+    service TEXT, user_prompt TEXT
+);
+CREATE INDEX IF NOT EXISTS workflows_recent ON workflows (last_position);
+CREATE INDEX IF NOT EXISTS workflows_state ON workflows (state, last_position);
+CREATE INDEX IF NOT EXISTS workflows_time ON workflows (last_time);
+CREATE TABLE IF NOT EXISTS rollups (
+    {", ".join(f"{column} TEXT NOT NULL" for column in ROLLUP_KEY)},
+    {", ".join(f"{figure} BIGINT NOT NULL" for figure in ROLLUP_FIGURES)},
+    PRIMARY KEY ({", ".join(ROLLUP_KEY)})
+);
+"""
+
+
+def workflow_state(row: Sequence) -> str:
+    """A workflow's state: by its own latest lifecycle event; without one, running while an
+    agent runs or while it has none, else failed if an agent failed, else completed."""
+    if row[6] is not None:
+        return event_state(row[6])
+    running, completed, failed = row[7:10]
+    return "running" if running or not (completed or failed) else "failed" if failed else "completed"
+
+
+def roll_up(conn: Any, rows: Sequence[Row], only: set | None = None) -> tuple[list[Write], list[Call]]:
+    """The writes that bring `workflows`, `workflow_agents` and `rollups` up to date with new
+    events (`rows`, in position order), and the calls they report; with `only`, for those
+    workflows alone (rebuild_workflows). Reads the rows it changes first."""
+    facts = [event_facts(row.event_name, row.attributes) for row in rows]
+    scopes = [workflows_of(row, only) for row in rows]
+    agents = sorted({row.aggregate_id for row in rows if row.aggregate_type == "agent_aggregate"})
+    members: dict[str, dict[str, str]] = {}  # agent -> {workflow: its state there}
+    for workflow_id, agent_id, state in select_in(
+        conn, "SELECT workflow_id, agent_id, state FROM workflow_agents WHERE agent_id IN ({})", agents
+    ):
+        if only is None or workflow_id in only:
+            members.setdefault(agent_id, {})[workflow_id] = state
+    touched = {w for scope in scopes for w in scope} | {w for seen in members.values() for w in seen}
+    found = {
+        row[0]: list(row)
+        for row in select_in(
+            conn, f"SELECT {', '.join(WORKFLOW_COLUMNS)} FROM workflows WHERE workflow_id IN ({{}})", sorted(touched)
+        )
+    }
+    states = {agent_id: next(iter(seen.values())) for agent_id, seen in members.items()}
+    joined: dict[tuple, list] = {}  # (workflow, agent) -> [first_position, state]: new or changed members
+    usage: dict[tuple, list] = {}
+    calls = []
+
+    def workflow(workflow_id: str) -> list:
+        if workflow_id not in found:
+            found[workflow_id] = [workflow_id, None, None, 0, 0, None, None, 0, 0, 0, "running", None, None, None]
+        return found[workflow_id]
+
+    def shift(workflow_id: str, old: str | None, new: str) -> None:
+        counts = workflow(workflow_id)
+        if old is not None:
+            counts[AGENT_STATE_COLUMN[old]] -= 1
+        counts[AGENT_STATE_COLUMN[new]] += 1
+
+    for row, fact, scope in zip(rows, facts, scopes):
+        if row.aggregate_type == "agent_aggregate":
+            agent_id, seen = row.aggregate_id, members.setdefault(row.aggregate_id, {})
+            state = lifecycle_state("agent", row.event_name)
+            if state is not None and state != states.get(agent_id):
+                states[agent_id] = state
+                for workflow_id, old in seen.items():
+                    shift(workflow_id, old, state)
+                    seen[workflow_id] = state
+                    joined.setdefault((workflow_id, agent_id), [row.position, state])[1] = state
+            correlated = row.correlation_id
+            if correlated is not None and correlated in scope and correlated not in seen:
+                state = seen[correlated] = states.setdefault(agent_id, "running")
+                shift(correlated, None, state)
+                joined[correlated, agent_id] = [row.position, state]
+        for workflow_id in scope:
+            w = workflow(workflow_id)
+            w[1] = row.timestamp if w[1] is None else min(w[1], row.timestamp)
+            w[2] = row.timestamp if w[2] is None else max(w[2], row.timestamp)
+            w[3], w[4] = row.position, w[4] + 1
+            if row.aggregate_type == "workflow_aggregate" and row.aggregate_id == workflow_id:
+                w[5] = row.event_name
+                if lifecycle_state("workflow", row.event_name) is not None:
+                    w[6] = row.event_name
+                w[11] = w[11] or fact.name
+            w[12] = w[12] or fact.service
+            w[13] = w[13] or (row.user_prompt[:1000] if row.user_prompt else None)
+            call, failed = fact.call, event_state(row.event_name) == "failed"
+            if call is None and not failed:
+                continue
+            models = (call.model, call.request_model) if call else ("", "")
+            figures = usage.setdefault((workflow_id, row.aggregate_type, row.aggregate_id, *models), [0] * 8)
+            if call is not None:
+                for i, n in enumerate(call.tokens):
+                    figures[i] += n
+                figures[5] += call.model_call
+                figures[6] += call.tool_call
+            figures[7] += failed
+        if fact.call is not None and only is None:
+            calls.append(fact.call)
+    for w in found.values():
+        w[10] = workflow_state(w)
+    writes: list[Write] = [("workflows", [tuple(w) for w in found.values()], WORKFLOW_UPSERT)]
+    writes.append(("workflow_agents", [(*key, *value) for key, value in joined.items()], MEMBER_UPSERT))
+    writes.append(("rollups", [(*key, *figures) for key, figures in usage.items()], ROLLUP_UPSERT))
+    return [write for write in writes if write[1]], calls
+
+
+def workflows_of(row: Row, only: set | None = None) -> tuple:
+    """The workflows an event is of: the one it is an event of, and the one it is correlated with."""
+    own = row.aggregate_id if row.aggregate_type == "workflow_aggregate" else None
+    scope = tuple(dict.fromkeys(w for w in (own, row.correlation_id) if w is not None))
+    return scope if only is None else tuple(w for w in scope if w in only)
+
+
+WORKFLOW_ROWS = (
+    f"SELECT {READ_COLUMNS} FROM events WHERE (aggregate_type = 'workflow_aggregate' AND aggregate_id IN ({{}})) "
+    "OR correlation_id IN ({}) ORDER BY position"
+)
+
+
+def rebuild_workflows(insert: Inserter, conn: Any, workflow_ids: list[str]) -> None:
+    """Make the workflows' rows, members and rollups anew from the events that remain: their
+    own events, those correlated with them, and all events of their agents (which carry the
+    agents' states)."""
+    for start in range(0, len(workflow_ids), 200):
+        part = workflow_ids[start : start + 200]
+        marks = ", ".join("?" * len(part))
+        for table in ("workflows", "workflow_agents", "rollups"):
+            conn.execute(f"DELETE FROM {table} WHERE workflow_id IN ({marks})", part)
+        rows = {values[0]: Row(*values) for values in conn.execute(WORKFLOW_ROWS.format(marks, marks), [*part, *part])}
+        agents = sorted({row.aggregate_id for row in rows.values() if row.aggregate_type == "agent_aggregate"})
+        for values in select_in(
+            conn,
+            f"SELECT {READ_COLUMNS} FROM events WHERE aggregate_type = 'agent_aggregate' AND aggregate_id IN ({{}})",
+            agents,
+        ):
+            rows.setdefault(values[0], Row(*values))
+        for write in roll_up(conn, [rows[p] for p in sorted(rows)], set(part))[0]:
+            insert(conn, *write)
 
 
 PRUNE_BATCH = 200  # events a transaction when pruning: each holds the write lock a few milliseconds
@@ -1405,8 +1793,8 @@ def prune_batch(insert: Inserter, conn: Any, before: str) -> tuple[int, bool]:
     """In the caller's transaction (which holds the write lock), remove up to PRUNE_BATCH of
     the oldest events, in position order up to the first one whose timestamp is not before
     `before`, and only events the counters count. Returns (events removed, whether more may
-    follow). The counters, the workflow membership, the pruned versions and PRUNED_THROUGH
-    are kept exact in the same transaction."""
+    follow). The counters, the pruned versions and PRUNED_THROUGH are kept exact in the same
+    transaction, and the workflows it touches are made anew (rebuild_workflows)."""
     done, counted_through = conn.execute(
         f"SELECT coalesce((SELECT n FROM counts WHERE {PRUNED_THROUGH}), 0), "
         f"coalesce((SELECT n FROM counts WHERE {COUNTED_THROUGH}), 0)"
@@ -1440,25 +1828,15 @@ def prune_batch(insert: Inserter, conn: Any, before: str) -> tuple[int, bool]:
         "ON CONFLICT (aggregate_type, aggregate_id) DO UPDATE SET version = excluded.version",
         span,
     )
-    pairs = conn.execute(
-        f"SELECT DISTINCT correlation_id, aggregate_id FROM events WHERE {IN_RANGE} "
-        "AND aggregate_type = 'agent_aggregate' AND correlation_id IS NOT NULL",
-        span,
+    touched = conn.execute(
+        f"SELECT aggregate_id FROM events WHERE {IN_RANGE} AND aggregate_type = 'workflow_aggregate' "
+        f"UNION SELECT correlation_id FROM events WHERE {IN_RANGE} AND correlation_id IS NOT NULL "
+        "UNION SELECT m.workflow_id FROM workflow_agents m WHERE m.agent_id IN "
+        f"(SELECT aggregate_id FROM events WHERE {IN_RANGE} AND aggregate_type = 'agent_aggregate')",
+        span * 3,
     ).fetchall()
     conn.execute(f"DELETE FROM events WHERE {IN_RANGE}", span)
-    for workflow_id, agent_id in pairs:  # an agent stays a member while it has a correlated event
-        first = conn.execute(
-            "SELECT min(position) FROM events WHERE aggregate_type = 'agent_aggregate' "
-            "AND aggregate_id = ? AND correlation_id = ?",
-            (agent_id, workflow_id),
-        ).fetchone()[0]
-        if first is None:
-            conn.execute("DELETE FROM workflow_agents WHERE workflow_id = ? AND agent_id = ?", (workflow_id, agent_id))
-        else:
-            conn.execute(
-                "UPDATE workflow_agents SET first_position = ? WHERE workflow_id = ? AND agent_id = ?",
-                (first, workflow_id, agent_id),
-            )
+    rebuild_workflows(insert, conn, sorted(workflow_id for (workflow_id,) in touched))
     insert(conn, "counts", [("log", "pruned_through", "", through - done)], COUNTS_UPSERT)
     return old, old == len(rows) == PRUNE_BATCH
 
@@ -1853,7 +2231,8 @@ SELECT m.agent_id,
     (SELECT timestamp {AGENT_EVENTS} ORDER BY position LIMIT 1),
     (SELECT timestamp {AGENT_EVENTS} ORDER BY position DESC LIMIT 1),
     (SELECT max(aggregate_version) {AGENT_EVENTS}) - coalesce({AGENT_PRUNED}, 0),
-    (SELECT event_name {AGENT_EVENTS} ORDER BY position DESC LIMIT 1)
+    (SELECT event_name {AGENT_EVENTS} ORDER BY position DESC LIMIT 1),
+    m.state
 FROM workflow_agents m WHERE m.workflow_id = ? ORDER BY m.first_position
 """
 
@@ -1960,30 +2339,56 @@ def cut_cycles(parents: dict, order: list[str]) -> None:
         done.update(path)
 
 
-TIMELINE_FIGURES = """
-SELECT min(timestamp), max(timestamp), count(*) FROM events
-WHERE (aggregate_type = 'workflow_aggregate' AND aggregate_id = ?) OR correlation_id = ?
-"""
-OWN_LAST = (
-    "SELECT event_name FROM events WHERE aggregate_type = 'workflow_aggregate' AND aggregate_id = ? "
-    "ORDER BY aggregate_version DESC LIMIT 1"
-)
+def usage_by_model(rows: Iterable) -> list:
+    """[(model, request_model, figures)] from rows of ROLLUP_SUMS, summed by model."""
+    sums: dict = {}
+    for model, request_model, *figures in rows:
+        key = (model, request_model)
+        sums[key] = [a + b for a, b in zip(sums[key], figures)] if key in sums else list(figures)
+    return [(model, request_model, figures) for (model, request_model), figures in sums.items()]
 
 
-def workflow_summary(conn: Connection, workflow_id: str) -> WorkflowView:
-    """The workflow and its agents: those with an event correlated to it, in order of their
-    first such event. An agent's figures cover all its events: the first's and the latest's
-    times, the count, the latest event's name as status and its state (STATE_RULES); and
-    the calls that belong to it (PARENT_RULES), with those that failed (STATE_RULES too)."""
+ROLLUP_SUMS = ", ".join(f"sum({figure})" for figure in ROLLUP_FIGURES)
+
+
+def workflow_item(row: Sequence, usage: list) -> WorkflowSummary:
+    """A row of `workflows` (WORKFLOW_COLUMNS) as the API shows it: a running workflow's
+    duration runs to now."""
+    state = row[10]
+    ended = row[2] if state != "running" else None
+    return {
+        "workflow_id": row[0],
+        "status": row[5],
+        "state": state,
+        "start_time": row[1],
+        "end_time": ended,
+        "last_event_time": row[2],
+        "last_position": row[3],
+        "duration_seconds": seconds_between(row[1], ended or utc_now()),
+        "event_count": row[4],
+        "agent_count": row[7] + row[8] + row[9],
+        "failed_agents": row[9],
+        "name": row[11],
+        "service": row[12],
+        "user_prompt": row[13],
+        "usage": usage,
+    }
+
+
+def workflow_summary(conn: Connection, workflow_id: str) -> WorkflowView | None:
+    """The workflow and its agents (those with an event correlated to it, in order of their
+    first such event), or None where it has no events. An agent's figures cover all its
+    events: the first's and the latest's times, the count, the latest event's name as status;
+    its state (from its lifecycle events, roll_up), the calls that belong to it (PARENT_RULES)
+    with those that failed, and its usage and that of its calls, by model."""
     if "\x00" in workflow_id:  # no stored id holds NUL
-        rows: list = []
-        first = last = None
-        events, own, calls = 0, None, {}
-    else:
-        rows = conn.execute(WORKFLOW_AGENTS, (workflow_id,)).fetchall()
-        first, last, events = conn.execute(TIMELINE_FIGURES, (workflow_id, workflow_id)).fetchone()
-        own = conn.execute(OWN_LAST, (workflow_id,)).fetchone()
-        calls = workflow_calls(conn, workflow_id)
+        return None
+    found = conn.execute(f"SELECT {', '.join(WORKFLOW_COLUMNS)} FROM workflows WHERE workflow_id = ?", (workflow_id,))
+    row = found.fetchone()
+    if row is None:
+        return None
+    rows = conn.execute(WORKFLOW_AGENTS, (workflow_id,)).fetchall()
+    calls = workflow_calls(conn, workflow_id)
     members = {row[0] for row in rows}
     parents = resolve_parents(conn, workflow_id, [row[0] for row in rows], calls) if rows else {}
     call_counts: collections.Counter = collections.Counter()
@@ -1993,6 +2398,19 @@ def workflow_summary(conn: Connection, workflow_id: str) -> WorkflowView:
         if owner in members:
             call_counts[owner, "calls"] += 1
             call_counts[owner, "failed"] += event_state(name) == "failed"
+    rollups: dict = {}
+    everything = []
+    for aggregate_type, aggregate_id, *figures in conn.execute(
+        f"SELECT aggregate_type, aggregate_id, model, request_model, {', '.join(ROLLUP_FIGURES)} "
+        "FROM rollups WHERE workflow_id = ?",
+        (workflow_id,),
+    ):
+        everything.append(figures)
+        holder = aggregate_id if aggregate_type == "agent_aggregate" else None
+        if aggregate_type == "system_aggregate" and aggregate_id in calls:
+            holder = through_calls(aggregate_id, calls, members, ends)
+        if holder in members:
+            rollups.setdefault(holder, []).append(figures)
     agents: list[AgentSummary] = [
         {
             "agent_id": agent_id,
@@ -2005,28 +2423,44 @@ def workflow_summary(conn: Connection, workflow_id: str) -> WorkflowView:
             "call_count": call_counts[agent_id, "calls"],
             "failed_calls": call_counts[agent_id, "failed"],
             "status": status,
-            "state": event_state(status),
+            "state": state,
+            "usage": usage_by_model(rollups.get(agent_id, [])),
         }
-        for agent_id, name, first_time, last_time, count, status in rows
+        for agent_id, name, first_time, last_time, count, status, state in rows
     ]
-    status = own[0] if own else None
-    if status is not None:
-        state = event_state(status)
-    else:  # no events of its own: its agents say
-        states = {agent["state"] for agent in agents}
-        state = next((s for s in ("running", "failed", "completed") if s in states), "running")
-    ended = last if state != "running" else None
-    workflow: WorkflowSummary = {
-        "workflow_id": workflow_id,
-        "status": status,
-        "state": state,
-        "start_time": first,
-        "end_time": ended,
-        "duration_seconds": seconds_between(first, ended or last),
-        "event_count": events or 0,
-        "agent_count": len(agents),
-    }
-    return {"workflow": workflow, "agents": agents}
+    return {"workflow": workflow_item(row, usage_by_model(everything)), "agents": agents}
+
+
+WORKFLOW_ORDER = " ORDER BY last_position DESC LIMIT ? OFFSET ?"
+
+
+def workflow_index(conn: Connection, index: WorkflowIndex) -> WorkflowPage:
+    """A page of the workflows, most recent activity first, with their usage by model."""
+    clauses, args = [], []
+    for clause, value in (("state = ?", index.state), ("last_time > ?", index.since), ("last_time <= ?", index.until)):
+        if value is not None:
+            clauses.append(clause)
+            args.append(value)
+    cursor = (["last_position < ?"], [index.before]) if index.before is not None else ([], [])
+    total = conn.execute(
+        "SELECT count(*) FROM workflows" + "".join(" WHERE " + " AND ".join(clauses) for _ in clauses[:1]), args
+    ).fetchone()[0]
+    where = " WHERE " + " AND ".join(clauses + cursor[0]) if clauses or cursor[0] else ""
+    rows = conn.execute(
+        f"SELECT {', '.join(WORKFLOW_COLUMNS)} FROM workflows{where}{WORKFLOW_ORDER}",
+        [*args, *cursor[1], index.limit, index.offset],
+    ).fetchall()
+    usage: dict = {}
+    for workflow_id, *figures in select_in(
+        conn,
+        f"SELECT workflow_id, model, request_model, {ROLLUP_SUMS} FROM rollups WHERE workflow_id IN ({{}}) "
+        "GROUP BY workflow_id, model, request_model",
+        [row[0] for row in rows],
+    ):
+        usage.setdefault(workflow_id, []).append(figures)
+    items = [workflow_item(row, usage_by_model(usage.get(row[0], []))) for row in rows]
+    full = len(rows) == index.limit
+    return WorkflowPage(total, items, rows[-1][3] if full else None)
 
 
 def seconds_between(start: str | None, end: str | None) -> float | None:
@@ -2289,8 +2723,11 @@ class ThreadedStore(EventStore):
     async def last_position(self) -> int:
         return await self._read(last_position)
 
-    async def workflow_summary(self, workflow_id: str) -> WorkflowView:
+    async def workflow_summary(self, workflow_id: str) -> WorkflowView | None:
         return await self._read(workflow_summary, workflow_id)
+
+    async def workflows(self, index: WorkflowIndex) -> WorkflowPage:
+        return await self._read(workflow_index, index)
 
     async def consumer(self, name: str) -> Consumer | None:
         return await self._read(read_consumer, name)
@@ -2525,7 +2962,7 @@ class ThreadedStore(EventStore):
         """Store a group of requests in one transaction, under the write lock: read where the
         log ends and the versions and stored event_ids the group names, count what another
         program stored, plan each request's outcome (plan_appends), insert the rows, count
-        them (record_summaries), publish the new end; each request's outcome."""
+        and roll them up (summaries), publish the new end; each request's outcome."""
         try:
             with self.write_lock(conn):
                 keys, event_ids = lookups(requests)
@@ -2535,8 +2972,10 @@ class ThreadedStore(EventStore):
                 outcomes, rows = plan_appends(requests, state.position, state.versions, stored, utc_now())
                 self.insert_events(conn, rows)
                 last = state.position + len(rows)
+                writes, calls = summaries(conn, rows, last, state.position)
                 with self.pipeline(conn):
-                    record_summaries(self.insert, conn, map(summary_of, rows), last, state.position)
+                    for write in writes:
+                        self.insert(conn, *write)
                     self.publish(conn, state.position, last)
         except BaseException:
             self._seen.forget()
@@ -2655,7 +3094,7 @@ async def copy_stores(source: EventStore, target: EventStore, progress: Callable
 
 # -- 3.3 SQLite ---------------------------------------------------------------------------
 
-SCHEMA_VERSION = 6
+SCHEMA_VERSION = 7
 # The planner has no statistics for a new log, and without them it may pick the
 # 3-valued aggregate_type index over aggregate_id's. Fixed, typical statistics in
 # sqlite_stat1 (documented as the way to steer it) keep every read on the selective index.
@@ -2744,6 +3183,13 @@ MIGRATIONS = {
     """,
     5: """
     CREATE TABLE consumers (name TEXT PRIMARY KEY, position INTEGER NOT NULL, updated_at TEXT NOT NULL) WITHOUT ROWID;
+    """,
+    # Runs at a glance (roll_up): the workflows, their agents' states and the usage rollups,
+    # made for the events already stored by counting them all again when the log is opened.
+    6: f"""
+    DROP TABLE workflow_agents;
+    {ROLLUP_TABLES}
+    DELETE FROM counts WHERE NOT ({PRUNED_THROUGH});
     """,
 }
 
@@ -2999,8 +3445,9 @@ class SQLiteStore(ThreadedStore):
 # then reads the new events by position, so a lost notification delays an event, never loses it.
 # Tables live in the schema `eventuali`, beside whatever else the database holds.
 
-PG_SCHEMA_VERSION = 3  # 2: the table pruned (retention); 3: consumers
-PG_SCHEMA = """
+PG_SCHEMA_VERSION = 4  # 2: the table pruned (retention); 3: consumers; 4: runs at a glance
+PG_SCHEMA = (
+    """
 CREATE SCHEMA IF NOT EXISTS eventuali;
 CREATE TABLE IF NOT EXISTS meta (key text PRIMARY KEY, value text NOT NULL);
 CREATE TABLE IF NOT EXISTS events (
@@ -3032,16 +3479,17 @@ CREATE TABLE IF NOT EXISTS counts (
     field text NOT NULL, value text NOT NULL, aggregate_type text NOT NULL, n bigint NOT NULL,
     PRIMARY KEY (field, value, aggregate_type)
 );
-CREATE TABLE IF NOT EXISTS workflow_agents (
-    workflow_id text NOT NULL, agent_id text NOT NULL, first_position bigint NOT NULL,
-    PRIMARY KEY (workflow_id, agent_id)
-);
 CREATE TABLE IF NOT EXISTS pruned (
     aggregate_type text NOT NULL, aggregate_id text NOT NULL, version bigint NOT NULL,
     PRIMARY KEY (aggregate_type, aggregate_id)
 );
 CREATE TABLE IF NOT EXISTS consumers (name text PRIMARY KEY, position bigint NOT NULL, updated_at text NOT NULL);
 """
+    + ROLLUP_TABLES
+    + """
+ALTER TABLE workflow_agents ADD COLUMN IF NOT EXISTS state text NOT NULL DEFAULT 'running';
+"""
+)
 PG_CHANNEL = "eventuali"
 # The sessions that hold the head row's lock (a row lock takes a lock on its table) and have
 # waited for their client longer than the timeout. (Ended one by one, apart: a WHERE clause
@@ -3154,6 +3602,14 @@ def pg_unavailable(exc: Exception, url: str) -> StoreUnavailable:
     return StoreUnavailable(f"{reason} ({redact_secrets(detail, url)})")
 
 
+def pg_insert(conn: PgConnection, table: str, rows: list, tail: str = "") -> None:
+    # One short statement executed for each row, in a pipeline: psycopg parses a long
+    # statement's placeholders anew each time.
+    if rows:
+        marks = ", ".join(["%s"] * len(rows[0]))
+        conn.raw.cursor().executemany(f"INSERT INTO {table} VALUES ({marks}){tail}", rows)
+
+
 def open_pg_database(url: str, timeout: float, durability: str) -> PgConnection:
     """Create the schema if needed (one process at a time) and return the writer's connection."""
     conn = pg_connect(url, timeout, autocommit=False, durability=durability)
@@ -3165,6 +3621,11 @@ def open_pg_database(url: str, timeout: float, durability: str) -> PgConnection:
         conn.execute("INSERT INTO meta VALUES ('schema_version', ?) ON CONFLICT DO NOTHING", (str(PG_SCHEMA_VERSION),))
         version = int(conn.execute("SELECT value FROM meta WHERE key = 'schema_version'").fetchone()[0])
         if version < PG_SCHEMA_VERSION:  # the statements above have brought it up to date
+            if version < 4:  # the workflows and usage of the events stored: count them all again
+                conn.execute("DELETE FROM workflow_agents")
+                conn.execute(f"DELETE FROM counts WHERE NOT ({PRUNED_THROUGH})")
+                position = conn.execute("SELECT position FROM head").fetchone()[0]
+                count_stored(pg_insert, conn, 0, position)
             conn.execute("UPDATE meta SET value = ? WHERE key = 'schema_version'", (str(PG_SCHEMA_VERSION),))
             version = PG_SCHEMA_VERSION
     if version > PG_SCHEMA_VERSION:
@@ -3246,11 +3707,7 @@ class PostgresStore(ThreadedStore):
         return LogState(position, counted_through or 0, versions)
 
     def insert(self, conn: PgConnection, table: str, rows: list, tail: str = "") -> None:
-        # One short statement executed for each row, in a pipeline: psycopg parses a long
-        # statement's placeholders anew each time.
-        if rows:
-            marks = ", ".join(["%s"] * len(rows[0]))
-            conn.raw.cursor().executemany(f"INSERT INTO {table} VALUES ({marks}){tail}", rows)
+        pg_insert(conn, table, rows, tail)
 
     def insert_events(self, conn: PgConnection, rows: list[Row]) -> None:
         with conn.raw.cursor().copy(f"COPY {EVENTS_TABLE} FROM STDIN") as copy:  # PostgreSQL's fastest way in
@@ -4506,10 +4963,74 @@ async def workflow_events(request: Request) -> Response:
     return await list_reply(state.store, page, params, state.config.read_chunk)
 
 
+def usage_reply(models: ModelUsage, prices: dict) -> dict:
+    """Usage by model as the API shows it: the figures summed, and the cost of the model calls
+    whose model has a price (its response model's, else its request model's); cost is null
+    when none has, and `unpriced_calls` says how many model calls had no price."""
+    totals = [0] * len(ROLLUP_FIGURES)
+    cost: float | None = None
+    unpriced = 0
+    for model, request_model, figures in models:
+        totals = [a + b for a, b in zip(totals, figures)]
+        price = prices.get(model) or prices.get(request_model)
+        if price is None:
+            unpriced += figures[5]
+            continue
+        read, created = figures[2], figures[3]
+        fresh = max(0, figures[0] - read - created)  # input tokens count the cached ones too
+        cost = (cost or 0.0) + (
+            fresh * price["input"]
+            + read * price.get("cache_read", price["input"])
+            + created * price.get("cache_creation", price["input"])
+            + figures[1] * price["output"]
+        ) / 1e6
+    reply: dict = dict(zip(ROLLUP_FIGURES, totals))
+    reply["cost"] = None if cost is None else round(cost, 9)
+    reply["unpriced_calls"] = unpriced
+    return reply
+
+
+def priced(item: Any, prices: dict) -> dict:
+    """A workflow or an agent with its usage as usage_reply makes it."""
+    return {**item, "usage": usage_reply(item["usage"], prices)}
+
+
 async def workflow_agents_handler(request: Request) -> Response:
     state = request.app.state
     check_query(request, {})
-    return json_response(await state.store.workflow_summary(path_id(request, "workflow_id")))
+    workflow_id = path_id(request, "workflow_id")
+    view = await state.store.workflow_summary(workflow_id)
+    if view is None:
+        raise Problem(404, f"no events of workflow {workflow_id!r}: none of its own, none correlated with it")
+    prices = state.config.price_list
+    return json_response(
+        {"workflow": priced(view["workflow"], prices), "agents": [priced(agent, prices) for agent in view["agents"]]}
+    )
+
+
+async def list_workflows(request: Request) -> Response:
+    """GET /events/workflows: the index of workflows, most recent activity first."""
+    state = request.app.state
+    params = check_query(request, WORKFLOW_INDEX_PARAMS)
+    index = WorkflowIndex(
+        params.get("state"),
+        params.get("since"),
+        params.get("until"),
+        params.get("before"),
+        params["limit"],
+        params["offset"],
+    )
+    page = await state.store.workflows(index)
+    prices = state.config.price_list
+    return json_response(
+        {
+            "workflows": [priced(item, prices) for item in page.workflows],
+            "total": page.total,
+            "limit": index.limit,
+            "offset": index.offset,
+            "next": page.next,
+        }
+    )
 
 
 # -- consumers: the server keeps each reader's place ------------------------------------------
@@ -5406,6 +5927,7 @@ ROUTES = [
     ApiRoute("/events/", "GET", list_events, "list_events"),
     ApiRoute("/events/stream", "GET", stream, "stream_events"),
     ApiRoute("/events/agents/{agent_id}", "GET", agent_events, "agent_events"),
+    ApiRoute("/events/workflows", "GET", list_workflows, "list_workflows"),
     ApiRoute("/events/workflows/{workflow_id}", "GET", workflow_events, "workflow_events"),
     ApiRoute("/events/workflows/{workflow_id}/agents", "GET", workflow_agents_handler, "workflow_agents"),
     ApiRoute("/consumers", "GET", list_consumers, "list_consumers"),
@@ -5599,7 +6121,19 @@ STATE_DOC = (
     + ", ".join(f"`{w}`" for w in STATE_RULES["failed"])
     + " means `failed`; any other name means `running`."
 )
-STATE_FIELD = {"type": "string", "enum": ["running", "completed", "failed"], "description": STATE_DOC}
+STATE_FIELD = {"type": "string", "enum": list(WORKFLOW_STATES), "description": STATE_DOC}
+LIFECYCLE_DOC = (
+    "an agent's state comes from its latest event whose name's first word is `agent` (`agent.started`, "
+    "`agent.completed`), a workflow's from its own latest event whose first word is `workflow`; their other "
+    "events (tool and model calls) are activity, and leave the state as it was; without a lifecycle event, "
+    "`running`."
+)
+COST_RULES = (
+    "Cost: `input_tokens` count the cached ones too (as the GenAI conventions say), so the input that was not "
+    "read from or written to the cache is priced as `input`, `cache_read_input_tokens` as `cache_read` and "
+    "`cache_creation_input_tokens` as `cache_creation` (each `input` where the list has none), and "
+    "`output_tokens` (reasoning included) as `output`."
+)
 ERRORS = {
     401: ("Error", "Missing or wrong API key (only when the server has one)."),
     403: ("Error", "The key may read, not write (a key of --read-api-key)."),
@@ -5778,7 +6312,8 @@ def _schemas(config: APIServerConfig) -> dict:
         },
         "failed_calls": {"type": "integer", "description": "Of those, the calls whose latest event name says failed."},
         "status": {"type": "string", "description": "The agent's latest event name."},
-        "state": STATE_FIELD,
+        "state": {**STATE_FIELD, "description": "From the agent's lifecycle events: " + LIFECYCLE_DOC},
+        "usage": _ref("Usage"),
     }
     workflow_props = {
         "workflow_id": {"type": "string"},
@@ -5788,17 +6323,40 @@ def _schemas(config: APIServerConfig) -> dict:
         },
         "state": {
             **STATE_FIELD,
-            "description": "By the same rules, from `status`; without events of its own, from its agents: "
-            "`running` if any agent runs, else `failed` if any failed, else `completed`.",
+            "description": "From the workflow's own lifecycle events (" + LIFECYCLE_DOC + "); without one, from "
+            "its agents: `running` if any agent runs or it has none, else `failed` if any failed, else `completed`.",
         },
         "start_time": {**STRING_OR_NULL, "description": "The timestamp of its timeline's earliest event."},
         "end_time": {**STRING_OR_NULL, "description": "Its timeline's latest timestamp, once not running."},
+        "last_event_time": {**STRING_OR_NULL, "description": "Its timeline's latest timestamp."},
+        "last_position": {"type": "integer", "description": "The position of its latest event (its latest activity)."},
         "duration_seconds": {
             "type": ["number", "null"],
-            "description": "From start_time to end_time, or to the latest event while it runs.",
+            "description": "From start_time to end_time, or to now while it runs.",
         },
         "event_count": {"type": "integer", "description": "Events in its timeline."},
         "agent_count": {"type": "integer"},
+        "failed_agents": {"type": "integer", "description": "Of its agents, those whose state is `failed`."},
+        "name": {
+            **STRING_OR_NULL,
+            "description": "Its name where one is known: the attribute `workflow.name` or `gen_ai.workflow.name` of "
+            "its own events, or the name of a trace's root span.",
+        },
+        "service": {**STRING_OR_NULL, "description": "The `service.name` its events carry (OTLP: the resource's)."},
+        "user_prompt": {**STRING_OR_NULL, "description": "The first `user_prompt` of its timeline (1,000 characters)."},
+        "usage": _ref("Usage"),
+    }
+    usage_props = {
+        **{kind: {"type": "integer", "minimum": 0} for kind in USAGE_KINDS},
+        "model_calls": {"type": "integer", "minimum": 0},
+        "tool_calls": {"type": "integer", "minimum": 0},
+        "failed_events": {"type": "integer", "minimum": 0},
+        "cost": {
+            "type": ["number", "null"],
+            "description": "USD, from the price list of --prices, of the model calls whose model has a price "
+            "(null when none has: never 0 for unknown models).",
+        },
+        "unpriced_calls": {"type": "integer", "minimum": 0, "description": "Model calls without a price."},
     }
     health_props = {
         "status": {"type": "string", "enum": ["healthy", "unhealthy"]},
@@ -5870,6 +6428,22 @@ def _schemas(config: APIServerConfig) -> dict:
         "WorkflowAgent": obj(agent_props),
         "Workflow": obj(workflow_props),
         "AgentList": obj({"workflow": _ref("Workflow"), "agents": {"type": "array", "items": _ref("WorkflowAgent")}}),
+        "Usage": {**obj(usage_props), "description": USAGE_RULES + " " + COST_RULES},
+        "WorkflowIndex": obj(
+            {
+                "workflows": {"type": "array", "items": _ref("Workflow")},
+                "total": {
+                    "type": "integer",
+                    "description": "Workflows matching the filters (cursor and paging aside).",
+                },
+                "limit": {"type": "integer"},
+                "offset": {"type": "integer"},
+                "next": {
+                    "type": ["integer", "null"],
+                    "description": "When the page is full: the cursor (`before`) for the next page.",
+                },
+            }
+        ),
         "Health": obj(health_props, ("detail",)),
         "DatabaseHealth": obj(db_props, ("detail",)),
         "Root": obj(
@@ -6167,11 +6741,20 @@ def operations(config: APIServerConfig) -> dict:
             422,
             503,
             parameters=[_path_parameter("workflow_id", config)],
-            description="The workflow's state and figures, and the agents with an event correlated to it. "
-            "An agent's `status` is its latest event name, and its `state` follows from it: "
-            + STATE_DOC
-            + " "
-            + PARENT_RULES,
+            description="The workflow's state and figures, and the agents with an event correlated to it; 404 "
+            "for a workflow with no events. An agent's `status` is its latest event name; its `state` comes "
+            "from its lifecycle events: " + LIFECYCLE_DOC + " States by name: " + STATE_DOC + " " + PARENT_RULES,
+        ),
+        "list_workflows": op(
+            "Workflows, most recent activity first",
+            "events",
+            {"200": _json(_ref("WorkflowIndex"), "Most recent activity first.")},
+            422,
+            503,
+            parameters=_parameters(WORKFLOW_INDEX_PARAMS),
+            description="Every workflow with events: its own, or its agents' and calls' correlated with it (an "
+            "OTLP trace is one). Each is the `workflow` of `/events/workflows/{workflow_id}/agents`, kept up to "
+            "date as events are stored, with its usage and cost.",
         ),
         "stream_events": op(
             "Live events (Server-Sent Events)",

@@ -935,7 +935,7 @@ def test_nul_characters_are_refused_in_stored_text_and_match_nothing_in_filters(
     ):
         page = events_of(c, path, **params)
         assert (page["total"], page["events"]) == (0, []), path
-    assert c.get("/events/workflows/w%00/agents").json()["agents"] == []
+    assert c.get("/events/workflows/w%00/agents").status_code == 404  # no workflow: 1.3.0
 
 
 def test_ids_that_routes_read_back_cannot_hold_a_slash(front, shared):
@@ -1280,6 +1280,20 @@ def test_workflow_timeline(log):
     assert positions(events_of(log, "/events/workflows/w1", event_name="workflow.completed")) == [8]
 
 
+NO_USAGE = {
+    "input_tokens": 0,
+    "output_tokens": 0,
+    "cache_read_input_tokens": 0,
+    "cache_creation_input_tokens": 0,
+    "reasoning_output_tokens": 0,
+    "model_calls": 0,
+    "tool_calls": 0,
+    "failed_events": 0,
+    "cost": None,
+    "unpriced_calls": 0,
+}
+
+
 def test_workflow_agents(log):
     agents = log.get("/events/workflows/w1/agents").json()["agents"]
     assert agents == [
@@ -1295,6 +1309,7 @@ def test_workflow_agents(log):
             "failed_calls": 0,
             "status": "agent.completed",
             "state": "completed",
+            "usage": NO_USAGE,  # 1.3.0
         },
         {
             "agent_id": "a2",
@@ -1308,6 +1323,7 @@ def test_workflow_agents(log):
             "failed_calls": 0,
             "status": "agent.completed",
             "state": "completed",
+            "usage": NO_USAGE,
         },
     ]
     assert [a["agent_id"] for a in log.get("/events/workflows/w2/agents").json()["agents"]] == ["b1"]
@@ -1323,10 +1339,19 @@ def test_workflow_summary(log):
         "duration_seconds": 7.0,
         "event_count": 6,
         "agent_count": 2,
+        # 1.3.0: the figures of the workflows index
+        "last_event_time": "2026-01-01T00:00:07.000000+00:00",
+        "last_position": 8,
+        "failed_agents": 0,
+        "name": None,
+        "service": None,
+        "user_prompt": "p",
+        "usage": NO_USAGE,
     }
     running = log.get("/events/workflows/w2/agents").json()["workflow"]
     assert running["status"] is None and running["state"] == "running"  # no events of its own: its agent runs
-    assert running["end_time"] is None and running["duration_seconds"] == 0.0 and running["event_count"] == 1
+    assert running["end_time"] is None and running["event_count"] == 1
+    assert running["duration_seconds"] > 24 * 3600  # 1.3.0: a running workflow's runs to now (it began in January)
 
 
 STATE_CASES = [
@@ -1349,15 +1374,48 @@ STATE_CASES = [
 
 
 def test_state_rules(client):
-    for i, (name, _state) in enumerate(STATE_CASES):
+    """The name's last word gives a lifecycle event's state (1.3.0: only lifecycle events, whose
+    first word is the kind, set an agent's or a workflow's state)."""
+    for i, (name, state) in enumerate(STATE_CASES):
+        assert eas.event_state(name) == state, name
         emit(client, name="agent.started", aggregate_id=f"a{i}", correlation_id=f"wf{i}")
-        emit(client, name=name, aggregate_id=f"a{i}", correlation_id=f"wf{i}")
-        emit(client, "workflow", name=name, aggregate_id=f"wf{i}")
+        emit(client, name=f"agent.{name}", aggregate_id=f"a{i}", correlation_id=f"wf{i}")
+        emit(client, "workflow", name=f"workflow/{name}", aggregate_id=f"wf{i}")
     for i, (name, state) in enumerate(STATE_CASES):
         reply = client.get(f"/events/workflows/wf{i}/agents").json()
-        assert reply["agents"][0]["status"] == name and reply["agents"][0]["state"] == state, name
-        assert reply["workflow"]["status"] == name and reply["workflow"]["state"] == state, name
+        assert reply["agents"][0]["status"] == f"agent.{name}" and reply["agents"][0]["state"] == state, name
+        assert reply["workflow"]["status"] == f"workflow/{name}" and reply["workflow"]["state"] == state, name
         assert (reply["workflow"]["end_time"] is None) == (state == "running"), name
+
+
+def test_activity_leaves_the_state_to_lifecycle_events(client):
+    """Tool and model calls on an agent are activity: a completed or failed one does not end
+    the run; a failure counts in the usage's failed events."""
+    emit(client, "workflow", name="workflow.started", aggregate_id="wf")
+    emit(client, name="agent.started", aggregate_id="a", correlation_id="wf")
+    emit(client, name="tool.call.completed", aggregate_id="a", correlation_id="wf")
+    emit(client, name="tool_error", aggregate_id="a", correlation_id="wf")
+    reply = client.get("/events/workflows/wf/agents").json()
+    assert reply["agents"][0]["state"] == "running" and reply["agents"][0]["status"] == "tool_error"
+    assert reply["agents"][0]["usage"]["failed_events"] == 1 and reply["workflow"]["usage"]["failed_events"] == 1
+    assert reply["workflow"]["state"] == "running" and reply["workflow"]["failed_agents"] == 0
+    emit(client, name="agent.completed", aggregate_id="a", correlation_id="wf")
+    emit(client, "workflow", name="workflow.progress", aggregate_id="wf")  # own, but not an end
+    reply = client.get("/events/workflows/wf/agents").json()
+    assert reply["agents"][0]["state"] == "completed" and reply["workflow"]["state"] == "running"
+    emit(client, "workflow", name="workflow.completed", aggregate_id="wf")
+    emit(client, "workflow", name="summary.written", aggregate_id="wf")  # activity after the end
+    reply = client.get("/events/workflows/wf/agents").json()
+    assert reply["workflow"]["state"] == "completed" and reply["workflow"]["status"] == "summary.written"
+
+
+def test_unknown_workflow_is_404_as_documented(client):
+    reply = client.get("/events/workflows/typo/agents")
+    assert reply.status_code == 404 and "typo" in reply.json()["detail"]
+    assert (
+        "404"
+        in client.get("/openapi.json").json()["paths"]["/events/workflows/{workflow_id}/agents"]["get"]["responses"]
+    )
 
 
 def test_workflow_state_from_its_agents_without_events_of_its_own(client):
@@ -1631,8 +1689,7 @@ def test_unknown_ids_are_empty_not_errors(log):
     for path in ("/events/agents/nobody", "/events/workflows/nothing"):
         page = events_of(log, path)
         assert page["events"] == [] and page["total"] == 0
-    reply = log.get("/events/workflows/nothing/agents").json()
-    assert reply["agents"] == [] and reply["workflow"]["event_count"] == 0 and reply["workflow"]["start_time"] is None
+    assert log.get("/events/workflows/nothing/agents").status_code == 404  # 1.3.0: as the document says
     assert_invalid(log.get("/events/workflows/w1/agents?limit=5"), "query", "limit")
 
 
@@ -1673,7 +1730,11 @@ def test_store_schema(sqlite_srv):
         "events_correlation",
         "events_type_time",
         "events_name_time",
-    }
+        "workflow_agents_agent",
+        "workflows_recent",
+        "workflows_state",
+        "workflows_time",
+    } | {f"sqlite_autoindex_{table}_1" for table in ("workflow_agents", "workflows", "rollups")}
     conn.close()
 
 
@@ -1703,7 +1764,7 @@ def test_older_schema_is_migrated(tmp_path):
         assert events_of(server.client, event_name="agent.started", since="2025-12-31T00:00:00Z")["total"] == 1
         assert [a["agent_id"] for a in server.client.get("/events/workflows/w1/agents").json()["agents"]] == ["a1"]
     conn = sqlite3.connect(data / "events.db")
-    assert conn.execute("PRAGMA user_version").fetchone()[0] == eas.SCHEMA_VERSION == 6
+    assert conn.execute("PRAGMA user_version").fetchone()[0] == eas.SCHEMA_VERSION == 7
     indexes = {row[0] for row in conn.execute("SELECT name FROM sqlite_master WHERE type = 'index'")}
     assert not {"events_event_type", "events_timestamp", "events_aggregate_type", "events_event_name"} & indexes
     assert {"events_type_time", "events_name_time"} <= indexes
@@ -2099,10 +2160,12 @@ def test_log_of_the_previous_version_opens_and_reads_the_same(tmp_path):
         for name, (path, params, *expected) in V3_READS.items():
             reply = events_of(server.client, path, **params)
             if "agents" in reply:  # less the figures that 1.3.0 added to each agent
-                added = ("call_count", "failed_calls")
+                added = ("call_count", "failed_calls", "usage")
                 read = [{k: v for k, v in agent.items() if k not in added} for agent in reply["agents"]]
                 assert read == expected[0]["agents"], name
                 assert all(agent["call_count"] == agent["failed_calls"] == 0 for agent in reply["agents"])
+                failures = [agent["usage"]["failed_events"] for agent in reply["agents"]]
+                assert failures == [int(agent["state"] == "failed") for agent in reply["agents"]], name
             else:
                 assert [reply["total"], positions(reply)] == expected, name
         assert emit(server.client, name="agent.progress", aggregate_id="coder")["aggregate_version"] == 4
@@ -3282,6 +3345,8 @@ def test_read_key_reads_write_key_writes_and_neither_without(two_keys):
     bodies = {"/events/emit/batch": {"events": [{"kind": "system", "name": "x"}]}, "/consumers/c1/ack": {"position": 0}}
     writer = {"Authorization": f"Bearer {KEY}"}
     assert two_keys.client.post("/consumers/c1/ack", json={"position": 0}, headers=writer).status_code == 200
+    workflow = {"name": "workflow.started", "aggregate_id": "w1"}
+    assert two_keys.client.post("/events/emit/workflow", json=workflow, headers=writer).status_code == 200
     for route in eas.ROUTES:
         path = route.path.replace("{agent_id}", "a1").replace("{workflow_id}", "w1").replace("{name}", "c1")
         writes = route.method in ("POST", "DELETE") if route.writes is None else route.writes
@@ -4548,7 +4613,7 @@ def test_prune_keeps_positions_versions_counts_and_membership_exact(backend):
         # membership: a1 is in w1 by its kept event; the others' were all removed
         summary = c.get("/events/workflows/w1/agents").json()
         assert [(a["agent_id"], a["event_count"]) for a in summary["agents"]] == [("a1", 1)]
-        assert c.get("/events/workflows/w0/agents").json()["agents"] == []
+        assert c.get("/events/workflows/w0/agents").status_code == 404  # all its events removed
         # versions and positions go on where they were
         a1_versions = [e["aggregate_version"] for e in events_of(c, "/events/agents/a1")["events"]]
         assert emit(c, name="agent.again", aggregate_id="a1")["aggregate_version"] == a1_versions[0] + 1
@@ -4584,7 +4649,7 @@ def test_postgres_schema_1_is_upgraded(backend):
     with ThreadServer(**backend) as server:
         assert emit(server.client, name="second")["position"] == 2
     conn = direct(backend)
-    assert conn.execute("SELECT value FROM meta WHERE key = 'schema_version'").fetchone()[0] == "3"
+    assert conn.execute("SELECT value FROM meta WHERE key = 'schema_version'").fetchone()[0] == "4"
     assert conn.execute("SELECT count(*) FROM pruned").fetchone()[0] == 0
     conn.close()
 
@@ -4858,7 +4923,7 @@ def test_store_prunes_a_prefix_and_never_reuses_positions_or_versions(backend):
         [receipt] = await store.append([new_event(aggregate_id="a", expected_version=3)])
         assert (receipt.position, receipt.version) == (5, 4)
         assert (await store.query(eas.Query())).total == 2
-        assert (await store.workflow_summary("w"))["agents"] == []
+        assert await store.workflow_summary("w") is None  # all its events removed
 
     on_store(backend, body)
 
