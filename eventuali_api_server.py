@@ -2348,7 +2348,7 @@ def usage_by_model(rows: Iterable) -> list:
     return [(model, request_model, figures) for (model, request_model), figures in sums.items()]
 
 
-ROLLUP_SUMS = ", ".join(f"sum({figure})" for figure in ROLLUP_FIGURES)
+ROLLUP_SUMS = ", ".join(f"CAST(sum({figure}) AS BIGINT)" for figure in ROLLUP_FIGURES)  # PostgreSQL: not numeric
 
 
 def workflow_item(row: Sequence, usage: list) -> WorkflowSummary:
@@ -2981,6 +2981,7 @@ class ThreadedStore(EventStore):
             self._seen.forget()
             raise
         self._seen.commit(state.position, state.versions, rows)
+        self.stats.used(calls)
         return outcomes
 
     def close_writer(self) -> None:
@@ -5378,6 +5379,9 @@ SECONDS_BOUNDS = (0.0005, 0.001, 0.0025, 0.005, 0.01, 0.025, 0.05, 0.1, 0.25, 0.
 GROUP_BOUNDS = tuple(2.0**i for i in range(13))  # 1 to 4096 events
 
 
+MODEL_LABELS = 100  # distinct values of /metrics' model label, at most
+
+
 class StoreStats:
     """What a store counts as it works, for /metrics: appends and commits (by the writer
     thread, the only one that writes them) and errors."""
@@ -5388,6 +5392,28 @@ class StoreStats:
         self.commit_seconds = Histogram(SECONDS_BOUNDS)
         self.errors: collections.Counter = collections.Counter()  # (operation, kind) -> errors
         self._lock = threading.Lock()  # for errors, which several threads count
+        self.prices: dict = {}  # --prices, for the cost of the calls counted
+        self.tokens: collections.Counter = collections.Counter()  # (model label, kind) -> tokens
+        self.model_calls: collections.Counter = collections.Counter()  # model label -> calls
+        self.tool_calls = 0
+        self.cost: collections.Counter = collections.Counter()  # model label -> USD
+
+    def used(self, calls: list[Call]) -> None:
+        """Count the calls that committed events report (USAGE_RULES), by model: the first
+        MODEL_LABELS models seen by name, any other as `other`, so that clients cannot grow
+        the series without bound."""
+        for call in calls:
+            model = call.model or call.request_model
+            if model not in self.model_calls and len(self.model_calls) >= MODEL_LABELS:
+                model = "other"
+            self.model_calls[model] += call.model_call
+            self.tool_calls += call.tool_call
+            for kind, n in zip(USAGE_KINDS, call.tokens):
+                if n:
+                    self.tokens[model, kind] += n
+            price = self.prices.get(call.model) or self.prices.get(call.request_model)
+            if price is not None:
+                self.cost[model] += usage_reply([("", "", [*call.tokens, 1, 0, 0])], {"": price})["cost"]
 
     def error(self, operation: str, exc: BaseException) -> None:
         kind = (
@@ -5509,6 +5535,32 @@ async def metrics(request: Request) -> Response:
         "counter",
         "Store errors, by operation (append, read) and kind (unavailable, conflict, error).",
         [({"operation": o, "kind": k}, n) for (o, k), n in sorted(stats.errors.items())],
+    )
+    write_metric(
+        out,
+        "eventuali_gen_ai_tokens_total",
+        "counter",
+        f"Tokens that events stored by this process report (USAGE_RULES in /openapi.json's Usage), by model "
+        f"(the response model, else the request model; after {MODEL_LABELS} models, `other`) and kind.",
+        [({"model": m, "kind": k}, n) for (m, k), n in sorted(stats.tokens.items())],
+    )
+    write_metric(
+        out,
+        "eventuali_gen_ai_model_calls_total",
+        "counter",
+        "Model calls that events stored by this process report, by model.",
+        [({"model": m}, n) for m, n in sorted(stats.model_calls.items())],
+    )
+    write_metric(
+        out, "eventuali_gen_ai_tool_calls_total", "counter", "Tool calls that events stored by this process report.",
+        [({}, stats.tool_calls)],
+    )  # fmt: skip
+    write_metric(
+        out,
+        "eventuali_gen_ai_cost_usd_total",
+        "counter",
+        "Cost in USD of the model calls counted, by model, for the models that --prices prices.",
+        [({"model": m}, round(usd, 9)) for m, usd in sorted(stats.cost.items())],
     )
     write_metric(out, "eventuali_streams_open", "gauge", "Streams open on this process.", [({}, len(hub.subscribers))])
     write_metric(
@@ -5973,6 +6025,7 @@ def create_app(config: APIServerConfig | None = None) -> Starlette:
     @asynccontextmanager
     async def lifespan(app: Starlette) -> AsyncIterator[None]:
         store = make_store(config)
+        store.stats.prices = config.price_list
         await store.start()
         hub = Hub(store, config.read_chunk, config.stream_buffer, config.stream_memory)
         hub.start()

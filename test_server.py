@@ -2170,6 +2170,11 @@ def test_log_of_the_previous_version_opens_and_reads_the_same(tmp_path):
                 assert [reply["total"], positions(reply)] == expected, name
         assert emit(server.client, name="agent.progress", aggregate_id="coder")["aggregate_version"] == 4
         assert events_of(server.client, event_name="agent.progress")["total"] == 2
+        # 1.3.0: the index of its workflows is made when it is opened
+        listed = {w["workflow_id"] for w in server.client.get("/events/workflows").json()["workflows"]}
+        items = V3_ITEMS
+        owned = {e["aggregate_id"] for e in items if e["aggregate_type"] == "workflow_aggregate"}
+        assert listed == owned | {e["correlation_id"] for e in items if e["correlation_id"]}
 
 
 def test_data_dir_created_private(tmp_path):
@@ -4639,15 +4644,24 @@ def test_prune_keeps_positions_versions_counts_and_membership_exact(backend):
 
 @pytest.mark.parametrize("backend", ["postgres"], indirect=True)
 def test_postgres_schema_1_is_upgraded(backend):
-    """A database made by 1.1.0 (schema 1: no table pruned) gets it when a server opens it."""
+    """A database made by 1.1.0 (schema 1: no table pruned, no rollups) gets them when a server
+    opens it, the workflows and usage of the events it holds counted."""
+    usage = {"gen_ai.operation.name": "chat", "gen_ai.usage.input_tokens": 7}
     with ThreadServer(**backend) as server:
-        emit(server.client, name="first")
+        emit(server.client, name="first", aggregate_id="a", correlation_id="w", attributes=usage)
     conn = direct(backend)
-    conn.execute("DROP TABLE pruned")
+    for statement in ("DROP TABLE pruned", "DROP TABLE workflows", "DROP TABLE rollups", "DROP TABLE workflow_agents"):
+        conn.execute(statement)
+    conn.execute(
+        "CREATE TABLE workflow_agents (workflow_id text, agent_id text, first_position bigint, "
+        "PRIMARY KEY (workflow_id, agent_id))"
+    )
     conn.execute("UPDATE meta SET value = '1' WHERE key = 'schema_version'")
     conn.close()
     with ThreadServer(**backend) as server:
         assert emit(server.client, name="second")["position"] == 2
+        [item] = server.client.get("/events/workflows").json()["workflows"]
+        assert (item["workflow_id"], item["agent_count"], item["usage"]["input_tokens"]) == ("w", 1, 7)
     conn = direct(backend)
     assert conn.execute("SELECT value FROM meta WHERE key = 'schema_version'").fetchone()[0] == "4"
     assert conn.execute("SELECT count(*) FROM pruned").fetchone()[0] == 0
@@ -5904,3 +5918,342 @@ def test_a_filtered_consumer_skips_100000_other_events_on_resume(sqlite_srv):
     finally:
         resumed.close()
     assert int(event["id"]) == 100_002 and time.time() - started < 2
+
+
+# -- runs at a glance: rollups, the workflows index ----------------------------------------------
+
+PRICES = {"gpt-4o": {"input": 2.5, "output": 10.0, "cache_read": 1.25}, "cheap": {"input": 0.1, "output": 0.4}}
+USAGE_ATTRIBUTES = {  # the test's own reading of the conventions: figure -> the names it may come under
+    "input_tokens": ("gen_ai.usage.input_tokens", "gen_ai.usage.prompt_tokens"),
+    "output_tokens": ("gen_ai.usage.output_tokens", "gen_ai.usage.completion_tokens"),
+    "cache_read_input_tokens": ("gen_ai.usage.cache_read.input_tokens",),
+    "cache_creation_input_tokens": ("gen_ai.usage.cache_creation.input_tokens",),
+    "reasoning_output_tokens": ("gen_ai.usage.reasoning.output_tokens",),
+}
+
+
+def random_native_run(rng: random.Random, workflows: int, when: str | None = None) -> list[tuple[str, dict]]:
+    """(kind, body) of emitted events: workflows with agents that call models (some priced by the
+    response model, some by the request model, some not at all), call tools, fail; with
+    containers and call starts that carry tokens which must not be counted."""
+    events: list[tuple[str, dict]] = []
+    for w in range(workflows):
+        wid = f"run-{w}"
+        events.append(("workflow", {"name": "workflow.started", "aggregate_id": wid}))
+        for a in range(rng.randrange(1, 4)):
+            aid = f"{wid}-agent-{a}"
+            events.append(("agent", {"name": "agent.started", "aggregate_id": aid, "correlation_id": wid}))
+            for _ in range(rng.randrange(0, 6)):
+                given = rng.randrange(0, 5000)  # input tokens count the cached ones (the conventions)
+                figures = {
+                    "input_tokens": given,
+                    "output_tokens": rng.randrange(0, 5000),
+                    "cache_read_input_tokens": rng.randrange(0, given // 2 + 1),
+                    "cache_creation_input_tokens": rng.randrange(0, given // 2 + 1),
+                    "reasoning_output_tokens": rng.randrange(0, 500),
+                }
+                if rng.random() < 0.1:
+                    figures = {"output_tokens": figures["output_tokens"]}  # no input: no cached input either
+                tokens = {
+                    rng.choice(USAGE_ATTRIBUTES[figure]): n
+                    for figure, n in figures.items()
+                    if rng.random() < (1 if figure in ("input_tokens", "output_tokens") else 0.3)
+                }
+                models = rng.choice(
+                    [
+                        {"gen_ai.request.model": "gpt-4o"},
+                        {"gen_ai.request.model": "gpt-4o", "gen_ai.response.model": "gpt-4o-2024-08-06"},
+                        {"gen_ai.response.model": "cheap"},
+                        {"gen_ai.request.model": "mystery"},
+                        {},
+                    ]
+                )
+                shape = rng.choice(["chat", "bare usage", "start", "container", "tool", "tool failed"])
+                name, attributes = {
+                    "chat": ("llm.call.completed", {"gen_ai.operation.name": "chat", **models, **tokens}),
+                    "bare usage": ("llm.usage", {**models, **tokens}),
+                    "start": ("llm.call.started", {"gen_ai.operation.name": "chat", **models, **tokens}),
+                    "container": ("sub.done", {"gen_ai.operation.name": "invoke_agent", **tokens}),
+                    "tool": ("tool.call.completed", {"gen_ai.operation.name": "execute_tool"}),
+                    "tool failed": ("tool.call.failed", {"gen_ai.operation.name": "execute_tool"}),
+                }[shape]
+                body = {"name": name, "aggregate_id": aid, "correlation_id": wid, "attributes": attributes}
+                events.append(("agent", body))
+            end = rng.choice(["agent.completed", "agent.failed", None])
+            if end:
+                events.append(("agent", {"name": end, "aggregate_id": aid, "correlation_id": wid}))
+        if rng.random() < 0.5:
+            events.append(
+                ("workflow", {"name": rng.choice(["workflow.completed", "workflow.failed"]), "aggregate_id": wid})
+            )
+    for _kind, body in events:
+        if when:
+            body["timestamp"] = when
+    return events
+
+
+def expected_usage(events: list[tuple[str, dict]]) -> tuple[dict, dict]:
+    """({workflow: figures}, {(workflow, agent): figures}) by the documented rules, counted here
+    apart from the server's code; figures include `cost` (None when nothing is priced) and
+    `unpriced_calls` under PRICES."""
+
+    def blank() -> dict:
+        return {k: 0 for k in (*USAGE_ATTRIBUTES, "model_calls", "tool_calls", "failed_events", "unpriced_calls")} | {
+            "cost": None
+        }
+
+    workflows: dict = collections.defaultdict(blank)
+    agents: dict = collections.defaultdict(blank)
+    for kind, body in events:
+        attributes, name = body.get("attributes", {}), body["name"]
+        scope = [body["aggregate_id"]] if kind == "workflow" else [body["correlation_id"]]
+        targets = [workflows[w] for w in scope] + ([agents[scope[0], body["aggregate_id"]]] if kind == "agent" else [])
+        operation = attributes.get("gen_ai.operation.name")
+        tokens = {
+            f: next((attributes[n] for n in names if n in attributes), 0) for f, names in USAGE_ATTRIBUTES.items()
+        }
+        counts = operation != "invoke_agent" and not name.endswith(".started")
+        tool = counts and operation == "execute_tool"
+        model_call = counts and not tool and (operation == "chat" or any(tokens.values()))
+        price = PRICES.get(attributes.get("gen_ai.response.model")) or PRICES.get(
+            attributes.get("gen_ai.request.model")
+        )
+        for figures in targets:
+            figures["failed_events"] += name.endswith(".failed")
+            if not (tool or model_call):
+                continue
+            figures["tool_calls"] += tool
+            figures["model_calls"] += model_call
+            for f, n in tokens.items():
+                figures[f] += n
+            if model_call and price is None:
+                figures["unpriced_calls"] += 1
+            elif model_call:
+                read, made = tokens["cache_read_input_tokens"], tokens["cache_creation_input_tokens"]
+                usd = (
+                    max(0, tokens["input_tokens"] - read - made) * price["input"]
+                    + read * price.get("cache_read", price["input"])
+                    + made * price.get("cache_creation", price["input"])
+                    + tokens["output_tokens"] * price["output"]
+                ) / 1e6
+                figures["cost"] = (figures["cost"] or 0) + usd
+    return dict(workflows), dict(agents)
+
+
+def same_usage(got: dict, want: dict) -> bool:
+    cost, expected = got["cost"], want["cost"]
+    close = (cost is None and expected is None) or (None not in (cost, expected) and abs(cost - expected) < 1e-6)
+    return close and {k: v for k, v in got.items() if k != "cost"} == {k: v for k, v in want.items() if k != "cost"}
+
+
+async def check_rollups(store, events: list[tuple[str, dict]]) -> None:
+    """The store's workflows and agents carry the usage `expected_usage` counts for `events`."""
+    workflows, agents = expected_usage(events)
+    page = await store.workflows(eas.WorkflowIndex(limit=1000))
+    assert page.total == len(workflows) == len(page.workflows)
+    for item in page.workflows:
+        usage = eas.usage_reply(item["usage"], PRICES)
+        assert same_usage(usage, workflows[item["workflow_id"]]), (item["workflow_id"], usage)
+        view = await store.workflow_summary(item["workflow_id"])
+        assert sorted(view["workflow"]["usage"]) == sorted(item["usage"])
+        for agent in view["agents"]:
+            usage = eas.usage_reply(agent["usage"], PRICES)
+            assert same_usage(usage, agents[item["workflow_id"], agent["agent_id"]]), (agent["agent_id"], usage)
+        assert item["agent_count"] == len(view["agents"])
+        assert item["failed_agents"] == sum(agent["state"] == "failed" for agent in view["agents"])
+
+
+def test_store_rollups_match_sums_counted_apart_through_retention_and_copy(backend, tmp_path):
+    """Usage by the documented rules (containers and call starts not counted, priced by the
+    response model, then the request model), the same in a copy of the log, and exact when
+    retention removes the oldest events (the workflows it touches keep newer ones)."""
+    rng = random.Random(28)
+    old = random_native_run(rng, 6, when="2020-01-01T00:00:00Z")
+    new = random_native_run(rng, 6)  # the same ids: retention rebuilds workflows that keep events
+
+    async def body(store):
+        for kind, event in old + new:
+            await store.append([new_event(kind, **event)])
+        await check_rollups(store, old + new)
+        copied = eas.APIServerConfig(data_dir=str(tmp_path / "copy"))
+        source = eas.make_store(eas.APIServerConfig(**backend))
+        assert await eas.copy_stores(source, eas.make_store(copied), lambda done, total: None) == len(old + new)
+        target = eas.make_store(copied)
+        await target.start()
+        try:
+            await check_rollups(target, old + new)
+        finally:
+            await target.stop()
+        assert await store.prune("2021-01-01T00:00:00+00:00") == len(old)
+        await check_rollups(store, new)
+
+    on_store(backend, body)
+
+
+def priced_run(tracer) -> str:
+    """A run whose agents (containers) repeat their calls' usage, as frameworks report it; the
+    orchestrator's own model call is priced by its request model, a worker's by its response
+    model, one model has no price. Returns the trace id."""
+    chat = {"gen_ai.operation.name": "chat"}
+    with tracer.start_as_current_span(
+        "invoke_agent orchestrator",
+        attributes={
+            "gen_ai.operation.name": "invoke_agent",
+            "gen_ai.agent.name": "orchestrator",
+            "gen_ai.usage.input_tokens": 1000 + 3000 + 50,  # everything below: not to be counted again
+            "gen_ai.usage.output_tokens": 100 + 500 + 5,
+        },
+    ) as root:
+        with tracer.start_as_current_span(
+            "chat", attributes={**chat, "gen_ai.request.model": "gpt-4o", "gen_ai.usage.input_tokens": 1000,
+                                "gen_ai.usage.output_tokens": 100, "gen_ai.usage.cache_read.input_tokens": 400}
+        ):  # fmt: skip
+            pass
+        with tracer.start_as_current_span(
+            "invoke_agent worker",
+            attributes={
+                "gen_ai.operation.name": "invoke_agent",
+                "gen_ai.agent.name": "worker",
+                "gen_ai.usage.input_tokens": 3000 + 50,
+                "gen_ai.usage.output_tokens": 505,
+            },
+        ):
+            with tracer.start_as_current_span(
+                "chat", attributes={**chat, "gen_ai.request.model": "cheap-latest", "gen_ai.response.model": "cheap",
+                                    "gen_ai.usage.input_tokens": 3000, "gen_ai.usage.output_tokens": 500}
+            ):  # fmt: skip
+                pass
+            with tracer.start_as_current_span(
+                "embeddings", attributes={"gen_ai.operation.name": "embeddings", "gen_ai.request.model": "mystery",
+                                          "gen_ai.usage.input_tokens": 50, "gen_ai.usage.output_tokens": 5}
+            ):  # fmt: skip
+                pass
+            with tracer.start_as_current_span(
+                "execute_tool fetch", attributes={"gen_ai.operation.name": "execute_tool"}
+            ) as tool:
+                tool.set_status(Status(StatusCode.ERROR, "timeout"))
+    return format(root.get_span_context().trace_id, "032x")
+
+
+def test_otlp_run_rolls_up_each_call_once_with_its_cost(tmp_path):
+    prices = tmp_path / "prices.json"
+    prices.write_text(json.dumps(PRICES))
+    with ThreadServer(tmp_path / "d", prices=str(prices)) as server:
+        provider, tracer = tracer_to(SimpleSpanProcessor(OTLPSpanExporter(endpoint=server.url + "/v1/traces")))
+        trace_id = priced_run(tracer)
+        provider.shutdown()
+        view = server.client.get(f"/events/workflows/{trace_id}/agents").json()
+        gpt = (600 * 2.5 + 400 * 1.25 + 100 * 10.0) / 1e6
+        cheap = (3000 * 0.1 + 500 * 0.4) / 1e6
+        usage = view["workflow"]["usage"]
+        assert {k: usage[k] for k in ("input_tokens", "output_tokens", "cache_read_input_tokens")} == {
+            "input_tokens": 4050,
+            "output_tokens": 605,
+            "cache_read_input_tokens": 400,
+        }
+        assert (usage["model_calls"], usage["tool_calls"], usage["failed_events"]) == (3, 1, 1)
+        assert usage["cost"] == pytest.approx(gpt + cheap) and usage["unpriced_calls"] == 1
+        agents = {a["agent_name"]: a["usage"] for a in view["agents"]}
+        assert (agents["orchestrator"]["input_tokens"], agents["orchestrator"]["cost"]) == (1000, pytest.approx(gpt))
+        assert agents["worker"]["input_tokens"] == 3050 and agents["worker"]["cost"] == pytest.approx(cheap)
+        assert (agents["worker"]["model_calls"], agents["worker"]["unpriced_calls"]) == (2, 1)
+        assert (agents["worker"]["tool_calls"], agents["worker"]["failed_events"]) == (1, 1)
+        [item] = server.client.get("/events/workflows").json()["workflows"]
+        assert item["usage"] == usage and item["service"] == "demo-agents"
+        assert item["name"] == "invoke_agent orchestrator" and item["state"] == "completed"
+        metrics = scrape(server.client)
+        assert sample(metrics, "eventuali_gen_ai_tokens_total", model="gpt-4o", kind="input_tokens") == 1000
+        assert sample(metrics, "eventuali_gen_ai_tokens_total", model="cheap", kind="output_tokens") == 500
+        assert sample(metrics, "eventuali_gen_ai_model_calls_total", model="mystery") == 1
+        assert sample(metrics, "eventuali_gen_ai_tool_calls_total") == 1
+        assert sample(metrics, "eventuali_gen_ai_cost_usd_total", model="gpt-4o") == pytest.approx(gpt)
+        assert sample(metrics, "eventuali_gen_ai_cost_usd_total", model="mystery") == 0
+
+
+def test_metrics_model_label_is_capped(srv):
+    events = [
+        {
+            "kind": "agent",
+            "name": "llm.done",
+            "attributes": {"gen_ai.request.model": f"m{i}", "gen_ai.usage.input_tokens": 1},
+        }
+        for i in range(eas.MODEL_LABELS + 20)
+    ]
+    assert srv.client.post("/events/emit/batch", json={"events": events}).status_code == 200
+    metrics = scrape(srv.client)
+    models = {dict(labels)["model"] for (name, labels) in metrics if name == "eventuali_gen_ai_model_calls_total"}
+    assert len(models) == eas.MODEL_LABELS + 1 and "other" in models
+    assert sample(metrics, "eventuali_gen_ai_model_calls_total", model="other") == 20
+    assert sum(v for (name, _), v in metrics.items() if name == "eventuali_gen_ai_model_calls_total") == len(events)
+
+
+def test_prices_file_errors_name_the_problem(tmp_path):
+    cases = {
+        "missing.json": "cannot be read",
+        "list.json": "expected an object",
+        "no_output.json": "must be an object with input and output",
+        "negative.json": "must be a number",
+    }
+    (tmp_path / "list.json").write_text("[]")
+    (tmp_path / "no_output.json").write_text('{"m": {"input": 1}}')
+    (tmp_path / "negative.json").write_text('{"m": {"input": 1, "output": -2}}')
+    for name, message in cases.items():
+        with pytest.raises(eas.ConfigError, match=message):
+            eas.config_from_env({"PRICES": str(tmp_path / name)})
+    result = subprocess.run(
+        [sys.executable, SERVER, "--prices", str(tmp_path / "list.json"), "--port", "0"],
+        capture_output=True,
+        text=True,
+        timeout=30,
+    )
+    assert result.returncode != 0 and "--prices" in result.stderr and "Traceback" not in result.stderr
+
+
+def test_workflows_index_order_filters_paging_and_totals(srv):
+    c = srv.client
+    for i in range(12):  # run-0 .. run-11, in that order: by their agents, every third completes, every third
+        if i % 3 == 2:  # fails; the others run by their own lifecycle event
+            emit(
+                c, "workflow", name="workflow.started", aggregate_id=f"run-{i}", timestamp=f"2026-01-01T00:{i:02d}:00Z"
+            )
+        emit(
+            c,
+            name="agent.started",
+            aggregate_id=f"a{i}",
+            correlation_id=f"run-{i}",
+            timestamp=f"2026-01-01T00:{i:02d}:01Z",
+        )
+        end = ("agent.completed", "agent.failed", None)[i % 3]
+        if end:
+            emit(c, name=end, aggregate_id=f"a{i}", correlation_id=f"run-{i}", timestamp=f"2026-01-01T00:{i:02d}:02Z")
+    emit(c, name="tool.call.completed", aggregate_id="a0", correlation_id="run-0", timestamp="2026-01-01T01:00:00Z")
+    emit(c, name="agent.started", aggregate_id="loose", correlation_id="only-agents")  # no events of its own
+    index = c.get("/events/workflows").json()
+    ids = [w["workflow_id"] for w in index["workflows"]]
+    assert ids[:2] == ["only-agents", "run-0"] and ids[2:] == [f"run-{i}" for i in range(11, 0, -1)]
+    assert index["total"] == 13 and index["next"] is None
+    states = {w["workflow_id"]: w["state"] for w in index["workflows"]}
+    assert [states[f"run-{i}"] for i in range(3)] == ["completed", "failed", "running"]
+    assert states["only-agents"] == "running"
+    failed = c.get("/events/workflows", params={"state": "failed"}).json()
+    assert failed["total"] == 4 and {w["workflow_id"] for w in failed["workflows"]} == {
+        f"run-{i}" for i in (1, 4, 7, 10)
+    }
+    assert all(w["failed_agents"] == 1 and w["end_time"] is not None for w in failed["workflows"])
+    window = c.get(
+        "/events/workflows", params={"since": "2026-01-01T00:03:30Z", "until": "2026-01-01T00:06:30Z"}
+    ).json()
+    assert [w["workflow_id"] for w in window["workflows"]] == ["run-6", "run-5", "run-4"] and window["total"] == 3
+    seen, cursor = [], None
+    while True:
+        page = c.get("/events/workflows", params={"limit": 5, **({"before": cursor} if cursor else {})}).json()
+        assert page["total"] == 13
+        seen += [w["workflow_id"] for w in page["workflows"]]
+        cursor = page["next"]
+        if cursor is None:
+            break
+    assert seen == ids
+    assert [w["workflow_id"] for w in c.get("/events/workflows?limit=3&offset=2").json()["workflows"]] == ids[2:5]
+    for params, name in (({"state": "done"}, "state"), ({"limit": 0}, "limit"), ({"since": "yesterday"}, "since"),
+                         ({"workflow_id": "x"}, "workflow_id")):  # fmt: skip
+        assert_invalid(c.get("/events/workflows", params=params), "query", name)
