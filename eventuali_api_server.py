@@ -1333,6 +1333,7 @@ class LogState(NamedTuple):
     position: int  # where the log ends
     counted_through: int  # the counters count the events up to here (COUNTED_THROUGH)
     versions: dict[tuple[str, str], int]  # (aggregate_type, aggregate_id) -> current version
+    pruned_through: int = 0  # retention has removed the events up to here (PRUNED_THROUGH)
 
 
 def plan_appends(
@@ -1460,7 +1461,9 @@ Inserter = Callable[[Any, str, list, str], None]  # a backend's insert(conn, tab
 Write = tuple  # (table, rows, tail): what a backend's insert takes after its connection
 
 
-def summaries(conn: Any, rows: Sequence[Row], through: int, counted_through: int) -> tuple[list[Write], list[Call]]:
+def summaries(
+    conn: Any, rows: Sequence[Row], through: int, counted_through: int, seen: SeenVersions | None = None
+) -> tuple[list[Write], list[Call]]:
     """What the writer adds to the summaries for new events, which take the counters from
     position `counted_through` to `through`: the writes (for the backend's insert) and the
     calls the events report. It reads what it needs first (roll_up), so that the writes can
@@ -1472,7 +1475,7 @@ def summaries(conn: Any, rows: Sequence[Row], through: int, counted_through: int
         counts["event_name", row.event_name, aggregate_type] += 1
         if row.correlation_id is not None:
             counts["correlation_id", row.correlation_id, aggregate_type] += 1
-    writes, calls = roll_up(conn, rows)
+    writes, calls = roll_up(conn, rows, seen=seen)
     return [("counts", [(*key, n) for key, n in counts.items()], COUNTS_UPSERT), *writes], calls
 
 
@@ -1613,6 +1616,7 @@ def event_facts(name: str, attributes: str) -> Facts:
     return facts._replace(call=call)
 
 
+@functools.lru_cache(maxsize=4096)
 def lifecycle_state(kind: str, name: str) -> str | None:
     """The state an event of an agent (`kind` "agent") or a workflow ("workflow") gives it:
     None unless the name's first word is the kind (a lifecycle event), else by STATE_RULES."""
@@ -1666,27 +1670,36 @@ def workflow_state(row: Sequence) -> str:
     return "running" if running or not (completed or failed) else "failed" if failed else "completed"
 
 
-def roll_up(conn: Any, rows: Sequence[Row], only: set | None = None) -> tuple[list[Write], list[Call]]:
+def roll_up(
+    conn: Any, rows: Sequence[Row], only: set | None = None, seen: SeenVersions | None = None
+) -> tuple[list[Write], list[Call]]:
     """The writes that bring `workflows`, `workflow_agents` and `rollups` up to date with new
     events (`rows`, in position order), and the calls they report; with `only`, for those
-    workflows alone (rebuild_workflows). Reads the rows it changes first."""
+    workflows alone (rebuild_workflows). Reads the rows it changes first, but those `seen`
+    holds, and leaves them there as they will be once the writes are committed."""
     facts = [event_facts(row.event_name, row.attributes) for row in rows]
     scopes = [workflows_of(row, only) for row in rows]
-    agents = sorted({row.aggregate_id for row in rows if row.aggregate_type == "agent_aggregate"})
-    members: dict[str, dict[str, str]] = {}  # agent -> {workflow: its state there}
+    members: dict[str, dict[str, str]] = seen.members if seen else {}  # agent -> {workflow: its state there}
+    found: dict[str, list] = seen.workflows if seen else {}  # workflow_id -> its row
+    agents = sorted({row.aggregate_id for row in rows if row.aggregate_type == "agent_aggregate"} - members.keys())
+    for agent_id in agents:
+        members[agent_id] = {}
     for workflow_id, agent_id, state in select_in(
         conn, "SELECT workflow_id, agent_id, state FROM workflow_agents WHERE agent_id IN ({})", agents
     ):
         if only is None or workflow_id in only:
-            members.setdefault(agent_id, {})[workflow_id] = state
-    touched = {w for scope in scopes for w in scope} | {w for seen in members.values() for w in seen}
-    found = {
-        row[0]: list(row)
-        for row in select_in(
-            conn, f"SELECT {', '.join(WORKFLOW_COLUMNS)} FROM workflows WHERE workflow_id IN ({{}})", sorted(touched)
-        )
-    }
-    states = {agent_id: next(iter(seen.values())) for agent_id, seen in members.items()}
+            members[agent_id][workflow_id] = state
+    touched = {w for scope in scopes for w in scope}
+    touched |= {w for row in rows if row.aggregate_type == "agent_aggregate" for w in members[row.aggregate_id]}
+    for row in select_in(
+        conn,
+        f"SELECT {', '.join(WORKFLOW_COLUMNS)} FROM workflows WHERE workflow_id IN ({{}})",
+        sorted(touched - found.keys()),
+    ):
+        found[row[0]] = list(row)
+    changed: dict[str, list] = {}  # the rows this group changes
+    mine = {row.aggregate_id for row in rows if row.aggregate_type == "agent_aggregate"}
+    states = {agent_id: next(iter(members[agent_id].values()), None) for agent_id in mine}
     joined: dict[tuple, list] = {}  # (workflow, agent) -> [first_position, state]: new or changed members
     usage: dict[tuple, list] = {}
     calls = []
@@ -1694,6 +1707,7 @@ def roll_up(conn: Any, rows: Sequence[Row], only: set | None = None) -> tuple[li
     def workflow(workflow_id: str) -> list:
         if workflow_id not in found:
             found[workflow_id] = [workflow_id, None, None, 0, 0, None, None, 0, 0, 0, "running", None, None, None]
+        changed[workflow_id] = found[workflow_id]
         return found[workflow_id]
 
     def shift(workflow_id: str, old: str | None, new: str) -> None:
@@ -1703,18 +1717,19 @@ def roll_up(conn: Any, rows: Sequence[Row], only: set | None = None) -> tuple[li
         counts[AGENT_STATE_COLUMN[new]] += 1
 
     for row, fact, scope in zip(rows, facts, scopes):
+        failed = event_state(row.event_name) == "failed"
         if row.aggregate_type == "agent_aggregate":
-            agent_id, seen = row.aggregate_id, members.setdefault(row.aggregate_id, {})
+            agent_id, theirs = row.aggregate_id, members.setdefault(row.aggregate_id, {})
             state = lifecycle_state("agent", row.event_name)
-            if state is not None and state != states.get(agent_id):
+            if state is not None and state != states[agent_id]:
                 states[agent_id] = state
-                for workflow_id, old in seen.items():
+                for workflow_id, old in theirs.items():
                     shift(workflow_id, old, state)
-                    seen[workflow_id] = state
+                    theirs[workflow_id] = state
                     joined.setdefault((workflow_id, agent_id), [row.position, state])[1] = state
             correlated = row.correlation_id
-            if correlated is not None and correlated in scope and correlated not in seen:
-                state = seen[correlated] = states.setdefault(agent_id, "running")
+            if correlated is not None and correlated in scope and correlated not in theirs:
+                state = theirs[correlated] = states[agent_id] = states[agent_id] or "running"
                 shift(correlated, None, state)
                 joined[correlated, agent_id] = [row.position, state]
         for workflow_id in scope:
@@ -1729,7 +1744,7 @@ def roll_up(conn: Any, rows: Sequence[Row], only: set | None = None) -> tuple[li
                 w[11] = w[11] or fact.name
             w[12] = w[12] or fact.service
             w[13] = w[13] or (row.user_prompt[:1000] if row.user_prompt else None)
-            call, failed = fact.call, event_state(row.event_name) == "failed"
+            call = fact.call
             if call is None and not failed:
                 continue
             models = (call.model, call.request_model) if call else ("", "")
@@ -1742,9 +1757,9 @@ def roll_up(conn: Any, rows: Sequence[Row], only: set | None = None) -> tuple[li
             figures[7] += failed
         if fact.call is not None and only is None:
             calls.append(fact.call)
-    for w in found.values():
+    for w in changed.values():
         w[10] = workflow_state(w)
-    writes: list[Write] = [("workflows", [tuple(w) for w in found.values()], WORKFLOW_UPSERT)]
+    writes: list[Write] = [("workflows", [tuple(w) for w in changed.values()], WORKFLOW_UPSERT)]
     writes.append(("workflow_agents", [(*key, *value) for key, value in joined.items()], MEMBER_UPSERT))
     writes.append(("rollups", [(*key, *figures) for key, figures in usage.items()], ROLLUP_UPSERT))
     return [write for write in writes if write[1]], calls
@@ -1753,7 +1768,11 @@ def roll_up(conn: Any, rows: Sequence[Row], only: set | None = None) -> tuple[li
 def workflows_of(row: Row, only: set | None = None) -> tuple:
     """The workflows an event is of: the one it is an event of, and the one it is correlated with."""
     own = row.aggregate_id if row.aggregate_type == "workflow_aggregate" else None
-    scope = tuple(dict.fromkeys(w for w in (own, row.correlation_id) if w is not None))
+    correlated = row.correlation_id
+    if correlated is None or correlated == own:
+        scope: tuple = () if own is None else (own,)
+    else:
+        scope = (correlated,) if own is None else (own, correlated)
     return scope if only is None else tuple(w for w in scope if w in only)
 
 
@@ -1856,36 +1875,43 @@ def read_receipts(conn: Any, event_ids: list) -> dict:
 
 
 class SeenVersions:
-    """The versions a writer has read and written. They stay true while no other process
-    writes, that is while the log still ends where this writer left it, which it checks
-    under the write lock: then it reads only the versions it has not seen."""
+    """The versions a writer has read and written, and the rows of `workflows` and the
+    memberships of `workflow_agents` its roll_up has read and written. They stay true while
+    no other process writes, that is while the log still ends where this writer left it and
+    retention has removed no more, which it checks under the write lock: then it reads only
+    what it has not seen."""
 
     def __init__(self, read_state: Callable[[Any, list], LogState], limit: int = 100_000) -> None:
         self.read_state = read_state  # the backend's
         self.position: int | None = None  # where the log ended after this writer's last commit
+        self.pruned_through = 0
         self.versions: dict = {}
+        self.workflows: dict[str, list] = {}  # workflow_id -> its row (WORKFLOW_COLUMNS)
+        self.members: dict[str, dict[str, str]] = {}  # agent_id -> {workflow_id: its state there}
         self.limit = limit
 
     def read(self, conn: Any, keys: list) -> LogState:
         """read_state(conn, keys), from what it knows where that is still true."""
         state = self.read_state(conn, [key for key in keys if key not in self.versions])
-        if state.position != self.position:  # another process has written since
-            self.versions.clear()
+        if (state.position, state.pruned_through) != (self.position, self.pruned_through):
+            self.forget()  # another process has written, or retention has removed events
             return self.read_state(conn, keys)
         known = {key: self.versions[key] for key in keys if key in self.versions}
         return state._replace(versions={**known, **state.versions})
 
-    def commit(self, position: int, versions: dict, rows: list[Row]) -> None:
+    def commit(self, state: LogState, rows: list[Row]) -> None:
         """Remember what a committed group read and wrote."""
-        if len(self.versions) > self.limit:
-            self.versions.clear()
-        self.versions.update(versions)
+        if max(len(self.versions), len(self.workflows), len(self.members)) > self.limit:
+            self.forget()
+        self.versions.update(state.versions)
         self.versions.update({(row.aggregate_type, row.aggregate_id): row.aggregate_version for row in rows})
-        self.position = position + len(rows)
+        self.position, self.pruned_through = state.position + len(rows), state.pruned_through
 
     def forget(self) -> None:
         self.position = None
         self.versions.clear()
+        self.workflows.clear()
+        self.members.clear()
 
 
 class Connection(Protocol):
@@ -2205,6 +2231,7 @@ STATES = {word: state for state, words in STATE_RULES.items() for word in words}
 _LAST_WORD = re.compile(r"[._:/ -]")
 
 
+@functools.lru_cache(maxsize=4096)  # names repeat: the writers ask for every event
 def event_state(name: str) -> str:
     """`completed`, `failed` or `running`, by STATE_RULES."""
     words = _LAST_WORD.split(name.lower())
@@ -2972,7 +2999,7 @@ class ThreadedStore(EventStore):
                 outcomes, rows = plan_appends(requests, state.position, state.versions, stored, utc_now())
                 self.insert_events(conn, rows)
                 last = state.position + len(rows)
-                writes, calls = summaries(conn, rows, last, state.position)
+                writes, calls = summaries(conn, rows, last, state.position, self._seen)
                 with self.pipeline(conn):
                     for write in writes:
                         self.insert(conn, *write)
@@ -2980,7 +3007,7 @@ class ThreadedStore(EventStore):
         except BaseException:
             self._seen.forget()
             raise
-        self._seen.commit(state.position, state.versions, rows)
+        self._seen.commit(state, rows)
         self.stats.used(calls)
         return outcomes
 
@@ -3322,13 +3349,16 @@ def insert_rows(conn: sqlite3.Connection, table: str, rows: list, tail: str = ""
 
 def read_state(conn: sqlite3.Connection, keys: list) -> LogState:
     """The last position, the position up to which the counters count (COUNTED_THROUGH),
-    and {(aggregate_type, aggregate_id): current version} for `keys`: in one statement for
-    each MAX_PARAMS // 3 keys."""
-    position, counted_through, versions = 0, 0, {}
+    {(aggregate_type, aggregate_id): current version} for `keys`, and the position up to
+    which retention has removed events: in one statement for each MAX_PARAMS // 3 keys."""
+    position, counted_through, pruned_through, versions = 0, 0, 0, {}
     step = MAX_PARAMS // 3
     for start in range(0, max(len(keys), 1), step):
         chunk = keys[start : start + step]
-        sql = f"SELECT {LAST_POSITION}, (SELECT n FROM counts WHERE {COUNTED_THROUGH})"
+        sql = (
+            f"SELECT {LAST_POSITION}, (SELECT n FROM counts WHERE {COUNTED_THROUGH}), "
+            f"(SELECT n FROM counts WHERE {PRUNED_THROUGH})"
+        )
         if chunk:
             sql = (
                 "WITH k (i, t, id) AS (VALUES "
@@ -3338,11 +3368,11 @@ def read_state(conn: sqlite3.Connection, keys: list) -> LogState:
                 + f", (SELECT group_concat(i || ' ' || {CURRENT_VERSION.format(t='k.t', id='k.id')}) FROM k)"
             )
         row = conn.execute(sql, [value for i, key in enumerate(chunk) for value in (i, *key)]).fetchone()
-        position, counted_through = row[0] or 0, row[1] or 0
-        for pair in row[2].split(",") if chunk else ():
+        position, counted_through, pruned_through = row[0] or 0, row[1] or 0, row[2] or 0
+        for pair in row[3].split(",") if chunk else ():
             i, version = pair.split(" ")
             versions[chunk[int(i)]] = int(version)
-    return LogState(position, counted_through, versions)
+    return LogState(position, counted_through, versions, pruned_through)
 
 
 def backup_database(source: str, dest: str, timeout: float) -> int:
@@ -3694,8 +3724,9 @@ class PostgresStore(ThreadedStore):
             logger.warning("could not end a silent writer's session: %s", self.unavailable(exc))
 
     def read_state(self, conn: PgConnection, keys: list) -> LogState:
-        position, counted_through = conn.execute(
-            f"SELECT (SELECT position FROM head WHERE id = 1), (SELECT n FROM counts WHERE {COUNTED_THROUGH})"
+        position, counted_through, pruned_through = conn.execute(
+            f"SELECT (SELECT position FROM head WHERE id = 1), (SELECT n FROM counts WHERE {COUNTED_THROUGH}), "
+            f"(SELECT n FROM counts WHERE {PRUNED_THROUGH})"
         ).fetchone()
         versions = {}
         if keys:
@@ -3705,7 +3736,7 @@ class PostgresStore(ThreadedStore):
                 ([t for t, _ in keys], [i for _, i in keys]),
             ).fetchall()
             versions = {(t, i): version for t, i, version in rows}
-        return LogState(position, counted_through or 0, versions)
+        return LogState(position, counted_through or 0, versions, pruned_through or 0)
 
     def insert(self, conn: PgConnection, table: str, rows: list, tail: str = "") -> None:
         pg_insert(conn, table, rows, tail)
@@ -5198,7 +5229,13 @@ async def docs_handler(request: Request) -> Response:
 
 
 async def ui_handler(request: Request) -> Response:
-    return HTMLResponse(UI_PAGE.replace("__STATES__", json.dumps(STATES)))
+    calls = {
+        "model": MODEL_OPERATIONS,
+        "tool": TOOL_OPERATIONS,
+        "container": CONTAINER_OPERATIONS,
+        "start": START_WORDS,
+    }
+    return HTMLResponse(UI_PAGE.replace("__STATES__", json.dumps(STATES)).replace("__CALLS__", json.dumps(calls)))
 
 
 # -- 6.6 the stream -----------------------------------------------------------------------
@@ -7428,7 +7465,18 @@ ul.tree { list-style: none; margin: .2rem 0 0 .2rem; padding-left: .8rem; border
 #tl-svg .s-running { fill: var(--running); } #tl-svg .s-completed { fill: var(--completed); }
 #tl-svg .s-failed { fill: var(--failed); }
 #tl-svg .ticks { stroke: #fff; stroke-opacity: .75; stroke-width: 1; pointer-events: none; }
-#tl-svg .call { fill: #1d2433; fill-opacity: .45; } #tl-svg .call.failed { fill: var(--failed); fill-opacity: 1; }
+#tl-svg .call { fill: #1d2433; fill-opacity: .45; cursor: pointer; }
+#tl-svg .call.model { fill: #8a3ffc; fill-opacity: .8; } #tl-svg .call.tool { fill: #e07b00; fill-opacity: .8; }
+#tl-svg .call.failed { fill: var(--failed); fill-opacity: 1; }
+header nav a { color: #fff; margin-right: .6rem; text-decoration: none; opacity: .75; }
+header nav a.current { opacity: 1; text-decoration: underline; font-weight: 600; }
+main[hidden], header [hidden] { display: none; }
+#runs-view { display: block; padding: .6rem; overflow: auto; }
+#runs th { text-align: left; font-weight: 600; padding: .3rem .5rem; border-bottom: 1px solid #ccd; background: #eef0f4;
+           position: sticky; top: 2rem; }
+#runs tr.run { cursor: pointer; } #runs tr.run:hover { background: #f0f6ff; }
+#runs td.num { text-align: right; } #runs td.prompt { max-width: 28rem; color: #555; }
+#runs td.failures.some { color: var(--failed); font-weight: 600; }
 #tl-svg .label { fill: #1d2433; cursor: pointer; } #tl-svg .label.failed { fill: var(--failed); font-weight: 700; }
 #tl-svg .axis { stroke: #c9ced8; } #tl-svg .axis-text { fill: #777; font-size: 11px; }
 #tl-svg .rowline { stroke: #f0f1f4; }
@@ -7440,16 +7488,27 @@ dialog input { width: 20rem; }
 </style></head>
 <body>
 <header>
-  <h1>Eventuali live view</h1>
+  <h1>Eventuali</h1>
+  <nav><a id="nav-runs" href="/ui?view=runs">Runs</a><a id="nav-live" href="/ui">Live</a></nav>
+  <span id="live-controls">
   <select id="f-type" title="event type"><option value="">all types</option>
     <option>AgentEvent</option><option>WorkflowEvent</option><option>SystemEvent</option></select>
   <input id="f-aggregate" placeholder="aggregate id" size="14">
   <input id="f-workflow" placeholder="workflow id" size="18" title="a workflow: its timeline and its events">
   <input id="f-name" placeholder="event name" size="14">
   <button id="pause">Pause</button>
+  </span>
+  <select id="r-state" title="state" hidden><option value="">all states</option><option>running</option>
+    <option>completed</option><option>failed</option></select>
   <span id="status" class="down">connecting</span>
 </header>
-<main>
+<main id="runs-view" hidden>
+  <section><h2>Runs <span class="muted" id="r-figures"></span></h2>
+    <table id="runs"><thead><tr><th>state</th><th>run</th><th>started</th><th>duration</th><th>agents</th>
+      <th>tokens</th><th>cost</th><th>failures</th><th>prompt</th></tr></thead><tbody id="runs-body"></tbody></table>
+  </section>
+</main>
+<main id="live-view">
   <div id="left">
     <section id="timeline" hidden><h2>Timeline <b id="tl-title"></b> <span id="tl-badge" class="badge"></span>
       <span class="muted" id="tl-figures"></span></h2>
@@ -7473,6 +7532,8 @@ dialog input { width: 20rem; }
 "use strict";
 const MAX_ROWS = 500, MAX_EVENTS = 10000, MAX_WORKFLOWS = 200, MAX_TIMELINE_EVENTS = 100000;
 const STATES = __STATES__;  // the last word of an event name -> the state it means (the server's STATE_RULES)
+const CALLS = __CALLS__;  // the server's USAGE_RULES: operations of model and tool calls, words that start one
+const RUNS_LIMIT = 1000;
 const $ = (id) => document.getElementById(id);
 let key = sessionStorage.getItem("eventuali-key") || "";
 let source = null, lastId = 0, paused = false, held = [], events = [], selected = null;
@@ -7506,6 +7567,45 @@ function setStatus(text, live) { $("status").textContent = text; $("status").cla
 function stateOf(name) {
   const words = name.toLowerCase().split(/[._:\/ -]/);
   return STATES[words[words.length - 1]] || STATES[words.slice(-2).join("_")] || "running";
+}
+// an agent's or a workflow's own lifecycle event (its name's first word is the kind) sets its state
+function lifecycle(kind, name) {
+  return name.toLowerCase().split(/[._:\/ -]/)[0] === kind ? stateOf(name) : null;
+}
+function isStart(name) {
+  const words = name.toLowerCase().split(/[._:\/ -]/);
+  return CALLS.start.includes(words[words.length - 1]);
+}
+function callKind(attrs) {
+  const op = attrs["gen_ai.operation.name"];
+  if (CALLS.tool.includes(op)) return "tool";
+  if (CALLS.model.includes(op) || "gen_ai.usage.input_tokens" in attrs || "gen_ai.usage.output_tokens" in attrs)
+    return "model";
+  return CALLS.container.includes(op) ? null : attrs["gen_ai.tool.call.id"] ? "tool" : null;
+}
+function failure(e) {  // what a failed call says of itself
+  const a = e.attributes || {}, x = (a["otel.exceptions"] || [])[0];
+  return a["otel.status_description"] || (x && x.message) || a["error.message"] || a["error.type"] || "";
+}
+function tokens(u) {
+  const n = u ? u.input_tokens + u.output_tokens : 0;
+  return n >= 1e6 ? (n / 1e6).toFixed(1) + "M" : n >= 1e3 ? (n / 1e3).toFixed(1) + "k" : String(n);
+}
+function money(usd) {
+  return usd === null || usd === undefined ? "" : "$" + (usd < 1 ? usd.toFixed(4) : usd.toFixed(2));
+}
+function usageText(u) {
+  if (!u || !(u.input_tokens + u.output_tokens || u.cost)) return "";
+  return [tokens(u) + " tok", money(u.cost)].filter(Boolean).join(" · ");
+}
+function usageTitle(u) {
+  if (!u) return "";
+  return `tokens in ${u.input_tokens} (cache read ${u.cache_read_input_tokens},` +
+         ` written ${u.cache_creation_input_tokens}), out ${u.output_tokens}` +
+         ` (reasoning ${u.reasoning_output_tokens});` +
+         ` ${u.model_calls} model calls, ${u.tool_calls} tool calls, ${u.failed_events} failed events;` +
+         ` cost ${u.cost === null ? "unknown" : money(u.cost)}` +
+         (u.unpriced_calls ? ` (${u.unpriced_calls} calls without a price)` : "");
 }
 function span(ms) {
   if (!(ms >= 0)) return "";
@@ -7666,7 +7766,7 @@ function openTimeline(id) {
   history.replaceState(null, "", url);
   if (!id) return;
   tl = {id, agents: new Map(), own: [], calls: new Map(), count: 0, last: 0, t0: Infinity, t1: -Infinity,
-        known: new Set(),
+        known: new Set(), opened: new Map(), callEvents: new Map(), lifecycle: "", usage: null, soon: null,
         fetching: false, again: false, pending: false, chosen: null};
   $("tl-title").textContent = id;
   const mine = tl;
@@ -7678,7 +7778,7 @@ function agentOf(id) {
   let a = tl.agents.get(id);
   if (!a) {
     a = {id, name: "", parent: undefined, first: Infinity, last: -Infinity, firstPos: Infinity, status: "",
-         state: "running", events: []};
+         state: "running", events: [], calls: [], usage: null};
     tl.agents.set(id, a);
   }
   return a;
@@ -7694,24 +7794,40 @@ function timelineEvent(mine, e) {
   if (e.aggregate_type === "workflow_aggregate" && e.aggregate_id === tl.id) {
     if (keep) tl.own.push(e);
     tl.status = e.event_name;
+    if (lifecycle("workflow", e.event_name)) tl.lifecycle = e.event_name;
   } else if (e.aggregate_type === "agent_aggregate") {
     const a = agentOf(e.aggregate_id);
     if (keep) a.events.push(e);
     if (ms < a.first) a.first = ms;
     if (ms > a.last) a.last = ms;
     if (e.position < a.firstPos) a.firstPos = e.position;
-    a.status = e.event_name; a.state = stateOf(e.event_name);
+    a.status = e.event_name; a.state = lifecycle("agent", e.event_name) || a.state;
     if (e.agent_name) a.name = e.agent_name;
+    if (keep) nativeCall(a, e, ms);
     if (!tl.known.has(a.id) || (e.causation_id && a.parent === undefined)) askParents();
   } else if (e.aggregate_type === "system_aggregate" && e.causation_id) {  // a call: a model, a tool, a span
     const attrs = e.attributes || {}, end = Date.parse(attrs["otel.end_time"] || e.timestamp);
     if (end > tl.t1) tl.t1 = end;
     if (keep || tl.calls.has(e.aggregate_id)) {
       tl.calls.set(e.aggregate_id, {cause: tl.calls.has(e.aggregate_id) ? tl.calls.get(e.aggregate_id).cause :
-        e.causation_id, e, start: ms, end, failed: stateOf(e.event_name) === "failed"});
+        e.causation_id, e, start: ms, end, failed: stateOf(e.event_name) === "failed", kind: callKind(attrs)});
+      tl.callEvents.set(e.aggregate_id, e);
     }
   }
+  if (!tl.soon) tl.soon = setTimeout(() => { mine.soon = null; askParents(); }, 1000);  // usage: once a second
   drawTimeline();
+}
+function nativeCall(a, e, ms) {
+  // An emitted model or tool call: from its start to its end where a start is found (the same
+  // gen_ai.tool.call.id, or the end's causation_id naming the start), else a mark at its time.
+  const attrs = e.attributes || {}, kind = callKind(attrs), callId = attrs["gen_ai.tool.call.id"];
+  if (!kind) return;
+  if (isStart(e.event_name)) { tl.opened.set(callId || e.event_id, ms); return; }
+  const key = callId && tl.opened.has(callId) ? callId : tl.opened.has(e.causation_id) ? e.causation_id : null;
+  const start = key === null ? ms : tl.opened.get(key);
+  if (key !== null) tl.opened.delete(key);
+  a.calls.push({e, start, end: ms, failed: stateOf(e.event_name) === "failed", kind});
+  tl.callEvents.set(e.event_id, e);
 }
 function callsByOwner() {
   // a call belongs to the agent its cause leads to, through other calls (the server's parent rules)
@@ -7737,9 +7853,10 @@ function askParents() {
     if (tl !== mine) return;
     for (const s of summary.agents) {
       const a = agentOf(s.agent_id);
-      a.parent = s.parent_agent_id; mine.known.add(s.agent_id);
+      a.parent = s.parent_agent_id; mine.known.add(s.agent_id); a.usage = s.usage;
       if (s.agent_name) a.name = s.agent_name;
     }
+    mine.usage = summary.workflow.usage;
     drawTimeline();
   }).catch(() => {}).finally(() => {
     mine.fetching = false;
@@ -7747,7 +7864,7 @@ function askParents() {
   });
 }
 function workflowState() {
-  if (tl.status) return stateOf(tl.status);
+  if (tl.lifecycle) return stateOf(tl.lifecycle);
   const states = new Set([...tl.agents.values()].map((a) => a.state));
   return states.has("running") || !states.size ? "running" : states.has("failed") ? "failed" : "completed";
 }
@@ -7786,7 +7903,8 @@ function renderTimeline() {
   $("tl-badge").textContent = state; $("tl-badge").className = "badge s-" + state;
   const failed = list.filter(([a]) => a.state === "failed").length;
   $("tl-figures").textContent = [tl.status || "", span(tl.t1 - tl.t0), list.length + " agents",
-    tl.count + " events", failed ? failed + " failed" : ""].filter(Boolean).join(" · ");
+    tl.count + " events", failed ? failed + " failed" : "", usageText(tl.usage)].filter(Boolean).join(" · ");
+  $("tl-figures").title = usageTitle(tl.usage);
   const parts = [];
   for (let i = 0; i <= 5; i++) {  // the time axis
     const ms = t0 + ((t1 - t0) * i) / 5, px = x(ms).toFixed(1);
@@ -7800,32 +7918,38 @@ function renderTimeline() {
     return `<rect class="${cls}" x="${x1.toFixed(1)}" y="${y + 3}" width="${w.toFixed(1)}" height="${ROW - 6}"` +
            ' rx="3"/>';
   };
-  const label = (state, indent, y, text, title) =>
+  const label = (state, indent, y, text, title, usage) =>
     `<text class="label${state === "failed" ? " failed" : ""}" x="${6 + indent * 14}" y="${y + 14}">` +
-    `${state === "failed" ? "\u2716 " : ""}${esc(text.slice(0, 40))}<title>${esc(title)}</title></text>`;
+    `${state === "failed" ? "\u2716 " : ""}${esc(text.slice(0, usage ? 24 : 40))}` +
+    `${usage ? `<tspan class="usage" dx="6">${esc(usage)}</tspan>` : ""}<title>${esc(title)}</title></text>`;
   const ticks = (list, y) => {
     let d = "";
     for (const e of list) d += `M${x(e.ms).toFixed(1)} ${y + 4}v${ROW - 8}`;
     return d ? `<path class="ticks" d="${d}"/>` : "";
   };
   const owners = callsByOwner();
-  const calls = (owner, y) => (owners.get(owner) || []).map((c) => {
-    const x1 = x(c.start), w = Math.max(2, x(c.end) - x1);
-    return `<rect class="call${c.failed ? " failed" : ""}" data-call="${esc(c.e.aggregate_id)}" x="${x1.toFixed(1)}"` +
-           ` y="${y + ROW - 8}" width="${w.toFixed(1)}" height="4"><title>${esc(c.e.event_name)}</title></rect>`;
+  const calls = (list, y) => list.map((c) => {
+    const x1 = x(c.start), w = Math.max(2, x(c.end) - x1), id = c.e.aggregate_type === "system_aggregate" ?
+      c.e.aggregate_id : c.e.event_id, why = c.failed ? failure(c.e) : "";
+    return `<rect class="call ${c.kind || "other"}${c.failed ? " failed" : ""}" data-call="${esc(id)}"` +
+           ` x="${x1.toFixed(1)}" y="${y + ROW - 8}" width="${w.toFixed(1)}" height="5">` +
+           `<title>${esc(c.e.event_name + (why ? ": " + why : ""))}</title></rect>`;
   }).join("");
   let y = TOP;
-  parts.push(`<g class="workflow" data-state="${state}">` + label(state, 0, y, "workflow " + tl.id, tl.status || "") +
-             (tl.count ? bar("wfbar s-" + state, y, t0, tl.t1) : "") + ticks(tl.own, y) + calls("", y) + "</g>");
+  parts.push(`<g class="workflow" data-state="${state}">` +
+             label(state, 0, y, "workflow " + tl.id, (tl.status || "") + "\n" + usageTitle(tl.usage)) +
+             (tl.count ? bar("wfbar s-" + state, y, t0, tl.t1) : "") + ticks(tl.own, y) +
+             calls(owners.get("") || [], y) + "</g>");
   let drawn = tl.own.length;
   for (const [a, depth] of list) {
     y += ROW;
     const parent = a.parent && tl.agents.has(a.parent) ? a.parent : "";
     parts.push(`<g class="agent" data-agent="${esc(a.id)}" data-parent="${esc(parent)}" data-depth="${depth}"` +
                ` data-state="${a.state}"><line class="rowline" x1="0" x2="${width}" y1="${y + ROW}" y2="${y + ROW}"/>` +
-               label(a.state, depth, y, a.name || a.id, a.id + ": " + a.status) +
+               label(a.state, depth, y, a.name || a.id, a.id + ": " + a.status + "\n" + usageTitle(a.usage),
+                     usageText(a.usage)) +
                (a.first <= a.last ? bar("bar s-" + a.state, y, a.first, a.last) : "") + ticks(a.events, y) +
-               calls(a.id, y) + "</g>");
+               calls([...(owners.get(a.id) || []), ...a.calls], y) + "</g>");
     drawn += a.events.length;
   }
   svg.setAttribute("width", width); svg.setAttribute("height", height);
@@ -7845,7 +7969,10 @@ function showAgent(id) {
   $("agent-title").textContent = a.name ? a.name + " (" + id + ")" : id;
   const parent = a.parent && tl.agents.get(a.parent);
   $("agent-figures").textContent = [a.state, a.status, a.events.length + " events",
-    span(a.last - a.first), parent ? "under " + (parent.name || parent.id) : ""].filter(Boolean).join(" · ");
+    span(a.last - a.first), parent ? "under " + (parent.name || parent.id) : "", usageText(a.usage),
+    a.usage && a.usage.model_calls ? a.usage.model_calls + " model calls" : "",
+    a.usage && a.usage.tool_calls ? a.usage.tool_calls + " tool calls" : ""].filter(Boolean).join(" · ");
+  $("agent-figures").title = usageTitle(a.usage);
   const owners = new Map();  // event id -> its agent, for causes that name an event
   for (const other of tl.agents.values()) for (const e of other.events) owners.set(e.event_id, other);
   const cause = (id) => {  // a cause by the agent it names, where one is known
@@ -7860,11 +7987,75 @@ function showAgent(id) {
   body.textContent = ""; body.append(rowsOut);
 }
 $("tl-svg").addEventListener("click", (event) => {
-  const g = event.target.closest("g.agent");
-  if (g) showAgent(g.dataset.agent);
+  const call = event.target.closest("rect.call"), g = event.target.closest("g.agent");
+  if (call && tl && tl.callEvents.has(call.dataset.call)) showJSON(tl.callEvents.get(call.dataset.call), null);
+  else if (g) showAgent(g.dataset.agent);
   else if (event.target.closest("g.workflow") && tl && tl.own.length) showJSON(tl.own[tl.own.length - 1], null);
 });
 window.addEventListener("resize", () => drawTimeline());
+
+// -- the runs: the index of workflows, live ----------------------------------------------------
+let runsBusy = false, runsAgain = false, runsTimer = null;
+async function loadRuns() {
+  if (runsBusy) { runsAgain = true; return; }
+  runsBusy = true;
+  try {
+    const state = $("r-state").value;
+    const params = {limit: String(RUNS_LIMIT), ...(state ? {state} : {})};
+    drawRuns(await api("/events/workflows?" + new URLSearchParams(params)));
+  } catch (err) { setStatus(String(err), false); }
+  runsBusy = false;
+  if (runsAgain) { runsAgain = false; loadRuns(); }
+}
+function drawRuns(page) {
+  const rowsOut = document.createDocumentFragment();
+  for (const w of page.workflows) {
+    const u = w.usage, tr = document.createElement("tr");
+    tr.className = "run"; tr.dataset.workflow = w.workflow_id; tr.dataset.state = w.state;
+    const started = w.start_time ? new Date(w.start_time).toLocaleString() : "";
+    const failures = w.failed_agents + u.failed_events ? `${w.failed_agents} agents, ${u.failed_events} events` : "";
+    for (const [text, cls, title] of [
+      [w.state, "state"], [w.name || w.workflow_id, "", w.workflow_id + (w.service ? " · " + w.service : "")],
+      [started, "muted"], [span(w.duration_seconds * 1000), "num"], [String(w.agent_count), "num"],
+      [tokens(u), "num", usageTitle(u)], [money(u.cost) + (u.unpriced_calls ? " *" : ""), "num", usageTitle(u)],
+      [failures, "failures" + (failures ? " some" : "")], [w.user_prompt || "", "prompt", w.user_prompt || ""],
+    ]) {
+      const td = document.createElement("td");
+      if (cls === "state") {
+        const badge = document.createElement("span");
+        badge.className = "badge s-" + text; badge.textContent = text; td.append(badge);
+      } else td.textContent = text;
+      if (cls && cls !== "state") td.className = cls;
+      if (title) td.title = title;
+      tr.append(td);
+    }
+    tr.addEventListener("click", () => { location.href = "/ui?workflow=" + encodeURIComponent(w.workflow_id); });
+    rowsOut.append(tr);
+  }
+  $("runs-body").textContent = ""; $("runs-body").append(rowsOut);
+  $("runs").dataset.rows = page.workflows.length;
+  $("r-figures").textContent = page.total + (page.total === 1 ? " run" : " runs") +
+    (page.total > page.workflows.length ? ` (the ${page.workflows.length} with the latest activity)` : "");
+}
+async function startRuns() {
+  $("runs-view").hidden = false; $("live-view").hidden = true; $("live-controls").hidden = true;
+  $("r-state").hidden = false; $("nav-runs").className = "current";
+  const state = new URLSearchParams(location.search).get("state");
+  if (state) $("r-state").value = state;
+  $("r-state").addEventListener("change", () => {
+    const url = new URL(location.href);
+    if ($("r-state").value) url.searchParams.set("state", $("r-state").value); else url.searchParams.delete("state");
+    history.replaceState(null, "", url); loadRuns();
+  });
+  const top = await api("/events/?limit=1");
+  lastId = top.events.length ? top.events[0].position : 0;
+  await loadRuns();
+  // each new event may change a run: the index is asked again, at most once a second
+  follow(() => ({after: String(lastId)}), (e) => {
+    lastId = Math.max(lastId, e.position);
+    if (!runsTimer) runsTimer = setTimeout(() => { runsTimer = null; loadRuns(); }, 1000);
+  }, (live) => setStatus(live ? "live" : "reconnecting", live));
+}
 
 // -- controls ----------------------------------------------------------------------------
 $("pause").addEventListener("click", () => {
@@ -7880,8 +8071,13 @@ function changed() {
 let debounce = null;
 for (const id of ["f-type", "f-aggregate", "f-workflow", "f-name"])
   $(id).addEventListener("input", () => { clearTimeout(debounce); debounce = setTimeout(changed, 300); });
-$("f-workflow").value = new URLSearchParams(location.search).get("workflow") || "";
-changed();
+if (new URLSearchParams(location.search).get("view") === "runs") {
+  startRuns().catch((err) => setStatus(String(err), false));
+} else {
+  $("nav-live").className = "current";
+  $("f-workflow").value = new URLSearchParams(location.search).get("workflow") || "";
+  changed();
+}
 </script>
 </body></html>
 """
