@@ -7465,13 +7465,13 @@ ul.tree { list-style: none; margin: .2rem 0 0 .2rem; padding-left: .8rem; border
 #tl-svg .s-running { fill: var(--running); } #tl-svg .s-completed { fill: var(--completed); }
 #tl-svg .s-failed { fill: var(--failed); }
 #tl-svg .ticks { stroke: #fff; stroke-opacity: .75; stroke-width: 1; pointer-events: none; }
-#tl-svg .call { fill: #1d2433; fill-opacity: .45; cursor: pointer; }
+#tl-svg .call { fill: #1d2433; fill-opacity: .45; cursor: pointer; stroke: #fff; stroke-width: 1; }
 #tl-svg .call.model { fill: #8a3ffc; fill-opacity: .8; } #tl-svg .call.tool { fill: #e07b00; fill-opacity: .8; }
 #tl-svg .call.failed { fill: var(--failed); fill-opacity: 1; }
 header nav a { color: #fff; margin-right: .6rem; text-decoration: none; opacity: .75; }
 header nav a.current { opacity: 1; text-decoration: underline; font-weight: 600; }
 main[hidden], header [hidden] { display: none; }
-#runs-view { display: block; padding: .6rem; overflow: auto; }
+#runs-view { display: block; padding: .6rem; overflow: auto; } #runs-view[hidden] { display: none; }
 #runs th { text-align: left; font-weight: 600; padding: .3rem .5rem; border-bottom: 1px solid #ccd; background: #eef0f4;
            position: sticky; top: 2rem; }
 #runs tr.run { cursor: pointer; } #runs tr.run:hover { background: #f0f6ff; }
@@ -8013,7 +8013,9 @@ function drawRuns(page) {
     const u = w.usage, tr = document.createElement("tr");
     tr.className = "run"; tr.dataset.workflow = w.workflow_id; tr.dataset.state = w.state;
     const started = w.start_time ? new Date(w.start_time).toLocaleString() : "";
-    const failures = w.failed_agents + u.failed_events ? `${w.failed_agents} agents, ${u.failed_events} events` : "";
+    const plural = (n, word) => n + " " + word + (n === 1 ? "" : "s");
+    const failures = w.failed_agents + u.failed_events ?
+      plural(w.failed_agents, "agent") + ", " + plural(u.failed_events, "event") : "";
     for (const [text, cls, title] of [
       [w.state, "state"], [w.name || w.workflow_id, "", w.workflow_id + (w.service ? " · " + w.service : "")],
       [started, "muted"], [span(w.duration_seconds * 1000), "num"], [String(w.agent_count), "num"],

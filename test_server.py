@@ -6257,3 +6257,125 @@ def test_workflows_index_order_filters_paging_and_totals(srv):
     for params, name in (({"state": "done"}, "state"), ({"limit": 0}, "limit"), ({"since": "yesterday"}, "since"),
                          ({"workflow_id": "x"}, "workflow_id")):  # fmt: skip
         assert_invalid(c.get("/events/workflows", params=params), "query", name)
+
+
+def emit_priced_runs(client) -> None:
+    """Three runs: one that completed with model calls, one whose agent failed, one running."""
+    for i, end in enumerate(("agent.completed", "agent.failed", None)):
+        wf, agent = f"shop-{i}", f"buyer-{i}"
+        emit(client, "workflow", name="workflow.started", aggregate_id=wf,
+             attributes={"user_prompt": f"buy {i} apples", "workflow.name": f"shopping {i}"})  # fmt: skip
+        emit(client, name="agent.started", aggregate_id=agent, correlation_id=wf, attributes={"agent_name": "buyer"})
+        tool = {"gen_ai.operation.name": "execute_tool", "gen_ai.tool.call.id": f"call-{i}"}
+        start = emit(client, name="tool.call.started", aggregate_id=agent, correlation_id=wf, attributes=tool)
+        time.sleep(0.05)
+        emit(client, name="tool.call.failed" if i == 1 else "tool.call.completed", aggregate_id=agent,
+             correlation_id=wf, causation_id=start["event_id"],
+             attributes={**tool, **({"error.message": "out of stock"} if i == 1 else {})})  # fmt: skip
+        emit(client, name="llm.call.completed", aggregate_id=agent, correlation_id=wf,
+             attributes={"gen_ai.operation.name": "chat", "gen_ai.request.model": "gpt-4o",
+                         "gen_ai.usage.input_tokens": 1000 * (i + 1), "gen_ai.usage.output_tokens": 100})  # fmt: skip
+        if end:
+            emit(client, name=end, aggregate_id=agent, correlation_id=wf)
+            emit(client, "workflow", name=end.replace("agent", "workflow"), aggregate_id=wf)
+
+
+@pytest.fixture
+def priced(tmp_path):
+    prices = tmp_path / "prices.json"
+    prices.write_text(json.dumps(PRICES))
+    with ThreadServer(tmp_path / "d", prices=str(prices)) as server:
+        yield server
+
+
+@pytest.mark.browser
+@pytest.mark.slow
+def test_runs_page_lists_filters_updates_and_opens_runs(priced, browser, tmp_path):
+    srv = priced
+    emit_priced_runs(srv.client)
+    page = browser.new_page(viewport={"width": 1280, "height": 600})
+    page.goto(srv.url + "/ui?view=runs")
+    page.wait_for_selector('#runs[data-rows="3"]', timeout=5000)
+    page.wait_for_selector("#status.live", timeout=5000)
+    cells = page.eval_on_selector_all(
+        "#runs tr.run", "rows => rows.map(r => [...r.children].map(td => td.textContent))"
+    )
+    assert [c[0] for c in cells] == ["running", "failed", "completed"]  # latest activity first
+    assert [c[1] for c in cells] == ["shopping 2", "shopping 1", "shopping 0"]
+    assert [c[5] for c in cells] == ["3.1k", "2.1k", "1.1k"]  # tokens in and out
+    assert cells[2][6] == "$%.4f" % ((1000 * 2.5 + 100 * 10) / 1e6)
+    assert cells[1][7] == "1 agent, 3 events" and cells[2][7] == ""  # the tool call's, the agent's, the workflow's
+    assert cells[0][8] == "buy 2 apples" and cells[0][4] == "1"
+    red = "rgb(217, 45, 32)"
+    assert (
+        page.evaluate("getComputedStyle(document.querySelector('#runs tr[data-state=failed] .badge')).backgroundColor")
+        == red
+    )
+    page.screenshot(path=str(tmp_path / "runs.png"))
+    if os.environ.get("UPDATE_SCREENSHOT"):
+        page.screenshot(path=str(HERE / "docs" / "runs.png"))
+    # live: a new run appears, and a state changes, without a reload
+    emit(srv.client, "workflow", name="workflow.started", aggregate_id="shop-new")
+    emit(srv.client, "workflow", name="workflow.completed", aggregate_id="shop-2")
+    page.wait_for_selector('#runs[data-rows="4"] tr.run[data-workflow="shop-new"]', timeout=3000)
+    page.wait_for_selector('tr.run[data-workflow="shop-2"][data-state="completed"]', timeout=3000)
+    # by state, kept in the link
+    page.select_option("#r-state", "failed")
+    page.wait_for_selector('#runs[data-rows="1"] tr.run[data-workflow="shop-1"]', timeout=3000)
+    assert "state=failed" in page.url
+    # a click opens the run's timeline
+    page.click('tr.run[data-workflow="shop-1"]')
+    page.wait_for_selector('#tl-svg[data-agents="1"]', timeout=5000)
+    assert page.url.endswith("/ui?workflow=shop-1")
+
+
+@pytest.mark.browser
+@pytest.mark.slow
+def test_timeline_shows_usage_and_calls_and_leaves_states_to_lifecycle_events(priced, browser):
+    srv = priced
+    emit_priced_runs(srv.client)
+    page = browser.new_page(viewport={"width": 1280, "height": 700})
+    page.goto(srv.url + "/ui?workflow=shop-1")
+    page.wait_for_selector('#tl-svg g.agent[data-agent="buyer-1"] tspan.usage', timeout=5000)
+    if os.environ.get("UPDATE_SCREENSHOT"):
+        page.screenshot(path="/tmp/timeline-usage.png")
+    assert "2.1k tok" in page.text_content('g[data-agent="buyer-1"] tspan.usage')
+    assert "$" in page.text_content("#tl-figures")
+    # the tool call is a span from its start to its end (paired by its call id), failed, with its message
+    tool = page.locator('g[data-agent="buyer-1"] rect.call.tool.failed')
+    assert tool.count() == 1 and "out of stock" in tool.text_content()
+    assert float(tool.get_attribute("width")) > 2
+    assert fill(page, 'g[data-agent="buyer-1"] rect.call.tool.failed') == "rgb(217, 45, 32)"
+    model = page.locator('g[data-agent="buyer-1"] rect.call.model')
+    assert model.count() == 1 and fill(page, 'g[data-agent="buyer-1"] rect.call.model') == "rgb(138, 63, 252)"
+    page.click('g[data-agent="buyer-1"] rect.call.model', force=True)
+    assert json.loads(page.text_content("#json"))["attributes"]["gen_ai.usage.input_tokens"] == 2000
+    # the agent failed by its lifecycle event; the running one's calls leave it running
+    assert page.get_attribute('g[data-agent="buyer-1"]', "data-state") == "failed"
+    page.goto(srv.url + "/ui?workflow=shop-2")
+    page.wait_for_selector('#tl-svg g.agent[data-agent="buyer-2"]', timeout=5000)
+    assert page.get_attribute('g[data-agent="buyer-2"]', "data-state") == "running"
+    assert page.text_content("#tl-badge") == "running"
+    emit(srv.client, name="agent.completed", aggregate_id="buyer-2", correlation_id="shop-2")
+    page.wait_for_selector('g[data-agent="buyer-2"][data-state="completed"]', timeout=1000)
+
+
+@pytest.mark.browser
+@pytest.mark.slow
+def test_runs_page_of_1000_workflows(sqlite_srv, browser):
+    """1,000 workflows in the index: on screen after navigation (printed, not asserted)."""
+    events = []
+    for i in range(1000):
+        events.append({"kind": "workflow", "name": "workflow.started", "aggregate_id": f"many-{i}",
+                       "attributes": {"user_prompt": f"task {i}"}})  # fmt: skip
+        events.append({"kind": "agent", "name": "llm.done", "aggregate_id": f"many-agent-{i}",
+                       "correlation_id": f"many-{i}",
+                       "attributes": {"gen_ai.request.model": "m", "gen_ai.usage.input_tokens": i}})  # fmt: skip
+    for start in range(0, len(events), 1000):
+        sqlite_srv.client.post("/events/emit/batch", json={"events": events[start : start + 1000]}).raise_for_status()
+    page = browser.new_page(viewport={"width": 1280, "height": 900})
+    page.goto(sqlite_srv.url + "/ui?view=runs")
+    page.wait_for_function("document.querySelectorAll('#runs tr.run').length >= 1000", timeout=20000)
+    shown = page.evaluate("performance.now()")
+    print(f"runs page: {page.locator('#runs tr.run').count()} workflows on screen {shown:.0f} ms after navigation")
+    assert page.text_content('#runs tr.run[data-workflow="many-999"] td.prompt') == "task 999"
