@@ -4012,6 +4012,8 @@ def test_benchmark_harness_smoke(tmp_path):
         "metrics on",
         "fast, 2 workers",
         "retention: prune of 2,000 old events",
+        "runs: workflows index and agents",
+        "/events/workflows?state=failed",
     ):
         assert words in proc.stdout, words
     figures = json.loads(out_json.read_text())
@@ -6379,3 +6381,27 @@ def test_runs_page_of_1000_workflows(sqlite_srv, browser):
     shown = page.evaluate("performance.now()")
     print(f"runs page: {page.locator('#runs tr.run').count()} workflows on screen {shown:.0f} ms after navigation")
     assert page.text_content('#runs tr.run[data-workflow="many-999"] td.prompt') == "task 999"
+
+
+def test_readme_call_helper_counts_calls_and_draws_spans(srv):
+    """The README's helper for native clients, as a user copies it: its calls are counted once,
+    with their usage, and a failing one counts as a failed event, its error named."""
+    readme = (HERE / "README.md").read_text()
+    section = readme[readme.index("## Agent runs at a glance") :]
+    code = section[section.index("```python\n") + 10 : section.index("```\n", section.index("```python"))]
+    scope: dict = {}
+    exec(code, scope)  # noqa: S102 - the README's own example
+    emit(srv.client, name="agent.started", aggregate_id="planner", correlation_id="wf-1")
+    assert (
+        scope["call"](srv.client, "planner", "wf-1", "chat", lambda: "ok", input_tokens=812, output_tokens=96) == "ok"
+    )
+    with pytest.raises(ValueError):
+        scope["call"](srv.client, "planner", "wf-1", "execute_tool", lambda: int("x"))
+    [agent] = srv.client.get("/events/workflows/wf-1/agents").json()["agents"]
+    usage = agent["usage"]
+    assert (usage["input_tokens"], usage["output_tokens"], usage["model_calls"], usage["tool_calls"]) == (812, 96, 1, 1)
+    assert usage["failed_events"] == 1 and agent["state"] == "running"
+    failed = events_of(srv.client, event_name="execute_tool.failed")["events"][0]
+    started = events_of(srv.client, event_name="execute_tool.started")["events"][0]
+    assert failed["attributes"]["gen_ai.tool.call.id"] == started["attributes"]["gen_ai.tool.call.id"]
+    assert "invalid literal" in failed["attributes"]["error.message"]

@@ -2,7 +2,7 @@
 
     python benchmarks/bench.py                 # everything, at full sizes
     python benchmarks/bench.py --quick         # tiny sizes: a smoke run (used by the tests)
-    python benchmarks/bench.py --only emit,sse # a subset: emit, batch, reads, sse, size, postgres
+    python benchmarks/bench.py --only emit,sse # a subset: emit, batch, reads, sse, size, postgres, runs
     python benchmarks/bench.py --only emit,batch --against ../other-checkout
                                                # A/B: the same load, alternating, on both
 
@@ -1126,6 +1126,84 @@ def bench_retention(args: argparse.Namespace, results: dict) -> None:
         )
 
 
+def run_events(start: int, stop: int) -> list:
+    """Runs of 10 events each, as agents with model and tool calls emit them: a workflow, an
+    agent, three model calls with usage, a tool call, their ends; one run in four fails."""
+    events = []
+    for run in range(start, stop):
+        wf, agent, failed = f"run-{run}", f"run-{run}-agent", run % 4 == 3
+        chat = {"gen_ai.operation.name": "chat", "gen_ai.request.model": "gpt-4o"}
+        events += [
+            {"kind": "workflow", "name": "workflow.started", "aggregate_id": wf,
+             "attributes": {"user_prompt": f"task {run}"}},
+            {"kind": "agent", "name": "agent.started", "aggregate_id": agent, "correlation_id": wf},
+            *[
+                {
+                    "kind": "agent",
+                    "name": "llm.call.completed",
+                    "aggregate_id": agent,
+                    "correlation_id": wf,
+                    "attributes": {**chat, "gen_ai.usage.input_tokens": 900 + i, "gen_ai.usage.output_tokens": 80},
+                }
+                for i in range(3)
+            ],
+            {"kind": "agent", "name": "tool.call.started", "aggregate_id": agent, "correlation_id": wf,
+             "attributes": {"gen_ai.operation.name": "execute_tool"}},
+            {"kind": "agent", "name": "tool.call.failed" if failed else "tool.call.completed", "aggregate_id": agent,
+             "correlation_id": wf, "attributes": {"gen_ai.operation.name": "execute_tool"}},
+            {"kind": "agent", "name": "agent.failed" if failed else "agent.completed", "aggregate_id": agent,
+             "correlation_id": wf},
+            {"kind": "system", "name": "session.tick", "aggregate_id": f"session-{run % 7}", "correlation_id": wf},
+            {"kind": "workflow", "name": "workflow.failed" if failed else "workflow.completed", "aggregate_id": wf},
+        ]  # fmt: skip
+    return events
+
+
+def bench_runs(args: argparse.Namespace, results: dict) -> None:
+    """The workflows index and a workflow's agents with usage, at `runs_sizes` runs of 10 events."""
+    table: dict = {}
+    with (
+        events_server({"DURABILITY": "normal"}) as url,
+        httpx.Client(base_url=url, timeout=120) as client,
+    ):
+        loaded = 0
+        for runs in args.runs_sizes:
+            for start in range(loaded, runs, 100):
+                body = {"events": run_events(start, min(runs, start + 100))}
+                client.post("/events/emit/batch", json=body).raise_for_status()
+            loaded = runs
+            mid = client.get("/events/workflows", params={"limit": 1, "offset": runs // 2}).json()["workflows"][0]
+            reads = {
+                "/events/workflows": {},
+                "/events/workflows?state=failed": {"state": "failed"},
+                "/events/workflows?since=MID": {"since": mid["last_event_time"]},
+                "/events/workflows?before=MID": {"before": mid["last_position"]},
+                "/events/workflows/MID/agents": None,
+            }
+            for label, params in reads.items():
+                path = f"/events/workflows/{mid['workflow_id']}/agents" if params is None else "/events/workflows"
+                timings = []
+                for _ in range(args.read_repeats):
+                    started = time.perf_counter()
+                    reply = client.get(path, params=params or {})
+                    timings.append((time.perf_counter() - started) * 1000)
+                    reply.raise_for_status()
+                table.setdefault(label, {})[runs] = {
+                    "p50_ms": percentile(timings, 50),
+                    "p99_ms": percentile(timings, 99),
+                    "total": reply.json().get("total"),
+                }
+    results["runs"] = table
+    sizes = args.runs_sizes
+    print(
+        "runs: workflows index and agents, ms (p50 / p99) at "
+        + ", ".join(f"{s:,} runs ({s * 10:,} events)" for s in sizes)
+        + ":"
+    )
+    for label, row in table.items():
+        print(f"  {label:40s} " + "  ".join(f"{row[s]['p50_ms']:7.2f} / {row[s]['p99_ms']:7.2f}" for s in sizes))
+
+
 PARTS = {
     "emit": bench_emit,
     "batch": bench_batch,
@@ -1138,6 +1216,7 @@ PARTS = {
     "install": bench_install,
     "retention": bench_retention,
     "otlp": bench_otlp,
+    "runs": bench_runs,
 }
 
 
@@ -1173,6 +1252,7 @@ def main(argv: list | None = None) -> dict:
     args.idle_streams = 20 if quick else 1000
     args.size_events = 1000 if quick else 100_000
     args.otlp_spans = 1024 if quick else 20_480
+    args.runs_sizes = [200] if quick else [10_000, 100_000]
     results: dict = {
         "machine": {"platform": platform.platform(), "python": platform.python_version(), "cpus": os.cpu_count()},
         "load_generator": "wrk" if shutil.which("wrk") else "python (asyncio; slower than wrk)",
