@@ -8,17 +8,19 @@ writer thread per process commits every waiting request in one transaction.
 Sections, in dependency order (each opens with what it holds):
     1. Configuration: the settings, from flags, the environment and defaults
     2. Validation: field specs, which also make the OpenAPI schemas
-    3. Storage: the EventStore interface, the commit both backends share, SQLite, PostgreSQL
+    3. Storage: the EventStore interface, the commit both backends share (with the rollups of
+       runs: workflows, agents' states, usage), SQLite, PostgreSQL
     4. Live broadcasting: the Hub, which follows the log and feeds the streams
     5. OpenTelemetry in: OTLP trace exports read (protobuf or JSON) and mapped to events
     6. HTTP: endpoints, metrics, logs, the gate every request passes, the application
     7. OpenAPI: the document, built from ROUTES and the field specs
     8. Running: uvicorn's protocol and the command line
-    9. Assets: the HTML of /docs and /ui
+    9. Assets: the HTML of /docs and /ui (the runs page and the live view)
 
 Where to start: `create_app` (6.11) builds the application from `ROUTES`, the one table of
 routes, each served through its `gate` (6.9). `EventStore` (3.1) is all the handlers know of
-the log; `ThreadedStore.commit` (3.2) is how every append is stored; the `Hub` (4) follows
+the log; `ThreadedStore.commit` (3.2) is how every append is stored, and `roll_up` what it
+keeps of each workflow; the `Hub` (4) follows
 the log for the streams; `span_events` (5.3) maps a span to events; `main` (8.2) is the
 command line.
 
@@ -1623,10 +1625,30 @@ def lifecycle_state(kind: str, name: str) -> str | None:
     return event_state(name) if _LAST_WORD.split(name.lower(), 1)[0] == kind else None
 
 
-WORKFLOW_COLUMNS = (
-    "workflow_id", "start_time", "last_time", "last_position", "event_count", "status", "lifecycle",
-    "agents_running", "agents_completed", "agents_failed", "state", "name", "service", "user_prompt",
-)  # fmt: skip
+@dataclasses.dataclass
+class WorkflowRow:
+    """A row of the table `workflows`, as roll_up keeps it and the reads show it."""
+
+    workflow_id: str
+    start_time: str | None = None  # its timeline's earliest timestamp
+    last_time: str | None = None  # and latest
+    last_position: int = 0  # its latest event's: its latest activity
+    event_count: int = 0
+    status: str | None = None  # its own latest event's name
+    lifecycle: str | None = None  # its own latest lifecycle event's name
+    agents_running: int = 0  # its member agents by state
+    agents_completed: int = 0
+    agents_failed: int = 0
+    state: str = "running"  # workflow_state(): kept, for the index's filter
+    name: str | None = None
+    service: str | None = None
+    user_prompt: str | None = None
+
+    def values(self) -> tuple:
+        return tuple(vars(self).values())
+
+
+WORKFLOW_COLUMNS = tuple(field.name for field in dataclasses.fields(WorkflowRow))
 WORKFLOW_UPSERT = " ON CONFLICT (workflow_id) DO UPDATE SET " + ", ".join(
     f"{column} = excluded.{column}" for column in WORKFLOW_COLUMNS[1:]
 )
@@ -1636,7 +1658,6 @@ ROLLUP_FIGURES = (*USAGE_KINDS, "model_calls", "tool_calls", "failed_events")
 ROLLUP_UPSERT = f" ON CONFLICT ({', '.join(ROLLUP_KEY)}) DO UPDATE SET " + ", ".join(
     f"{figure} = rollups.{figure} + excluded.{figure}" for figure in ROLLUP_FIGURES
 )
-AGENT_STATE_COLUMN = {"running": 7, "completed": 8, "failed": 9}  # in a workflows row
 # Both backends' tables for them (SQLite's INTEGER holds 64 bits, as PostgreSQL's bigint).
 ROLLUP_TABLES = f"""
 CREATE TABLE IF NOT EXISTS workflow_agents (
@@ -1661,13 +1682,14 @@ CREATE TABLE IF NOT EXISTS rollups (
 """
 
 
-def workflow_state(row: Sequence) -> str:
+def workflow_state(row: WorkflowRow) -> str:
     """A workflow's state: by its own latest lifecycle event; without one, running while an
     agent runs or while it has none, else failed if an agent failed, else completed."""
-    if row[6] is not None:
-        return event_state(row[6])
-    running, completed, failed = row[7:10]
-    return "running" if running or not (completed or failed) else "failed" if failed else "completed"
+    if row.lifecycle is not None:
+        return event_state(row.lifecycle)
+    if row.agents_running or not (row.agents_completed or row.agents_failed):
+        return "running"
+    return "failed" if row.agents_failed else "completed"
 
 
 def roll_up(
@@ -1680,8 +1702,9 @@ def roll_up(
     facts = [event_facts(row.event_name, row.attributes) for row in rows]
     scopes = [workflows_of(row, only) for row in rows]
     members: dict[str, dict[str, str]] = seen.members if seen else {}  # agent -> {workflow: its state there}
-    found: dict[str, list] = seen.workflows if seen else {}  # workflow_id -> its row
-    agents = sorted({row.aggregate_id for row in rows if row.aggregate_type == "agent_aggregate"} - members.keys())
+    found: dict[str, WorkflowRow] = seen.workflows if seen else {}
+    mine = {row.aggregate_id for row in rows if row.aggregate_type == "agent_aggregate"}
+    agents = sorted(mine - members.keys())
     for agent_id in agents:
         members[agent_id] = {}
     for workflow_id, agent_id, state in select_in(
@@ -1690,31 +1713,30 @@ def roll_up(
         if only is None or workflow_id in only:
             members[agent_id][workflow_id] = state
     touched = {w for scope in scopes for w in scope}
-    touched |= {w for row in rows if row.aggregate_type == "agent_aggregate" for w in members[row.aggregate_id]}
-    for row in select_in(
+    touched |= {w for agent_id in mine for w in members[agent_id]}
+    for values in select_in(
         conn,
         f"SELECT {', '.join(WORKFLOW_COLUMNS)} FROM workflows WHERE workflow_id IN ({{}})",
         sorted(touched - found.keys()),
     ):
-        found[row[0]] = list(row)
-    changed: dict[str, list] = {}  # the rows this group changes
-    mine = {row.aggregate_id for row in rows if row.aggregate_type == "agent_aggregate"}
+        found[values[0]] = WorkflowRow(*values)
+    changed: dict[str, WorkflowRow] = {}  # the rows this group changes
     states = {agent_id: next(iter(members[agent_id].values()), None) for agent_id in mine}
     joined: dict[tuple, list] = {}  # (workflow, agent) -> [first_position, state]: new or changed members
     usage: dict[tuple, list] = {}
     calls = []
 
-    def workflow(workflow_id: str) -> list:
+    def workflow(workflow_id: str) -> WorkflowRow:
         if workflow_id not in found:
-            found[workflow_id] = [workflow_id, None, None, 0, 0, None, None, 0, 0, 0, "running", None, None, None]
+            found[workflow_id] = WorkflowRow(workflow_id)
         changed[workflow_id] = found[workflow_id]
         return found[workflow_id]
 
     def shift(workflow_id: str, old: str | None, new: str) -> None:
-        counts = workflow(workflow_id)
+        w = workflow(workflow_id)
         if old is not None:
-            counts[AGENT_STATE_COLUMN[old]] -= 1
-        counts[AGENT_STATE_COLUMN[new]] += 1
+            setattr(w, f"agents_{old}", getattr(w, f"agents_{old}") - 1)
+        setattr(w, f"agents_{new}", getattr(w, f"agents_{new}") + 1)
 
     for row, fact, scope in zip(rows, facts, scopes):
         failed = event_state(row.event_name) == "failed"
@@ -1734,16 +1756,16 @@ def roll_up(
                 joined[correlated, agent_id] = [row.position, state]
         for workflow_id in scope:
             w = workflow(workflow_id)
-            w[1] = row.timestamp if w[1] is None else min(w[1], row.timestamp)
-            w[2] = row.timestamp if w[2] is None else max(w[2], row.timestamp)
-            w[3], w[4] = row.position, w[4] + 1
+            w.start_time = row.timestamp if w.start_time is None else min(w.start_time, row.timestamp)
+            w.last_time = row.timestamp if w.last_time is None else max(w.last_time, row.timestamp)
+            w.last_position, w.event_count = row.position, w.event_count + 1
             if row.aggregate_type == "workflow_aggregate" and row.aggregate_id == workflow_id:
-                w[5] = row.event_name
+                w.status = row.event_name
                 if lifecycle_state("workflow", row.event_name) is not None:
-                    w[6] = row.event_name
-                w[11] = w[11] or fact.name
-            w[12] = w[12] or fact.service
-            w[13] = w[13] or (row.user_prompt[:1000] if row.user_prompt else None)
+                    w.lifecycle = row.event_name
+                w.name = w.name or fact.name
+            w.service = w.service or fact.service
+            w.user_prompt = w.user_prompt or (row.user_prompt[:1000] if row.user_prompt else None)
             call = fact.call
             if call is None and not failed:
                 continue
@@ -1758,8 +1780,8 @@ def roll_up(
         if fact.call is not None and only is None:
             calls.append(fact.call)
     for w in changed.values():
-        w[10] = workflow_state(w)
-    writes: list[Write] = [("workflows", [tuple(w) for w in changed.values()], WORKFLOW_UPSERT)]
+        w.state = workflow_state(w)
+    writes: list[Write] = [("workflows", [w.values() for w in changed.values()], WORKFLOW_UPSERT)]
     writes.append(("workflow_agents", [(*key, *value) for key, value in joined.items()], MEMBER_UPSERT))
     writes.append(("rollups", [(*key, *figures) for key, figures in usage.items()], ROLLUP_UPSERT))
     return [write for write in writes if write[1]], calls
@@ -1886,7 +1908,7 @@ class SeenVersions:
         self.position: int | None = None  # where the log ended after this writer's last commit
         self.pruned_through = 0
         self.versions: dict = {}
-        self.workflows: dict[str, list] = {}  # workflow_id -> its row (WORKFLOW_COLUMNS)
+        self.workflows: dict[str, WorkflowRow] = {}
         self.members: dict[str, dict[str, str]] = {}  # agent_id -> {workflow_id: its state there}
         self.limit = limit
 
@@ -1901,8 +1923,11 @@ class SeenVersions:
 
     def commit(self, state: LogState, rows: list[Row]) -> None:
         """Remember what a committed group read and wrote."""
-        if max(len(self.versions), len(self.workflows), len(self.members)) > self.limit:
-            self.forget()
+        if len(self.versions) > self.limit:
+            self.versions.clear()
+        if max(len(self.workflows), len(self.members)) > self.limit // 10:  # rows of up to a kilobyte
+            self.workflows.clear()
+            self.members.clear()
         self.versions.update(state.versions)
         self.versions.update({(row.aggregate_type, row.aggregate_id): row.aggregate_version for row in rows})
         self.position, self.pruned_through = state.position + len(rows), state.pruned_through
@@ -2378,26 +2403,26 @@ def usage_by_model(rows: Iterable) -> list:
 ROLLUP_SUMS = ", ".join(f"CAST(sum({figure}) AS BIGINT)" for figure in ROLLUP_FIGURES)  # PostgreSQL: not numeric
 
 
-def workflow_item(row: Sequence, usage: list) -> WorkflowSummary:
+def workflow_item(values: Sequence, usage: list) -> WorkflowSummary:
     """A row of `workflows` (WORKFLOW_COLUMNS) as the API shows it: a running workflow's
     duration runs to now."""
-    state = row[10]
-    ended = row[2] if state != "running" else None
+    row = WorkflowRow(*values)
+    ended = row.last_time if row.state != "running" else None
     return {
-        "workflow_id": row[0],
-        "status": row[5],
-        "state": state,
-        "start_time": row[1],
+        "workflow_id": row.workflow_id,
+        "status": row.status,
+        "state": row.state,
+        "start_time": row.start_time,
         "end_time": ended,
-        "last_event_time": row[2],
-        "last_position": row[3],
-        "duration_seconds": seconds_between(row[1], ended or utc_now()),
-        "event_count": row[4],
-        "agent_count": row[7] + row[8] + row[9],
-        "failed_agents": row[9],
-        "name": row[11],
-        "service": row[12],
-        "user_prompt": row[13],
+        "last_event_time": row.last_time,
+        "last_position": row.last_position,
+        "duration_seconds": seconds_between(row.start_time, ended or utc_now()),
+        "event_count": row.event_count,
+        "agent_count": row.agents_running + row.agents_completed + row.agents_failed,
+        "failed_agents": row.agents_failed,
+        "name": row.name,
+        "service": row.service,
+        "user_prompt": row.user_prompt,
         "usage": usage,
     }
 
@@ -4893,7 +4918,7 @@ async def ingest_traces(scope: Scope, receive: Receive, send: Send) -> None:
     await send_bytes(send, reply, content_type)
 
 
-# -- 6.4 reads: lists of events, a workflow's agents --------------------------------------
+# -- 6.4 reads: lists of events, the workflows, a workflow's agents ----------------------
 
 
 async def list_reply(store: EventStore, page: Page, params: dict, read_chunk: int) -> Response:
@@ -5207,6 +5232,7 @@ async def root(request: Request) -> Response:
             "description": config.description,
             "endpoints": {
                 "events": "/events",
+                "workflows": "/events/workflows",
                 "health": "/health",
                 "docs": "/docs",
                 "openapi": "/openapi.json",

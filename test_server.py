@@ -607,6 +607,7 @@ def test_root(front):
     assert body["name"] == "Eventuali API Server" and body["version"] == eas.__version__
     assert body["endpoints"] == {
         "events": "/events",
+        "workflows": "/events/workflows",
         "health": "/health",
         "docs": "/docs",
         "openapi": "/openapi.json",
