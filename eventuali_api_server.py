@@ -1692,15 +1692,13 @@ def workflow_state(row: WorkflowRow) -> str:
     return "failed" if row.agents_failed else "completed"
 
 
-def roll_up(
-    conn: Any, rows: Sequence[Row], only: set | None = None, seen: SeenVersions | None = None
-) -> tuple[list[Write], list[Call]]:
+def roll_up(conn: Any, rows: Sequence[Row], seen: SeenVersions | None = None) -> tuple[list[Write], list[Call]]:
     """The writes that bring `workflows`, `workflow_agents` and `rollups` up to date with new
-    events (`rows`, in position order), and the calls they report; with `only`, for those
-    workflows alone (rebuild_workflows). Reads the rows it changes first, but those `seen`
-    holds, and leaves them there as they will be once the writes are committed."""
+    events (`rows`, in position order), and the calls they report. Reads the rows it changes
+    first, but those `seen` holds, and leaves them there as they will be once the writes are
+    committed."""
     facts = [event_facts(row.event_name, row.attributes) for row in rows]
-    scopes = [workflows_of(row, only) for row in rows]
+    scopes = [workflows_of(row) for row in rows]
     members: dict[str, dict[str, str]] = seen.members if seen else {}  # agent -> {workflow: its state there}
     found: dict[str, WorkflowRow] = seen.workflows if seen else {}
     mine = {row.aggregate_id for row in rows if row.aggregate_type == "agent_aggregate"}
@@ -1710,8 +1708,7 @@ def roll_up(
     for workflow_id, agent_id, state in select_in(
         conn, "SELECT workflow_id, agent_id, state FROM workflow_agents WHERE agent_id IN ({})", agents
     ):
-        if only is None or workflow_id in only:
-            members[agent_id][workflow_id] = state
+        members[agent_id][workflow_id] = state
     touched = {w for scope in scopes for w in scope}
     touched |= {w for agent_id in mine for w in members[agent_id]}
     for values in select_in(
@@ -1766,18 +1763,8 @@ def roll_up(
                 w.name = w.name or fact.name
             w.service = w.service or fact.service
             w.user_prompt = w.user_prompt or (row.user_prompt[:1000] if row.user_prompt else None)
-            call = fact.call
-            if call is None and not failed:
-                continue
-            models = (call.model, call.request_model) if call else ("", "")
-            figures = usage.setdefault((workflow_id, row.aggregate_type, row.aggregate_id, *models), [0] * 8)
-            if call is not None:
-                for i, n in enumerate(call.tokens):
-                    figures[i] += n
-                figures[5] += call.model_call
-                figures[6] += call.tool_call
-            figures[7] += failed
-        if fact.call is not None and only is None:
+            tally(usage, (workflow_id, row.aggregate_type, row.aggregate_id), fact.call, failed)
+        if fact.call is not None:
             calls.append(fact.call)
     for w in changed.values():
         w.state = workflow_state(w)
@@ -1787,42 +1774,118 @@ def roll_up(
     return [write for write in writes if write[1]], calls
 
 
-def workflows_of(row: Row, only: set | None = None) -> tuple:
+def workflows_of(row: Row) -> tuple:
     """The workflows an event is of: the one it is an event of, and the one it is correlated with."""
     own = row.aggregate_id if row.aggregate_type == "workflow_aggregate" else None
     correlated = row.correlation_id
     if correlated is None or correlated == own:
-        scope: tuple = () if own is None else (own,)
-    else:
-        scope = (correlated,) if own is None else (own, correlated)
-    return scope if only is None else tuple(w for w in scope if w in only)
+        return () if own is None else (own,)
+    return (correlated,) if own is None else (own, correlated)
 
 
-WORKFLOW_ROWS = (
-    f"SELECT {READ_COLUMNS} FROM events WHERE (aggregate_type = 'workflow_aggregate' AND aggregate_id IN ({{}})) "
-    "OR correlation_id IN ({}) ORDER BY position"
+def tally(usage: dict, key: tuple, call: Call | None, failed: bool, sign: int = 1) -> None:
+    """Add (or, with sign -1, take away) what an event reports to usage[key + its models]
+    (ROLLUP_FIGURES)."""
+    if call is None and not failed:
+        return
+    figures = usage.setdefault((*key, *((call.model, call.request_model) if call else ("", ""))), [0] * 8)
+    if call is not None:
+        for i, n in enumerate(call.tokens):
+            figures[i] += sign * n
+        figures[5] += sign * call.model_call
+        figures[6] += sign * call.tool_call
+    figures[7] += sign * failed
+
+
+WORKFLOW_TIMELINE = (
+    "SELECT min(timestamp), max(timestamp), count(*) FROM events "
+    "WHERE (aggregate_type = 'workflow_aggregate' AND aggregate_id = ?) OR correlation_id = ?"
 )
+NO_USAGE_LEFT = " AND ".join(f"{figure} = 0" for figure in ROLLUP_FIGURES)
 
 
-def rebuild_workflows(insert: Inserter, conn: Any, workflow_ids: list[str]) -> None:
-    """Make the workflows' rows, members and rollups anew from the events that remain: their
-    own events, those correlated with them, and all events of their agents (which carry the
-    agents' states)."""
-    for start in range(0, len(workflow_ids), 200):
-        part = workflow_ids[start : start + 200]
-        marks = ", ".join("?" * len(part))
-        for table in ("workflows", "workflow_agents", "rollups"):
-            conn.execute(f"DELETE FROM {table} WHERE workflow_id IN ({marks})", part)
-        rows = {values[0]: Row(*values) for values in conn.execute(WORKFLOW_ROWS.format(marks, marks), [*part, *part])}
-        agents = sorted({row.aggregate_id for row in rows.values() if row.aggregate_type == "agent_aggregate"})
-        for values in select_in(
-            conn,
-            f"SELECT {READ_COLUMNS} FROM events WHERE aggregate_type = 'agent_aggregate' AND aggregate_id IN ({{}})",
-            agents,
-        ):
-            rows.setdefault(values[0], Row(*values))
-        for write in roll_up(conn, [rows[p] for p in sorted(rows)], set(part))[0]:
-            insert(conn, *write)
+def latest_lifecycle(conn: Any, kind: str, aggregate_id: str) -> tuple[str | None, str | None]:
+    """(the latest event's name, the latest lifecycle event's name) of the kind's aggregate."""
+    events = "FROM events WHERE aggregate_type = ? AND aggregate_id = ?"
+    key = (f"{kind}_aggregate", aggregate_id)
+    latest = conn.execute(f"SELECT event_name {events} ORDER BY position DESC LIMIT 1", key).fetchone()
+    for (name,) in conn.execute(  # the names that may be lifecycle events: they begin with the kind
+        f"SELECT event_name {events} AND lower(event_name) LIKE ? ORDER BY position DESC", (*key, kind + "%")
+    ):
+        if lifecycle_state(kind, name) is not None:
+            return latest[0], name
+    return latest and latest[0], None
+
+
+def unroll(insert: Inserter, conn: Any, removed: list[Row]) -> None:
+    """Take events that retention has just deleted (in its transaction) out of the workflows:
+    their usage is subtracted; what is not a sum (a workflow's times and count, its own latest
+    and lifecycle events, its agents' memberships and states) is read again from the events
+    that remain, for the workflows and agents they were of. A workflow with no events left is
+    forgotten. Its name, service and prompt stay as they were."""
+    usage: dict = {}
+    touched: set = set()  # workflows
+    own: set = set()  # workflows that lost events of their own
+    pairs: set = set()  # (workflow, agent) that lost correlated events
+    ended: set = set()  # agents that lost lifecycle events
+    for row in removed:
+        scope = workflows_of(row)
+        touched.update(scope)
+        call, failed = event_facts(row.event_name, row.attributes).call, event_state(row.event_name) == "failed"
+        for workflow_id in scope:
+            tally(usage, (workflow_id, row.aggregate_type, row.aggregate_id), call, failed, -1)
+        if row.aggregate_type == "workflow_aggregate":
+            own.add(row.aggregate_id)
+        elif row.aggregate_type == "agent_aggregate":
+            if row.correlation_id is not None:
+                pairs.add((row.correlation_id, row.aggregate_id))
+            if lifecycle_state("agent", row.event_name) is not None:
+                ended.add(row.aggregate_id)
+    insert(conn, "rollups", [(*key, *figures) for key, figures in usage.items()], ROLLUP_UPSERT)
+    for workflow_id in sorted(touched):
+        conn.execute(f"DELETE FROM rollups WHERE workflow_id = ? AND {NO_USAGE_LEFT}", (workflow_id,))
+    for workflow_id, agent_id in sorted(pairs):  # an agent stays a member while it has a correlated event
+        first = conn.execute(
+            "SELECT min(position) FROM events WHERE aggregate_type = 'agent_aggregate' "
+            "AND aggregate_id = ? AND correlation_id = ?",
+            (agent_id, workflow_id),
+        ).fetchone()[0]
+        if first is None:
+            conn.execute("DELETE FROM workflow_agents WHERE workflow_id = ? AND agent_id = ?", (workflow_id, agent_id))
+        else:
+            conn.execute(
+                "UPDATE workflow_agents SET first_position = ? WHERE workflow_id = ? AND agent_id = ?",
+                (first, workflow_id, agent_id),
+            )
+    for agent_id in sorted(ended):  # its latest lifecycle event may be gone
+        state = event_state(latest_lifecycle(conn, "agent", agent_id)[1] or "running")
+        conn.execute("UPDATE workflow_agents SET state = ? WHERE agent_id = ?", (state, agent_id))
+    member = "SELECT DISTINCT workflow_id FROM workflow_agents WHERE agent_id IN ({})"
+    touched |= {workflow_id for (workflow_id,) in select_in(conn, member, sorted(ended))}
+    for workflow_id in sorted(touched):
+        found = conn.execute(
+            f"SELECT {', '.join(WORKFLOW_COLUMNS)} FROM workflows WHERE workflow_id = ?", (workflow_id,)
+        ).fetchone()
+        if found is None:
+            continue
+        w = WorkflowRow(*found)
+        w.start_time, w.last_time, w.event_count = conn.execute(
+            WORKFLOW_TIMELINE, (workflow_id, workflow_id)
+        ).fetchone()
+        if not w.event_count:
+            for table in ("workflows", "workflow_agents", "rollups"):
+                conn.execute(f"DELETE FROM {table} WHERE workflow_id = ?", (workflow_id,))
+            continue
+        if workflow_id in own:
+            w.status, w.lifecycle = latest_lifecycle(conn, "workflow", workflow_id)
+        by_state = dict(
+            conn.execute(
+                "SELECT state, count(*) FROM workflow_agents WHERE workflow_id = ? GROUP BY state", (workflow_id,)
+            ).fetchall()
+        )
+        w.agents_running, w.agents_completed, w.agents_failed = (by_state.get(s, 0) for s in WORKFLOW_STATES)
+        w.state = workflow_state(w)
+        insert(conn, "workflows", [w.values()], WORKFLOW_UPSERT)
 
 
 PRUNE_BATCH = 200  # events a transaction when pruning: each holds the write lock a few milliseconds
@@ -1834,23 +1897,26 @@ def prune_batch(insert: Inserter, conn: Any, before: str) -> tuple[int, bool]:
     """In the caller's transaction (which holds the write lock), remove up to PRUNE_BATCH of
     the oldest events, in position order up to the first one whose timestamp is not before
     `before`, and only events the counters count. Returns (events removed, whether more may
-    follow). The counters, the pruned versions and PRUNED_THROUGH are kept exact in the same
-    transaction, and the workflows it touches are made anew (rebuild_workflows)."""
+    follow). The counters, the pruned versions, PRUNED_THROUGH and the workflows (unroll) are
+    kept exact in the same transaction."""
     done, counted_through = conn.execute(
         f"SELECT coalesce((SELECT n FROM counts WHERE {PRUNED_THROUGH}), 0), "
         f"coalesce((SELECT n FROM counts WHERE {COUNTED_THROUGH}), 0)"
     ).fetchone()
-    rows = conn.execute(
-        f"SELECT position, timestamp FROM events WHERE {IN_RANGE} ORDER BY position LIMIT ?",
-        (done, counted_through, PRUNE_BATCH),
-    ).fetchall()
+    rows = [
+        Row(*values)
+        for values in conn.execute(
+            f"SELECT {READ_COLUMNS} FROM events WHERE {IN_RANGE} ORDER BY position LIMIT ?",
+            (done, counted_through, PRUNE_BATCH),
+        )
+    ]
     # An event stops the prefix when it is not old enough; one whose timestamp is ahead of the
     # clock (a client's skew, a local time read as UTC) says nothing of its age, and does not.
     now = utc_now()
-    old = next((i for i, (_, timestamp) in enumerate(rows) if before <= timestamp <= now), len(rows))
+    old = next((i for i, row in enumerate(rows) if before <= row.timestamp <= now), len(rows))
     if old == 0:
         return 0, False
-    through = rows[old - 1][0]
+    through = rows[old - 1].position
     span = (done, through)
     for field in ("aggregate_type", "event_name", "correlation_id"):
         conn.execute(
@@ -1869,15 +1935,8 @@ def prune_batch(insert: Inserter, conn: Any, before: str) -> tuple[int, bool]:
         "ON CONFLICT (aggregate_type, aggregate_id) DO UPDATE SET version = excluded.version",
         span,
     )
-    touched = conn.execute(
-        f"SELECT aggregate_id FROM events WHERE {IN_RANGE} AND aggregate_type = 'workflow_aggregate' "
-        f"UNION SELECT correlation_id FROM events WHERE {IN_RANGE} AND correlation_id IS NOT NULL "
-        "UNION SELECT m.workflow_id FROM workflow_agents m WHERE m.agent_id IN "
-        f"(SELECT aggregate_id FROM events WHERE {IN_RANGE} AND aggregate_type = 'agent_aggregate')",
-        span * 3,
-    ).fetchall()
     conn.execute(f"DELETE FROM events WHERE {IN_RANGE}", span)
-    rebuild_workflows(insert, conn, sorted(workflow_id for (workflow_id,) in touched))
+    unroll(insert, conn, rows[:old])
     insert(conn, "counts", [("log", "pruned_through", "", through - done)], COUNTS_UPSERT)
     return old, old == len(rows) == PRUNE_BATCH
 

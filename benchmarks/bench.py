@@ -896,8 +896,21 @@ def bench_size(args: argparse.Namespace, results: dict) -> None:
 # -- PostgreSQL ---------------------------------------------------------------------------------
 
 
+RUN = contextlib.ExitStack()  # what the whole run shares: its PostgreSQL cluster, closed by main
+CLUSTER: list = []
+
+
 @contextmanager
 def postgres_cluster() -> Iterator:
+    """The run's throwaway PostgreSQL, started on first use and shared by the parts (each
+    makes databases of its own); yields a function that makes a new database and returns its URL."""
+    if not CLUSTER:
+        CLUSTER.append(RUN.enter_context(new_cluster()))
+    yield CLUSTER[0]
+
+
+@contextmanager
+def new_cluster() -> Iterator:
     """A throwaway PostgreSQL (initdb, pg_ctl) on a Unix socket, fsync on as in production;
     yields a function that makes a new database and returns its URL."""
     import psycopg
@@ -1259,8 +1272,9 @@ def main(argv: list | None = None) -> dict:
         "quick": quick,
     }
     print(f"load generator: {results['load_generator']}; {results['machine']}")
-    for part in args.only.split(","):
-        PARTS[part.strip()](args, results)
+    with RUN:
+        for part in args.only.split(","):
+            PARTS[part.strip()](args, results)
     Path(args.json).parent.mkdir(parents=True, exist_ok=True)
     Path(args.json).write_text(json.dumps(results, indent=2))
     print(f"figures written to {args.json}")
