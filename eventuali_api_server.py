@@ -6562,6 +6562,19 @@ def _schemas(config: APIServerConfig) -> dict:
     def obj(props: dict, optional: Sequence[str] = ()) -> dict:
         return {"type": "object", "properties": props, "required": [k for k in props if k not in optional]}
 
+    def page(key: str, item: str, what: str, cursor: str, optional: dict | None = None) -> dict:
+        props = {
+            key: {"type": "array", "items": _ref(item)},
+            "total": {"type": "integer", "description": f"{what} matching the filters (the cursor and paging aside)."},
+            "limit": {"type": "integer"},
+            "offset": {"type": "integer"},
+            "next": {
+                "type": ["integer", "null"],
+                "description": f"When the page is full: the cursor for the next page ({cursor}).",
+            },
+        }
+        return obj({**props, **(optional or {})}, tuple(optional or ()))
+
     return {
         "EventRequest": _request_schema(fields, REQUIRED_FIELDS, "An event to append."),
         "BatchEvent": _request_schema(
@@ -6578,47 +6591,24 @@ def _schemas(config: APIServerConfig) -> dict:
         "EmitReply": obj(emit_props),
         "BatchReply": obj({"success": {"type": "boolean"}, "events": {"type": "array", "items": _ref("EmitReply")}}),
         "EventItem": obj(item_props),
-        "EventList": obj(
+        "EventList": page(
+            "events",
+            "EventItem",
+            "Events",
+            "`after` with order=asc, `before` with desc",
             {
-                "events": {"type": "array", "items": _ref("EventItem")},
-                "total": {
-                    "type": "integer",
-                    "description": "Events matching the filters (the cursor and paging aside).",
-                },
-                "limit": {"type": "integer"},
-                "offset": {"type": "integer"},
-                "next": {
-                    "type": ["integer", "null"],
-                    "description": "When the page is full: the "
-                    "cursor for the next page (`after` with order=asc, `before` with desc).",
-                },
                 "pruned_through": {
                     "type": "integer",
                     "description": "Only when `after` is below it: retention has removed the events after "
                     "`after` up to this position, and the page starts with the oldest kept event.",
                 },
             },
-            ("pruned_through",),
         ),
         "WorkflowAgent": obj(agent_props),
         "Workflow": obj(workflow_props),
         "AgentList": obj({"workflow": _ref("Workflow"), "agents": {"type": "array", "items": _ref("WorkflowAgent")}}),
         "Usage": {**obj(usage_props), "description": USAGE_RULES + " " + COST_RULES},
-        "WorkflowIndex": obj(
-            {
-                "workflows": {"type": "array", "items": _ref("Workflow")},
-                "total": {
-                    "type": "integer",
-                    "description": "Workflows matching the filters (cursor and paging aside).",
-                },
-                "limit": {"type": "integer"},
-                "offset": {"type": "integer"},
-                "next": {
-                    "type": ["integer", "null"],
-                    "description": "When the page is full: the cursor (`before`) for the next page.",
-                },
-            }
-        ),
+        "WorkflowIndex": page("workflows", "Workflow", "Workflows", "`before`"),
         "Health": obj(health_props, ("detail",)),
         "DatabaseHealth": obj(db_props, ("detail",)),
         "Root": obj(
