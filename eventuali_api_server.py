@@ -6284,6 +6284,15 @@ def _ref(name: str) -> dict:
     return {"$ref": f"#/components/schemas/{name}"}
 
 
+def digits_up_to(bound: int) -> str:
+    """A regular expression of the decimal texts of 0 to `bound` (leading zeros allowed up to
+    its number of digits): a header's number has no `maximum` in a schema."""
+    text = str(bound)
+    shorter = f"[0-9]{{1,{len(text) - 1}}}"
+    lower = [f"{text[:i]}[0-{int(d) - 1}][0-9]{{{len(text) - i - 1}}}" for i, d in enumerate(text) if d != "0"]
+    return "|".join([shorter, *lower, text])
+
+
 def _json(schema: dict, description: str) -> dict:
     return {"description": description, "content": {JSON_TYPE: {"schema": schema}}}
 
@@ -6942,7 +6951,7 @@ def operations(config: APIServerConfig) -> dict:
                     "name": "Last-Event-ID",
                     "in": "header",
                     "required": False,
-                    "schema": {"type": "string", "pattern": "^([0-9]{1,19})?$"},
+                    "schema": {"type": "string", "pattern": f"^({digits_up_to(MAX_INT)})?$"},
                     "description": "Resume after this position (browsers send "
                     "it); empty means none, as when it is left out.",
                 },
