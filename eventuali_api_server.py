@@ -3907,6 +3907,10 @@ FOLLOW_WAIT = 1.0  # seconds the follower waits for a commit before it looks any
 CLOSE_GRACE = 0.3  # seconds a stream stuck on a slow client gets to finish when the server stops
 MARK_EVERY = 1.0  # seconds between a filtered stream's progress marks, at least
 FILTER_FIELDS = {name: StoredEvent._fields.index(name) for name in STREAM_FILTERS}
+# The filter a stream is found by, most selective first: an event is offered to the streams
+# filtered on its own values (and to those with no filter), not to every stream.
+KEY_ORDER = [FILTER_FIELDS[name] for name in ("aggregate_id", "correlation_id", "event_name")]
+WORKFLOW_KEY = -1  # a stream of a workflow's timeline: found by the event's workflows
 
 
 def in_workflow(event: StoredEvent, workflow_id: str) -> bool:
@@ -3955,11 +3959,19 @@ class ByteBudget:
 
 
 class Subscriber:
-    __slots__ = ("filters", "workflow", "live_from", "buffer", "buffered", "wake", "behind", "closed", "pump")
+    __slots__ = ("filters", "workflow", "key", "live_from", "buffer", "buffered", "wake", "behind", "closed", "pump")
 
     def __init__(self, match: Match) -> None:
         self.filters = [(FILTER_FIELDS[k], v) for k, v in match.filters.items() if v is not None]
         self.workflow = match.workflow  # its timeline: its own events and those correlated
+        fields = dict(self.filters)
+        field = next((f for f in KEY_ORDER if f in fields), None)
+        if field is not None:
+            self.key: tuple | None = (field, fields[field])
+        elif self.workflow is not None:
+            self.key = (WORKFLOW_KEY, self.workflow)
+        else:  # by type alone (three values) or by nothing: offered every event
+            self.key = None
         self.live_from: int | None = None  # the log's last position just after it subscribed, once read
         self.buffer: deque = deque()  # (position, SSE bytes)
         self.buffered = 0  # bytes in the buffer
@@ -3977,6 +3989,8 @@ class Hub:
         self.read_chunk, self.buffer_bytes = read_chunk, buffer_bytes
         self.catchup = ByteBudget(catchup_bytes, min(read_chunk, 64 * 1024))
         self.subscribers: set = set()
+        self.keyed: dict[tuple, set] = {}  # Subscriber.key -> those with it
+        self.unkeyed: set = set()  # the others, offered every event
         self.overflows = 0  # times a subscriber fell behind and was caught up from the store
         self.delivered = 0  # events handed to streams
         self.fanned_out = 0  # the position up to which events have been handed to the streams
@@ -4010,11 +4024,21 @@ class Hub:
         now on reaches it."""
         sub = Subscriber(match)
         self.subscribers.add(sub)
+        if sub.key is None:
+            self.unkeyed.add(sub)
+        else:
+            self.keyed.setdefault(sub.key, set()).add(sub)
         self._wanted.set()
         return sub
 
     def unsubscribe(self, sub: Subscriber) -> None:
         self.subscribers.discard(sub)
+        if sub.key is None:
+            self.unkeyed.discard(sub)
+        elif sub in self.keyed.get(sub.key, ()):
+            self.keyed[sub.key].discard(sub)
+            if not self.keyed[sub.key]:
+                del self.keyed[sub.key]
 
     async def _follow(self) -> None:
         cursor = None
@@ -4044,20 +4068,39 @@ class Hub:
                 logger.exception("stream follower failed")
             await self.store.wait_for_commit(FOLLOW_WAIT)
 
+    def candidates(self, event: StoredEvent) -> list:
+        """The subscribers that may want the event: those filtered on one of its values, by
+        their key, and those without a key. Each is listed once."""
+        found = list(self.unkeyed)
+        keyed = self.keyed
+        if keyed:
+            for field in KEY_ORDER:
+                found += keyed.get((field, event[field]), ())
+            own = event.aggregate_id if event.aggregate_type == "workflow_aggregate" else None
+            for workflow_id in {own, event.correlation_id} - {None}:
+                found += keyed.get((WORKFLOW_KEY, workflow_id), ())
+        return found
+
     def _fan_out(self, events: list) -> None:
-        messages = [(event, (event.position, sse_bytes(event))) for event in events]
-        for sub in self.subscribers:
-            if sub.behind:
-                continue
-            buffer, workflow = sub.buffer, sub.workflow
-            for event, message in messages:
+        """Hand each event to the streams it matches, in order: an event costs what its
+        candidate streams cost, not what all streams do."""
+        offered: dict = {}  # the subscribers given an event, in a stable order
+        for event in events:
+            message = None
+            for sub in self.candidates(event):
+                if sub.behind:
+                    continue
                 for index, value in sub.filters:
                     if event[index] != value:
                         break
                 else:
-                    if workflow is None or in_workflow(event, workflow):
-                        buffer.append(message)
+                    if sub.workflow is None or in_workflow(event, sub.workflow):
+                        message = message or (event.position, sse_bytes(event))
+                        sub.buffer.append(message)
                         sub.buffered += len(message[1])
+                        offered[sub] = None
+        for sub in offered:
+            buffer = sub.buffer
             if sub.buffered > self.buffer_bytes:
                 sub.behind = True
                 buffer.clear()

@@ -22,6 +22,7 @@ import sys
 import tempfile
 import threading
 import time
+import urllib.parse
 import uuid
 from concurrent.futures import ThreadPoolExecutor
 from datetime import datetime, timedelta, timezone
@@ -3998,7 +3999,7 @@ def test_benchmark_harness_smoke(tmp_path):
     apart), since at these sizes the figures are not the point: they mostly wait for servers."""
     halves = {
         "a": "emit,batch,reads,sse,size,memory,metrics,retention,otlp,runs",
-        "b": "postgres",
+        "b": "postgres,fanout",
         "c": "install",
     }
     spec = importlib.util.spec_from_file_location("bench", HERE / "benchmarks" / "bench.py")
@@ -4045,6 +4046,7 @@ def test_benchmark_harness_smoke(tmp_path):
         "fast, 2 workers",
         "retention: prune of 2,000 old events",
         "runs: workflows index and agents",
+        "fanout: emit with 50 streams filtered to other workflows",
         "/events/workflows?state=failed",
     ):
         assert words in stdout, words
@@ -6484,3 +6486,51 @@ def test_the_documented_last_event_id_pattern_is_what_the_server_takes():
     for text in texts:
         taken = text == "" or (re.fullmatch(r"[0-9]{1,19}", text) is not None and int(text) <= eas.MAX_INT)
         assert (pattern.fullmatch(text) is not None) == taken, text
+
+
+@pytest.mark.slow
+def test_streams_get_exactly_the_events_their_filters_match(srv):
+    """Streams are found by the filter they are keyed on (fan-out by index): every kind of filter
+    and pair gets exactly, and in order, what the list route finds with the same filters."""
+    filters = [
+        {},
+        {"event_type": "AgentEvent"},
+        {"aggregate_type": "workflow_aggregate"},
+        {"aggregate_id": "a1"},
+        {"correlation_id": "w1"},
+        {"event_name": "n2"},
+        {"workflow_id": "w1"},
+        {"workflow_id": "w2", "event_name": "n1"},
+        {"aggregate_id": "a2", "event_name": "n0"},
+        {"correlation_id": "w2", "event_type": "SystemEvent"},
+        {"aggregate_id": "w1", "aggregate_type": "workflow_aggregate"},
+        {"aggregate_id": "nobody"},
+    ]
+    streams = [open_stream(srv.url, "?" + urllib.parse.urlencode(f)) if f else open_stream(srv.url) for f in filters]
+    rng = random.Random(30)
+    events = [
+        {
+            "kind": (kind := rng.choice(["agent", "agent", "workflow", "system"])),
+            "name": f"n{rng.randrange(3)}",
+            "aggregate_id": rng.choice(["w1", "w2"]) if kind == "workflow" else f"a{rng.randrange(3)}",
+            "correlation_id": None if kind == "workflow" else rng.choice([None, "w1", "w2"]),
+        }
+        for _ in range(300)
+    ]
+    try:
+        for start in range(0, 300, 50):  # in several commits, each fanned out
+            assert srv.client.post("/events/emit/batch", json={"events": events[start : start + 50]}).status_code == 200
+        last = events_of(srv.client, limit=1)["events"][0]["position"]
+        for f, stream in zip(filters, streams):
+            expected = [e["position"] for e in events_of(srv.client, order="asc", limit=1000, **f)["events"]]
+            got = []
+            while True:  # events, then (filtered streams) a progress mark once the rest went by
+                message = stream.message()
+                if message.get("event") == "event":
+                    got.append(int(message["id"]))
+                if "id" in message and int(message["id"]) >= last:
+                    break
+            assert got == expected, f
+    finally:
+        for stream in streams:
+            stream.close()

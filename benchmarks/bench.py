@@ -2,7 +2,7 @@
 
     python benchmarks/bench.py                 # everything, at full sizes
     python benchmarks/bench.py --quick         # tiny sizes: a smoke run (used by the tests)
-    python benchmarks/bench.py --only emit,sse # a subset: emit, batch, reads, sse, size, postgres, runs
+    python benchmarks/bench.py --only emit,sse # a subset: emit, batch, reads, sse, size, postgres, runs, fanout
     python benchmarks/bench.py --only emit,batch --against ../other-checkout
                                                # A/B: the same load, alternating, on both
 
@@ -734,6 +734,71 @@ async def _idle_streams(url: str, count: int) -> list:
     return conns
 
 
+@contextmanager
+def held_streams(url: str, paths: list) -> Iterator[None]:
+    """Streams on these paths, opened and read (progress marks included) by a thread of their
+    own for as long as the block runs."""
+    loop = asyncio.new_event_loop()
+    ready, stop = threading.Event(), asyncio.Event()
+    host, port = url.split("//")[1].split(":")
+
+    async def drain(reader: asyncio.StreamReader) -> None:
+        while await reader.read(65536):
+            pass
+
+    async def hold() -> None:
+        writers, drains = [], []
+        for path in paths:
+            reader, writer = await asyncio.open_connection(host, int(port))
+            writer.write(f"GET {path} HTTP/1.1\r\nHost: {host}\r\n\r\n".encode())
+            await reader.readuntil(b"connected")
+            writers.append(writer)
+            drains.append(asyncio.ensure_future(drain(reader)))
+        ready.set()
+        await stop.wait()
+        for writer in writers:
+            writer.close()
+        for task in drains:
+            task.cancel()
+        await asyncio.gather(*drains, return_exceptions=True)
+
+    thread = threading.Thread(target=loop.run_until_complete, args=(hold(),), daemon=True)
+    thread.start()
+    if not ready.wait(300):
+        raise RuntimeError("the streams did not open")
+    try:
+        yield
+    finally:
+        loop.call_soon_threadsafe(stop.set)
+        thread.join(60)
+
+
+def bench_fanout(args: argparse.Namespace, results: dict) -> None:
+    """Emit on a server with `fanout_streams` streams, each filtered to a workflow of its own
+    that no emitted event is of, against the same build with none, in alternating runs; then
+    emit-to-receive latency with those streams and 20 that match every event."""
+    n = args.fanout_streams
+    name = f"{n} filtered streams"
+    paths = [f"/events/stream?workflow_id=elsewhere-{i}" for i in range(n)]
+    with events_server() as plain, events_server() as watched, held_streams(watched, paths):
+        figures = medians({"no streams": plain, name: watched}, args)
+        latency = asyncio.run(_sse_latency(watched, 20, args.sse_events))
+    ratio = figures[name][0] / figures["no streams"][0]
+    results["fanout"] = {
+        "streams": n,
+        "emit": {key: {"rps": row[0], "cpu_us": row[1], "cpu_us_runs": row[2]} for key, row in figures.items()},
+        "ratio": ratio,
+        "latency_20_matching": latency,
+    }
+    print(f"fanout: emit with {n} streams filtered to other workflows ({args.runs} alternating runs):")
+    for key, (rate, cpu, _runs) in figures.items():
+        print(f"  {key:24s} {rate:8,.0f}/s  {cpu:6.0f} µs CPU per request")
+    print(
+        f"  ratio {ratio:.2f}; with them, 20 matching subscribers: p50 {latency['p50_ms']:.2f} ms, "
+        f"p99 {latency['p99_ms']:.2f} ms, delivered {latency['delivered']}/{latency['expected']}"
+    )
+
+
 def sse_against(args: argparse.Namespace, results: dict) -> None:
     """SSE latency with 20 subscribers on this checkout and on --against's, in alternating
     rounds, each on a fresh server."""
@@ -1230,6 +1295,7 @@ PARTS = {
     "retention": bench_retention,
     "otlp": bench_otlp,
     "runs": bench_runs,
+    "fanout": bench_fanout,
 }
 
 
@@ -1266,6 +1332,7 @@ def main(argv: list | None = None) -> dict:
     args.size_events = 1000 if quick else 100_000
     args.otlp_spans = 1024 if quick else 20_480
     args.runs_sizes = [200] if quick else [10_000, 100_000]
+    args.fanout_streams = 50 if quick else 1000
     results: dict = {
         "machine": {"platform": platform.platform(), "python": platform.python_version(), "cpus": os.cpu_count()},
         "load_generator": "wrk" if shutil.which("wrk") else "python (asyncio; slower than wrk)",
