@@ -4046,7 +4046,7 @@ def test_benchmark_harness_smoke(tmp_path):
         "fast, 2 workers",
         "retention: prune of 2,000 old events",
         "runs: workflows index and agents",
-        "fanout: emit with 50 streams filtered to other workflows",
+        "fanout (this): emit with 50 streams filtered to other workflows",
         "/events/workflows?state=failed",
     ):
         assert words in stdout, words

@@ -773,30 +773,46 @@ def held_streams(url: str, paths: list) -> Iterator[None]:
         thread.join(60)
 
 
-def bench_fanout(args: argparse.Namespace, results: dict) -> None:
-    """Emit on a server with `fanout_streams` streams, each filtered to a workflow of its own
-    that no emitted event is of, against the same build with none, in alternating runs; then
-    emit-to-receive latency with those streams and 20 that match every event."""
+def fanout_ratio(args: argparse.Namespace, code: Path) -> dict:
+    """Emit on a server of the checkout at `code` with `fanout_streams` streams, each filtered
+    to a workflow of its own that no emitted event is of, against the same build with none,
+    in alternating runs; then emit-to-receive latency with those streams and 20 that match
+    every event."""
     n = args.fanout_streams
     name = f"{n} filtered streams"
     paths = [f"/events/stream?workflow_id=elsewhere-{i}" for i in range(n)]
-    with events_server() as plain, events_server() as watched, held_streams(watched, paths):
+    room = {"MAX_STREAMS": str(n + 100)}  # the held streams and the 20 that measure latency
+    with (
+        events_server(room, code=code) as plain,
+        events_server(room, code=code) as watched,
+        held_streams(watched, paths),
+    ):
         figures = medians({"no streams": plain, name: watched}, args)
         latency = asyncio.run(_sse_latency(watched, 20, args.sse_events))
-    ratio = figures[name][0] / figures["no streams"][0]
-    results["fanout"] = {
+    return {
         "streams": n,
         "emit": {key: {"rps": row[0], "cpu_us": row[1], "cpu_us_runs": row[2]} for key, row in figures.items()},
-        "ratio": ratio,
+        "ratio": figures[name][0] / figures["no streams"][0],
         "latency_20_matching": latency,
     }
-    print(f"fanout: emit with {n} streams filtered to other workflows ({args.runs} alternating runs):")
-    for key, (rate, cpu, _runs) in figures.items():
-        print(f"  {key:24s} {rate:8,.0f}/s  {cpu:6.0f} µs CPU per request")
-    print(
-        f"  ratio {ratio:.2f}; with them, 20 matching subscribers: p50 {latency['p50_ms']:.2f} ms, "
-        f"p99 {latency['p99_ms']:.2f} ms, delivered {latency['delivered']}/{latency['expected']}"
-    )
+
+
+def bench_fanout(args: argparse.Namespace, results: dict) -> None:
+    """fanout_ratio for this checkout, and for --against's where one is given."""
+    builds = {"this": ROOT, **({"against": args.against} if args.against else {})}
+    results["fanout"] = {build: fanout_ratio(args, code) for build, code in builds.items()}
+    for build, row in results["fanout"].items():
+        print(
+            f"fanout ({build}): emit with {row['streams']} streams filtered to other workflows "
+            f"({args.runs} alternating runs):"
+        )
+        for key, figures in row["emit"].items():
+            print(f"  {key:24s} {figures['rps']:8,.0f}/s  {figures['cpu_us']:6.0f} µs CPU per request")
+        latency = row["latency_20_matching"]
+        print(
+            f"  ratio {row['ratio']:.2f}; with them, 20 matching subscribers: p50 {latency['p50_ms']:.2f} ms, "
+            f"p99 {latency['p99_ms']:.2f} ms, delivered {latency['delivered']}/{latency['expected']}"
+        )
 
 
 def sse_against(args: argparse.Namespace, results: dict) -> None:
