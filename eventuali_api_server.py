@@ -1497,13 +1497,13 @@ def count_stored(insert: Inserter, conn: Any, counted_through: int, position: in
         counted_through = through
 
 
-def select_in(conn: Any, sql: str, values: Sequence, args: Sequence = (), chunk: int = 500) -> list:
+def select_in(conn: Any, sql: str, values: Sequence, chunk: int = 500) -> list:
     """The rows of `sql`, whose `{}` is filled with placeholders for a part of `values`, for
-    all the parts (`args` go after them)."""
+    all the parts; none without values."""
     rows: list = []
     for start in range(0, len(values), chunk):
         part = list(values[start : start + chunk])
-        rows += conn.execute(sql.format(", ".join("?" * len(part))), [*part, *args]).fetchall()
+        rows += conn.execute(sql.format(", ".join("?" * len(part))), part).fetchall()
     return rows
 
 
@@ -1586,7 +1586,7 @@ def plain_text(value: Any, limit: int = 200) -> str | None:
 
 def event_facts(name: str, attributes: str) -> Facts:
     """The call, workflow name and service an event's attributes report (USAGE_RULES)."""
-    if "gen_ai." not in attributes and "service.name" not in attributes and ".name" not in attributes:
+    if "gen_ai." not in attributes and ".name" not in attributes:  # service.name, workflow.name, otel.span.name
         return NO_FACTS
     try:
         values = json.loads(attributes)
@@ -2350,26 +2350,19 @@ FROM workflow_agents m WHERE m.workflow_id = ? ORDER BY m.first_position
 
 def causations(conn: Connection, agent_ids: list[str]) -> list:
     """(agent_id, causation_id) of the agents' events that name a cause, oldest first."""
-    rows = []
-    for start in range(0, len(agent_ids), 500):
-        chunk = agent_ids[start : start + 500]
-        rows += conn.execute(
-            "SELECT position, aggregate_id, causation_id FROM events WHERE aggregate_type = 'agent_aggregate' "
-            f"AND aggregate_id IN ({', '.join('?' * len(chunk))}) AND causation_id IS NOT NULL",
-            chunk,
-        ).fetchall()
+    rows = select_in(
+        conn,
+        "SELECT position, aggregate_id, causation_id FROM events WHERE aggregate_type = 'agent_aggregate' "
+        "AND aggregate_id IN ({}) AND causation_id IS NOT NULL",
+        agent_ids,
+    )
     return [(agent_id, cause) for _position, agent_id, cause in sorted(rows)]
 
 
 def owners(conn: Connection, event_ids: list[str]) -> dict:
     """event_id -> (aggregate_type, aggregate_id) of those of these ids that are stored."""
-    found = {}
-    for start in range(0, len(event_ids), 500):
-        chunk = event_ids[start : start + 500]
-        marks = ", ".join("?" * len(chunk))
-        sql = f"SELECT event_id, aggregate_type, aggregate_id FROM events WHERE event_id IN ({marks})"
-        found.update({event_id: (kind, owner) for event_id, kind, owner in conn.execute(sql, chunk)})
-    return found
+    sql = "SELECT event_id, aggregate_type, aggregate_id FROM events WHERE event_id IN ({})"
+    return {event_id: (kind, owner) for event_id, kind, owner in select_in(conn, sql, event_ids)}
 
 
 WORKFLOW_CALLS = (
@@ -2542,24 +2535,22 @@ def workflow_summary(conn: Connection, workflow_id: str) -> WorkflowView | None:
     return {"workflow": workflow_item(row, usage_by_model(everything)), "agents": agents}
 
 
-WORKFLOW_ORDER = " ORDER BY last_position DESC LIMIT ? OFFSET ?"
-
-
 def workflow_index(conn: Connection, index: WorkflowIndex) -> WorkflowPage:
     """A page of the workflows, most recent activity first, with their usage by model."""
-    clauses, args = [], []
+    clauses: list[str] = []
+    args: list = []
     for clause, value in (("state = ?", index.state), ("last_time > ?", index.since), ("last_time <= ?", index.until)):
         if value is not None:
             clauses.append(clause)
             args.append(value)
-    cursor = (["last_position < ?"], [index.before]) if index.before is not None else ([], [])
-    total = conn.execute(
-        "SELECT count(*) FROM workflows" + "".join(" WHERE " + " AND ".join(clauses) for _ in clauses[:1]), args
-    ).fetchone()[0]
-    where = " WHERE " + " AND ".join(clauses + cursor[0]) if clauses or cursor[0] else ""
+    total = conn.execute("SELECT count(*) FROM workflows" + where_all(clauses), args).fetchone()[0]
+    if index.before is not None:
+        clauses.append("last_position < ?")
+        args.append(index.before)
     rows = conn.execute(
-        f"SELECT {', '.join(WORKFLOW_COLUMNS)} FROM workflows{where}{WORKFLOW_ORDER}",
-        [*args, *cursor[1], index.limit, index.offset],
+        f"SELECT {', '.join(WORKFLOW_COLUMNS)} FROM workflows{where_all(clauses)} "
+        "ORDER BY last_position DESC LIMIT ? OFFSET ?",
+        [*args, index.limit, index.offset],
     ).fetchall()
     usage: dict = {}
     for workflow_id, *figures in select_in(
@@ -2570,8 +2561,11 @@ def workflow_index(conn: Connection, index: WorkflowIndex) -> WorkflowPage:
     ):
         usage.setdefault(workflow_id, []).append(figures)
     items = [workflow_item(row, usage_by_model(usage.get(row[0], []))) for row in rows]
-    full = len(rows) == index.limit
-    return WorkflowPage(total, items, rows[-1][3] if full else None)
+    return WorkflowPage(total, items, items[-1]["last_position"] if len(items) == index.limit else None)
+
+
+def where_all(clauses: list) -> str:
+    return " WHERE " + " AND ".join(clauses) if clauses else ""
 
 
 def seconds_between(start: str | None, end: str | None) -> float | None:
