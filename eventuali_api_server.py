@@ -1512,9 +1512,8 @@ def select_in(conn: Any, sql: str, values: Sequence, chunk: int = 500) -> list:
 # workflow in `workflows` (its times, its event count, its own latest event and lifecycle
 # event, its agents by state, its state, name, service and first user prompt), each member
 # agent's state in `workflow_agents`, and in `rollups` what the events of each of its
-# aggregates report (USAGE_RULES), by model. Retention rebuilds the workflows it touches
-# from the events that remain (rebuild_workflows); prices apply when read, so that a new
-# price list needs no rewrite.
+# aggregates report (USAGE_RULES), by model. Retention takes the events it removes out of
+# them (unroll); prices apply when read, so that a new price list needs no rewrite.
 
 USAGE_KINDS = (
     "input_tokens", "output_tokens", "cache_read_input_tokens", "cache_creation_input_tokens",
@@ -1649,6 +1648,7 @@ class WorkflowRow:
 
 
 WORKFLOW_COLUMNS = tuple(field.name for field in dataclasses.fields(WorkflowRow))
+WORKFLOWS = f"SELECT {', '.join(WORKFLOW_COLUMNS)} FROM workflows"
 WORKFLOW_UPSERT = " ON CONFLICT (workflow_id) DO UPDATE SET " + ", ".join(
     f"{column} = excluded.{column}" for column in WORKFLOW_COLUMNS[1:]
 )
@@ -1703,8 +1703,7 @@ def roll_up(conn: Any, rows: Sequence[Row], seen: SeenVersions | None = None) ->
     found: dict[str, WorkflowRow] = seen.workflows if seen else {}
     mine = {row.aggregate_id for row in rows if row.aggregate_type == "agent_aggregate"}
     agents = sorted(mine - members.keys())
-    for agent_id in agents:
-        members[agent_id] = {}
+    members.update({agent_id: {} for agent_id in agents})
     for workflow_id, agent_id, state in select_in(
         conn, "SELECT workflow_id, agent_id, state FROM workflow_agents WHERE agent_id IN ({})", agents
     ):
@@ -1713,7 +1712,7 @@ def roll_up(conn: Any, rows: Sequence[Row], seen: SeenVersions | None = None) ->
     touched |= {w for agent_id in mine for w in members[agent_id]}
     for values in select_in(
         conn,
-        f"SELECT {', '.join(WORKFLOW_COLUMNS)} FROM workflows WHERE workflow_id IN ({{}})",
+        WORKFLOWS + " WHERE workflow_id IN ({})",
         sorted(touched - found.keys()),
     ):
         found[values[0]] = WorkflowRow(*values)
@@ -1738,7 +1737,7 @@ def roll_up(conn: Any, rows: Sequence[Row], seen: SeenVersions | None = None) ->
     for row, fact, scope in zip(rows, facts, scopes):
         failed = event_state(row.event_name) == "failed"
         if row.aggregate_type == "agent_aggregate":
-            agent_id, theirs = row.aggregate_id, members.setdefault(row.aggregate_id, {})
+            agent_id, theirs = row.aggregate_id, members[row.aggregate_id]
             state = lifecycle_state("agent", row.event_name)
             if state is not None and state != states[agent_id]:
                 states[agent_id] = state
@@ -1863,9 +1862,7 @@ def unroll(insert: Inserter, conn: Any, removed: list[Row]) -> None:
     member = "SELECT DISTINCT workflow_id FROM workflow_agents WHERE agent_id IN ({})"
     touched |= {workflow_id for (workflow_id,) in select_in(conn, member, sorted(ended))}
     for workflow_id in sorted(touched):
-        found = conn.execute(
-            f"SELECT {', '.join(WORKFLOW_COLUMNS)} FROM workflows WHERE workflow_id = ?", (workflow_id,)
-        ).fetchone()
+        found = conn.execute(WORKFLOWS + " WHERE workflow_id = ?", (workflow_id,)).fetchone()
         if found is None:
             continue
         w = WorkflowRow(*found)
@@ -2487,8 +2484,7 @@ def workflow_summary(conn: Connection, workflow_id: str) -> WorkflowView | None:
     with those that failed, and its usage and that of its calls, by model."""
     if "\x00" in workflow_id:  # no stored id holds NUL
         return None
-    found = conn.execute(f"SELECT {', '.join(WORKFLOW_COLUMNS)} FROM workflows WHERE workflow_id = ?", (workflow_id,))
-    row = found.fetchone()
+    row = conn.execute(WORKFLOWS + " WHERE workflow_id = ?", (workflow_id,)).fetchone()
     if row is None:
         return None
     rows = conn.execute(WORKFLOW_AGENTS, (workflow_id,)).fetchall()
@@ -2548,8 +2544,7 @@ def workflow_index(conn: Connection, index: WorkflowIndex) -> WorkflowPage:
         clauses.append("last_position < ?")
         args.append(index.before)
     rows = conn.execute(
-        f"SELECT {', '.join(WORKFLOW_COLUMNS)} FROM workflows{where_all(clauses)} "
-        "ORDER BY last_position DESC LIMIT ? OFFSET ?",
+        WORKFLOWS + where_all(clauses) + " ORDER BY last_position DESC LIMIT ? OFFSET ?",
         [*args, index.limit, index.offset],
     ).fetchall()
     usage: dict = {}
@@ -5116,6 +5111,19 @@ async def workflow_events(request: Request) -> Response:
     return await list_reply(state.store, page, params, state.config.read_chunk)
 
 
+def token_cost(tokens: Sequence[int], price: dict) -> float:
+    """USD for tokens by USAGE_KINDS at a price of --prices (COST_RULES): input tokens count
+    the cached ones too, so only the rest is priced as input."""
+    given, output, read, created = tokens[0], tokens[1], tokens[2], tokens[3]
+    fresh = max(0, given - read - created)
+    return (
+        fresh * price["input"]
+        + read * price.get("cache_read", price["input"])
+        + created * price.get("cache_creation", price["input"])
+        + output * price["output"]
+    ) / 1e6
+
+
 def usage_reply(models: ModelUsage, prices: dict) -> dict:
     """Usage by model as the API shows it: the figures summed, and the cost of the model calls
     whose model has a price (its response model's, else its request model's); cost is null
@@ -5129,14 +5137,7 @@ def usage_reply(models: ModelUsage, prices: dict) -> dict:
         if price is None:
             unpriced += figures[5]
             continue
-        read, created = figures[2], figures[3]
-        fresh = max(0, figures[0] - read - created)  # input tokens count the cached ones too
-        cost = (cost or 0.0) + (
-            fresh * price["input"]
-            + read * price.get("cache_read", price["input"])
-            + created * price.get("cache_creation", price["input"])
-            + figures[1] * price["output"]
-        ) / 1e6
+        cost = (cost or 0.0) + token_cost(figures, price)
     reply: dict = dict(zip(ROLLUP_FIGURES, totals))
     reply["cost"] = None if cost is None else round(cost, 9)
     reply["unpriced_calls"] = unpriced
@@ -5555,7 +5556,7 @@ class StoreStats:
         self.tokens: collections.Counter = collections.Counter()  # (model label, kind) -> tokens
         self.model_calls: collections.Counter = collections.Counter()  # model label -> calls
         self.tool_calls = 0
-        self.cost: collections.Counter = collections.Counter()  # model label -> USD
+        self.cost: collections.defaultdict = collections.defaultdict(float)  # model label -> USD
 
     def used(self, calls: list[Call]) -> None:
         """Count the calls that committed events report (USAGE_RULES), by model: the first
@@ -5572,7 +5573,7 @@ class StoreStats:
                     self.tokens[model, kind] += n
             price = self.prices.get(call.model) or self.prices.get(call.request_model)
             if price is not None:
-                self.cost[model] += usage_reply([("", "", [*call.tokens, 1, 0, 0])], {"": price})["cost"]
+                self.cost[model] += token_cost(call.tokens, price)
 
     def error(self, operation: str, exc: BaseException) -> None:
         kind = (
