@@ -71,6 +71,11 @@ from starlette.responses import HTMLResponse, Response, StreamingResponse
 from starlette.routing import Route
 from starlette.types import ASGIApp, Message, Receive, Scope, Send
 
+try:
+    import fcntl
+except ImportError:  # Windows
+    fcntl = None  # type: ignore[assignment]
+
 __version__ = "1.3.0"
 __all__ = ["APIServerConfig", "get_config", "set_config", "create_app", "app", "main"]
 
@@ -3479,9 +3484,22 @@ def backup_database(source: str, dest: str, timeout: float) -> int:
 POLL = 0.05  # seconds between looks for commits of other processes
 
 
+def open_turns(path: str) -> int | None:
+    """The file whose lock writers of every process take before SQLite's write lock (see
+    SQLiteStore.write_lock), opened anew: flock excludes other opens of the file, not holders
+    of the same one. None where there is none to be had (no fcntl, a folder that cannot be
+    written): then SQLite's lock alone orders the writers."""
+    if fcntl is None:
+        return None
+    try:
+        return os.open(path + "-writer", os.O_RDWR | os.O_CREAT | os.O_CLOEXEC, 0o600)
+    except OSError:
+        return None
+
+
 class SQLiteStore(ThreadedStore):
-    """The log in one SQLite file (WAL mode), which several processes may share: SQLite's
-    write lock orders their commits, and each looks for the others' every POLL seconds."""
+    """The log in one SQLite file (WAL mode), which several processes may share: their writers
+    take turns (write_lock), and each looks for the others' commits every POLL seconds."""
 
     errors = (sqlite3.Error,)
     broken = sqlite3.IntegrityError
@@ -3493,6 +3511,8 @@ class SQLiteStore(ThreadedStore):
         self.path = path or config.database_path  # by default events.db in the data dir
         super().__init__(os.path.abspath(self.path), config.database_timeout)
         self.durability = config.durability
+        self._turns = threading.local()  # each writing thread's open_turns (the writer's, a prune's)
+        self._turn_files: list[int] = []
 
     def open_log(self) -> sqlite3.Connection:
         try:
@@ -3505,14 +3525,35 @@ class SQLiteStore(ThreadedStore):
 
     @contextlib.contextmanager
     def write_lock(self, conn: sqlite3.Connection) -> Iterator[None]:
-        conn.execute("BEGIN IMMEDIATE")
+        """SQLite's write lock, taken after a lock on a file beside the log that the writers of
+        every process take first. A writer waiting for that one wakes when it is released;
+        one waiting in SQLite's busy handler sleeps 1, 2, 5, … up to 100 ms between tries, and
+        with two busy processes mostly sleeps past the moment the lock was free. Writers that
+        do not take it (scripts, older servers) still meet SQLite's lock, with its timeout."""
+        turns = getattr(self._turns, "fd", None)
+        if turns is None:
+            turns = self._turns.fd = open_turns(self.path)
+            self._turn_files += [turns] if turns is not None else []
+        if turns is not None:
+            fcntl.flock(turns, fcntl.LOCK_EX)
         try:
-            yield
-            conn.execute("COMMIT")
-        except BaseException:
-            if conn.in_transaction:  # a failed COMMIT (disk full, I/O error) has rolled back already
-                conn.execute("ROLLBACK")
-            raise
+            conn.execute("BEGIN IMMEDIATE")
+            try:
+                yield
+                conn.execute("COMMIT")
+            except BaseException:
+                if conn.in_transaction:  # a failed COMMIT (disk full, I/O error) has rolled back already
+                    conn.execute("ROLLBACK")
+                raise
+        finally:
+            if turns is not None:
+                fcntl.flock(turns, fcntl.LOCK_UN)
+
+    async def stop(self) -> None:
+        await super().stop()
+        for fd in self._turn_files:
+            os.close(fd)
+        self._turn_files.clear()
 
     def read_state(self, conn: sqlite3.Connection, keys: list) -> LogState:
         return read_state(conn, keys)

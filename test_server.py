@@ -3813,6 +3813,27 @@ def test_database_locked_longer_than_timeout_is_503_then_recovers(tmp_path):
         assert server.client.get("/health/").json()["status"] == "healthy"
 
 
+@pytest.mark.skipif(eas.fcntl is None, reason="no fcntl here: SQLite's lock alone orders the writers")
+def test_writers_take_turns_on_a_lock_file_and_go_on_when_it_is_freed(sqlite_srv):
+    """Writers of every process take the lock of events.db-writer before SQLite's, and wait for
+    it in the kernel rather than in SQLite's sleeping busy handler: while another process holds
+    it nothing is stored and reads go on; once it is released the waiting request is."""
+    emit(sqlite_srv.client, name="before")
+    turns = os.open(sqlite_srv.config.database_path + "-writer", os.O_RDWR)
+    try:
+        eas.fcntl.flock(turns, eas.fcntl.LOCK_EX)
+        with ThreadPoolExecutor(1) as pool, httpx.Client(base_url=sqlite_srv.url, timeout=10) as other:
+            waiting = pool.submit(emit, other, name="waiting")
+            time.sleep(0.3)
+            assert not waiting.done()
+            assert events_of(sqlite_srv.client)["total"] == 1
+            eas.fcntl.flock(turns, eas.fcntl.LOCK_UN)
+            assert waiting.result(timeout=5)["position"] == 2
+    finally:
+        os.close(turns)
+    assert emit(sqlite_srv.client, name="after")["position"] == 3
+
+
 @contextlib.contextmanager
 def tiny_filesystem(path: Path, size: str = "4m"):
     path.mkdir()

@@ -135,13 +135,16 @@ def events_server(env: dict | None = None, code: Path = ROOT) -> Iterator[str]:
 
 
 @contextmanager
-def command_server(*flags: str, default_install: bool = False, env: dict | None = None) -> Iterator[str]:
-    """The server as its command starts it (`python eventuali_api_server.py`), on a fresh data
-    dir; with default_install, as without the [fast] extra: uvloop and httptools do not import,
-    in the workers too (a PYTHONPATH of stand-ins that raise ImportError)."""
+def command_server(
+    *flags: str, default_install: bool = False, env: dict | None = None, code: Path = ROOT
+) -> Iterator[str]:
+    """The server of the checkout at `code` as its command starts it (`python
+    eventuali_api_server.py`), on a fresh data dir; with default_install, as without the [fast]
+    extra: uvloop and httptools do not import, in the workers too (a PYTHONPATH of stand-ins
+    that raise ImportError)."""
     port = free_port()
     with tempfile.TemporaryDirectory() as data:
-        command = [sys.executable, str(ROOT / "eventuali_api_server.py"), "--port", str(port), "--data-dir", data]
+        command = [sys.executable, str(code / "eventuali_api_server.py"), "--port", str(port), "--data-dir", data]
         extra = {**install_env(default_install), **(env or {})}
         with running([*command, "--log-level", "warning", *flags], port, extra, probe="/health") as url:
             time.sleep(0.5)  # every worker up
@@ -156,6 +159,13 @@ def percentile(values: list, q: float) -> float:
 # -- load generation ------------------------------------------------------------
 
 
+def wrk_p99(out: str) -> float:
+    """The 99th percentile of wrk's latency distribution (--latency), in ms."""
+    value = next(line.split()[1] for line in out.splitlines() if line.strip().startswith("99%"))
+    number, unit = re.fullmatch(r"([\d.]+)(us|ms|s|m)", value).groups()  # type: ignore[union-attr]
+    return float(number) * {"us": 0.001, "ms": 1.0, "s": 1000.0, "m": 60_000.0}[unit]
+
+
 def wrk_post(url: str, body: dict, connections: int, seconds: float) -> tuple:
     script = Path(tempfile.mkstemp(suffix=".lua")[1])
     script.write_text(
@@ -164,7 +174,18 @@ def wrk_post(url: str, body: dict, connections: int, seconds: float) -> tuple:
     )
     try:
         out = subprocess.run(
-            ["wrk", "-t1", f"-c{connections}", f"-d{seconds}s", "--timeout", "10s", "-s", str(script), url],
+            [
+                "wrk",
+                "-t1",
+                f"-c{connections}",
+                f"-d{seconds}s",
+                "--timeout",
+                "10s",
+                "--latency",
+                "-s",
+                str(script),
+                url,
+            ],
             capture_output=True,
             text=True,
             check=True,
@@ -178,7 +199,7 @@ def wrk_post(url: str, body: dict, connections: int, seconds: float) -> tuple:
         print(f"  (wrk: {errors[0].split(',')[-1].strip()}: requests that waited over 10 s, not counted)")
     rate = float(next(line for line in out.splitlines() if line.startswith("Requests/sec")).split()[1])
     requests = int(next(line for line in out.splitlines() if "requests in" in line).split()[0])
-    return rate, requests
+    return rate, requests, wrk_p99(out)
 
 
 async def _python_post(url: str, body: bytes, connections: int, seconds: float) -> tuple:
@@ -188,12 +209,14 @@ async def _python_post(url: str, body: bytes, connections: int, seconds: float) 
         f"POST {path} HTTP/1.1\r\nHost: {host}\r\nContent-Type: application/json\r\nContent-Length: {len(body)}\r\n\r\n"
     ).encode() + body
     done = 0
+    latencies: list = []
     deadline = time.perf_counter() + seconds
 
     async def worker() -> None:
         nonlocal done
         reader, writer = await asyncio.open_connection(host, int(port))
         while time.perf_counter() < deadline:
+            sent = time.perf_counter()
             writer.write(request)
             head = await reader.readuntil(b"\r\n\r\n")
             if not head.startswith(b"HTTP/1.1 200"):
@@ -202,24 +225,26 @@ async def _python_post(url: str, body: bytes, connections: int, seconds: float) 
                 next(line.split(b":")[1] for line in head.split(b"\r\n") if line.lower().startswith(b"content-length"))
             )
             await reader.readexactly(length)
+            latencies.append((time.perf_counter() - sent) * 1000)
             done += 1
         writer.close()
 
     started = time.perf_counter()
     await asyncio.gather(*(worker() for _ in range(connections)))
-    return done / (time.perf_counter() - started), done
+    return done / (time.perf_counter() - started), done, percentile(latencies, 99)
 
 
 def post_load(url: str, body: dict, connections: int, seconds: float) -> tuple:
-    """(requests per second, server CPU seconds per request) under a fixed POST load."""
+    """(requests per second, server CPU seconds per request, p99 latency in ms) under a fixed
+    POST load."""
     pid = PIDS.get(url.split("/events")[0])
     before = cpu_seconds(pid) if pid else 0.0
     if shutil.which("wrk"):
-        rate, requests = wrk_post(url, body, connections, seconds)
+        rate, requests, p99 = wrk_post(url, body, connections, seconds)
     else:
-        rate, requests = asyncio.run(_python_post(url, json.dumps(body).encode(), connections, seconds))
+        rate, requests, p99 = asyncio.run(_python_post(url, json.dumps(body).encode(), connections, seconds))
     cpu = (cpu_seconds(pid) - before) / max(1, requests) if pid else float("nan")
-    return rate, cpu
+    return rate, cpu, p99
 
 
 # -- parts ------------------------------------------------------------------------------
@@ -234,7 +259,7 @@ def alternate(targets: dict, args: argparse.Namespace) -> tuple:
         post_load(url + "/events/emit/agent", SEED_AGENT, args.connections, 1)
     for _ in range(args.runs):
         for name, url in targets.items():
-            rate, cpu = post_load(url + "/events/emit/agent", SEED_AGENT, args.connections, args.seconds)
+            rate, cpu, _p99 = post_load(url + "/events/emit/agent", SEED_AGENT, args.connections, args.seconds)
             rates[name].append(rate)
             cpus[name].append(cpu)
     return rates, cpus
@@ -1053,9 +1078,9 @@ def post_load_on(urls: list, body: dict, connections: int, seconds: float) -> tu
                 urls,
             )
         )
-    requests = sum(done for _rate, done in runs)
+    requests = sum(done for _rate, done, _p99 in runs)
     cpu = sum(cpu_seconds(pid) - start for pid, start in zip(pids, before))
-    return sum(rate for rate, _done in runs), cpu / max(1, requests)
+    return sum(rate for rate, _done, _p99 in runs), cpu / max(1, requests)
 
 
 def bench_postgres(args: argparse.Namespace, results: dict) -> None:
@@ -1137,10 +1162,7 @@ def bench_install(args: argparse.Namespace, results: dict) -> None:
     """The default install against the [fast] extra (uvloop, httptools), with 1 and 2
     workers, started as the command starts them, on SQLite (and with the fast install on
     PostgreSQL, where it is installed): emit, in alternating runs."""
-    try:
-        import httptools  # noqa: F401
-        import uvloop  # noqa: F401
-    except ImportError:
+    if not has_fast_install():
         print("install: skipped (pip install -e '.[fast]' first: it compares with and without it)")
         return
     configs = {
@@ -1169,6 +1191,60 @@ def bench_install(args: argparse.Namespace, results: dict) -> None:
     print(f"install, emit with {args.connections} connections, on SQLite unless named ({args.runs} alternating runs):")
     for name, (rate, cpu, _runs) in figures.items():
         print(f"  {name:32s} {rate:8,.0f}/s ({rate / base:.2f}x)  {cpu:6.0f} µs CPU per request (all processes)")
+
+
+def has_fast_install() -> bool:
+    try:
+        import httptools  # noqa: F401
+        import uvloop  # noqa: F401
+    except ImportError:
+        return False
+    return True
+
+
+def bench_workers(args: argparse.Namespace, results: dict) -> None:
+    """Two workers on one SQLite file against one: emit rate, CPU per request (every process)
+    and p99 latency, default and fast installs (fast where installed), for this checkout and
+    --against's, in alternating runs; the ratios are per round, then their median."""
+    builds = {"this": ROOT, **({"against": args.against} if args.against else {})}
+    installs = ["default", "fast"] if has_fast_install() else ["default"]
+    with contextlib.ExitStack() as stack:
+        targets = {
+            (build, install, workers): stack.enter_context(
+                command_server("--workers", workers, default_install=install == "default", code=code)
+            )
+            for build, code in builds.items()
+            for install in installs
+            for workers in ("1", "2")
+        }
+        for url in targets.values():  # warm up each
+            post_load(url + "/events/emit/agent", SEED_AGENT, args.connections, 1)
+        rounds: dict = {key: [] for key in targets}
+        for _ in range(args.runs):
+            for key, url in targets.items():
+                rounds[key].append(post_load(url + "/events/emit/agent", SEED_AGENT, args.connections, args.seconds))
+    table = {}
+    for build in builds:
+        for install in installs:
+            one, two = rounds[(build, install, "1")], rounds[(build, install, "2")]
+            table[f"{build}, {install}"] = {
+                "rps": [[r[0] for r in one], [r[0] for r in two]],
+                "cpu_us": [[r[1] * 1e6 for r in one], [r[1] * 1e6 for r in two]],
+                "p99_ms": [[r[2] for r in one], [r[2] for r in two]],
+                "rate_ratio": statistics.median(b[0] / a[0] for a, b in zip(one, two)),
+                "p99_ratio": statistics.median(b[2] / a[2] for a, b in zip(one, two)),
+            }
+    results["workers"] = table
+    print(f"workers on SQLite, emit with {args.connections} connections ({args.runs} alternating runs):")
+    for name, row in table.items():
+        rps = [statistics.median(r) for r in row["rps"]]
+        p99 = [statistics.median(r) for r in row["p99_ms"]]
+        cpu = [statistics.median(r) for r in row["cpu_us"]]
+        print(
+            f"  {name:24s} 1 worker {rps[0]:7,.0f}/s p99 {p99[0]:6.1f} ms {cpu[0]:4.0f} µs; "
+            f"2 workers {rps[1]:7,.0f}/s p99 {p99[1]:6.1f} ms {cpu[1]:4.0f} µs; "
+            f"2/1: rate {row['rate_ratio']:.2f}, p99 {row['p99_ratio']:.2f}"
+        )
 
 
 def emit_latencies(url: str, until: Callable[[], bool]) -> list:
@@ -1312,6 +1388,7 @@ PARTS = {
     "otlp": bench_otlp,
     "runs": bench_runs,
     "fanout": bench_fanout,
+    "workers": bench_workers,
 }
 
 
