@@ -1467,6 +1467,28 @@ CURRENT_VERSION = (
 Inserter = Callable[[Any, str, list, str], None]  # a backend's insert(conn, table, rows, tail)
 Write = tuple  # (table, rows, tail): what a backend's insert takes after its connection
 
+# Time buckets: the events of each minute and of each hour, by aggregate_type and event_name,
+# so that a time window's exact total is the sum of the whole buckets it covers and exact
+# counts of its two edge minutes (count_window), whatever its size. A bucket's `start` is the
+# prefix of the stored timestamps it holds (`2026-12-03T21:28`, `2026-12-03T21`: stored
+# timestamps have one fixed width, format_timestamp); an event counts in the buckets of its
+# own timestamp, however late it comes. Kept with the counters, by the writers and retention.
+BUCKET_WIDTHS = {60: 16, 3600: 13}  # seconds: the length of the prefix
+BUCKETS_TABLE = """
+CREATE TABLE IF NOT EXISTS buckets (
+    width BIGINT NOT NULL, start TEXT NOT NULL, aggregate_type TEXT NOT NULL, event_name TEXT NOT NULL,
+    n BIGINT NOT NULL, PRIMARY KEY (width, start, aggregate_type, event_name)
+);
+CREATE INDEX IF NOT EXISTS buckets_name ON buckets (event_name, width, start);
+"""
+BUCKETS_UPSERT = " ON CONFLICT (width, start, aggregate_type, event_name) DO UPDATE SET n = buckets.n + excluded.n"
+# The buckets of the events the counters count, for a log made before them.
+FILL_BUCKETS = "".join(
+    f"INSERT INTO buckets SELECT {width}, substr(timestamp, 1, {length}), aggregate_type, event_name, count(*) "
+    f"FROM events WHERE position <= coalesce((SELECT n FROM counts WHERE {COUNTED_THROUGH}), 0) GROUP BY 2, 3, 4;\n"
+    for width, length in BUCKET_WIDTHS.items()
+)
+
 
 def summaries(
     conn: Any, rows: Sequence[Row], through: int, counted_through: int, seen: SeenVersions | None = None
@@ -1476,14 +1498,21 @@ def summaries(
     calls the events report. It reads what it needs first (roll_up), so that the writes can
     go in one pipeline."""
     counts: collections.Counter = collections.Counter({("log", "counted_through", ""): through - counted_through})
+    buckets: collections.Counter = collections.Counter()
     for row in rows:
-        aggregate_type = row.aggregate_type
+        aggregate_type, name, moment = row.aggregate_type, row.event_name, row.timestamp
         counts["aggregate_type", aggregate_type, aggregate_type] += 1
-        counts["event_name", row.event_name, aggregate_type] += 1
+        counts["event_name", name, aggregate_type] += 1
         if row.correlation_id is not None:
             counts["correlation_id", row.correlation_id, aggregate_type] += 1
+        for width, length in BUCKET_WIDTHS.items():
+            buckets[width, moment[:length], aggregate_type, name] += 1
     writes, calls = roll_up(conn, rows, seen=seen)
-    return [("counts", [(*key, n) for key, n in counts.items()], COUNTS_UPSERT), *writes], calls
+    return [
+        ("counts", [(*key, n) for key, n in counts.items()], COUNTS_UPSERT),
+        ("buckets", [(*key, n) for key, n in buckets.items()], BUCKETS_UPSERT),
+        *writes,
+    ], calls
 
 
 def count_stored(insert: Inserter, conn: Any, counted_through: int, position: int) -> None:
@@ -1931,6 +1960,17 @@ def prune_batch(insert: Inserter, conn: Any, before: str) -> tuple[int, bool]:
             f"AND value IN (SELECT {field} FROM events WHERE {IN_RANGE})",
             span,
         )
+    for width, length in BUCKET_WIDTHS.items():
+        conn.execute(
+            f"INSERT INTO buckets SELECT {width}, substr(timestamp, 1, {length}), aggregate_type, event_name, "
+            f"-count(*) FROM events WHERE {IN_RANGE} GROUP BY 2, 3, 4" + BUCKETS_UPSERT,
+            span,
+        )
+        conn.execute(
+            f"DELETE FROM buckets WHERE width = {width} AND n = 0 "
+            f"AND start IN (SELECT substr(timestamp, 1, {length}) FROM events WHERE {IN_RANGE})",
+            span,
+        )
     conn.execute(
         "INSERT INTO pruned SELECT aggregate_type, aggregate_id, max(aggregate_version) FROM events "
         f"WHERE {IN_RANGE} GROUP BY aggregate_type, aggregate_id "
@@ -2133,45 +2173,46 @@ def time_index(filters: dict) -> tuple:
     return "events_type_time", f"aggregate_type IN ({', '.join(repr(t) for t in AGGREGATE_KINDS)})"
 
 
-def time_span(conn: Connection, filters: dict) -> tuple:
-    """About the first and last timestamps (as seconds) of the events matching `filters`
-    (aggregate_type, event_name or none: see time_index), from a few index lookups."""
-    if "event_name" in filters:
-        groups = [("event_name", filters["event_name"])]
-    else:
-        types = [filters["aggregate_type"]] if filters else list(AGGREGATE_KINDS)
-        groups = [("aggregate_type", t) for t in types]
-    moments = []
-    for column, value in groups:
-        for fn in ("min", "max"):  # one aggregate a statement, so that each is one index lookup
-            moment = conn.execute(f"SELECT {fn}(timestamp) FROM events WHERE {column} = ?", (value,)).fetchone()[0]
-            moments += [parse_timestamp(moment).timestamp()] if moment is not None else []
-    return (min(moments), max(moments)) if moments else (0.0, 0.0)
+def bucket_total(conn: Connection, filters: dict, width: int, after: str, before: str) -> int:
+    """The events matching `filters` in the buckets of this width whose start is between
+    `after` and `before`, both excluded."""
+    clauses, args = where(filters)
+    sql = " AND ".join(["SELECT coalesce(sum(n), 0) FROM buckets WHERE width = ?", "start > ?", "start < ?", *clauses])
+    return int(conn.execute(sql, [width, after, before, *args]).fetchone()[0])
 
 
 def count_window(conn: Connection, filters: dict, since: str | None, until: str | None) -> int:
-    """Events matching `filters` in the time window, exact. Where a (column, timestamp) index
-    and a counter serve the filters, it counts whichever side of the window seems to hold
-    fewer events (the total from the counter minus the other side): judged by the share of
-    the filters' time span the window covers, which is right where events come at an even
-    rate, and only slower, never wrong, where they do not."""
+    """Events matching `filters` in the time window (since, until], exact. Filtered on
+    aggregate_type or event_name, or not at all: exact counts of the window's two edge minutes,
+    through the (column, timestamp) index, and the whole buckets between them (BUCKET_WIDTHS):
+    the minutes left of the first edge's hour, the whole hours, the minutes of the last edge's
+    hour. Other filters have indexes that hold few events: they are counted in the window."""
     clauses, args = where(filters, since, until)
-    index, extra = time_index(filters)
-    total = counter_total(conn, filters) if index else None
-    extra_clauses = [extra] if extra else []
-    inside = count(conn, clauses + extra_clauses, args, FEW)
-    if inside < FEW or total is None:
-        return inside if inside < FEW else count(conn, clauses, args)
-    first, last = time_span(conn, filters)
-    start = max(first, parse_timestamp(since).timestamp()) if since is not None else first
-    end = min(last, parse_timestamp(until).timestamp()) if until is not None else last
-    if last <= first or (end - start) / (last - first) <= 0.5:
-        return count(conn, clauses + extra_clauses, args)
+    if set(filters) - {"aggregate_type", "event_name"}:
+        return count(conn, clauses, args)
+    if since is not None and until is not None and since >= until:
+        return 0
+    _index, condition = time_index(filters)
+    extra = [condition] if condition else []
+    # `;` sorts right after the `:` that follows a minute or an hour in a timestamp, and `~`
+    # after any timestamp: so `minute + ";"` ends a minute, and "" and "~" are open ends.
+    first_minute, last_minute = (since or "")[:16], (until or "~")[:16]
+    if first_minute == last_minute:
+        return count(conn, clauses + extra, args)
+    total = 0
     base, base_args = where(filters)
-    outside = ([(base + extra_clauses + ["timestamp <= ?"], base_args + [since])] if since is not None else []) + (
-        [(base + extra_clauses + ["timestamp > ?"], base_args + [until])] if until is not None else []
-    )
-    return total - sum(count(conn, c, a) for c, a in outside)
+    if since is not None:
+        total += count(conn, base + extra + ["timestamp > ?", "timestamp < ?"], [*base_args, since, first_minute + ";"])
+    if until is not None:
+        total += count(conn, base + extra + ["timestamp >= ?", "timestamp <= ?"], [*base_args, last_minute, until])
+    first_hour, last_hour = first_minute[:13], last_minute[:13]
+    if first_hour == last_hour:
+        return total + bucket_total(conn, filters, 60, first_minute, last_minute)
+    if since is not None:
+        total += bucket_total(conn, filters, 60, first_minute, first_hour + ";")
+    if until is not None:
+        total += bucket_total(conn, filters, 60, last_hour, last_minute)
+    return total + bucket_total(conn, filters, 3600, first_hour, last_hour)
 
 
 def scope_arms(match: Match) -> list:
@@ -3200,7 +3241,7 @@ async def copy_stores(source: EventStore, target: EventStore, progress: Callable
 
 # -- 3.3 SQLite ---------------------------------------------------------------------------
 
-SCHEMA_VERSION = 7
+SCHEMA_VERSION = 8
 # The planner has no statistics for a new log, and without them it may pick the
 # 3-valued aggregate_type index over aggregate_id's. Fixed, typical statistics in
 # sqlite_stat1 (documented as the way to steer it) keep every read on the selective index.
@@ -3297,6 +3338,7 @@ MIGRATIONS = {
     {ROLLUP_TABLES}
     DELETE FROM counts WHERE NOT ({PRUNED_THROUGH});
     """,
+    7: BUCKETS_TABLE + FILL_BUCKETS,
 }
 
 
@@ -3590,7 +3632,7 @@ class SQLiteStore(ThreadedStore):
 # then reads the new events by position, so a lost notification delays an event, never loses it.
 # Tables live in the schema `eventuali`, beside whatever else the database holds.
 
-PG_SCHEMA_VERSION = 4  # 2: the table pruned (retention); 3: consumers; 4: runs at a glance
+PG_SCHEMA_VERSION = 5  # 2: the table pruned (retention); 3: consumers; 4: runs at a glance; 5: buckets
 PG_SCHEMA = (
     """
 CREATE SCHEMA IF NOT EXISTS eventuali;
@@ -3631,6 +3673,7 @@ CREATE TABLE IF NOT EXISTS pruned (
 CREATE TABLE IF NOT EXISTS consumers (name text PRIMARY KEY, position bigint NOT NULL, updated_at text NOT NULL);
 """
     + ROLLUP_TABLES
+    + BUCKETS_TABLE
     + """
 ALTER TABLE workflow_agents ADD COLUMN IF NOT EXISTS state text NOT NULL DEFAULT 'running';
 """
@@ -3771,6 +3814,10 @@ def open_pg_database(url: str, timeout: float, durability: str) -> PgConnection:
                 conn.execute(f"DELETE FROM counts WHERE NOT ({PRUNED_THROUGH})")
                 position = conn.execute("SELECT position FROM head").fetchone()[0]
                 count_stored(pg_insert, conn, 0, position)
+            elif version < 5:  # the time buckets of the events stored
+                for statement in FILL_BUCKETS.split(";"):
+                    if statement.strip():
+                        conn.execute(statement)
             conn.execute("UPDATE meta SET value = ? WHERE key = 'schema_version'", (str(PG_SCHEMA_VERSION),))
             version = PG_SCHEMA_VERSION
     if version > PG_SCHEMA_VERSION:

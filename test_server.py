@@ -1721,6 +1721,10 @@ def test_store_schema(sqlite_srv):
         sql = f"SELECT count(*) FROM events WHERE {' AND '.join(clauses + ([extra] if extra else []))}"
         queries.append((sql, args, index))
         assert name == index
+    for filters, index in (({"event_name": "x"}, "buckets_name"), ({}, "sqlite_autoindex_buckets_1")):
+        clauses, args = eas.where(filters)
+        sql = " AND ".join(["SELECT sum(n) FROM buckets WHERE width = 60", "start > ?", "start < ?", *clauses])
+        queries.append((sql, ["2026", "2027", *args], index))
     for sql, args, index in queries:
         plan = " ".join(row[-1] for row in conn.execute("EXPLAIN QUERY PLAN " + sql, args))
         assert f"USING INDEX {index}" in plan or f"USING COVERING INDEX {index}" in plan, plan
@@ -1737,7 +1741,8 @@ def test_store_schema(sqlite_srv):
         "workflows_recent",
         "workflows_state",
         "workflows_time",
-    } | {f"sqlite_autoindex_{table}_1" for table in ("workflow_agents", "workflows", "rollups")}
+        "buckets_name",
+    } | {f"sqlite_autoindex_{table}_1" for table in ("workflow_agents", "workflows", "rollups", "buckets")}
     conn.close()
 
 
@@ -1767,7 +1772,7 @@ def test_older_schema_is_migrated(tmp_path):
         assert events_of(server.client, event_name="agent.started", since="2025-12-31T00:00:00Z")["total"] == 1
         assert [a["agent_id"] for a in server.client.get("/events/workflows/w1/agents").json()["agents"]] == ["a1"]
     conn = sqlite3.connect(data / "events.db")
-    assert conn.execute("PRAGMA user_version").fetchone()[0] == eas.SCHEMA_VERSION == 7
+    assert conn.execute("PRAGMA user_version").fetchone()[0] == eas.SCHEMA_VERSION == 8
     indexes = {row[0] for row in conn.execute("SELECT name FROM sqlite_master WHERE type = 'index'")}
     assert not {"events_event_type", "events_timestamp", "events_aggregate_type", "events_event_name"} & indexes
     assert {"events_type_time", "events_name_time"} <= indexes
@@ -1777,6 +1782,10 @@ def test_older_schema_is_migrated(tmp_path):
         ("event_name", "agent.started", "agent_aggregate", 1),
         ("event_name", "agent.step", "agent_aggregate", 1),
         ("log", "counted_through", "", 2),
+    ]
+    assert conn.execute("SELECT width, sum(n) FROM buckets GROUP BY width ORDER BY width").fetchall() == [
+        (60, 2),
+        (3600, 2),
     ]
     assert not conn.execute(
         "SELECT 1 FROM sqlite_stat1 WHERE idx IN ('events_event_type', 'events_timestamp')"
@@ -4701,6 +4710,110 @@ def test_prune_keeps_positions_versions_counts_and_membership_exact(backend):
         assert prune(backend).stdout.startswith("removed 0 events")  # nothing more is that old
 
 
+def test_time_window_totals_are_exact_from_buckets_and_edges(backend):
+    """A window's total is the whole minutes and hours it covers and exact counts of its two
+    edge minutes: for bounds inside minutes, on a minute's or an hour's first instant, on an
+    event's own timestamp, across hours and days, open at either end, with timestamps in any
+    order, alone or with each filter, the totals equal a count of the events sent; so after
+    retention has removed the oldest."""
+    rng = random.Random(11)
+    now = datetime.now(timezone.utc)
+    old = datetime(2020, 1, 1, tzinfo=timezone.utc)
+    moments = [old + timedelta(seconds=rng.randrange(3 * 86400)) for _ in range(300)]  # pruned below
+    moments += [now - timedelta(seconds=rng.randrange(20 * 3600)) for _ in range(300)]  # kept
+    moments = [m.replace(second=0, microsecond=0) if i % 9 == 0 else m for i, m in enumerate(moments)]
+    kinds = {"agent": "agent_aggregate", "workflow": "workflow_aggregate", "system": "system_aggregate"}
+    events = [
+        {
+            "kind": rng.choice(list(kinds)),
+            "name": rng.choice("abc"),
+            "aggregate_id": f"g{rng.randrange(5)}",
+            "correlation_id": rng.choice(["w1", "w2"]),
+            "timestamp": moment.isoformat(),
+        }
+        for moment in moments
+    ]
+    filters = [
+        {},
+        {"event_type": "AgentEvent"},
+        {"aggregate_type": "workflow_aggregate"},
+        {"event_name": "b"},
+        {"event_type": "SystemEvent", "event_name": "c"},
+        {"aggregate_id": "g1"},
+        {"correlation_id": "w1"},
+    ]
+
+    def matches(event: dict, params: dict) -> bool:
+        wanted = {
+            "aggregate_type": kinds[event["kind"]],
+            "event_type": {"agent": "AgentEvent", "workflow": "WorkflowEvent", "system": "SystemEvent"}[event["kind"]],
+            "event_name": event["name"],
+            "aggregate_id": event["aggregate_id"],
+            "correlation_id": event["correlation_id"],
+        }
+        moment = datetime.fromisoformat(event["timestamp"])
+        return (
+            all(wanted[k] == v for k, v in params.items() if k not in ("since", "until"))
+            and ("since" not in params or moment > datetime.fromisoformat(params["since"]))
+            and ("until" not in params or moment <= datetime.fromisoformat(params["until"]))
+        )
+
+    def bounds(moments: list) -> list:
+        some = rng.sample(moments, 6)
+        return [
+            *(m.isoformat() for m in some),  # an event's own instant
+            *((m + timedelta(seconds=rng.random() * 7200)).isoformat() for m in some),  # anywhere
+            *(m.replace(second=0, microsecond=0).isoformat() for m in some),  # a minute's first instant
+            *(m.replace(minute=0, second=0, microsecond=0).isoformat() for m in some),  # an hour's
+        ]
+
+    def check(client, kept: list) -> None:
+        pool = bounds([datetime.fromisoformat(e["timestamp"]) for e in kept]) + [None] * 4
+        for _ in range(120):
+            params = dict(rng.choice(filters))
+            since, until = rng.choice(pool), rng.choice(pool)
+            params.update({k: v for k, v in (("since", since), ("until", until)) if v is not None})
+            expected = sum(1 for event in kept if matches(event, params))
+            assert events_of(client, **params, limit=1)["total"] == expected, params
+
+    with ThreadServer(**backend) as server:
+        for start in range(0, len(events), 200):
+            reply = server.client.post("/events/emit/batch", json={"events": events[start : start + 200]})
+            assert reply.status_code == 200, reply.text
+        check(server.client, events)
+        assert prune(backend).stdout.startswith("removed 300 events")
+        check(server.client, events[300:])
+
+
+def test_a_log_from_before_time_buckets_gets_them_when_opened(backend):
+    """A log of 1.3.0's first schema (SQLite 7, PostgreSQL 4: no buckets) has the buckets of the
+    events it holds made when a server opens it, and its windows' totals are exact."""
+    stamps = [f"2026-01-0{1 + i % 3}T{i % 24:02d}:{i % 60:02d}:{i % 7:02d}Z" for i in range(300)]
+    events = [{"kind": "agent", "name": f"n{i % 4}", "timestamp": stamp} for i, stamp in enumerate(stamps)]
+    with ThreadServer(**backend) as server:
+        assert server.client.post("/events/emit/batch", json={"events": events}).status_code == 200
+    conn = direct(backend)
+    conn.execute("DROP TABLE buckets")
+    if "database_url" in backend:
+        conn.execute("UPDATE meta SET value = '4' WHERE key = 'schema_version'")
+    else:
+        conn.execute("PRAGMA user_version = 7")
+    conn.close()
+    since, until = "2026-01-01T05:30:00Z", "2026-01-03T02:00:00Z"
+    expected = sum(1 for stamp in stamps if "2026-01-01T05:30:00Z" < stamp <= "2026-01-03T02:00:00Z")
+    with ThreadServer(**backend) as server:
+        assert events_of(server.client, since=since, until=until)["total"] == expected
+        assert events_of(server.client, since=since, event_name="n1")["total"] == sum(
+            1 for i, stamp in enumerate(stamps) if i % 4 == 1 and stamp > since
+        )
+    conn = direct(backend)
+    assert conn.execute("SELECT width, sum(n) FROM buckets GROUP BY width ORDER BY width").fetchall() == [
+        (60, 300),
+        (3600, 300),
+    ]
+    conn.close()
+
+
 @pytest.mark.parametrize("backend", ["postgres"], indirect=True)
 def test_postgres_schema_1_is_upgraded(backend):
     """A database made by 1.1.0 (schema 1: no table pruned, no rollups) gets them when a server
@@ -4722,7 +4835,7 @@ def test_postgres_schema_1_is_upgraded(backend):
         [item] = server.client.get("/events/workflows").json()["workflows"]
         assert (item["workflow_id"], item["agent_count"], item["usage"]["input_tokens"]) == ("w", 1, 7)
     conn = direct(backend)
-    assert conn.execute("SELECT value FROM meta WHERE key = 'schema_version'").fetchone()[0] == "4"
+    assert conn.execute("SELECT value FROM meta WHERE key = 'schema_version'").fetchone()[0] == "5"
     assert conn.execute("SELECT count(*) FROM pruned").fetchone()[0] == 0
     conn.close()
 

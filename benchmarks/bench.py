@@ -33,6 +33,7 @@ import time
 from collections.abc import Callable, Iterator
 from concurrent.futures import ThreadPoolExecutor
 from contextlib import contextmanager, nullcontext
+from datetime import datetime, timezone
 from pathlib import Path
 
 import httpx
@@ -322,8 +323,20 @@ def bench_emit(args: argparse.Namespace, results: dict) -> None:
         )
 
 
-def make_events(start: int, stop: int, workflows: int = 100) -> list:
-    """A mix of workflows, agents (with parents) and sessions, like agent hooks emit."""
+# Events the reads part loads carry their own timestamps, one every READ_STEP seconds from
+# READ_BASE on: a million of them span a month, as a log of that size would, where events the
+# server stamps as fast as it takes them would all fall in a minute or two.
+READ_STEP = 2.6
+READ_BASE = time.time() - 1_000_000 * READ_STEP - 86_400
+
+
+def read_timestamp(i: int) -> str:
+    return datetime.fromtimestamp(READ_BASE + i * READ_STEP, timezone.utc).isoformat()
+
+
+def make_events(start: int, stop: int, workflows: int = 100, stamped: bool = False) -> list:
+    """A mix of workflows, agents (with parents) and sessions, like agent hooks emit; stamped,
+    each with its timestamp (read_timestamp)."""
     events = []
     for i in range(start, stop):
         wf = f"wf-{i % workflows}"
@@ -352,19 +365,26 @@ def make_events(start: int, stop: int, workflows: int = 100) -> list:
                     "attributes": {"agent_name": f"worker-{kind}", "step": i},
                 }
             )
+        if stamped:
+            events[-1]["timestamp"] = read_timestamp(i)
     return events
 
 
-def load_events(url: str, count: int, batch: int = 1000, senders: int = 3) -> float:
+def load_events(url: str, count: int, batch: int = 1000, senders: int = 3, start: int | None = None) -> float:
     """Append `count` events in batches from a few concurrent senders (so that the client's
     own JSON encoding overlaps the server's work); returns events per second."""
-    return timed_load(url, count, batch, senders)[0]
+    return timed_load(url, count, batch, senders, start)[0]
 
 
-def timed_load(url: str, count: int, batch: int = 1000, senders: int = 3) -> tuple:
-    """load_events, and the server's CPU seconds per event."""
+def timed_load(url: str, count: int, batch: int = 1000, senders: int = 3, start: int | None = None) -> tuple:
+    """load_events, and the server's CPU seconds per event; with `start`, the events from that
+    number on, stamped (make_events)."""
     pid = PIDS.get(url)
-    bodies = [json.dumps({"events": make_events(i, min(count, i + batch))}).encode() for i in range(0, count, batch)]
+    first = start or 0
+    bodies = [
+        json.dumps({"events": make_events(i, min(first + count, i + batch), stamped=start is not None)}).encode()
+        for i in range(first, first + count, batch)
+    ]
 
     def send(chunk: list) -> None:
         with httpx.Client(base_url=url, timeout=120, headers={"content-type": "application/json"}) as client:
@@ -655,19 +675,26 @@ def timestamp_at(client: httpx.Client, fraction: float, size: int) -> str:
 
 
 def bench_reads(args: argparse.Namespace, results: dict, env: dict | None = None, key: str = "reads") -> None:
-    table = {}
-    with (
-        events_server({"DURABILITY": "normal", **(env or {})}) as url,
-        httpx.Client(base_url=url, timeout=120) as client,
-    ):
+    """Read latency of every route and filter (and pair of filters, unless --no-pairs) at each
+    of the sizes, events a month apart at a million (make_events); with --against, that
+    checkout's server too, loaded alike, each query on both in turn."""
+    table: dict = {}
+    builds = {"this": ROOT, **({"against": args.against} if args.against and key == "reads" else {})}
+    with contextlib.ExitStack() as stack:
+        urls = {
+            build: stack.enter_context(events_server({"DURABILITY": "normal", **(env or {})}, code=code))
+            for build, code in builds.items()
+        }
+        clients = {build: stack.enter_context(httpx.Client(base_url=url, timeout=120)) for build, url in urls.items()}
         loaded = 0
         for size in args.read_sizes:
-            load_events(url, size - loaded)
+            for url in urls.values():
+                load_events(url, size - loaded, start=loaded)
             loaded = size
             marks = {
-                "MID": timestamp_at(client, 0.5, size),
-                "1/4": timestamp_at(client, 0.25, size),
-                "3/4": timestamp_at(client, 0.75, size),
+                "MID": timestamp_at(clients["this"], 0.5, size),
+                "1/4": timestamp_at(clients["this"], 0.25, size),
+                "3/4": timestamp_at(clients["this"], 0.75, size),
             }
             for path, params in READS + (PAIRS if args.pairs else []):
                 given = params
@@ -675,22 +702,32 @@ def bench_reads(args: argparse.Namespace, results: dict, env: dict | None = None
                 label = path + (
                     "?" + "&".join(f"{k}={'n/2' if v == 'DEEP' else v}" for k, v in given.items()) if given else ""
                 )
-                timings = []
+                timings: dict = {build: [] for build in builds}
+                totals = {}
                 for _ in range(args.read_repeats):
-                    started = time.perf_counter()
-                    reply = client.get(path, params=params)
-                    timings.append((time.perf_counter() - started) * 1000)
-                    reply.raise_for_status()
-                table.setdefault(label, {})[size] = {
-                    "p50_ms": percentile(timings, 50),
-                    "p99_ms": percentile(timings, 99),
-                    "total": reply.json().get("total"),
-                }
-    results[key] = table
+                    for build, client in clients.items():
+                        started = time.perf_counter()
+                        reply = client.get(path, params=params)
+                        timings[build].append((time.perf_counter() - started) * 1000)
+                        reply.raise_for_status()
+                        totals[build] = reply.json().get("total")
+                if len(set(totals.values())) > 1:
+                    raise RuntimeError(f"{label}: the builds disagree on the total: {totals}")
+                for build in builds:
+                    table.setdefault(build, {}).setdefault(label, {})[size] = {
+                        "p50_ms": percentile(timings[build], 50),
+                        "p99_ms": percentile(timings[build], 99),
+                        "total": totals[build],
+                    }
+    results[key] = table["this"]
+    if "against" in table:
+        results[key + " against"] = {"path": str(args.against), **table["against"]}
     sizes = args.read_sizes
-    print(f"{key}: read latency, ms (p50 / p99) at " + ", ".join(f"{s:,}" for s in sizes) + " events:")
-    for label, row in table.items():
-        print(f"  {label:70s} " + "  ".join(f"{row[s]['p50_ms']:7.2f} / {row[s]['p99_ms']:7.2f}" for s in sizes))
+    for build, rows in table.items():
+        name = key if build == "this" else f"{key} ({args.against})"
+        print(f"{name}: read latency, ms (p50 / p99) at " + ", ".join(f"{s:,}" for s in sizes) + " events:")
+        for label, row in rows.items():
+            print(f"  {label:70s} " + "  ".join(f"{row[s]['p50_ms']:7.2f} / {row[s]['p99_ms']:7.2f}" for s in sizes))
 
 
 async def _sse_latency(url: str, subscribers: int, events: int, post_url: str | None = None) -> dict:
@@ -1400,6 +1437,12 @@ def main(argv: list | None = None) -> dict:
     parser.add_argument("--durability", default="full", choices=["full", "normal"])
     parser.add_argument("--no-pairs", dest="pairs", action="store_false", help="reads: leave out the pairs of filters")
     parser.add_argument(
+        "--read-sizes",
+        type=lambda text: [int(size) for size in text.split(",")],
+        default=None,
+        help="reads: the log sizes to measure at, comma-separated (default 1000,100000,1000000)",
+    )
+    parser.add_argument(
         "--against",
         type=Path,
         default=None,
@@ -1417,7 +1460,7 @@ def main(argv: list | None = None) -> dict:
     args.seconds = 1 if quick else 5
     args.runs = 1 if quick else 5
     args.batch_events = 2000 if quick else 100_000
-    args.read_sizes = [200, 1000] if quick else [1000, 100_000, 1_000_000]
+    args.read_sizes = args.read_sizes or ([200, 1000] if quick else [1000, 100_000, 1_000_000])
     args.read_repeats = 5 if quick else 50
     args.sse_subscribers = [1, 5] if quick else [1, 20, 100, 1000]
     args.sse_events = 5 if quick else 50
