@@ -4030,7 +4030,7 @@ def test_benchmark_harness_smoke(tmp_path):
     halves = {
         "a": "emit,batch,reads,sse,size,memory,metrics,retention,otlp,runs",
         "b": "postgres,fanout",
-        "c": "install",
+        "c": "install,workers",
     }
     spec = importlib.util.spec_from_file_location("bench", HERE / "benchmarks" / "bench.py")
     assert spec is not None and spec.loader is not None
@@ -4078,6 +4078,9 @@ def test_benchmark_harness_smoke(tmp_path):
         "runs: workflows index and agents",
         "fanout (this): emit with 50 streams filtered to other workflows",
         "/events/workflows?state=failed",
+        "workers on SQLite",
+        "2/1: rate",
+        "postgres / sqlite, 1 process",
     ):
         assert words in stdout, words
     figures = {
@@ -4091,6 +4094,7 @@ def test_benchmark_harness_smoke(tmp_path):
     assert figures["memory"]["received"] == [20] * 9
     assert figures["metrics"]["metrics on"]["rps"] > 0 and figures["metrics"]["metrics off"]["rps"] > 0
     assert all(row["rps"] > 0 for row in figures["install"].values()) and len(figures["install"]) >= 4
+    assert all(row["rate_ratio"] > 0 and row["p99_ratio"] > 0 for row in figures["workers"].values())
     assert "removed 2,000 events" in figures["retention"]["said"] and figures["retention"]["during"]["emits"] > 0
 
 
@@ -4773,8 +4777,11 @@ def test_time_window_totals_are_exact_from_buckets_and_edges(backend):
             params = dict(rng.choice(filters))
             since, until = rng.choice(pool), rng.choice(pool)
             params.update({k: v for k, v in (("since", since), ("until", until)) if v is not None})
-            expected = sum(1 for event in kept if matches(event, params))
-            assert events_of(client, **params, limit=1)["total"] == expected, params
+            expected = sorted(event["timestamp"] for event in kept if matches(event, params))
+            order = rng.choice(["asc", "desc"])
+            page = events_of(client, **params, order=order, limit=1000)
+            listed = sorted(datetime.fromisoformat(e["timestamp"]).isoformat() for e in page["events"])
+            assert page["total"] == len(expected) and listed == expected, params
 
     with ThreadServer(**backend) as server:
         for start in range(0, len(events), 200):

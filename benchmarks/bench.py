@@ -2,7 +2,7 @@
 
     python benchmarks/bench.py                 # everything, at full sizes
     python benchmarks/bench.py --quick         # tiny sizes: a smoke run (used by the tests)
-    python benchmarks/bench.py --only emit,sse # a subset: emit, batch, reads, sse, size, postgres, runs, fanout
+    python benchmarks/bench.py --only emit,sse # a subset: see --help for the parts
     python benchmarks/bench.py --only emit,batch --against ../other-checkout
                                                # A/B: the same load, alternating, on both
 
@@ -1128,7 +1128,7 @@ def bench_postgres(args: argparse.Namespace, results: dict) -> None:
     if not (sorted(Path("/usr/lib/postgresql").glob("*/bin/initdb")) or shutil.which("initdb")):
         print("postgres: skipped (PostgreSQL is not installed; Debian: apt-get install postgresql)")
         return
-    with postgres_cluster() as new_database:
+    with postgres_cluster() as new_database, contextlib.ExitStack() as stack:
         one_url, two_url = new_database(), new_database()
         with (
             events_server() as lite,
@@ -1137,6 +1137,11 @@ def bench_postgres(args: argparse.Namespace, results: dict) -> None:
             events_server({"DATABASE_URL": two_url}) as pg2b,
         ):
             targets = {"sqlite": [lite], "postgres, 1 process": [pg1], "postgres, 2 processes": [pg2a, pg2b]}
+            if args.against:  # that checkout's, on each backend
+                targets["sqlite (against)"] = [stack.enter_context(events_server(code=args.against))]
+                targets["postgres, 1 process (against)"] = [
+                    stack.enter_context(events_server({"DATABASE_URL": new_database()}, code=args.against))
+                ]
             rates: dict = {name: [] for name in targets}
             cpus: dict = {name: [] for name in targets}
             for urls in targets.values():  # warm up
@@ -1162,6 +1167,10 @@ def bench_postgres(args: argparse.Namespace, results: dict) -> None:
         with events_server({"DATABASE_URL": new_database()}) as url:
             rate, cpu = timed_load(url, args.batch_events)
             figures["batch"] = {"events_per_second": rate, "cpu_us_per_event": cpu * 1e6}
+        if args.against:
+            with events_server({"DATABASE_URL": new_database()}, code=args.against) as url:
+                against_rate, against_cpu = timed_load(url, args.batch_events)
+                figures["batch against"] = {"events_per_second": against_rate, "cpu_us_per_event": against_cpu * 1e6}
         results["postgres"] = figures
         print(
             "postgres: emit, 32 connections (requests/s, server CPU per request; median of "
@@ -1170,6 +1179,10 @@ def bench_postgres(args: argparse.Namespace, results: dict) -> None:
         for name, row in figures["emit"].items():
             print(f"  {name:24s} {row['median_rps']:8,.0f}/s  {row['cpu_us_per_request']:6.0f} µs")
         print(f"postgres: batch load {rate:,.0f} events/s, server CPU {cpu * 1e6:.1f} µs per event")
+        if args.against:
+            print(f"  against {args.against}: {against_rate:,.0f} events/s, {against_cpu * 1e6:.1f} µs per event")
+        ratios = [p / q for p, q in zip(rates["postgres, 1 process"], rates["sqlite"])]
+        print(f"  postgres / sqlite, 1 process, per round: {', '.join(f'{r:.2f}' for r in ratios)}")
         for row in figures["across_servers"]:
             print(
                 f"postgres: emitted on server A, received on a stream of server B ({row['subscribers']} "
