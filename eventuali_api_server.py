@@ -4046,6 +4046,7 @@ PAGE = 500  # events per read when following the log or catching a stream up
 FOLLOW_WAIT = 1.0  # seconds the follower waits for a commit before it looks anyway
 CLOSE_GRACE = 0.3  # seconds a stream stuck on a slow client gets to finish when the server stops
 MARK_EVERY = 1.0  # seconds between a filtered stream's progress marks, at least
+TICK_SLICES = 10  # the parts of the streams the Hub's ticker looks at in turn
 FILTER_FIELDS = {name: StoredEvent._fields.index(name) for name in STREAM_FILTERS}
 # The filter a stream is found by, most selective first: an event is offered to the streams
 # filtered on its own values (and to those with no filter), not to every stream.
@@ -4099,7 +4100,10 @@ class ByteBudget:
 
 
 class Subscriber:
-    __slots__ = ("filters", "workflow", "key", "live_from", "buffer", "buffered", "wake", "behind", "closed", "pump")
+    __slots__ = (
+        "filters", "workflow", "key", "live_from", "buffer", "buffered", "wake", "behind", "closed", "pump",
+        "sent", "sent_at", "marked_at", "due",
+    )  # fmt: skip
 
     def __init__(self, match: Match) -> None:
         self.filters = [(FILTER_FIELDS[k], v) for k, v in match.filters.items() if v is not None]
@@ -4119,13 +4123,21 @@ class Subscriber:
         self.behind = True  # it starts by reading the stored events after its start position
         self.closed = False
         self.pump: asyncio.Future | None = None  # the task that sends to the client
+        # For the Hub's ticker (Hub._tick), which wakes an idle stream when a mark or a ping is due:
+        self.sent = 0  # the position the client has been told of, by an event or a mark
+        self.sent_at = self.marked_at = time.monotonic()  # when it was last sent anything, a mark
+        self.due = False  # a mark or a ping may be due
+
+    @property
+    def filtered(self) -> bool:
+        return bool(self.filters or self.workflow)
 
 
 class Hub:
     """Subscribers of this process and the task that feeds them."""
 
-    def __init__(self, store: EventStore, read_chunk: int, buffer_bytes: int, catchup_bytes: int) -> None:
-        self.store = store
+    def __init__(self, store: EventStore, read_chunk: int, buffer_bytes: int, catchup_bytes: int, ping: float) -> None:
+        self.store, self.ping = store, ping
         self.read_chunk, self.buffer_bytes = read_chunk, buffer_bytes
         self.catchup = ByteBudget(catchup_bytes, min(read_chunk, 64 * 1024))
         self.subscribers: set = set()
@@ -4135,6 +4147,7 @@ class Hub:
         self.delivered = 0  # events handed to streams
         self.fanned_out = 0  # the position up to which events have been handed to the streams
         self._task: asyncio.Future | None = None
+        self._ticker: asyncio.Future | None = None
         # from start() on:
         self.loop: asyncio.AbstractEventLoop
         self._wanted: asyncio.Event  # set while there are subscribers to feed
@@ -4143,12 +4156,14 @@ class Hub:
         self.loop = asyncio.get_running_loop()
         self._wanted = asyncio.Event()
         self._task = asyncio.ensure_future(self._follow())
+        self._ticker = asyncio.ensure_future(self._tick())
 
     async def stop(self) -> None:
         self.close_all()
-        if self._task is not None:  # before the store closes
-            self._task.cancel()
-            await asyncio.wait([self._task])
+        for task in (self._ticker, self._task):  # before the store closes
+            if task is not None:
+                task.cancel()
+                await asyncio.wait([task])
 
     def close_all(self) -> None:
         """End every stream: at once where it waits for events, and after CLOSE_GRACE
@@ -4207,6 +4222,28 @@ class Hub:
             except Exception:  # a bug: say so, and keep following
                 logger.exception("stream follower failed")
             await self.store.wait_for_commit(FOLLOW_WAIT)
+
+    async def _tick(self) -> None:
+        """Progress marks and pings, from one timer for every stream: each period, each idle
+        stream is looked at once, a slice at a time so that they are spread over the period,
+        and woken if a mark is due (it is filtered, events it did not want have gone by since it
+        last sent, and it has sent no mark for MARK_EVERY) or a ping (it has sent nothing for
+        `ping` seconds). A timer of each stream's own would wake every one of them at once."""
+        period = min(MARK_EVERY, self.ping)
+        while True:
+            if not self.subscribers:
+                await self._wanted.wait()
+            subs = list(self.subscribers)
+            for part in range(TICK_SLICES):
+                await asyncio.sleep(period / TICK_SLICES)
+                now, fanned_out = time.monotonic(), self.fanned_out
+                for sub in subs[part::TICK_SLICES]:
+                    if sub.due or sub.closed:
+                        continue
+                    mark = sub.filtered and fanned_out > sub.sent and now - sub.marked_at >= MARK_EVERY - 0.01
+                    if mark or now - sub.sent_at >= self.ping - 0.01:
+                        sub.due = True
+                        sub.wake.set()
 
     def candidates(self, event: StoredEvent) -> list:
         """The subscribers that may want the event: those filtered on one of its values, by
@@ -5552,7 +5589,7 @@ async def stream(request: Request) -> Response:
         hub.unsubscribe(sub)
         raise
     start = after if after is not None else live_from
-    response = SSEResponse(sub, match, hub, state.store, start, state.config.sse_ping)
+    response = SSEResponse(sub, match, hub, state.store, start)
     if pruned is not None:
         response.preamble += (
             f": pruned through {pruned}: the events after {after} up to {pruned} were removed by retention\n\n"
@@ -5563,9 +5600,9 @@ async def stream(request: Request) -> Response:
 class SSEResponse(Response):
     """Sends a subscriber's events until the client leaves or the server stops."""
 
-    def __init__(self, sub: Subscriber, match: Match, hub: Hub, store: EventStore, start: int, ping: float) -> None:
+    def __init__(self, sub: Subscriber, match: Match, hub: Hub, store: EventStore, start: int) -> None:
         self.sub, self.match, self.hub, self.store = sub, match, hub, store
-        self.start, self.ping = start, ping
+        self.start = start
         self.preamble = b"retry: 3000\n: connected\n\n"
         self.read_chunk = hub.read_chunk
         self.status_code = 200
@@ -5610,7 +5647,6 @@ class SSEResponse(Response):
 
     async def _messages(self) -> AsyncIterator[bytes]:
         sub, last, match = self.sub, self.start, self.match
-        pinged = time.monotonic()  # when the client last got something
         while not sub.closed:
             if sub.behind:
                 sub.behind = False
@@ -5625,6 +5661,7 @@ class SSEResponse(Response):
                             if events:
                                 last = events[-1].position
                                 self.hub.delivered += len(events)
+                                sub.sent_at = time.monotonic()
                                 yield b"".join([sse_bytes(event) for event in events])
                         finally:
                             self.hub.catchup.give(grant)
@@ -5643,26 +5680,30 @@ class SSEResponse(Response):
                     chunk.append(data)
             if chunk:
                 self.hub.delivered += len(chunk)
+                sub.sent_at = time.monotonic()
                 yield b"".join(chunk)
                 continue
             sub.wake.clear()
             if sub.buffer or sub.behind or sub.closed:
                 continue
-            # A filtered stream sends a progress mark (an `id:` alone, which moves a client's
-            # Last-Event-ID without an event) at most once a second while events that do not
-            # match go by: a client that reconnects, or acks what it saw, skips them.
-            filtered = bool(sub.filters or sub.workflow)
-            try:
-                await asyncio.wait_for(sub.wake.wait(), min(self.ping, MARK_EVERY) if filtered else self.ping)
-            except asyncio.TimeoutError:
-                now = time.monotonic()
-                if filtered and self.hub.fanned_out > last:
-                    last = self.hub.fanned_out
-                    yield f"id: {last}\n\n".encode()
-                    pinged = now
-                elif now - pinged >= self.ping - 0.01:
-                    yield b": ping\n\n"
-                    pinged = now
+            sub.sent = last
+            if not sub.due:  # else the ticker woke it while it was sending: no wake-up is coming
+                await sub.wake.wait()
+                if not sub.due:
+                    continue
+            # Due (Hub._tick): a filtered stream sends a progress mark (an `id:` alone, which
+            # moves a client's Last-Event-ID without an event) at most once a second while
+            # events that do not match go by: a client that reconnects, or acks what it saw,
+            # skips them. Else a ping, after `ping` seconds without anything.
+            sub.due = False
+            now = time.monotonic()
+            if sub.filtered and self.hub.fanned_out > last and now - sub.marked_at >= MARK_EVERY - 0.01:
+                last = self.hub.fanned_out
+                sub.sent_at = sub.marked_at = now
+                yield f"id: {last}\n\n".encode()
+            elif now - sub.sent_at >= self.hub.ping - 0.01:
+                sub.sent_at = now
+                yield b": ping\n\n"
 
 
 # -- 6.7 metrics --------------------------------------------------------------------------
@@ -6338,7 +6379,7 @@ def create_app(config: APIServerConfig | None = None) -> Starlette:
         store = make_store(config)
         store.stats.prices = config.price_list
         await store.start()
-        hub = Hub(store, config.read_chunk, config.stream_buffer, config.stream_memory)
+        hub = Hub(store, config.read_chunk, config.stream_buffer, config.stream_memory, config.sse_ping)
         hub.start()
         trimming = asyncio.ensure_future(give_back_memory())
         retaining = asyncio.ensure_future(retain(store, config.retain)) if config.retain else None

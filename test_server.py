@@ -3017,6 +3017,13 @@ def test_stream_heartbeat(tmp_path):
         started = time.time()
         assert stream.message() == {"": "ping"}
         assert time.time() - started < 2
+        # pings go on after an event, and while idle, each after the ping time without anything
+        emit(server.client, name="between")
+        assert json.loads(stream.message()["data"])["event_name"] == "between"
+        for _ in range(3):
+            started = time.time()
+            assert stream.message() == {"": "ping"}
+            assert 0.1 < time.time() - started < 2
         stream.close()
 
 
