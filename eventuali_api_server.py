@@ -2809,6 +2809,11 @@ class ThreadedStore(EventStore):
         """Last in a commit's transaction: the log that ended at `before` now ends at `after`.
         Where the two are the same the transaction must still write (a writability check)."""
 
+    def pipeline(self, conn: Any) -> contextlib.AbstractContextManager[Any]:
+        """Statements whose results nobody reads until the block ends go in one round trip,
+        where the backend can."""
+        return contextlib.nullcontext()
+
     @abc.abstractmethod
     def unavailable(self, exc: Exception) -> StoreUnavailable:
         """One of `errors` as StoreUnavailable, naming the fault (never a password)."""
@@ -2938,10 +2943,7 @@ class ThreadedStore(EventStore):
 
     async def delete_consumer(self, name: str) -> bool:
         def delete(conn: Any) -> bool:
-            if read_consumer(conn, name) is None:  # (a pipelined DELETE has no row count until its end)
-                return False
-            conn.execute("DELETE FROM consumers WHERE name = ?", (name,))
-            return True
+            return conn.execute("DELETE FROM consumers WHERE name = ?", (name,)).rowcount > 0
 
         return await self._chore(delete)
 
@@ -3171,9 +3173,10 @@ class ThreadedStore(EventStore):
                 self.insert_events(conn, rows)
                 last = state.position + len(rows)
                 writes, calls = summaries(conn, rows, last, state.position, self._seen)
-                for write in writes:
-                    self.insert(conn, *write)
-                self.publish(conn, state.position, last)
+                with self.pipeline(conn):
+                    for write in writes:
+                        self.insert(conn, *write)
+                    self.publish(conn, state.position, last)
         except BaseException:
             self._seen.forget()
             raise
@@ -3730,11 +3733,6 @@ ALTER TABLE workflow_agents ADD COLUMN IF NOT EXISTS state text NOT NULL DEFAULT
 """
 )
 PG_CHANNEL = "eventuali"
-INSERT_EVENTS = (
-    f"INSERT INTO {EVENTS_TABLE} SELECT * FROM unnest("
-    + ", ".join(f"?::{'bigint' if column in ('position', 'aggregate_version') else 'text'}[]" for column in ROW_COLUMNS)
-    + ")"
-)
 # The sessions that hold the head row's lock (a row lock takes a lock on its table) and have
 # waited for their client longer than the timeout. (Ended one by one, apart: a WHERE clause
 # may call its functions before it has filtered.)
@@ -3797,15 +3795,14 @@ class PgConnection:
         self.raw.close()
 
 
-def pg_connect(url: str, timeout: float, durability: str = "full") -> PgConnection:
-    """A connection in autocommit mode: writers begin their transactions themselves (write_lock)."""
+def pg_connect(url: str, timeout: float, autocommit: bool = True, durability: str = "full") -> PgConnection:
     psycopg = pg_driver()
     ms = max(1000, int(timeout * 1000))
     # TCP keepalives and a user timeout: a connection to a host that vanished fails in about
     # `timeout` seconds instead of when TCP gives up (hours).
     raw = psycopg.connect(
         url,
-        autocommit=True,
+        autocommit=autocommit,
         connect_timeout=max(1, int(timeout)),
         keepalives=1,
         keepalives_idle=max(1, int(timeout)),
@@ -3823,6 +3820,8 @@ def pg_connect(url: str, timeout: float, durability: str = "full") -> PgConnecti
     raw.execute(f"SET idle_in_transaction_session_timeout = {ms}")
     if durability == "normal":  # an acknowledged commit may be lost if PostgreSQL's host fails
         raw.execute("SET synchronous_commit = off")
+    if not autocommit:
+        raw.commit()
     return PgConnection(raw)
 
 
@@ -3855,7 +3854,7 @@ def pg_insert(conn: PgConnection, table: str, rows: list, tail: str = "") -> Non
 
 def open_pg_database(url: str, timeout: float, durability: str) -> PgConnection:
     """Create the schema if needed (one process at a time) and return the writer's connection."""
-    conn = pg_connect(url, timeout, durability=durability)
+    conn = pg_connect(url, timeout, autocommit=False, durability=durability)
     with conn.raw.transaction():
         conn.execute("SELECT pg_advisory_xact_lock(hashtext('eventuali schema'))")
         for statement in PG_SCHEMA.split(";"):
@@ -3906,27 +3905,16 @@ class PostgresStore(ThreadedStore):
             raise StoreUnavailable(f"cannot open {self.location}: {pg_unavailable(exc, self.url)}") from None
 
     def connect(self, writes: bool = False) -> PgConnection:
-        return pg_connect(self.url, self.timeout, durability=self.durability)
+        return pg_connect(self.url, self.timeout, autocommit=not writes, durability=self.durability)
 
     @contextlib.contextmanager
     def write_lock(self, conn: PgConnection) -> Iterator[None]:
-        """A transaction that holds the head row's lock, in pipeline mode: what it writes goes
-        with its COMMIT in one round trip at the end, and a read sends what is queued before
-        it. So a commit takes three round trips: the lock, the reads (one when the writer has
-        seen the aggregates and workflows before), the writes."""
         locked = False
         try:
-            try:
-                with conn.raw.pipeline():
-                    conn.execute("BEGIN")
-                    conn.execute("SELECT position FROM head WHERE id = 1 FOR UPDATE").fetchone()
-                    locked = True
-                    yield
-                    conn.execute("COMMIT")
-            except BaseException:
-                if not conn.closed and conn.raw.info.transaction_status != pg_driver().pq.TransactionStatus.IDLE:
-                    conn.execute("ROLLBACK")
-                raise
+            with conn.raw.transaction():
+                conn.execute("SELECT position FROM head WHERE id = 1 FOR UPDATE")
+                locked = True
+                yield
         except pg_driver().OperationalError as exc:
             if not locked and conn.closed:  # ended while idle (a restart, a timeout): nothing was sent
                 raise LostBeforeWriting(exc) from exc
@@ -3969,9 +3957,12 @@ class PostgresStore(ThreadedStore):
         pg_insert(conn, table, rows, tail)
 
     def insert_events(self, conn: PgConnection, rows: list[Row]) -> None:
-        # One statement of a column array each, whatever the group's size: COPY cannot go in a pipeline.
-        if rows:
-            conn.execute(INSERT_EVENTS, [list(column) for column in zip(*rows)])
+        with conn.raw.cursor().copy(f"COPY {EVENTS_TABLE} FROM STDIN") as copy:  # PostgreSQL's fastest way in
+            for row in rows:
+                copy.write_row(row)
+
+    def pipeline(self, conn: PgConnection) -> contextlib.AbstractContextManager[Any]:
+        return conn.raw.pipeline()
 
     def publish(self, conn: PgConnection, before: int, after: int) -> None:
         # The head row's update is the transaction's write even when no row was inserted.

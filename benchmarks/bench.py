@@ -1460,7 +1460,8 @@ def main(argv: list | None = None) -> dict:
         type=Path,
         default=None,
         metavar="CHECKOUT",
-        help="another checkout of the server to measure emit, batch and sse against (A/B)",
+        help="another checkout of the server to measure emit, batch, sse, reads, postgres, fanout and workers "
+        "against (A/B)",
     )
     parser.add_argument(
         "--fast", action="store_true", help="run the parts with uvloop and httptools (the [fast] extra)"
