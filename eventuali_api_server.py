@@ -3295,7 +3295,7 @@ async def copy_stores(source: EventStore, target: EventStore, progress: Callable
 
 # -- 3.3 SQLite ---------------------------------------------------------------------------
 
-SCHEMA_VERSION = 8
+SCHEMA_VERSION = 9
 # The planner has no statistics for a new log, and without them it may pick the
 # 3-valued aggregate_type index over aggregate_id's. Fixed, typical statistics in
 # sqlite_stat1 (documented as the way to steer it) keep every read on the selective index.
@@ -3393,6 +3393,14 @@ MIGRATIONS = {
     DELETE FROM counts WHERE NOT ({PRUNED_THROUGH});
     """,
     7: BUCKETS_TABLE + FILL_BUCKETS,
+    # The buckets do not hold workflows: with the timestamp in the workflow's index entries, its
+    # events in a window are counted, and its page found, without reading their rows.
+    8: """
+    DROP INDEX events_correlation;
+    CREATE INDEX events_correlation ON events (correlation_id, position, timestamp);
+    DELETE FROM sqlite_stat1 WHERE idx = 'events_correlation';
+    INSERT INTO sqlite_stat1 VALUES ('events', 'events_correlation', '1000000 200 1 1');
+    """,
 }
 
 
@@ -3686,7 +3694,9 @@ class SQLiteStore(ThreadedStore):
 # then reads the new events by position, so a lost notification delays an event, never loses it.
 # Tables live in the schema `eventuali`, beside whatever else the database holds.
 
-PG_SCHEMA_VERSION = 5  # 2: the table pruned (retention); 3: consumers; 4: runs at a glance; 5: buckets
+# 2: the table pruned (retention); 3: consumers; 4: runs at a glance; 5: buckets;
+# 6: timestamps in the workflow index's entries
+PG_SCHEMA_VERSION = 6
 PG_SCHEMA = (
     """
 CREATE SCHEMA IF NOT EXISTS eventuali;
@@ -3711,7 +3721,7 @@ CREATE TABLE IF NOT EXISTS events (
 CREATE UNIQUE INDEX IF NOT EXISTS events_event_id ON events (event_id);
 CREATE UNIQUE INDEX IF NOT EXISTS events_stream ON events (aggregate_type, aggregate_id, aggregate_version);
 CREATE INDEX IF NOT EXISTS events_aggregate_id ON events (aggregate_id, position);
-CREATE INDEX IF NOT EXISTS events_correlation ON events (correlation_id, position);
+CREATE INDEX IF NOT EXISTS events_correlation ON events (correlation_id, position, timestamp);
 CREATE INDEX IF NOT EXISTS events_type_time ON events (aggregate_type, timestamp);
 CREATE INDEX IF NOT EXISTS events_name_time ON events (event_name, timestamp);
 CREATE TABLE IF NOT EXISTS head (id integer PRIMARY KEY CHECK (id = 1), position bigint NOT NULL);
@@ -3872,6 +3882,9 @@ def open_pg_database(url: str, timeout: float, durability: str) -> PgConnection:
                 for statement in FILL_BUCKETS.split(";"):
                     if statement.strip():
                         conn.execute(statement)
+            if version < 6:  # the timestamp in the workflow index's entries (see MIGRATIONS[8])
+                conn.execute("DROP INDEX events_correlation")
+                conn.execute("CREATE INDEX events_correlation ON events (correlation_id, position, timestamp)")
             conn.execute("UPDATE meta SET value = ? WHERE key = 'schema_version'", (str(PG_SCHEMA_VERSION),))
             version = PG_SCHEMA_VERSION
     if version > PG_SCHEMA_VERSION:
@@ -7575,6 +7588,12 @@ def main(argv: Sequence[str] | None = None) -> None:
     }
     if config.log_format == "json":  # configure_logging's lines; observe() writes the access lines
         serving.update(log_config=None, access_log=False)
+    if config.workers > 1 and not config.database_url:
+        logger.info(
+            "%d workers on SQLite take turns to write to one file: writes go at about one worker's "
+            "rate, not faster; more workers serve reads and streams",
+            config.workers,
+        )
     if config.reload or config.workers > 1:
         # The reloader and the workers import the module afresh in children: hand them the
         # settings, and the protocol by name (see __getattr__).

@@ -1721,6 +1721,10 @@ def test_store_schema(sqlite_srv):
         sql = f"SELECT count(*) FROM events WHERE {' AND '.join(clauses + ([extra] if extra else []))}"
         queries.append((sql, args, index))
         assert name == index
+    clauses, args = eas.where({"correlation_id": "x"}, since="2026", until="2027")
+    queries.append((f"SELECT count(*) FROM events WHERE {' AND '.join(clauses)}", args, "events_correlation"))
+    clauses, args = eas.where({"aggregate_id": "x", "correlation_id": "y"})
+    queries.append((f"SELECT count(*) FROM events WHERE {' AND '.join(clauses)}", args, "events_aggregate_id"))
     for filters, index in (({"event_name": "x"}, "buckets_name"), ({}, "sqlite_autoindex_buckets_1")):
         clauses, args = eas.where(filters)
         sql = " AND ".join(["SELECT sum(n) FROM buckets WHERE width = 60", "start > ?", "start < ?", *clauses])
@@ -1743,6 +1747,12 @@ def test_store_schema(sqlite_srv):
         "workflows_time",
         "buckets_name",
     } | {f"sqlite_autoindex_{table}_1" for table in ("workflow_agents", "workflows", "rollups", "buckets")}
+    # The planner's fixed statistics: one row for each index of events, with a figure per column.
+    stats = dict(conn.execute("SELECT idx, stat FROM sqlite_stat1 WHERE tbl = 'events' AND idx IS NOT NULL"))
+    assert set(stats) == {name for name in indexes if name.startswith("events_")}
+    for name, stat in stats.items():
+        columns = conn.execute(f"PRAGMA index_info({name})").fetchall()
+        assert len(stat.split()) == len(columns) + 1, (name, stat)
     conn.close()
 
 
@@ -1772,7 +1782,7 @@ def test_older_schema_is_migrated(tmp_path):
         assert events_of(server.client, event_name="agent.started", since="2025-12-31T00:00:00Z")["total"] == 1
         assert [a["agent_id"] for a in server.client.get("/events/workflows/w1/agents").json()["agents"]] == ["a1"]
     conn = sqlite3.connect(data / "events.db")
-    assert conn.execute("PRAGMA user_version").fetchone()[0] == eas.SCHEMA_VERSION == 8
+    assert conn.execute("PRAGMA user_version").fetchone()[0] == eas.SCHEMA_VERSION == 9
     indexes = {row[0] for row in conn.execute("SELECT name FROM sqlite_master WHERE type = 'index'")}
     assert not {"events_event_type", "events_timestamp", "events_aggregate_type", "events_event_name"} & indexes
     assert {"events_type_time", "events_name_time"} <= indexes
@@ -4799,6 +4809,19 @@ def test_time_window_totals_are_exact_from_buckets_and_edges(backend):
         check(server.client, events[300:])
 
 
+def set_back(backend, sqlite: int, postgres: int, statements: list[str]) -> None:
+    """Make the backend's log look like one of an older schema: run the statements that undo
+    the newer ones and set the stored version back."""
+    conn = direct(backend)
+    for statement in statements:
+        conn.execute(statement)
+    if "database_url" in backend:
+        conn.execute("UPDATE meta SET value = ? WHERE key = 'schema_version'", (str(postgres),))
+    else:
+        conn.execute(f"PRAGMA user_version = {sqlite}")
+    conn.close()
+
+
 def test_a_log_from_before_time_buckets_gets_them_when_opened(backend):
     """A log of 1.3.0's first schema (SQLite 7, PostgreSQL 4: no buckets) has the buckets of the
     events it holds made when a server opens it, and its windows' totals are exact."""
@@ -4806,13 +4829,7 @@ def test_a_log_from_before_time_buckets_gets_them_when_opened(backend):
     events = [{"kind": "agent", "name": f"n{i % 4}", "timestamp": stamp} for i, stamp in enumerate(stamps)]
     with ThreadServer(**backend) as server:
         assert server.client.post("/events/emit/batch", json={"events": events}).status_code == 200
-    conn = direct(backend)
-    conn.execute("DROP TABLE buckets")
-    if "database_url" in backend:
-        conn.execute("UPDATE meta SET value = '4' WHERE key = 'schema_version'")
-    else:
-        conn.execute("PRAGMA user_version = 7")
-    conn.close()
+    set_back(backend, sqlite=7, postgres=4, statements=["DROP TABLE buckets"])
     since, until = "2026-01-01T05:30:00Z", "2026-01-03T02:00:00Z"
     expected = sum(1 for stamp in stamps if "2026-01-01T05:30:00Z" < stamp <= "2026-01-03T02:00:00Z")
     with ThreadServer(**backend) as server:
@@ -4825,6 +4842,33 @@ def test_a_log_from_before_time_buckets_gets_them_when_opened(backend):
         (60, 300),
         (3600, 300),
     ]
+    conn.close()
+
+
+def test_a_log_from_before_the_workflow_index_had_times_gets_them_when_opened(backend):
+    """A log of SQLite schema 8 / PostgreSQL 5, whose workflow index holds no timestamps, has it
+    made again (with the planner's row for it) when a server opens it; a workflow's window is exact."""
+    stamps = [f"2026-01-01T{i % 24:02d}:{i % 60:02d}:00Z" for i in range(120)]
+    events = [
+        {"kind": "agent", "name": "n", "correlation_id": f"w{i % 3}", "timestamp": t} for i, t in enumerate(stamps)
+    ]
+    expected = sum(1 for i, t in enumerate(stamps) if i % 3 == 1 and t <= "2026-01-01T12:00:00Z")
+    with ThreadServer(**backend) as server:
+        assert server.client.post("/events/emit/batch", json={"events": events}).status_code == 200
+    old_index = "CREATE INDEX events_correlation ON events (correlation_id, position)"
+    set_back(backend, sqlite=8, postgres=5, statements=["DROP INDEX events_correlation", old_index])
+    with ThreadServer(**backend) as server:
+        assert events_of(server.client, correlation_id="w1", until="2026-01-01T12:00:00Z")["total"] == expected
+    conn = direct(backend)
+    if "database_url" in backend:
+        [definition] = conn.execute("SELECT indexdef FROM pg_indexes WHERE indexname = 'events_correlation'").fetchone()
+        assert definition.endswith('(correlation_id, "position", "timestamp")'), definition
+    else:
+        columns = [row[2] for row in conn.execute("PRAGMA index_info(events_correlation)")]
+        assert columns == ["correlation_id", "position", "timestamp"]
+        stat = conn.execute("SELECT stat FROM sqlite_stat1 WHERE idx = 'events_correlation'").fetchone()
+        assert stat == ("1000000 200 1 1",)
+        assert conn.execute("PRAGMA user_version").fetchone()[0] == eas.SCHEMA_VERSION
     conn.close()
 
 
@@ -4849,7 +4893,7 @@ def test_postgres_schema_1_is_upgraded(backend):
         [item] = server.client.get("/events/workflows").json()["workflows"]
         assert (item["workflow_id"], item["agent_count"], item["usage"]["input_tokens"]) == ("w", 1, 7)
     conn = direct(backend)
-    assert conn.execute("SELECT value FROM meta WHERE key = 'schema_version'").fetchone()[0] == "5"
+    assert conn.execute("SELECT value FROM meta WHERE key = 'schema_version'").fetchone()[0] == "6"
     assert conn.execute("SELECT count(*) FROM pruned").fetchone()[0] == 0
     conn.close()
 
@@ -5000,6 +5044,7 @@ def test_two_workers_share_one_log(tmp_path):
     finally:
         err = stop_process(proc)
     assert len(set(re.findall(r"worker (\d+)", err))) == 2, err  # both started, each with its start line
+    assert err.count("2 workers on SQLite take turns to write to one file") == 1, err  # said once, by the parent
 
 
 # -- the store contract: what every EventStore must do, through the interface alone ----------
