@@ -3394,11 +3394,11 @@ MIGRATIONS = {
     """,
     7: BUCKETS_TABLE + FILL_BUCKETS,
     # The buckets do not hold workflows: with the timestamp in the workflow's index entries, its
-    # events in a window are counted, and its page found, without reading their rows.
+    # events in a window are counted, and its page found, without reading their rows. DROP INDEX
+    # takes the index's statistics with it, so they are written again.
     8: """
     DROP INDEX events_correlation;
     CREATE INDEX events_correlation ON events (correlation_id, position, timestamp);
-    DELETE FROM sqlite_stat1 WHERE idx = 'events_correlation';
     INSERT INTO sqlite_stat1 VALUES ('events', 'events_correlation', '1000000 200 1 1');
     """,
 }
